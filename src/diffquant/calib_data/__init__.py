@@ -1,0 +1,5 @@
+"""Calibration data: (x_t, t, cond) along sampling trajectories, stored as safetensors shards."""
+
+from diffquant.calib_data.collect import CalibConfig, CalibSet, collect, load_calib
+
+__all__ = ["CalibConfig", "CalibSet", "collect", "load_calib"]

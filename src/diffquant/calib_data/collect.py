@@ -1,0 +1,162 @@
+"""Collect (x_t, t, cond) along the FP DDIM trajectory at T_c evenly spaced sampler steps.
+
+With CFG both the conditional and unconditional copies are kept (they are what the deployed
+model sees). One safetensors shard per kept timestep plus ``index.json``; the folder name is a
+hash of the settings and the model's weights, so an identical request is served from cache.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import tempfile
+from collections.abc import Iterator
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_file, save_file
+
+from diffquant._io import write_json
+from diffquant.errors import DiffquantError
+from diffquant.models.denoiser import Denoiser
+from diffquant.models.sampler import SamplerConfig, class_ids, ddim_sample, initial_noise
+from diffquant.quant.plan import weights_digest
+
+__all__ = ["CalibConfig", "CalibSet", "collect", "default_cache_dir", "load_calib", "pick_steps"]
+
+INDEX_VERSION = 1
+
+
+@dataclass
+class CalibConfig:
+    """Calibration collection settings (papers: 20 steps x 256 samples)."""
+
+    samples: int = 64
+    steps: int = 25
+    timesteps: int = 25
+    guidance: float = 3.0
+    seed: int = 1234
+
+
+def default_cache_dir() -> Path:
+    return Path(os.environ.get("DIFFQUANT_CACHE", Path.home() / ".cache" / "diffquant")) / "calib"
+
+
+def pick_steps(steps: int, keep: int) -> list[int]:
+    """``keep`` sampler step indices, evenly spaced over 0..steps-1 (first and last included)."""
+    keep = max(1, min(keep, steps))
+    if keep == 1:
+        return [steps - 1]
+    return sorted({round(i * (steps - 1) / (keep - 1)) for i in range(keep)})
+
+
+@dataclass
+class CalibSet:
+    """A loaded calibration set: per kept step, the model inputs (x, t, cond)."""
+
+    folder: Path
+    config: CalibConfig
+    timesteps: list[float]
+    shards: dict[float, dict[str, torch.Tensor]]
+
+    def __len__(self) -> int:
+        return sum(len(s["x"]) for s in self.shards.values())
+
+    def batches(self, batch_size: int = 256, per_timestep: bool = True) -> Iterator[tuple[float, torch.Tensor, torch.Tensor, torch.Tensor]]:
+        """Yield (timestep, x, t, cond) batches, timestep by timestep."""
+        for ts in self.timesteps:
+            s = self.shards[ts]
+            for i in range(0, len(s["x"]), batch_size):
+                yield ts, s["x"][i : i + batch_size], s["t"][i : i + batch_size], s["cond"][i : i + batch_size]
+
+    def at(self, timestep: float, n: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        s = self.shards[timestep]
+        return s["x"][:n], s["t"][:n], s["cond"][:n]
+
+
+def _settings_hash(denoiser: Denoiser, cfg: CalibConfig) -> str:
+    key = json.dumps({"model": denoiser.name, "weights": weights_digest(denoiser), **asdict(cfg), "v": INDEX_VERSION}, sort_keys=True)
+    return hashlib.sha256(key.encode()).hexdigest()[:16]
+
+
+def collect(denoiser: Denoiser, cfg: CalibConfig | None = None, cache_dir: str | Path | None = None, progress: bool = True) -> CalibSet:
+    """Collect calibration data for ``denoiser`` (or load it from the cache)."""
+    cfg = cfg or CalibConfig()
+    root = Path(cache_dir) if cache_dir else default_cache_dir()
+    folder = root / f"{denoiser.name.replace(':', '-').replace('/', '_')}-{_settings_hash(denoiser, cfg)}"
+    if (folder / "index.json").exists():
+        return load_calib(folder)
+    keep = set(pick_steps(cfg.steps, cfg.timesteps))
+    store: dict[int, dict[str, list[torch.Tensor]]] = {i: {"x": [], "t": [], "cond": []} for i in keep}
+
+    def on_step(i: int, x: torch.Tensor, t: torch.Tensor, c: torch.Tensor, _sl: slice) -> None:
+        if i in keep:
+            store[i]["x"].append(x.clone())
+            store[i]["t"].append(t.clone())
+            store[i]["cond"].append(c.clone())
+
+    ids = class_ids(cfg.samples, max(1, denoiser.null_id))
+    noise = initial_noise(cfg.samples, denoiser.sample_shape, cfg.seed)
+    ddim_sample(
+        denoiser,
+        noise,
+        denoiser.encode(ids),
+        denoiser.encode(torch.full_like(ids, denoiser.null_id)),
+        denoiser.scheduler,
+        SamplerConfig(steps=cfg.steps, guidance=cfg.guidance),
+        on_step=on_step,
+        desc="calibrate",
+        progress=progress,
+    )
+    root.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{folder.name}.", dir=root))
+    try:
+        shards = []
+        for i in sorted(keep):
+            tensors = {k: torch.cat(v).contiguous() for k, v in store[i].items()}
+            fname = f"step{i:03d}.safetensors"
+            save_file(tensors, str(tmp / fname))
+            shards.append({"file": fname, "step": i, "timestep": float(tensors["t"][0]), "count": len(tensors["x"])})
+        write_json(tmp / "index.json", {"version": INDEX_VERSION, "model": denoiser.name, "config": asdict(cfg), "shards": shards})
+        if folder.exists():
+            shutil.rmtree(folder)
+        os.replace(tmp, folder)
+    finally:
+        if tmp.exists():
+            shutil.rmtree(tmp)
+    return load_calib(folder)
+
+
+def load_calib(folder: str | Path) -> CalibSet:
+    """Load a calibration folder written by `collect`, checking every shard for NaN/Inf."""
+    folder = Path(folder)
+    index_path = folder / "index.json"
+    if not index_path.exists():
+        raise DiffquantError(f"{folder} is not a calibration folder: index.json is missing")
+    try:
+        index = json.loads(index_path.read_text())
+        cfg = CalibConfig(**index["config"])
+        entries = index["shards"]
+    except (json.JSONDecodeError, KeyError, TypeError) as e:
+        raise DiffquantError(f"{index_path} is corrupt ({e}); delete {folder} and collect again") from None
+    shards: dict[float, dict[str, torch.Tensor]] = {}
+    for e in entries:
+        path = folder / e["file"]
+        try:
+            tensors = load_file(str(path))
+        except (SafetensorError, OSError, FileNotFoundError) as err:
+            raise DiffquantError(f"calibration shard {path} is unreadable ({err}); delete {folder} and collect again") from None
+        for k in ("x", "cond"):
+            v = tensors[k]
+            if v.is_floating_point() and not torch.isfinite(v).all():
+                bad = int((~torch.isfinite(v)).sum())
+                raise DiffquantError(
+                    f"calibration shard {path} (timestep {e['timestep']:g}) has {bad} NaN/Inf values in {k!r}; "
+                    f"the FP model diverged or the file is damaged: delete {folder} and collect again"
+                )
+        shards[float(e["timestep"])] = tensors
+    return CalibSet(folder=folder, config=cfg, timesteps=list(shards), shards=shards)

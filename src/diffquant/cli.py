@@ -1,0 +1,242 @@
+"""The `diffquant` command: one subcommand per stage."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+from diffquant.errors import DiffquantError
+
+__all__ = ["main"]
+
+
+def _add_model(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--model", default="builtin:digits-sd", help="builtin:NAME, a diffusers folder, or a hub id (cache only)")
+
+
+def _add_recipe(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--recipe", default="minmax", help="recipe name (see recipes/) or a YAML path")
+    p.add_argument("--bits", default=None, help="wNaK, e.g. w8a8, w4a8, w4a6 (default: the recipe's)")
+
+
+def _print_summary(report: dict, out: str) -> None:
+    q, p = report["quality"], report["parity"]
+    print(f"\n{report['model']} {report['recipe']} {report['bits']} -> {report['onnx']}")
+    print(f"  FP          FD {q['fp']['fd']:.3f}  acc {q['fp']['accuracy']:.3f}")
+    print(f"  fake-quant  FD {q['fake_quant']['fd']:.3f}  acc {q['fake_quant']['accuracy']:.3f}  PSNR {q['fake_quant']['psnr']:.2f}  SSIM {q['fake_quant']['ssim']:.4f}")
+    print(f"  deployed    FD {q['quant']['fd']:.3f}  acc {q['quant']['accuracy']:.3f}  PSNR {q['quant']['psnr']:.2f}  SSIM {q['quant']['ssim']:.4f}")
+    print(
+        f"  parity {'PASS' if p['passed'] else 'FAIL'}: local max step error {p['max_step_error']:.3g}, "
+        f"cosine min {p['cosine_min']:.6f}, max abs {p['max_abs']:.3g}, flip rate {p['flip_rate']:.2e}"
+    )
+    print(f"report: {Path(out) / 'report.md'}")
+
+
+def cmd_run(a: argparse.Namespace) -> int:
+    from diffquant.workflow import RunConfig, run_job
+
+    cfg = RunConfig(
+        model=a.model, recipe=a.recipe, bits=a.bits, target=a.target, out=a.out, samples=a.samples,
+        steps=a.steps, seed=a.seed, guidance=a.guidance, calib_samples=a.calib_samples, progress=not a.quiet,
+    )
+    report = run_job(cfg)
+    _print_summary(report, a.out)
+    return 0 if report["parity"]["passed"] else 1
+
+
+def cmd_demo(a: argparse.Namespace) -> int:
+    a.out = a.out or f"runs/demo-{time.strftime('%Y%m%d-%H%M%S')}"
+    a.model, a.recipe, a.bits, a.target = "builtin:digits-sd", "minmax", "w8a8", "tensorrt"
+    a.steps, a.seed, a.guidance, a.calib_samples = 25, 0, 3.0, 32
+    print(f"diffquant demo: quantizing builtin:digits-sd to W8A8 (minmax), exporting a TensorRT-ready Q/DQ graph, "
+          f"and checking it with ONNX Runtime ({a.samples} samples) -> {a.out}")
+    return cmd_run(a)
+
+
+def cmd_calibrate(a: argparse.Namespace) -> int:
+    from diffquant.calib_data import CalibConfig, collect
+    from diffquant.models.loading import load_denoiser
+
+    d = load_denoiser(a.model)
+    cs = collect(d, CalibConfig(samples=a.samples, steps=a.steps, timesteps=a.timesteps, guidance=a.guidance, seed=a.seed), cache_dir=a.cache)
+    print(f"{len(cs)} calibration inputs at {len(cs.timesteps)} timesteps: {cs.folder}")
+    return 0
+
+
+def cmd_quantize(a: argparse.Namespace) -> int:
+    from diffquant.calib_data import CalibConfig, collect, load_calib
+    from diffquant.models.loading import load_denoiser
+    from diffquant.pipeline import load_recipe, quantize
+
+    d = load_denoiser(a.model)
+    recipe = load_recipe(a.recipe)
+    calib = load_calib(a.calib) if a.calib else collect(d, CalibConfig(samples=a.calib_samples))
+    out = Path(a.out)
+    if out.exists():
+        raise DiffquantError(f"plan folder {out} already exists; pass another --out or delete it")
+    plan = quantize(d, recipe, calib, bits=a.bits)
+    plan.save(out)
+    print(f"plan with {len(plan.quantized_layers())} quantized layers ({plan.bits}, {recipe.name}): {out / 'plan.json'}")
+    return 0
+
+
+def cmd_plan(a: argparse.Namespace) -> int:
+    from diffquant.models.loading import load_denoiser
+    from diffquant.pipeline import decide_targets, load_recipe
+    from diffquant.quant import QuantPlan, parse_bits
+
+    d = load_denoiser(a.model)
+    if a.plan:
+        plan = QuantPlan.load(a.plan)
+        rows = [(n, lp.rule, lp.weight, lp.act) for n, lp in plan.layers.items()] + [(n, r, None, None) for n, r in plan.skipped.items()]
+    else:
+        recipe = load_recipe(a.recipe)
+        setting = parse_bits(a.bits or recipe.bits)
+        rows = [
+            (n, dec.rule, setting.weight if dec.weights else None, setting.act if dec.activations else None)
+            for n, dec in decide_targets(d, recipe).items()
+        ]
+    fmt = lambda f, kind: "FP" if f is None else f"int{f.bits} per-{f.granularity}" if kind else f"int{f.bits}"  # noqa: E731
+    width = max(len(r[0]) for r in rows)
+    print(f"{'layer':{width}}  {'weights':18} {'activations':18} rule")
+    for name, rule, wf, af in rows:
+        print(f"{name:{width}}  {fmt(wf, 1):18} {fmt(af, 1):18} {rule}")
+    n_q = sum(1 for r in rows if r[2] or r[3])
+    print(f"{n_q} of {len(rows)} Conv2d/Linear layers quantized")
+    return 0
+
+
+def cmd_export(a: argparse.Namespace) -> int:
+    from diffquant.exporters import export
+    from diffquant.models.loading import load_denoiser
+    from diffquant.quant import QuantPlan
+
+    d = load_denoiser(a.model)
+    plan = QuantPlan.load(a.plan)
+    res = export(plan, d, a.out, target=a.target)
+    print(f"{res.qdq_onnx} ({res.lint.n_q} Q / {res.lint.n_dq} DQ nodes, linter clean); FP reference {res.fp_onnx}")
+    return 0
+
+
+def cmd_lint(a: argparse.Namespace) -> int:
+    from diffquant.exporters import lint, load_onnx
+
+    rep = lint(load_onnx(a.file), a.file)
+    for v in rep.violations:
+        print(v)
+    print(f"{a.file}: {rep.n_q} Q / {rep.n_dq} DQ nodes, {len(rep.violations)} TensorRT rule violation(s)")
+    return 0 if rep.ok else 1
+
+
+def cmd_zoo(a: argparse.Namespace) -> int:
+    from diffquant.models.builtin import BUILTIN_MODELS, builtin_card
+
+    if a.action == "list":
+        for name in BUILTIN_MODELS:
+            try:
+                card = builtin_card(name)
+                extra = f"final loss {card.get('final_loss', float('nan')):.4f}"
+                if "fp_metrics" in card:
+                    extra += f", FP FD {card['fp_metrics']['fd']:.3f}, accuracy {card['fp_metrics']['accuracy']:.3f}"
+            except DiffquantError:
+                extra = "not trained"
+            print(f"{name:18} {extra}")
+        return 0
+    if not a.name:
+        raise DiffquantError(f"`diffquant zoo {a.action}` needs a model name: {', '.join(BUILTIN_MODELS)}")
+    if a.action == "card":
+        print(json.dumps(builtin_card(a.name), indent=2))
+        return 0
+    from diffquant.zoo import train_and_card
+
+    train_and_card(a.name, steps=a.steps, samples=a.samples)
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    ap = argparse.ArgumentParser(prog="diffquant", description="Quantize diffusion denoisers, export deployable Q/DQ graphs, and prove parity.")
+    sub = ap.add_subparsers(dest="cmd", required=True)
+
+    def run_args(p: argparse.ArgumentParser, samples: int) -> None:
+        p.add_argument("--target", default="tensorrt", choices=["tensorrt"])
+        p.add_argument("--samples", type=int, default=samples, help="samples for the quality metrics (equal per class)")
+        p.add_argument("--steps", type=int, default=25, help="DDIM steps")
+        p.add_argument("--seed", type=int, default=0)
+        p.add_argument("--guidance", type=float, default=3.0, help="classifier-free guidance scale")
+        p.add_argument("--calib-samples", type=int, default=64)
+        p.add_argument("--quiet", action="store_true", help="no progress bars")
+
+    p = sub.add_parser("demo", help="run the main job on the builtin model and print where the report is")
+    p.add_argument("--out", default=None)
+    p.add_argument("--samples", type=int, default=100)
+    p.add_argument("--quiet", action="store_true")
+    p.set_defaults(fn=cmd_demo)
+
+    p = sub.add_parser("run", help="calibrate, quantize, export, run with ONNX Runtime, check parity and quality")
+    _add_model(p)
+    _add_recipe(p)
+    p.add_argument("--out", required=True)
+    run_args(p, 256)
+    p.set_defaults(fn=cmd_run)
+
+    p = sub.add_parser("calibrate", help="collect calibration data along the FP sampler")
+    _add_model(p)
+    p.add_argument("--samples", type=int, default=64)
+    p.add_argument("--steps", type=int, default=25)
+    p.add_argument("--timesteps", type=int, default=25, help="how many evenly spaced sampler steps to keep")
+    p.add_argument("--guidance", type=float, default=3.0)
+    p.add_argument("--seed", type=int, default=1234)
+    p.add_argument("--cache", default=None, help="cache folder (default ~/.cache/diffquant/calib or $DIFFQUANT_CACHE)")
+    p.set_defaults(fn=cmd_calibrate)
+
+    p = sub.add_parser("quantize", help="decide a QuantPlan")
+    _add_model(p)
+    _add_recipe(p)
+    p.add_argument("--calib", default=None, help="calibration folder from `diffquant calibrate` (default: collect)")
+    p.add_argument("--calib-samples", type=int, default=64)
+    p.add_argument("--out", required=True, help="plan folder")
+    p.set_defaults(fn=cmd_quantize)
+
+    p = sub.add_parser("plan", help="print which targeting rule hit each layer and the decided format")
+    _add_model(p)
+    _add_recipe(p)
+    p.add_argument("--plan", default=None, help="show a saved plan instead")
+    p.set_defaults(fn=cmd_plan)
+
+    p = sub.add_parser("export", help="export the FP graph and the Q/DQ graph of a plan")
+    _add_model(p)
+    p.add_argument("--plan", required=True)
+    p.add_argument("--out", required=True)
+    p.add_argument("--target", default="tensorrt", choices=["tensorrt"])
+    p.set_defaults(fn=cmd_export)
+
+    p = sub.add_parser("lint", help="check an ONNX graph against the TensorRT Q/DQ rules")
+    p.add_argument("file")
+    p.set_defaults(fn=cmd_lint)
+
+    p = sub.add_parser("zoo", help="builtin models: list, card, train")
+    p.add_argument("action", choices=["list", "card", "train"])
+    p.add_argument("name", nargs="?")
+    p.add_argument("--steps", type=int, default=None, help="training steps (default: the model's)")
+    p.add_argument("--samples", type=int, default=1000, help="samples for the card's FP metrics")
+    p.set_defaults(fn=cmd_zoo)
+    return ap
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return args.fn(args)
+    except DiffquantError as e:
+        print(f"diffquant: error: {e}", file=sys.stderr)
+        return e.exit_code
+    except KeyboardInterrupt:
+        print("diffquant: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,18 @@
+"""Parity, image quality metrics, and the run report."""
+
+from diffquant.eval.parity import ParityResult, TimestepParity, check_parity
+from diffquant.eval.quality import QualityScores, frechet_distance, psnr, score_samples, ssim
+from diffquant.eval.report import save_grid, write_markdown
+
+__all__ = [
+    "ParityResult",
+    "QualityScores",
+    "TimestepParity",
+    "check_parity",
+    "frechet_distance",
+    "psnr",
+    "save_grid",
+    "score_samples",
+    "ssim",
+    "write_markdown",
+]

@@ -1,0 +1,98 @@
+"""The run report: report.json, a readable report.md, and PNG sample grids."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from diffquant._io import atomic_path, write_text
+
+__all__ = ["save_grid", "write_markdown"]
+
+
+def save_grid(images: torch.Tensor, path: str | Path, ncol: int = 10, zoom: int = 3, pad: int = 2) -> Path:
+    """Save images in [-1, 1] [N, 1, H, W] as a grid PNG (``ncol`` per row: one per class)."""
+    from PIL import Image
+
+    n, _, h, w = images.shape
+    rows = (n + ncol - 1) // ncol
+    canvas = np.full((rows * (h + pad) + pad, ncol * (w + pad) + pad), 255, np.uint8)
+    arr = ((images[:, 0].clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8).numpy()
+    for i in range(n):
+        r, c = divmod(i, ncol)
+        canvas[pad + r * (h + pad) : pad + r * (h + pad) + h, pad + c * (w + pad) : pad + c * (w + pad) + w] = arr[i]
+    img = Image.fromarray(canvas).resize((canvas.shape[1] * zoom, canvas.shape[0] * zoom), Image.NEAREST)
+    with atomic_path(path, suffix=".png") as tmp:
+        img.save(tmp, format="PNG")
+    return Path(path)
+
+
+def _fmt(v) -> str:
+    if v is None:
+        return "–"
+    if isinstance(v, float):
+        return f"{v:.4g}"
+    return str(v)
+
+
+def write_markdown(report: dict, path: str | Path) -> Path:
+    """A report a person can read: settings, quality table, parity verdicts, realized formats."""
+    q = report["quality"]
+    p = report["parity"]
+    lines = [
+        f"# diffquant run: {report['model']} · {report['recipe']} · {report['bits']} · target {report['target']}",
+        "",
+        f"Deployed graph: `{report['onnx']}` (run by ONNX Runtime, CPU). Samples: {report['settings']['samples']}, "
+        f"DDIM {report['settings']['steps']} steps, CFG {report['settings']['guidance']}, seed {report['settings']['seed']}.",
+        "",
+        "## Quality",
+        "",
+        "| model | FD ↓ | accuracy ↑ | PSNR vs FP ↑ | SSIM vs FP ↑ |",
+        "|---|---|---|---|---|",
+        f"| FP32 (torch) | {_fmt(q['fp']['fd'])} | {_fmt(q['fp']['accuracy'])} | – | – |",
+        f"| fake-quant (torch) | {_fmt(q['fake_quant']['fd'])} | {_fmt(q['fake_quant']['accuracy'])} | {_fmt(q['fake_quant'].get('psnr'))} | {_fmt(q['fake_quant'].get('ssim'))} |",
+        f"| **deployed graph (ORT)** | {_fmt(q['quant']['fd'])} | {_fmt(q['quant']['accuracy'])} | {_fmt(q['quant'].get('psnr'))} | {_fmt(q['quant'].get('ssim'))} |",
+        "",
+        "Sample grids (one column per class; same seeds): FP `samples_fp.png`, fake-quant `samples_fake_quant.png`, "
+        "deployed `samples_quant.png`, side by side `samples_compare.png`.",
+        "",
+        "![FP | fake-quant | deployed](samples_compare.png)",
+        "",
+        "## Parity: deployed graph vs torch fake-quant",
+        "",
+        f"Verdict: **{'PASS' if p['passed'] else 'FAIL'}** — local max step error {_fmt(p['max_step_error'])} "
+        f"(tolerance {_fmt(p['step_tolerance'])}; weights {_fmt(p['weight_max_step_error'])}), "
+        f"min cosine {_fmt(p['cosine_min'])} (threshold {_fmt(p['cosine_threshold'])}), max abs {_fmt(p['max_abs'])}, "
+        f"activation code flip rate {_fmt(p['flip_rate'])}.",
+        "",
+        "| timestep | max abs | cosine | SNR dB | local step error | flip rate | verdict |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    for t in p["per_timestep"]:
+        lines.append(
+            f"| {t['timestep']:g} | {_fmt(t['max_abs'])} | {t['cosine']:.6f} | {t['snr_db']:.1f} | {_fmt(t['max_step_error'])} | {t['flip_rate']:.2e} | {'pass' if t['passed'] else 'FAIL'} |"
+        )
+    lines += [
+        "",
+        "Local step error judges each graph quantizer on its own input (DequantizeLinear output vs torch fake-quant of "
+        "the tensor its QuantizeLinear read); the end-to-end figures include flips propagated from upstream layers "
+        "and the graph's FP16 arithmetic.",
+        "",
+        "## Timings (s)",
+        "",
+        "| " + " | ".join(report["timings"]) + " |",
+        "|" + "---|" * len(report["timings"]),
+        "| " + " | ".join(f"{v:.1f}" for v in report["timings"].values()) + " |",
+        "",
+        "## Realized per node",
+        "",
+        "| layer | node | weights | activations |",
+        "|---|---|---|---|",
+    ]
+    for name, info in report.get("realized", {}).items():
+        lines.append(f"| {name} | {info['op']} | {info['weight']} | {info['act']} |")
+    for name, rule in report.get("skipped", {}).items():
+        lines.append(f"| {name} | – | FP16 ({rule}) | FP16 |")
+    return write_text(path, "\n".join(lines) + "\n")

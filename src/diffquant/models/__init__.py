@@ -1,0 +1,1 @@
+"""Loading denoisers, the `Denoiser` adapter, samplers, and the builtin digits models."""

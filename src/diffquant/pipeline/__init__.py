@@ -1,0 +1,7 @@
+"""Passes that decide a QuantPlan, and recipes that compose them."""
+
+from diffquant.pipeline import minmax as _minmax  # noqa: F401  (registers the pass)
+from diffquant.pipeline.recipes import Recipe, available_recipes, decide_targets, load_recipe, quantize
+from diffquant.pipeline.registry import PASSES, register_pass
+
+__all__ = ["PASSES", "Recipe", "available_recipes", "decide_targets", "load_recipe", "quantize", "register_pass"]

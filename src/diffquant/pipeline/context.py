@@ -1,0 +1,21 @@
+"""What a pass sees: the FP denoiser, the plan being decided, and the calibration data."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+from diffquant.calib_data import CalibSet
+from diffquant.models.denoiser import Denoiser
+from diffquant.quant.plan import QuantPlan
+
+__all__ = ["PassContext"]
+
+
+@dataclass
+class PassContext:
+    denoiser: Denoiser
+    plan: QuantPlan
+    calib: CalibSet
+    progress: bool = True
+    act_stats: Any = None

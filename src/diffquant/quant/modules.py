@@ -1,0 +1,110 @@
+"""Fake-quant Conv2d / Linear wrappers and `apply_plan`, which builds the fake-quant model.
+
+The wrappers subclass the torch layers, so module and parameter names stay those of the FP
+model (the plan and the ONNX graph refer to layers by these names).
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from diffquant.errors import DiffquantError
+from diffquant.quant.fake import fake_quant
+from diffquant.quant.format import QuantFormat
+from diffquant.quant.plan import QuantPlan, weights_digest
+
+__all__ = ["QuantConv2d", "QuantLinear", "apply_plan", "quant_modules"]
+
+
+class _QuantMixin:
+    """Input (activation) and weight fake-quant around the FP op. ``capture`` keeps the last
+    quantized input so parity checks can compare it with the graph's DequantizeLinear output."""
+
+    weight_format: QuantFormat | None
+    act_format: QuantFormat | None
+    capture: bool
+    captured: torch.Tensor | None
+
+    def _init_quant(self, weight_format, act_format) -> None:
+        self.weight_format = weight_format
+        self.act_format = act_format
+        self.register_buffer("weight_scale", torch.ones(self.weight.shape[0]))
+        self.register_buffer("act_scale", torch.ones(()))
+        self.capture = False
+        self.captured = None
+
+    def quant_weight(self) -> torch.Tensor:
+        if self.weight_format is None:
+            return self.weight
+        return fake_quant(self.weight, self.weight_scale, self.weight_format)
+
+    def quant_input(self, x: torch.Tensor) -> torch.Tensor:
+        if self.act_format is not None:
+            x = fake_quant(x, self.act_scale, self.act_format)
+        if self.capture:
+            self.captured = x.detach()
+        return x
+
+
+class QuantConv2d(_QuantMixin, nn.Conv2d):
+    """nn.Conv2d with per-output-channel weight and per-tensor input fake-quant."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self._conv_forward(self.quant_input(x), self.quant_weight(), self.bias)
+
+
+class QuantLinear(_QuantMixin, nn.Linear):
+    """nn.Linear with per-output-channel weight and per-tensor input fake-quant."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.linear(self.quant_input(x), self.quant_weight(), self.bias)
+
+
+def _wrap(module: nn.Module, wf: QuantFormat | None, af: QuantFormat | None) -> nn.Module:
+    cls = QuantConv2d if isinstance(module, nn.Conv2d) else QuantLinear
+    new = cls.__new__(cls)
+    new.__dict__ = module.__dict__.copy()
+    new._parameters = dict(module._parameters)
+    new._buffers = dict(module._buffers)
+    new._modules = dict(module._modules)
+    new._init_quant(wf, af)
+    return new
+
+
+def _set_submodule(root: nn.Module, name: str, module: nn.Module) -> None:
+    parent_name, _, child = name.rpartition(".")
+    parent = root.get_submodule(parent_name) if parent_name else root
+    setattr(parent, child, module)
+
+
+def apply_plan(model: nn.Module, plan: QuantPlan, check_digest: bool = True) -> nn.Module:
+    """Replace every quantized layer of ``model`` (in place) by its fake-quant wrapper, loaded
+    with the plan's scales and any replacement weights. Returns ``model``."""
+    if plan.state not in ("frozen", "exported"):
+        raise DiffquantError(f"plan for {plan.model} is {plan.state!r}, not frozen: finish `diffquant quantize` first")
+    if check_digest and plan.model_digest != weights_digest(model):
+        raise DiffquantError(
+            f"plan was made for {plan.model} with weights {plan.model_digest}, but this model's weights "
+            f"hash to {weights_digest(model)}: quantize this model again"
+        )
+    modules = dict(model.named_modules())
+    for lp in plan.quantized_layers():
+        if lp.name not in modules:
+            raise DiffquantError(f"plan names layer {lp.name!r}, which this model does not have")
+        q = _wrap(modules[lp.name], lp.weight, lp.act)
+        with torch.no_grad():
+            if f"{lp.name}.weight" in plan.tensors:
+                q.weight.copy_(plan.tensors[f"{lp.name}.weight"])
+            if lp.weight:
+                q.weight_scale = plan.weight_scale(lp.name).float().clone()
+            if lp.act:
+                q.act_scale = plan.act_scale(lp.name).float().clone().reshape(())
+        _set_submodule(model, lp.name, q)
+    return model
+
+
+def quant_modules(model: nn.Module) -> dict[str, _QuantMixin]:
+    """Name -> fake-quant wrapper for every wrapped layer of ``model``."""
+    return {n: m for n, m in model.named_modules() if isinstance(m, _QuantMixin)}

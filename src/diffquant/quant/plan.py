@@ -1,0 +1,164 @@
+"""The QuantPlan: every quantization decision, as plain data (JSON + a safetensors file).
+
+Both the fake-quant torch model (`apply_plan`) and the exported ONNX graph are built from one
+plan; nothing else carries quantization decisions. Plans are versioned and replayable on a
+fresh FP model.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_file, save_file
+from torch import nn
+
+from diffquant._io import atomic_path, write_json
+from diffquant.errors import DiffquantError
+from diffquant.quant.format import QuantFormat
+
+__all__ = ["PLAN_VERSION", "STATES", "LayerPlan", "QuantPlan", "weights_digest"]
+
+PLAN_VERSION = 1
+STATES = ("float", "calibrating", "frozen", "exported")
+
+
+def weights_digest(model: nn.Module) -> str:
+    """A short hash of a model's floating-point weights, so a plan refuses a different model."""
+    h = hashlib.sha256()
+    for name, t in sorted(model.state_dict().items()):
+        h.update(name.encode())
+        h.update(t.detach().float().contiguous().numpy().tobytes())
+    return h.hexdigest()[:16]
+
+
+@dataclass
+class LayerPlan:
+    """The decision for one Conv2d / Linear: formats (None: that side stays FP), which targeting
+    rule decided it, the layers sharing its input tensor, and free-form notes for the report."""
+
+    name: str
+    op: str
+    rule: str
+    weight: QuantFormat | None = None
+    act: QuantFormat | None = None
+    input_group: str = ""
+    notes: list[str] = field(default_factory=list)
+
+    def to_dict(self) -> dict:
+        return {
+            "name": self.name,
+            "op": self.op,
+            "rule": self.rule,
+            "weight": self.weight.to_dict() if self.weight else None,
+            "act": self.act.to_dict() if self.act else None,
+            "input_group": self.input_group,
+            "notes": list(self.notes),
+        }
+
+    @classmethod
+    def from_dict(cls, d: dict) -> LayerPlan:
+        return cls(
+            name=d["name"],
+            op=d["op"],
+            rule=d["rule"],
+            weight=QuantFormat.from_dict(d["weight"]) if d.get("weight") else None,
+            act=QuantFormat.from_dict(d["act"]) if d.get("act") else None,
+            input_group=d.get("input_group", ""),
+            notes=list(d.get("notes", [])),
+        )
+
+
+@dataclass
+class QuantPlan:
+    """Per-layer decisions plus their tensors.
+
+    Tensors are keyed ``<layer>.weight_scale`` (per output channel), ``<layer>.act_scale``
+    (scalar), and optionally ``<layer>.weight`` (a replacement FP weight, e.g. after rounding
+    reconstruction). All scales are already rounded to the export dtype.
+    """
+
+    model: str
+    model_digest: str
+    bits: str
+    recipe: dict = field(default_factory=dict)
+    layers: dict[str, LayerPlan] = field(default_factory=dict)
+    tensors: dict[str, torch.Tensor] = field(default_factory=dict)
+    state: str = "float"
+    version: int = PLAN_VERSION
+    skipped: dict[str, str] = field(default_factory=dict)
+
+    def quantized_layers(self) -> list[LayerPlan]:
+        return [lp for lp in self.layers.values() if lp.weight or lp.act]
+
+    def weight_scale(self, layer: str) -> torch.Tensor:
+        return self.tensors[f"{layer}.weight_scale"]
+
+    def act_scale(self, layer: str) -> torch.Tensor:
+        return self.tensors[f"{layer}.act_scale"]
+
+    def freeze(self) -> None:
+        """Check every quantized layer has its tensors, then mark the plan frozen."""
+        for lp in self.quantized_layers():
+            if lp.weight and f"{lp.name}.weight_scale" not in self.tensors:
+                raise DiffquantError(f"plan: layer {lp.name} has a weight format but no weight scale")
+            if lp.act and f"{lp.name}.act_scale" not in self.tensors:
+                raise DiffquantError(f"plan: layer {lp.name} has an activation format but no activation scale")
+        self.state = "frozen"
+
+    def to_json(self) -> dict:
+        return {
+            "version": self.version,
+            "state": self.state,
+            "model": self.model,
+            "model_digest": self.model_digest,
+            "bits": self.bits,
+            "recipe": self.recipe,
+            "layers": [lp.to_dict() for lp in self.layers.values()],
+            "skipped": self.skipped,
+        }
+
+    def save(self, folder: str | Path) -> Path:
+        """Write ``plan.json`` and ``plan.safetensors`` into ``folder`` (each atomically)."""
+        folder = Path(folder)
+        folder.mkdir(parents=True, exist_ok=True)
+        with atomic_path(folder / "plan.safetensors") as tmp:
+            save_file({k: v.contiguous() for k, v in self.tensors.items()}, str(tmp))
+        write_json(folder / "plan.json", self.to_json())
+        return folder / "plan.json"
+
+    @classmethod
+    def load(cls, path: str | Path) -> QuantPlan:
+        """Load a plan from its folder or its ``plan.json``."""
+        path = Path(path)
+        folder = path if path.is_dir() else path.parent
+        jpath = folder / "plan.json"
+        tpath = folder / "plan.safetensors"
+        if not jpath.exists() or not tpath.exists():
+            raise DiffquantError(f"no plan at {folder}: expected plan.json and plan.safetensors there")
+        try:
+            data = json.loads(jpath.read_text())
+        except json.JSONDecodeError as e:
+            raise DiffquantError(f"{jpath} is not valid JSON ({e}); re-run `diffquant quantize`") from None
+        if data.get("version") != PLAN_VERSION:
+            raise DiffquantError(f"{jpath}: plan version {data.get('version')} is not supported (expected {PLAN_VERSION})")
+        try:
+            tensors = load_file(str(tpath))
+        except (SafetensorError, OSError) as e:
+            raise DiffquantError(f"{tpath} is not a readable safetensors file ({e}); re-run `diffquant quantize`") from None
+        layers = {d["name"]: LayerPlan.from_dict(d) for d in data["layers"]}
+        return cls(
+            model=data["model"],
+            model_digest=data["model_digest"],
+            bits=data["bits"],
+            recipe=data.get("recipe", {}),
+            layers=layers,
+            tensors=tensors,
+            state=data["state"],
+            version=data["version"],
+            skipped=data.get("skipped", {}),
+        )

@@ -1,0 +1,29 @@
+"""A smoke `diffquant run` on the builtin digits-sd model at small N."""
+
+import json
+
+import pytest
+
+from diffquant.cli import main
+
+
+@pytest.mark.e2e
+def test_smoke_run_digits_sd(tmp_path, monkeypatch, capsys):
+    monkeypatch.setenv("DIFFQUANT_CACHE", str(tmp_path / "cache"))
+    out = tmp_path / "run"
+    rc = main(["run", "--model", "builtin:digits-sd", "--recipe", "minmax", "--bits", "w8a8", "--out", str(out),
+               "--samples", "20", "--steps", "10", "--calib-samples", "8", "--quiet"])
+    assert rc == 0, capsys.readouterr()
+    r = json.loads((out / "report.json").read_text())
+    for key in ("model", "recipe", "bits", "target", "onnx"):
+        assert key in r
+    assert r["bits"] == "w8a8" and r["target"] == "tensorrt"
+    p, q = r["parity"], r["quality"]
+    assert p["max_step_error"] <= 1.0 and p["cosine_min"] >= 0.99
+    for side in ("fp", "quant", "fake_quant"):
+        assert q[side]["fd"] >= 0 and 0 <= q[side]["accuracy"] <= 1
+    assert q["quant"]["psnr"] > 15 and 0 < q["quant"]["ssim"] <= 1
+    assert set(r["timings"]) == {"calibrate_s", "quantize_s", "export_s", "evaluate_s"}
+    for f in ("unet.qdq.onnx", "unet.fp32.onnx", "report.md", "samples_compare.png", "plan/plan.json"):
+        assert (out / f).exists(), f
+    assert main(["lint", str(out / "unet.qdq.onnx")]) == 0
