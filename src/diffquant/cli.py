@@ -32,6 +32,17 @@ def _print_summary(report: dict, out: str) -> None:
         f"  parity {'PASS' if p['passed'] else 'FAIL'}: local max step error {p['max_step_error']:.3g}, "
         f"cosine min {p['cosine_min']:.6f}, max abs {p['max_abs']:.3g}, flip rate {p['flip_rate']:.2e}"
     )
+    for t in p["per_timestep"]:
+        if not t["passed"]:
+            why = []
+            if t["max_step_error"] > p["step_tolerance"]:
+                why.append(f"local step error {t['max_step_error']:.3g} > {p['step_tolerance']:g} (a Q/DQ node disagrees with fake-quant)")
+            if t["cosine"] < p["cosine_threshold"]:
+                why.append(
+                    f"end-to-end cosine {t['cosine']:.6f} < {p['cosine_threshold']:g} (flip rate {t['flip_rate']:.2e}: FP16 "
+                    f"rounding moving inputs across rounding boundaries, propagated; see report.md)"
+                )
+            print(f"  parity fails at timestep {t['timestep']:g}: " + "; ".join(why))
     print(f"report: {Path(out) / 'report.md'}")
 
 
@@ -41,6 +52,7 @@ def cmd_run(a: argparse.Namespace) -> int:
     cfg = RunConfig(
         model=a.model, recipe=a.recipe, bits=a.bits, target=a.target, out=a.out, samples=a.samples,
         steps=a.steps, seed=a.seed, guidance=a.guidance, calib_samples=a.calib_samples, progress=not a.quiet,
+        parity_cosine=a.parity_cosine,
     )
     report = run_job(cfg)
     _print_summary(report, a.out)
@@ -50,7 +62,7 @@ def cmd_run(a: argparse.Namespace) -> int:
 def cmd_demo(a: argparse.Namespace) -> int:
     a.out = a.out or f"runs/demo-{time.strftime('%Y%m%d-%H%M%S')}"
     a.model, a.recipe, a.bits, a.target = "builtin:digits-sd", "minmax", "w8a8", "tensorrt"
-    a.steps, a.seed, a.guidance, a.calib_samples = 25, 0, 3.0, 32
+    a.steps, a.seed, a.guidance, a.calib_samples, a.parity_cosine = 25, 0, 3.0, 32, 0.99
     print(f"diffquant demo: quantizing builtin:digits-sd to W8A8 (minmax), exporting a TensorRT-ready Q/DQ graph, "
           f"and checking it with ONNX Runtime ({a.samples} samples) -> {a.out}")
     return cmd_run(a)
@@ -167,6 +179,7 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("--seed", type=int, default=0)
         p.add_argument("--guidance", type=float, default=3.0, help="classifier-free guidance scale")
         p.add_argument("--calib-samples", type=int, default=64)
+        p.add_argument("--parity-cosine", type=float, default=0.99, help="end-to-end cosine a timestep must reach (noise prediction)")
         p.add_argument("--quiet", action="store_true", help="no progress bars")
 
     p = sub.add_parser("demo", help="run the main job on the builtin model and print where the report is")

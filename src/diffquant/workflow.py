@@ -19,6 +19,7 @@ import torch
 
 from diffquant._io import write_json
 from diffquant.calib_data import CalibConfig, collect
+from diffquant.calib_data.collect import pick_steps
 from diffquant.engines import OrtEngine
 from diffquant.errors import DiffquantError
 from diffquant.eval import check_parity, save_grid, score_samples, write_markdown
@@ -51,6 +52,7 @@ class RunConfig:
     calib_timesteps: int = 25
     parity_samples: int = 8
     parity_timesteps: int = 4
+    parity_cosine: float = 0.99
     batch_size: int = 128
     progress: bool = True
 
@@ -66,12 +68,6 @@ def engine_eps_fn(engine: OrtEngine, batch: int = 256):
         return torch.from_numpy(np.concatenate(outs))
 
     return eps
-
-
-def _pick(ts: list[float], k: int) -> list[float]:
-    if len(ts) <= k:
-        return list(ts)
-    return [ts[round(i * (len(ts) - 1) / (k - 1))] for i in range(k)]
 
 
 def _fp_ladder(denoiser: Denoiser, path: Path, inputs) -> float:
@@ -126,8 +122,9 @@ def _run(cfg: RunConfig, recipe, bits: str, tmp: Path, out: Path) -> dict:
     fq = copy.deepcopy(denoiser)
     apply_plan(fq.model, plan)
     qdq = onnx.load(str(exp.qdq_onnx))
-    inputs = [(ts, *calib.at(ts, cfg.parity_samples)) for ts in _pick(calib.timesteps, cfg.parity_timesteps)]
-    parity = check_parity(fq, qdq, inputs)
+    picked = [calib.timesteps[i] for i in pick_steps(len(calib.timesteps), cfg.parity_timesteps)]
+    inputs = [(ts, *calib.at(ts, cfg.parity_samples)) for ts in picked]
+    parity = check_parity(fq, qdq, inputs, cosine_threshold=cfg.parity_cosine)
     ladder_fp = _fp_ladder(denoiser, exp.fp_onnx, inputs)
 
     ids = class_ids(cfg.samples, max(1, denoiser.null_id))

@@ -35,13 +35,20 @@ PROMPT_DIM = 32
 
 
 def scheduler_config() -> dict:
-    """Noise schedule shared by training and sampling (diffusers scheduler config keys)."""
+    """Noise schedule shared by training and sampling (diffusers scheduler config keys).
+
+    Sampling uses "leading" spacing with offset 1 (first DDIM step at t = 961, not 999) and no
+    x0 clipping: on this cosine schedule alpha_bar(999) is ~0, so the x0 estimate at t = 999 is
+    hypersensitive to the guided noise prediction, and clipping it under CFG 3 breaks digits
+    apart (measured: accuracy 0.42 trailing+clip vs 1.00 leading, no clip, N = 100).
+    """
     return {
         "num_train_timesteps": 1000,
         "beta_schedule": "squaredcos_cap_v2",
         "prediction_type": "epsilon",
         "clip_sample": False,
-        "timestep_spacing": "trailing",
+        "timestep_spacing": "leading",
+        "steps_offset": 1,
     }
 
 

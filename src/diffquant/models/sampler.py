@@ -6,6 +6,7 @@ The function may be the FP torch denoiser, the fake-quant model, or an engine: i
 
 from __future__ import annotations
 
+import inspect
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -41,7 +42,11 @@ def initial_noise(n: int, shape: tuple, seed: int) -> torch.Tensor:
 def _scheduler(config: dict, steps: int):
     from diffusers import DDIMScheduler
 
-    sched = DDIMScheduler(**{k: v for k, v in config.items() if k in DDIMScheduler.__init__.__code__.co_varnames})
+    # signature() follows the config decorator's __wrapped__ to the real parameters
+    accepted = inspect.signature(DDIMScheduler.__init__).parameters
+    sched = DDIMScheduler(**{k: v for k, v in config.items() if k in accepted})
+    if sched.config.num_train_timesteps != config.get("num_train_timesteps", sched.config.num_train_timesteps):
+        raise ValueError("scheduler config was not applied")
     sched.set_timesteps(steps)
     return sched
 

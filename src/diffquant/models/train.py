@@ -123,7 +123,10 @@ def _train_denoiser(name: str, cfg: TrainConfig, gen: torch.Generator, bar: tqdm
         if prompts is not None:
             pred = model(xt, t, encoder_hidden_states=prompts(labels)).sample
         else:
-            # the DiT's own label dropout is replaced by ours (same null id) for determinism
+            # Our seeded dropout (null id = 10) conditions every block. Only block 0's diffusers
+            # LabelEmbedding dropout is switched off; blocks 1-3 keep diffusers' own 10 %
+            # train-time label drop, which the shipped digits-dit weights were trained with
+            # (kept so `zoo train` reproduces them; it acts as extra per-block CFG dropout).
             model.transformer_blocks[0].norm1.emb.class_embedder.dropout_prob = 0.0
             pred = model(xt, timestep=t, class_labels=labels).sample
         loss = F.mse_loss(pred, noise)

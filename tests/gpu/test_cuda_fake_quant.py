@@ -1,0 +1,28 @@
+"""Fake-quant on CUDA gives the CPU result (plans replay on any device). Needs a CUDA GPU."""
+
+import copy
+
+import pytest
+import torch
+
+from diffquant.pipeline import load_recipe, quantize
+from diffquant.quant import apply_plan
+from tests.conftest import make_tiny_unet, tiny_calib
+
+pytestmark = [
+    pytest.mark.gpu,
+    pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU (torch.cuda.is_available() is False)"),
+]
+
+
+def test_plan_replays_on_cuda(calib_cache):
+    d = make_tiny_unet()
+    plan = quantize(d, load_recipe("minmax"), tiny_calib(d, calib_cache), bits="w8a8", progress=False)
+    cpu = copy.deepcopy(d)
+    apply_plan(cpu.model, plan)
+    gpu = copy.deepcopy(cpu).cuda()
+    x, t, c = d.example_inputs(4)
+    with torch.no_grad():
+        ref = cpu(x, t, c)
+        got = gpu(x.cuda(), t.cuda(), c.cuda()).cpu()
+    assert torch.allclose(got, ref, atol=1e-3, rtol=1e-3)
