@@ -90,7 +90,7 @@ def write_markdown(report: dict, path: str | Path) -> Path:
         "",
         "## Realized per node",
         "",
-        "| layer | node | weights | activations |",
+        "| layer | op | weights | activations |",
         "|---|---|---|---|",
     ]
     for name, info in report.get("realized", {}).items():

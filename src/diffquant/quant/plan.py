@@ -135,7 +135,7 @@ class QuantPlan:
     def load(cls, path: str | Path) -> QuantPlan:
         """Load a plan from its folder or its ``plan.json``."""
         path = Path(path)
-        folder = path if path.is_dir() else path.parent
+        folder = path.parent if path.name == "plan.json" else path
         jpath = folder / "plan.json"
         tpath = folder / "plan.safetensors"
         if not jpath.exists() or not tpath.exists():
