@@ -20,11 +20,11 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
+from diffquant._digest import weights_digest
 from diffquant._io import write_json
 from diffquant.errors import DiffquantError
 from diffquant.models.denoiser import Denoiser
 from diffquant.models.sampler import SamplerConfig, class_ids, ddim_sample, initial_noise
-from diffquant.quant.plan import weights_digest
 
 __all__ = ["CalibConfig", "CalibSet", "collect", "default_cache_dir", "load_calib", "pick_steps"]
 

@@ -7,7 +7,6 @@ fresh FP model.
 
 from __future__ import annotations
 
-import hashlib
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -15,8 +14,8 @@ from pathlib import Path
 import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
-from torch import nn
 
+from diffquant._digest import weights_digest
 from diffquant._io import atomic_path, write_json
 from diffquant.errors import DiffquantError
 from diffquant.quant.format import QuantFormat
@@ -25,15 +24,6 @@ __all__ = ["PLAN_VERSION", "STATES", "LayerPlan", "QuantPlan", "weights_digest"]
 
 PLAN_VERSION = 1
 STATES = ("float", "calibrating", "frozen", "exported")
-
-
-def weights_digest(model: nn.Module) -> str:
-    """A short hash of a model's floating-point weights, so a plan refuses a different model."""
-    h = hashlib.sha256()
-    for name, t in sorted(model.state_dict().items()):
-        h.update(name.encode())
-        h.update(t.detach().float().contiguous().numpy().tobytes())
-    return h.hexdigest()[:16]
 
 
 @dataclass
