@@ -27,7 +27,7 @@ from diffquant.exporters import export
 from diffquant.models.data import load_digits_tensor
 from diffquant.models.denoiser import Denoiser
 from diffquant.models.loading import load_classifier, load_denoiser
-from diffquant.models.sampler import SamplerConfig, class_ids, ddim_sample, initial_noise
+from diffquant.models.sampler import SamplerConfig, class_batch, ddim_sample
 from diffquant.pipeline import load_recipe, quantize
 from diffquant.quant import apply_plan
 from diffquant.quant.format import parse_bits
@@ -127,11 +127,10 @@ def _run(cfg: RunConfig, recipe, bits: str, tmp: Path, out: Path) -> dict:
     parity = check_parity(fq, qdq, inputs, cosine_threshold=cfg.parity_cosine)
     ladder_fp = _fp_ladder(denoiser, exp.fp_onnx, inputs)
 
-    ids = class_ids(cfg.samples, max(1, denoiser.null_id))
-    noise = initial_noise(cfg.samples, denoiser.sample_shape, cfg.seed)
-    cond, uncond = denoiser.encode(ids), denoiser.encode(torch.full_like(ids, denoiser.null_id))
+    batch = class_batch(denoiser, cfg.samples, cfg.seed)
+    ids = batch.ids
     scfg = SamplerConfig(steps=cfg.steps, guidance=cfg.guidance, batch_size=cfg.batch_size)
-    common = dict(noise=noise, cond=cond, uncond=uncond, scheduler_config=denoiser.scheduler, cfg=scfg, progress=cfg.progress)
+    common = dict(noise=batch.noise, cond=batch.cond, uncond=batch.uncond, scheduler_config=denoiser.scheduler, cfg=scfg, progress=cfg.progress)
     fp_imgs = ddim_sample(denoiser, desc="sample FP", **common)
     fq_imgs = ddim_sample(fq, desc="sample fake-quant", **common)
     with OrtEngine(exp.qdq_onnx) as eng:

@@ -6,8 +6,6 @@ from __future__ import annotations
 import dataclasses
 import json
 
-import torch
-
 from diffquant._io import write_json
 from diffquant.models.builtin import weights_dir
 from diffquant.models.train import default_train_config, train_builtin
@@ -20,16 +18,13 @@ def fp_metrics(name: str, samples: int = 1000, steps: int = 25, guidance: float 
     from diffquant.eval import score_samples
     from diffquant.models.data import load_digits_tensor
     from diffquant.models.loading import load_classifier, load_denoiser
-    from diffquant.models.sampler import SamplerConfig, class_ids, ddim_sample, initial_noise
+    from diffquant.models.sampler import SamplerConfig, class_batch, ddim_sample
 
     d = load_denoiser(f"builtin:{name}")
-    ids = class_ids(samples, d.null_id)
-    imgs = ddim_sample(
-        d, initial_noise(samples, d.sample_shape, seed), d.encode(ids), d.encode(torch.full_like(ids, d.null_id)),
-        d.scheduler, SamplerConfig(steps=steps, guidance=guidance), desc=f"FP metrics {name}",
-    )
+    b = class_batch(d, samples, seed)
+    imgs = ddim_sample(d, b.noise, b.cond, b.uncond, d.scheduler, SamplerConfig(steps=steps, guidance=guidance), desc=f"FP metrics {name}")
     real, _ = load_digits_tensor()
-    s = score_samples(imgs, ids, load_classifier(), real)
+    s = score_samples(imgs, b.ids, load_classifier(), real)
     return {"fd": s.fd, "accuracy": s.accuracy, "samples": samples, "steps": steps, "guidance": guidance, "seed": seed}
 
 

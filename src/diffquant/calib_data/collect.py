@@ -24,7 +24,7 @@ from diffquant._digest import weights_digest
 from diffquant._io import write_json
 from diffquant.errors import DiffquantError
 from diffquant.models.denoiser import Denoiser
-from diffquant.models.sampler import SamplerConfig, class_ids, ddim_sample, initial_noise
+from diffquant.models.sampler import SamplerConfig, class_batch, ddim_sample
 
 __all__ = ["CalibConfig", "CalibSet", "collect", "default_cache_dir", "load_calib", "pick_steps"]
 
@@ -66,7 +66,7 @@ class CalibSet:
     def __len__(self) -> int:
         return sum(len(s["x"]) for s in self.shards.values())
 
-    def batches(self, batch_size: int = 256, per_timestep: bool = True) -> Iterator[tuple[float, torch.Tensor, torch.Tensor, torch.Tensor]]:
+    def batches(self, batch_size: int = 256) -> Iterator[tuple[float, torch.Tensor, torch.Tensor, torch.Tensor]]:
         """Yield (timestep, x, t, cond) batches, timestep by timestep."""
         for ts in self.timesteps:
             s = self.shards[ts]
@@ -99,13 +99,12 @@ def collect(denoiser: Denoiser, cfg: CalibConfig | None = None, cache_dir: str |
             store[i]["t"].append(t.clone())
             store[i]["cond"].append(c.clone())
 
-    ids = class_ids(cfg.samples, max(1, denoiser.null_id))
-    noise = initial_noise(cfg.samples, denoiser.sample_shape, cfg.seed)
+    batch = class_batch(denoiser, cfg.samples, cfg.seed)
     ddim_sample(
         denoiser,
-        noise,
-        denoiser.encode(ids),
-        denoiser.encode(torch.full_like(ids, denoiser.null_id)),
+        batch.noise,
+        batch.cond,
+        batch.uncond,
         denoiser.scheduler,
         SamplerConfig(steps=cfg.steps, guidance=cfg.guidance),
         on_step=on_step,

@@ -13,7 +13,7 @@ from dataclasses import dataclass
 import torch
 from tqdm.auto import tqdm
 
-__all__ = ["EpsFn", "SamplerConfig", "class_ids", "ddim_sample", "initial_noise"]
+__all__ = ["ClassBatch", "EpsFn", "SamplerConfig", "class_batch", "class_ids", "ddim_sample", "initial_noise"]
 
 EpsFn = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
 
@@ -39,14 +39,34 @@ def initial_noise(n: int, shape: tuple, seed: int) -> torch.Tensor:
     return torch.randn(n, *shape, generator=gen)
 
 
+@dataclass
+class ClassBatch:
+    """What the benchmark protocol samples: requested classes, starting noise, and the
+    conditional / unconditional conditioning of each sample."""
+
+    ids: torch.Tensor
+    noise: torch.Tensor
+    cond: torch.Tensor
+    uncond: torch.Tensor
+
+
+def class_batch(denoiser, n: int, seed: int) -> ClassBatch:
+    """``n`` samples equal per class with seeded noise, conditioned through ``denoiser.encode``."""
+    ids = class_ids(n, max(1, denoiser.null_id))
+    return ClassBatch(
+        ids=ids,
+        noise=initial_noise(n, denoiser.sample_shape, seed),
+        cond=denoiser.encode(ids),
+        uncond=denoiser.encode(torch.full_like(ids, denoiser.null_id)),
+    )
+
+
 def _scheduler(config: dict, steps: int):
     from diffusers import DDIMScheduler
 
     # signature() follows the config decorator's __wrapped__ to the real parameters
     accepted = inspect.signature(DDIMScheduler.__init__).parameters
     sched = DDIMScheduler(**{k: v for k, v in config.items() if k in accepted})
-    if sched.config.num_train_timesteps != config.get("num_train_timesteps", sched.config.num_train_timesteps):
-        raise ValueError("scheduler config was not applied")
     sched.set_timesteps(steps)
     return sched
 

@@ -1,0 +1,31 @@
+"""The sampler uses the model's scheduler config, and class batches follow the protocol."""
+
+import torch
+from diffusers import DDPMScheduler
+
+from diffquant.models.builtin import scheduler_config
+from diffquant.models.sampler import _scheduler, class_batch
+from tests.conftest import make_tiny_unet
+
+
+def test_ddim_scheduler_takes_the_model_config():
+    # regression: filtering keys by the decorated __init__'s co_varnames dropped every key and
+    # DDIM silently ran on its default linear schedule
+    cfg = scheduler_config()
+    sched = _scheduler(cfg, 25)
+    want = DDPMScheduler(**cfg).alphas_cumprod
+    assert torch.equal(sched.alphas_cumprod, want)
+    assert sched.config.beta_schedule == "squaredcos_cap_v2"
+    assert sched.timesteps[0].item() == 961 and sched.timesteps[-1].item() == 1  # leading, offset 1
+    # keys DDIM does not know (from another scheduler's config) are dropped, not fatal
+    assert _scheduler({**cfg, "variance_type": "fixed_small"}, 5).config.num_train_timesteps == 1000
+
+
+def test_class_batch_protocol():
+    d = make_tiny_unet()
+    b = class_batch(d, 23, seed=5)
+    assert b.ids.tolist() == [i % 10 for i in range(23)]
+    assert b.noise.shape == (23, *d.sample_shape)
+    assert torch.equal(b.noise[:7], class_batch(d, 7, seed=5).noise)  # sample i does not depend on n
+    assert torch.equal(b.cond, d.encode(b.ids))
+    assert torch.equal(b.uncond, d.encode(torch.full((23,), d.null_id)))
