@@ -13,6 +13,9 @@ from diffquant.errors import DiffquantError
 __all__ = ["main"]
 
 
+TARGET_CHOICES = ["tensorrt", "onnxruntime"]
+
+
 def _add_model(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", default="builtin:digits-sd", help="builtin:NAME, a diffusers folder, or a hub id (cache only)")
 
@@ -38,9 +41,10 @@ def _print_summary(report: dict, out: str) -> None:
             if t["max_step_error"] > p["step_tolerance"]:
                 why.append(f"local step error {t['max_step_error']:.3g} > {p['step_tolerance']:g} (a Q/DQ node disagrees with fake-quant)")
             if t["cosine"] < p["cosine_threshold"]:
+                cause = "FP16 rounding" if report.get("target", "tensorrt") == "tensorrt" else "last-bit kernel differences"
                 why.append(
-                    f"end-to-end cosine {t['cosine']:.6f} < {p['cosine_threshold']:g} (flip rate {t['flip_rate']:.2e}: FP16 "
-                    f"rounding moving inputs across rounding boundaries, propagated; see report.md)"
+                    f"end-to-end cosine {t['cosine']:.6f} < {p['cosine_threshold']:g} (flip rate {t['flip_rate']:.2e}: {cause} "
+                    f"moving inputs across rounding boundaries, propagated; see report.md)"
                 )
             print(f"  parity fails at timestep {t['timestep']:g}: " + "; ".join(why))
     print(f"report: {Path(out) / 'report.md'}")
@@ -52,7 +56,7 @@ def cmd_run(a: argparse.Namespace) -> int:
     cfg = RunConfig(
         model=a.model, recipe=a.recipe, bits=a.bits, target=a.target, out=a.out, samples=a.samples,
         steps=a.steps, seed=a.seed, guidance=a.guidance, calib_samples=a.calib_samples, progress=not a.quiet,
-        parity_cosine=a.parity_cosine,
+        parity_cosine=a.parity_cosine, timestep_groups=a.timestep_groups,
     )
     report = run_job(cfg)
     _print_summary(report, a.out)
@@ -62,7 +66,7 @@ def cmd_run(a: argparse.Namespace) -> int:
 def cmd_demo(a: argparse.Namespace) -> int:
     a.out = a.out or f"runs/demo-{time.strftime('%Y%m%d-%H%M%S')}"
     a.model, a.recipe, a.bits, a.target = "builtin:digits-sd", "minmax", "w8a8", "tensorrt"
-    a.steps, a.seed, a.guidance, a.calib_samples, a.parity_cosine = 25, 0, 3.0, 32, 0.99
+    a.steps, a.seed, a.guidance, a.calib_samples, a.parity_cosine, a.timestep_groups = 25, 0, 3.0, 32, 0.99, 1
     print(f"diffquant demo: quantizing builtin:digits-sd to W8A8 (minmax), exporting a TensorRT-ready Q/DQ graph, "
           f"and checking it with ONNX Runtime ({a.samples} samples) -> {a.out}")
     return cmd_run(a)
@@ -89,7 +93,7 @@ def cmd_quantize(a: argparse.Namespace) -> int:
     out = Path(a.out)
     if out.exists():
         raise DiffquantError(f"plan folder {out} already exists; pass another --out or delete it")
-    plan = quantize(d, recipe, calib, bits=a.bits)
+    plan = quantize(d, recipe, calib, bits=a.bits, timestep_groups=a.timestep_groups)
     plan.save(out)
     print(f"plan with {len(plan.quantized_layers())} quantized layers ({plan.bits}, {recipe.name}): {out / 'plan.json'}")
     return 0
@@ -129,17 +133,62 @@ def cmd_export(a: argparse.Namespace) -> int:
     d = load_denoiser(a.model)
     plan = QuantPlan.load(a.plan)
     res = export(plan, d, a.out, target=a.target)
-    print(f"{res.qdq_onnx} ({res.lint.n_q} Q / {res.lint.n_dq} DQ nodes, linter clean); FP reference {res.fp_onnx}")
+    graphs = ", ".join(str(p) for p in res.graphs)
+    print(f"{graphs} ({a.target}; {res.lint.n_q} Q / {res.lint.n_dq} DQ nodes per graph, linter clean); FP reference {res.fp_onnx}")
     return 0
+
+
+def cmd_build(a: argparse.Namespace) -> int:
+    from diffquant.engines.bundle import BuildConfig, build
+
+    cfg = BuildConfig(backend=a.backend, batch=a.batch, dynamic=a.dynamic, max_batch=a.max_batch, opt_level=a.opt_level, timing_cache_dir=a.timing_cache or "")
+    out = build(a.onnx, a.out, cfg)
+    meta = json.loads((out / "engine.json").read_text())
+    print(f"{a.backend} engine folder {out}: {len(meta['engines'])} engine(s) ({', '.join(e['file'] for e in meta['engines'])})")
+    return 0
+
+
+def cmd_generate(a: argparse.Namespace) -> int:
+    # torch-free on purpose: this path runs on edge devices with only the runtime installed
+    from diffquant._png import save_grid_array
+    from diffquant.engines.bundle import EnginesFromFolder
+    from diffquant.engines.runtime import GenerateConfig, PromptTable, generate
+
+    if a.n < 1:
+        raise DiffquantError(f"-n must be at least 1, got {a.n}")
+    engine, runtime = EnginesFromFolder(a.engine)
+    with engine:
+        table = PromptTable.from_runtime(a.engine, runtime)
+        words = [w for w in a.prompt.split(",") if w.strip()]
+        if not words:
+            raise DiffquantError("--prompt is empty; give a class word such as 'seven' (or several, comma-separated)")
+        ids = [table.prompt_id(words[i % len(words)]) for i in range(a.n)]
+        t0 = time.time()
+        imgs = generate(engine, runtime, table, ids, GenerateConfig(steps=a.steps, guidance=a.guidance, seed=a.seed, batch=a.batch), progress=not a.quiet)
+    save_grid_array(imgs, a.out, ncol=min(a.n, 8))
+    print(f"{a.n} image(s) of {a.prompt!r} from {a.engine} in {time.time() - t0:.1f} s -> {a.out}")
+    return 0
+
+
+def cmd_validate(a: argparse.Namespace) -> int:
+    from diffquant.eval.validate import ValidateConfig, validate
+
+    against = [x.strip() for x in a.against.split(",") if x.strip()]
+    res = validate(a.run, ValidateConfig(against=against, engine=a.engine or "", timesteps=a.timesteps, samples=a.samples))
+    print(res.table())
+    print(f"validation {'PASS' if res.passed else 'FAIL'}: {a.run}/validate.json, {a.run}/validate.md")
+    for hint in res.hints():
+        print(hint)
+    return 0 if res.passed else 1
 
 
 def cmd_lint(a: argparse.Namespace) -> int:
     from diffquant.exporters import lint, load_onnx
 
-    rep = lint(load_onnx(a.file), a.file)
+    rep = lint(load_onnx(a.file), a.file, target=a.target)
     for v in rep.violations:
         print(v)
-    print(f"{a.file}: {rep.n_q} Q / {rep.n_dq} DQ nodes, {len(rep.violations)} TensorRT rule violation(s)")
+    print(f"{a.file}: {rep.n_q} Q / {rep.n_dq} DQ nodes, {len(rep.violations)} {a.target or 'target'} rule violation(s)")
     return 0 if rep.ok else 1
 
 
@@ -173,7 +222,8 @@ def build_parser() -> argparse.ArgumentParser:
     sub = ap.add_subparsers(dest="cmd", required=True)
 
     def run_args(p: argparse.ArgumentParser, samples: int) -> None:
-        p.add_argument("--target", default="tensorrt", choices=["tensorrt"])
+        p.add_argument("--target", default="tensorrt", choices=TARGET_CHOICES, help="graph form: tensorrt (FP16, INT8 Q/DQ) or onnxruntime (FP32, fusable U8 Q/DQ)")
+        p.add_argument("--timestep-groups", type=int, default=1, help="G graphs with per-group activation scales (default 1)")
         p.add_argument("--samples", type=int, default=samples, help="samples for the quality metrics (equal per class)")
         p.add_argument("--steps", type=int, default=25, help="DDIM steps")
         p.add_argument("--seed", type=int, default=0)
@@ -211,6 +261,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--calib", default=None, help="calibration folder from `diffquant calibrate` (default: collect)")
     p.add_argument("--calib-samples", type=int, default=64)
     p.add_argument("--out", required=True, help="plan folder")
+    p.add_argument("--timestep-groups", type=int, default=1, help="activation scales per group of timesteps (export writes one graph per group)")
     p.set_defaults(fn=cmd_quantize)
 
     p = sub.add_parser("plan", help="print which targeting rule hit each layer and the decided format")
@@ -223,11 +274,43 @@ def build_parser() -> argparse.ArgumentParser:
     _add_model(p)
     p.add_argument("--plan", required=True)
     p.add_argument("--out", required=True)
-    p.add_argument("--target", default="tensorrt", choices=["tensorrt"])
+    p.add_argument("--target", default="tensorrt", choices=TARGET_CHOICES)
     p.set_defaults(fn=cmd_export)
 
-    p = sub.add_parser("lint", help="check an ONNX graph against the TensorRT Q/DQ rules")
+    p = sub.add_parser("build", help="build an engine folder from an exported Q/DQ graph (TensorRT or ONNX Runtime)")
+    p.add_argument("onnx", help="unet.qdq.onnx from `run` / `export` (its timestep-group siblings are built too)")
+    p.add_argument("--backend", default="onnxruntime", choices=["onnxruntime", "tensorrt"])
+    p.add_argument("--out", required=True, help="engine folder to create")
+    p.add_argument("--batch", type=int, default=2, help="TensorRT profile batch (2 = one image with CFG)")
+    p.add_argument("--dynamic", action="store_true", help="TensorRT: dynamic batch 1..--max-batch")
+    p.add_argument("--max-batch", type=int, default=32)
+    p.add_argument("--opt-level", type=int, default=4, help="TensorRT builder optimization level (0-5)")
+    p.add_argument("--timing-cache", default=None, help="timing cache folder (default ~/.cache/diffquant/trt_timing)")
+    p.set_defaults(fn=cmd_build)
+
+    p = sub.add_parser("generate", help="sample images with an engine folder (numpy DDIM + CFG; no torch needed)")
+    p.add_argument("engine", help="engine folder from `diffquant build`")
+    p.add_argument("--prompt", required=True, help="class word(s), e.g. seven or zero,one,two")
+    p.add_argument("-n", type=int, default=16, help="number of images")
+    p.add_argument("--out", default="samples.png")
+    p.add_argument("--steps", type=int, default=25)
+    p.add_argument("--guidance", type=float, default=3.0)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--batch", type=int, default=16, help="images per engine call")
+    p.add_argument("--quiet", action="store_true")
+    p.set_defaults(fn=cmd_generate)
+
+    p = sub.add_parser("validate", help="Polygraphy parity report of a run: fake-quant vs ORT Q/DQ, FP torch vs FP ONNX, ORT vs TensorRT")
+    p.add_argument("run", help="run folder from `diffquant run`")
+    p.add_argument("--against", default="fake-quant,fp", help="comparisons: fake-quant, fp, fused, tensorrt")
+    p.add_argument("--engine", default=None, help="TensorRT engine folder for the tensorrt comparison (default: build one in the run folder)")
+    p.add_argument("--timesteps", type=int, default=6)
+    p.add_argument("--samples", type=int, default=8, help="recorded inputs per timestep")
+    p.set_defaults(fn=cmd_validate)
+
+    p = sub.add_parser("lint", help="check an ONNX graph against the TensorRT (or ONNX Runtime) Q/DQ rules")
     p.add_argument("file")
+    p.add_argument("--target", default=None, choices=TARGET_CHOICES, help="rules to apply (default: the target the graph was lowered for)")
     p.set_defaults(fn=cmd_lint)
 
     p = sub.add_parser("zoo", help="builtin models: list, card, train")

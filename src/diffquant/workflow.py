@@ -19,10 +19,10 @@ import torch
 
 from diffquant._io import write_json
 from diffquant.calib_data import CalibConfig, collect
-from diffquant.calib_data.collect import pick_steps
-from diffquant.engines import OrtEngine
+from diffquant.calib_data.collect import pick_inputs
+from diffquant.engines import GroupedEngine, OrtEngine
 from diffquant.errors import DiffquantError
-from diffquant.eval import check_parity, save_grid, score_samples, write_markdown
+from diffquant.eval import check_parity, merge_parity, save_grid, score_samples, write_markdown
 from diffquant.exporters import export
 from diffquant.models.data import load_digits_tensor
 from diffquant.models.denoiser import Denoiser
@@ -43,6 +43,7 @@ class RunConfig:
     recipe: str = "minmax"
     bits: str | None = None
     target: str = "tensorrt"
+    timestep_groups: int = 1
     out: str = "runs/sd-w8a8"
     samples: int = 256
     steps: int = 25
@@ -110,7 +111,7 @@ def _run(cfg: RunConfig, recipe, bits: str, tmp: Path, out: Path) -> dict:
     timings["calibrate_s"] = time.time() - t0
 
     t0 = time.time()
-    plan = quantize(denoiser, recipe, calib, bits=bits, progress=cfg.progress)
+    plan = quantize(denoiser, recipe, calib, bits=bits, progress=cfg.progress, timestep_groups=cfg.timestep_groups)
     plan.save(tmp / "plan")
     timings["quantize_s"] = time.time() - t0
 
@@ -120,11 +121,11 @@ def _run(cfg: RunConfig, recipe, bits: str, tmp: Path, out: Path) -> dict:
 
     t0 = time.time()
     fq = copy.deepcopy(denoiser)
-    apply_plan(fq.model, plan)
-    qdq = onnx.load(str(exp.qdq_onnx))
-    picked = [calib.timesteps[i] for i in pick_steps(len(calib.timesteps), cfg.parity_timesteps)]
-    inputs = [(ts, *calib.at(ts, cfg.parity_samples)) for ts in picked]
-    parity = check_parity(fq, qdq, inputs, cosine_threshold=cfg.parity_cosine)
+    apply_plan(fq.model, plan, target=cfg.target)
+    inputs = pick_inputs(calib, cfg.parity_timesteps, cfg.parity_samples, plan.group_of, plan.n_groups)
+    parity = merge_parity(
+        [check_parity(fq, onnx.load(str(path)), [i for i in inputs if plan.group_of(i[0]) == g], cosine_threshold=cfg.parity_cosine) for g, path in enumerate(exp.graphs)]
+    )
     ladder_fp = _fp_ladder(denoiser, exp.fp_onnx, inputs)
 
     batch = class_batch(denoiser, cfg.samples, cfg.seed)
@@ -133,7 +134,10 @@ def _run(cfg: RunConfig, recipe, bits: str, tmp: Path, out: Path) -> dict:
     common = dict(noise=batch.noise, cond=batch.cond, uncond=batch.uncond, scheduler_config=denoiser.scheduler, cfg=scfg, progress=cfg.progress)
     fp_imgs = ddim_sample(denoiser, desc="sample FP", **common)
     fq_imgs = ddim_sample(fq, desc="sample fake-quant", **common)
-    with OrtEngine(exp.qdq_onnx) as eng:
+    # the deployed form: ORT-target graphs run with their fused integer kernels; TensorRT-target
+    # graphs run here with plain Q/DQ semantics (TensorRT itself is validated by `diffquant validate`)
+    fused = cfg.target == "onnxruntime"
+    with GroupedEngine([OrtEngine(p, qdq_fusion=fused) for p in exp.graphs], exp.timestep_groups) as eng:
         q_imgs = ddim_sample(engine_eps_fn(eng, 2 * cfg.batch_size), desc="sample deployed", **common)
     clf = load_classifier()
     real, _ = load_digits_tensor()
@@ -155,6 +159,9 @@ def _run(cfg: RunConfig, recipe, bits: str, tmp: Path, out: Path) -> dict:
         "bits": bits,
         "target": cfg.target,
         "onnx": str(out / exp.qdq_onnx.name),
+        "graphs": [str(out / p.name) for p in exp.graphs],
+        "timestep_groups": exp.timestep_groups,
+        "deployed_qdq_fusion": fused,
         "fp_onnx": str(out / exp.fp_onnx.name),
         "plan": str(out / "plan"),
         "parity": parity.to_dict(),

@@ -26,7 +26,7 @@ from diffquant.errors import DiffquantError
 from diffquant.models.denoiser import Denoiser
 from diffquant.models.sampler import SamplerConfig, class_batch, ddim_sample
 
-__all__ = ["CalibConfig", "CalibSet", "collect", "default_cache_dir", "load_calib", "pick_steps"]
+__all__ = ["CalibConfig", "CalibSet", "collect", "default_cache_dir", "load_calib", "pick_inputs", "pick_steps"]
 
 INDEX_VERSION = 1
 
@@ -159,3 +159,15 @@ def load_calib(folder: str | Path) -> CalibSet:
                 )
         shards[float(e["timestep"])] = tensors
     return CalibSet(folder=folder, config=cfg, timesteps=list(shards), shards=shards)
+
+
+def pick_inputs(calib: CalibSet, n_timesteps: int, n_samples: int, group_of=None, n_groups: int = 1) -> list:
+    """Recorded (timestep, x, t, cond) at about ``n_timesteps`` evenly spaced calibration
+    timesteps, at least one in each of ``n_groups`` timestep groups (``group_of(t)`` -> index)."""
+    group_of = group_of or (lambda t: 0)
+    inputs = []
+    per = max(1, -(-n_timesteps // n_groups))
+    for g in range(n_groups):
+        ts = [t for t in calib.timesteps if group_of(t) == g]
+        inputs += [(ts[i], *calib.at(ts[i], n_samples)) for i in pick_steps(len(ts), min(per, len(ts)))]
+    return inputs

@@ -1,6 +1,21 @@
-"""Engines: the `Engine` interface and backends (ONNX Runtime; TensorRT imported lazily)."""
+"""Engines: the `Engine` interface, ONNX Runtime and TensorRT (lazy) backends, engine folders,
+and the torch-free runtime sampler behind `diffquant generate`."""
 
 from diffquant.engines.base import Engine
+from diffquant.engines.bundle import BuildConfig, EnginesFromFolder, GroupedEngine, build
 from diffquant.engines.ort import EngineFromOnnx, OrtEngine, with_outputs
+from diffquant.engines.runtime import GenerateConfig, PromptTable, generate
 
-__all__ = ["Engine", "EngineFromOnnx", "OrtEngine", "with_outputs"]
+__all__ = [
+    "BuildConfig",
+    "Engine",
+    "EngineFromOnnx",
+    "EnginesFromFolder",
+    "GenerateConfig",
+    "GroupedEngine",
+    "OrtEngine",
+    "PromptTable",
+    "build",
+    "generate",
+    "with_outputs",
+]

@@ -1,6 +1,6 @@
 """Parity, image quality metrics, and the run report."""
 
-from diffquant.eval.parity import ParityResult, TimestepParity, check_parity
+from diffquant.eval.parity import ParityResult, TimestepParity, check_parity, merge_parity
 from diffquant.eval.quality import QualityScores, frechet_distance, psnr, score_samples, ssim
 from diffquant.eval.report import save_grid, write_markdown
 
@@ -9,6 +9,7 @@ __all__ = [
     "QualityScores",
     "TimestepParity",
     "check_parity",
+    "merge_parity",
     "frechet_distance",
     "psnr",
     "save_grid",

@@ -24,11 +24,11 @@ from onnx import numpy_helper
 
 from diffquant.engines import OrtEngine, with_outputs
 from diffquant.models.denoiser import Denoiser
-from diffquant.quant.fake import fake_quant
+from diffquant.quant.fake import broadcast_scale, fake_quant
 from diffquant.quant.format import QuantFormat
 from diffquant.quant.modules import quant_modules
 
-__all__ = ["ParityInputs", "ParityResult", "TimestepParity", "check_parity"]
+__all__ = ["ParityInputs", "ParityResult", "TimestepParity", "check_parity", "merge_parity"]
 
 # (timestep, sample, timestep tensor, cond): recorded real model inputs
 ParityInputs = list[tuple[float, torch.Tensor, torch.Tensor, torch.Tensor]]
@@ -71,22 +71,31 @@ def _cos(a: np.ndarray, b: np.ndarray) -> float:
 
 def _weight_step_error(model: onnx.ModelProto, fq_model: torch.nn.Module) -> float:
     """Largest difference, in weight steps, between the graph's dequantized weights and the
-    fake-quant weights (layout from the DequantizeLinear axis: 1 means a transposed [K, N])."""
+    fake-quant weights (layout from the DequantizeLinear: axis 1 means a transposed [K, N],
+    a ``block_size`` means INT4 blocks along K of a [K, N] weight)."""
     inits = {i.name: i for i in model.graph.initializer}
-    axes = {n.input[0]: next((a.i for a in n.attribute if a.name == "axis"), 1) for n in model.graph.node if n.op_type == "DequantizeLinear"}
+    dqs = {n.input[0]: {a.name: a.i for a in n.attribute} for n in model.graph.node if n.op_type == "DequantizeLinear"}
     worst = 0.0
     for name, mod in quant_modules(fq_model).items():
         qn = f"{name}.weight_quantized"
         if mod.weight_format is None or qn not in inits:
             continue
         q = numpy_helper.to_array(inits[qn]).astype(np.float32)
+        attrs = dqs.get(qn, {})
+        zp = inits.get(f"{name}.weight_zero_point")
+        if zp is not None and not attrs.get("block_size"):  # zero points encode the grid (0, or 128 for U8)
+            shape = [1] * q.ndim
+            shape[attrs.get("axis", 1) % q.ndim] = -1
+            q = q - numpy_helper.to_array(zp).astype(np.float32).reshape(shape)
         s = numpy_helper.to_array(inits[f"{name}.weight_scale"]).astype(np.float32)
         ref = mod.quant_weight().detach().numpy()
-        if axes.get(qn, 0) == 1 and q.ndim == 2:
+        if attrs.get("block_size"):
+            got = (q * np.repeat(s, attrs["block_size"], axis=0)[: q.shape[0]]).T
+        elif attrs.get("axis", 1) == 1 and q.ndim == 2:
             got = (q * s[None, :]).T
         else:
             got = q * s.reshape(-1, *([1] * (q.ndim - 1)))
-        step = mod.weight_scale.numpy().reshape(-1, *([1] * (ref.ndim - 1)))
+        step = broadcast_scale(mod.weight_scale, mod.weight, mod.weight_format).detach().numpy()
         worst = max(worst, float((np.abs(got - ref) / step).max()))
     return worst
 
@@ -131,7 +140,7 @@ def check_parity(
                 step_err = max(step_err, e)
                 worst[dq_name] = max(worst.get(dq_name, 0.0), e)
                 cap = mods[info["layers"][0]].captured
-                if cap is not None and cap.numel() == dq.size:
+                if info.get("kind") != "output" and cap is not None and cap.numel() == dq.size:
                     flips += int((np.abs(cap.numpy().reshape(dq.shape) - dq) > 0.5 * float(scale)).sum())
                     total += dq.size
             err = got - ref
@@ -167,4 +176,24 @@ def check_parity(
         passed=max_step <= step_tolerance and cos_min >= cosine_threshold,
         per_timestep=per_ts,
         worst_tensors=[{"tensor": k, "max_step_error": v} for k, v in top],
+    )
+
+
+def merge_parity(results: list[ParityResult]) -> ParityResult:
+    """One verdict over several graphs' results (one per timestep group)."""
+    if len(results) == 1:
+        return results[0]
+    per_ts = sorted((p for r in results for p in r.per_timestep), key=lambda p: -p.timestep)
+    worst = sorted((w for r in results for w in r.worst_tensors), key=lambda w: -w["max_step_error"])[:5]
+    return ParityResult(
+        max_abs=max(r.max_abs for r in results),
+        max_step_error=max(r.max_step_error for r in results),
+        weight_max_step_error=max(r.weight_max_step_error for r in results),
+        cosine_min=min(r.cosine_min for r in results),
+        flip_rate=float(np.mean([r.flip_rate for r in results])),
+        step_tolerance=results[0].step_tolerance,
+        cosine_threshold=results[0].cosine_threshold,
+        passed=all(r.passed for r in results),
+        per_timestep=per_ts,
+        worst_tensors=worst,
     )

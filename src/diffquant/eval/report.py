@@ -4,29 +4,17 @@ from __future__ import annotations
 
 from pathlib import Path
 
-import numpy as np
 import torch
 
-from diffquant._io import atomic_path, write_text
+from diffquant._io import write_text
+from diffquant._png import save_grid_array
 
 __all__ = ["save_grid", "write_markdown"]
 
 
 def save_grid(images: torch.Tensor, path: str | Path, ncol: int = 10, zoom: int = 3, pad: int = 2) -> Path:
     """Save images in [-1, 1] [N, 1, H, W] as a grid PNG (``ncol`` per row: one per class)."""
-    from PIL import Image
-
-    n, _, h, w = images.shape
-    rows = (n + ncol - 1) // ncol
-    canvas = np.full((rows * (h + pad) + pad, ncol * (w + pad) + pad), 255, np.uint8)
-    arr = ((images[:, 0].clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8).numpy()
-    for i in range(n):
-        r, c = divmod(i, ncol)
-        canvas[pad + r * (h + pad) : pad + r * (h + pad) + h, pad + c * (w + pad) : pad + c * (w + pad) + w] = arr[i]
-    img = Image.fromarray(canvas).resize((canvas.shape[1] * zoom, canvas.shape[0] * zoom), Image.NEAREST)
-    with atomic_path(path, suffix=".png") as tmp:
-        img.save(tmp, format="PNG")
-    return Path(path)
+    return save_grid_array(images.detach().float().numpy(), path, ncol=ncol, zoom=zoom, pad=pad)
 
 
 def _fmt(v) -> str:

@@ -1,8 +1,27 @@
-"""FP ONNX export, Q/DQ lowering of a plan, and the TensorRT rules linter."""
+"""FP ONNX export, Q/DQ lowering of a plan, and the rules linter.
 
-from diffquant.exporters.export import ExportResult, export
-from diffquant.exporters.lint import LintReport, Violation, lint, load_onnx
-from diffquant.exporters.onnx_fp import export_fp_onnx, fp_onnx_proto
-from diffquant.exporters.qdq import lower_plan
+Names are imported lazily so that the pure-ONNX linter (``diffquant.exporters.linter``) loads
+without torch: `diffquant build` lints graphs on machines that only have the runtime.
+"""
+
+from importlib import import_module
 
 __all__ = ["ExportResult", "LintReport", "Violation", "export", "export_fp_onnx", "fp_onnx_proto", "lint", "load_onnx", "lower_plan"]
+
+_WHERE = {
+    "ExportResult": "writer",
+    "export": "writer",
+    "LintReport": "linter",
+    "Violation": "linter",
+    "lint": "linter",
+    "load_onnx": "linter",
+    "export_fp_onnx": "onnx_fp",
+    "fp_onnx_proto": "onnx_fp",
+    "lower_plan": "qdq",
+}
+
+
+def __getattr__(name: str):
+    if name in _WHERE:
+        return getattr(import_module(f"diffquant.exporters.{_WHERE[name]}"), name)
+    raise AttributeError(f"module 'diffquant.exporters' has no attribute {name!r}")

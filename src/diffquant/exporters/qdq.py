@@ -1,9 +1,18 @@
-"""Lowering a QuantPlan into Q/DQ nodes on the FP ONNX graph, for the ``tensorrt`` target.
+"""Lowering a QuantPlan into Q/DQ nodes on the FP ONNX graph, for a target profile.
 
 Per DESIGN.md: weights become INT8 initializers (values on the plan's n-bit grid) behind a
-per-output-channel DequantizeLinear; each quantized layer's input gets one per-tensor symmetric
-INT8 QuantizeLinear/DequantizeLinear pair, shared by every quantized reader of that tensor;
-grids under 8 bits add a Clip to the k-bit range before Q. Scales have the graph's float dtype.
+per-output-channel DequantizeLinear, or INT4 initializers with a blocked DequantizeLinear for
+block formats on MatMul (weight-only); each quantized layer's input gets one per-tensor
+QuantizeLinear/DequantizeLinear pair, shared by every quantized reader of that tensor; grids
+under 8 bits add a Clip to the k-bit range before Q. Scales have the graph's float dtype.
+
+``tensorrt``: FP16 graph, INT8 activations with zero point 0.
+``onnxruntime``: FP32 graph, UINT8 activations and weights with zero point 128 (the same grids
+as symmetric INT8, shifted: ORT's x86 kernels want U8 activations, and U8S8 kernels saturate
+on full-range 8-bit weights), and a Q/DQ on every quantized
+conv's output (the plan's 8-bit output scale) so ONNX Runtime fuses DQ -> Conv -> Q into
+QLinearConv; DQ -> MatMul fuses into MatMulIntegerToFloat and blocked INT4 DQ -> MatMul into
+MatMulNBits without an output Q.
 Graph edits use onnx-graphsurgeon; the result is a new ModelProto.
 """
 
@@ -12,10 +21,12 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass, field
 
+import ml_dtypes
 import numpy as np
 import onnx
 import onnx_graphsurgeon as gs
 import torch
+from onnx import numpy_helper
 
 from diffquant.errors import DiffquantError
 from diffquant.exporters.onnx_fp import MODULE_PREFIX
@@ -23,9 +34,32 @@ from diffquant.quant.fake import quantize_int
 from diffquant.quant.format import QuantFormat
 from diffquant.quant.plan import LayerPlan, QuantPlan
 
-__all__ = ["LoweringResult", "lower_plan", "graph_float_dtype"]
+__all__ = ["TARGETS", "LoweringResult", "TargetProfile", "lower_plan", "graph_float_dtype"]
 
 NP_FLOAT = {onnx.TensorProto.FLOAT: np.float32, onnx.TensorProto.FLOAT16: np.float16}
+
+
+@dataclass(frozen=True)
+class TargetProfile:
+    """How a target wants the plan's decisions written: graph float type, activation and weight
+    integer types and zero points (each pair encodes the same symmetric grid), and whether conv
+    outputs are requantized."""
+
+    name: str
+    float_dtype: str
+    act_dtype: type
+    act_zero_point: int
+    weight_dtype: type
+    weight_zero_point: int
+    requantize_conv_outputs: bool
+
+
+TARGETS = {
+    "tensorrt": TargetProfile("tensorrt", "float16", np.int8, 0, np.int8, 0, False),
+    # U8 weights too: x86 AVX2 U8S8 kernels sum pairs of u8*s8 products in saturating int16
+    # (vpmaddubsw), which full-range 8-bit weights overflow; U8U8 kernels widen first
+    "onnxruntime": TargetProfile("onnxruntime", "float32", np.uint8, 128, np.uint8, 128, True),
+}
 
 
 @dataclass
@@ -60,40 +94,66 @@ def _find_weight_consumer(graph: gs.Graph, weight_name: str, layer: str) -> tupl
     raise DiffquantError(f"layer {layer}: no Conv/MatMul/Gemm reads {weight_name!r} in the exported graph")
 
 
-def _weight_dq(lp: LayerPlan, w: torch.Tensor, scale: torch.Tensor, node: gs.Node, how: str, fdtype) -> tuple[gs.Variable, dict]:
+def _weight_dq(lp: LayerPlan, w: torch.Tensor, scale: torch.Tensor, node: gs.Node, how: str, fdtype, prof: TargetProfile) -> tuple[gs.Variable, dict]:
     fmt: QuantFormat = lp.weight
     q = quantize_int(w.float(), scale.float(), fmt).to(torch.int8)
+    name = lp.name
+    if fmt.granularity == "block":
+        if how != "transposed" or fmt.bits > 4 or lp.act is not None:
+            raise DiffquantError(
+                f"layer {name}: block formats lower only to INT4 weight-only MatMul weights (bits like w4g64a16); "
+                f"got {fmt.bits}-bit blocks on a {node.op}{' with quantized activations' if lp.act else ''}"
+            )
+        qk = q.t().contiguous().numpy()  # [K, N], blocks along K (axis 0); typed INT4 after export
+        wq = gs.Constant(f"{name}.weight_quantized", qk)
+        ws = gs.Constant(f"{name}.weight_scale", scale.t().contiguous().numpy().astype(fdtype))
+        out = gs.Variable(f"{name}.weight_dq", dtype=fdtype)
+        attrs = {"axis": 0, "block_size": fmt.block_size}
+        dq = gs.Node("DequantizeLinear", f"{name}.weight_DequantizeLinear", attrs, [wq, ws], [out])
+        return out, {"node": dq, "axis": 0, "desc": f"INT4 blocks of {fmt.block_size} along K", "int4": wq.name}
     if how == "transposed":  # Linear as MatMul(x, W^T): weight [K, N], output channels on axis 1
         q, axis = q.t().contiguous(), 1
     elif node.op == "Gemm":
         axis = 0 if node.attrs.get("transB", 0) else 1
     else:
         axis = 0
-    name = lp.name
-    wq = gs.Constant(f"{name}.weight_quantized", q.numpy())
+    wdt, zp = np.dtype(prof.weight_dtype), prof.weight_zero_point
+    wq = gs.Constant(f"{name}.weight_quantized", (q.numpy().astype(np.int16) + zp).astype(wdt))
     ws = gs.Constant(f"{name}.weight_scale", scale.numpy().astype(fdtype))
-    wz = gs.Constant(f"{name}.weight_zero_point", np.zeros(scale.shape, np.int8))
+    wz = gs.Constant(f"{name}.weight_zero_point", np.full(scale.shape, zp, wdt))
     out = gs.Variable(f"{name}.weight_dq", dtype=fdtype)
     dq = gs.Node("DequantizeLinear", f"{name}.weight_DequantizeLinear", {"axis": axis}, [wq, ws, wz], [out])
-    return out, {"node": dq, "axis": axis}
+    grid = "" if fmt.bits == 8 else f" ({fmt.bits}-bit grid)"
+    return out, {"node": dq, "axis": axis, "desc": f"{wdt.name.upper()}{grid} per-channel axis {axis}"}
 
 
-def lower_plan(fp_model: onnx.ModelProto, plan: QuantPlan, target: str = "tensorrt", weights: dict[str, torch.Tensor] | None = None) -> LoweringResult:
-    """Insert the plan's Q/DQ into a copy of ``fp_model`` for ``target``.
+def lower_plan(
+    fp_model: onnx.ModelProto,
+    plan: QuantPlan,
+    target: str = "tensorrt",
+    weights: dict[str, torch.Tensor] | None = None,
+    group: int = 0,
+) -> LoweringResult:
+    """Insert the plan's Q/DQ into a copy of ``fp_model`` for ``target``, with the activation
+    scales of timestep ``group``.
 
     ``weights`` (layer weight name -> FP32 tensor, e.g. the model's state dict) gives the exact
     weights the plan was calibrated on; without it the graph's initializers are used, which in
     an FP16 graph are already rounded and can land one step off the fake-quant codes.
     """
-    if target != "tensorrt":
-        raise DiffquantError(f"target {target!r} is not available yet; use --target tensorrt")
+    if target not in TARGETS:
+        raise DiffquantError(f"unknown target {target!r}; available: {', '.join(TARGETS)}")
+    prof = TARGETS[target]
     if plan.state not in ("frozen", "exported"):
         raise DiffquantError(f"plan for {plan.model} is {plan.state!r}: export needs a frozen plan (finish `diffquant quantize`)")
+    if not 0 <= group < plan.n_groups:
+        raise DiffquantError(f"timestep group {group} does not exist; the plan has {plan.n_groups}")
     fdtype = graph_float_dtype(fp_model)
     graph = gs.import_onnx(fp_model)
     tensors = graph.tensors()
     result = LoweringResult(model=fp_model)
     act_q: dict[str, tuple[gs.Variable, float, str]] = {}  # input tensor name -> (dq out, scale, group)
+    int4: set[str] = set()
     for lp in plan.quantized_layers():
         weight_name = f"{MODULE_PREFIX}{lp.name}.weight"
         node, how = _find_weight_consumer(graph, weight_name, lp.name)
@@ -104,36 +164,43 @@ def lower_plan(fp_model: onnx.ModelProto, plan: QuantPlan, target: str = "tensor
                 w = weights[f"{lp.name}.weight"]
             if w is None:
                 w = torch.from_numpy(np.asarray(tensors[weight_name].values).astype(np.float32))
-            dq_out, wi = _weight_dq(lp, w, plan.weight_scale(lp.name), node, how, fdtype)
+            dq_out, wi = _weight_dq(lp, w, plan.weight_scale(lp.name), node, how, fdtype, prof)
             graph.nodes.append(wi["node"])
             node.inputs[1] = dq_out
-            grid = "" if lp.weight.bits == 8 else f" ({lp.weight.bits}-bit grid)"
-            info["weight"] = f"INT8{grid} per-channel axis {wi['axis']}"
+            if "int4" in wi:
+                int4.add(wi["int4"])
+            info["weight"] = wi["desc"]
         else:
             info["weight"] = "FP"
         if lp.act:
             x = node.inputs[0]
-            scale = float(plan.act_scale(lp.name))
+            scale = float(plan.act_scale(lp.name, group))
             if x.name in act_q:
-                dq_out, prev, group = act_q[x.name]
+                dq_out, prev, first = act_q[x.name]
                 if prev != scale:
                     raise DiffquantError(
-                        f"layers {group} and {lp.name} read the same tensor {x.name!r} with different activation "
+                        f"layers {first} and {lp.name} read the same tensor {x.name!r} with different activation "
                         f"scales ({prev:g} vs {scale:g}); TensorRT needs one Q/DQ per tensor: give them one input group"
                     )
                 result.act_dq[dq_out.name]["layers"].append(lp.name)
             else:
-                dq_out = _act_qdq(graph, x, lp, scale, fdtype)
+                base = lp.input_group or lp.name
+                dq_out = _qdq(graph, x, base, "act", scale, lp.act, prof, fdtype)
                 act_q[x.name] = (dq_out, scale, lp.name)
                 result.act_dq[dq_out.name] = {"input": x.name, "layers": [lp.name], "scale": scale, "bits": lp.act.bits}
             node.inputs[0] = dq_out
             clip = "" if lp.act.bits == 8 else f", Clip to {lp.act.bits}-bit range"
-            info["act"] = f"INT8 per-tensor{clip}"
+            info["act"] = f"{np.dtype(prof.act_dtype).name.upper()} per-tensor{clip}"
         else:
             info["act"] = "FP"
+        if prof.requantize_conv_outputs and node.op == "Conv" and lp.act:
+            info["output"] = _requantize_output(graph, node, lp, plan.out_scale(lp.name, group), prof, fdtype, result)
         result.realized[lp.name] = info
     graph.cleanup().toposort()
     model = gs.export_onnx(graph)
+    for init in model.graph.initializer:  # onnx-graphsurgeon writes int8 bytes; pack the INT4 ones
+        if init.name in int4:
+            init.CopyFrom(numpy_helper.from_array(numpy_helper.to_array(init).astype(ml_dtypes.int4), init.name))
     model.ir_version = fp_model.ir_version
     del model.opset_import[:]
     model.opset_import.extend(fp_model.opset_import)
@@ -144,6 +211,8 @@ def lower_plan(fp_model: onnx.ModelProto, plan: QuantPlan, target: str = "tensor
             "diffquant.bits": plan.bits,
             "diffquant.recipe": str(plan.recipe.get("name", "")),
             "diffquant.plan_model_digest": plan.model_digest,
+            "diffquant.timestep_group": str(group),
+            "diffquant.timestep_range": json.dumps(plan.timestep_groups[group] if plan.timestep_groups else []),
             "diffquant.act_dq": json.dumps(result.act_dq),
             "diffquant.realized": json.dumps(result.realized),
         }
@@ -155,19 +224,31 @@ def lower_plan(fp_model: onnx.ModelProto, plan: QuantPlan, target: str = "tensor
     return result
 
 
-def _act_qdq(graph: gs.Graph, x: gs.Variable, lp: LayerPlan, scale: float, fdtype) -> gs.Variable:
-    fmt: QuantFormat = lp.act
-    base = lp.input_group or lp.name
-    s = gs.Constant(f"{base}.act_scale", np.array(scale, dtype=fdtype))
-    z = gs.Constant(f"{base}.act_zero_point", np.array(0, dtype=np.int8))
+def _requantize_output(graph: gs.Graph, node: gs.Node, lp: LayerPlan, scale: float | None, prof: TargetProfile, fdtype, result: LoweringResult) -> str:
+    """Put a Q/DQ on a conv's output so ONNX Runtime fuses QLinearConv; without a recorded
+    output scale the conv stays unfused (correct, but slower on CPU)."""
+    if scale is None:
+        return "not requantized (plan has no output scale): runs as DQ -> Conv, unfused"
+    y = node.outputs[0]
+    raw = gs.Variable(f"{lp.name}.out_raw", dtype=fdtype)
+    node.outputs = [raw]
+    dq_out = _qdq(graph, raw, lp.name, "out", scale, QuantFormat(bits=8), prof, fdtype, out=y)
+    result.act_dq[dq_out.name] = {"input": raw.name, "layers": [lp.name], "scale": scale, "bits": 8, "kind": "output"}
+    return f"{np.dtype(prof.act_dtype).name.upper()} Q/DQ on the output (fuses to QLinearConv)"
+
+
+def _qdq(graph: gs.Graph, x: gs.Variable, base: str, kind: str, scale: float, fmt: QuantFormat, prof: TargetProfile, fdtype, out: gs.Variable | None = None) -> gs.Variable:
+    """Append ``[Clip ->] QuantizeLinear -> DequantizeLinear`` on ``x``; names ``<base>.<kind>_*``."""
+    s = gs.Constant(f"{base}.{kind}_scale", np.array(scale, dtype=fdtype))
+    z = gs.Constant(f"{base}.{kind}_zero_point", np.array(prof.act_zero_point, dtype=prof.act_dtype))
     src = x
     if fmt.bits < 8:
-        lo = gs.Constant(f"{base}.act_clip_min", np.array(fmt.qmin * scale, dtype=fdtype))
-        hi = gs.Constant(f"{base}.act_clip_max", np.array(fmt.qmax * scale, dtype=fdtype))
-        src = gs.Variable(f"{base}.act_clipped", dtype=fdtype)
-        graph.nodes.append(gs.Node("Clip", f"{base}.act_Clip", inputs=[x, lo, hi], outputs=[src]))
-    q = gs.Variable(f"{base}.act_quantized", dtype=np.int8)
-    out = gs.Variable(f"{base}.act_dq", dtype=fdtype)
-    graph.nodes.append(gs.Node("QuantizeLinear", f"{base}.act_QuantizeLinear", inputs=[src, s, z], outputs=[q]))
-    graph.nodes.append(gs.Node("DequantizeLinear", f"{base}.act_DequantizeLinear", inputs=[q, s, z], outputs=[out]))
+        lo = gs.Constant(f"{base}.{kind}_clip_min", np.array(fmt.qmin * scale, dtype=fdtype))
+        hi = gs.Constant(f"{base}.{kind}_clip_max", np.array(fmt.qmax * scale, dtype=fdtype))
+        src = gs.Variable(f"{base}.{kind}_clipped", dtype=fdtype)
+        graph.nodes.append(gs.Node("Clip", f"{base}.{kind}_Clip", inputs=[x, lo, hi], outputs=[src]))
+    q = gs.Variable(f"{base}.{kind}_quantized", dtype=prof.act_dtype)
+    out = out if out is not None else gs.Variable(f"{base}.{kind}_dq", dtype=fdtype)
+    graph.nodes.append(gs.Node("QuantizeLinear", f"{base}.{kind}_QuantizeLinear", inputs=[src, s, z], outputs=[q]))
+    graph.nodes.append(gs.Node("DequantizeLinear", f"{base}.{kind}_DequantizeLinear", inputs=[q, s, z], outputs=[out]))
     return out

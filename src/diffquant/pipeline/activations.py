@@ -1,5 +1,6 @@
 """Activation observation: run calibration batches through a model and record, per layer and
-per calibration timestep, the input range (and a value sample for percentile / MSE search).
+per calibration timestep, the input range (and a value sample for percentile / MSE search) and
+the output range (for targets that requantize layer outputs).
 
 Layers that read the very same tensor (Q/K/V, cross-attention K/V) are grouped: the deployed
 graph has one Q/DQ per tensor, so a group gets one scale.
@@ -23,16 +24,29 @@ SAMPLE_PER_BATCH = 4096
 
 @dataclass
 class ActStats:
-    """Per-layer input statistics keyed by calibration timestep, plus the input groups."""
+    """Per-layer input and output statistics keyed by calibration timestep, plus the input groups."""
 
     amax: dict[str, dict[float, float]] = field(default_factory=lambda: defaultdict(dict))
-    samples: dict[str, list[torch.Tensor]] = field(default_factory=lambda: defaultdict(list))
+    out_amax: dict[str, dict[float, float]] = field(default_factory=lambda: defaultdict(dict))
+    samples: dict[str, dict[float, list[torch.Tensor]]] = field(default_factory=lambda: defaultdict(lambda: defaultdict(list)))
     groups: dict[str, str] = field(default_factory=dict)
 
-    def reduced_amax(self, layer: str, how: str = "max") -> float:
-        """Reduce the per-timestep ranges: ``max`` over timesteps or their ``mean``."""
-        vals = list(self.amax[layer].values())
+    @staticmethod
+    def _reduce(per_t: dict[float, float], how: str, timesteps: list[float] | None) -> float:
+        vals = [v for t, v in per_t.items() if timesteps is None or t in timesteps]
         return max(vals) if how == "max" else sum(vals) / len(vals)
+
+    def reduced_amax(self, layer: str, how: str = "max", timesteps: list[float] | None = None) -> float:
+        """Reduce the per-timestep input ranges (of ``timesteps``, default all): ``max`` or ``mean``."""
+        return self._reduce(self.amax[layer], how, timesteps)
+
+    def reduced_out_amax(self, layer: str, timesteps: list[float] | None = None) -> float:
+        """Largest output range over ``timesteps`` (default all)."""
+        return self._reduce(self.out_amax[layer], "max", timesteps)
+
+    def values(self, layer: str, timesteps: list[float] | None = None) -> list[torch.Tensor]:
+        """The kept input value samples of ``layer`` at ``timesteps`` (default all)."""
+        return [v for t, vs in self.samples[layer].items() if timesteps is None or t in timesteps for v in vs]
 
 
 @torch.no_grad()
@@ -58,12 +72,20 @@ def observe_activations(
             if keep_samples:
                 flat = x.detach().reshape(-1)
                 idx = torch.randint(0, flat.numel(), (min(SAMPLE_PER_BATCH, flat.numel()),), generator=gen)
-                stats.samples[name].append(flat[idx].float().clone())
+                stats.samples[name][current["t"]].append(flat[idx].float().clone())
+
+        return hook
+
+    def make_out_hook(name: str):
+        def hook(_mod: nn.Module, _args: tuple, y: torch.Tensor) -> None:
+            prev = stats.out_amax[name].get(current["t"], 0.0)
+            stats.out_amax[name][current["t"]] = max(prev, float(y.detach().abs().max()))
 
         return hook
 
     for name in layers:
         handles.append(modules[name].register_forward_pre_hook(make_hook(name)))
+        handles.append(modules[name].register_forward_hook(make_out_hook(name)))
     try:
         total = sum(1 for _ in calib.batches(batch_size))
         for ts, x, t, c in tqdm(calib.batches(batch_size), total=total, desc="observe", leave=False, disable=not progress):

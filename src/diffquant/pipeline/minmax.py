@@ -13,6 +13,7 @@ from diffquant.pipeline.context import PassContext
 from diffquant.pipeline.observers import RANGE_METHODS, mse_amax, percentile_amax, weight_amax
 from diffquant.pipeline.registry import register_pass
 from diffquant.quant.fake import MIN_SCALE, scale_from_amax
+from diffquant.quant.modules import OUT_FORMAT
 
 __all__ = ["MinMaxConfig", "minmax_pass"]
 
@@ -61,24 +62,36 @@ def calibrate_activations(ctx: PassContext, cfg: MinMaxConfig) -> None:
     members: dict[str, list[str]] = {}
     for name in layers:
         members.setdefault(stats.groups[name], []).append(name)
+    ranges = ctx.plan.timestep_groups
+    per_group = [[t for t in ctx.calib.timesteps if ctx.plan.group_of(t) == g] for g in range(ctx.plan.n_groups)]
+    for g, ts in enumerate(per_group):
+        if not ts:
+            raise DiffquantError(f"timestep group {g} {ranges[g]} holds no calibration timestep; use fewer groups")
     for group, names in members.items():
-        amax = torch.tensor(max(stats.reduced_amax(n, cfg.act_reduce) for n in names))
-        if cfg.act_range != "minmax":
-            values = torch.cat([v for n in names for v in stats.samples[n]])
-            if cfg.act_range == "percentile":
-                amax = percentile_amax(values, cfg.percentile)
-            else:
-                amax = mse_amax(values, amax, ctx.plan.layers[group].act, cfg.mse_candidates, cfg.mse_step, cfg.mse_p)
-        if not float(amax) > 0:
-            raise DiffquantError(
-                f"layer {group}: its input is identically zero over the calibration data (zero range), so no "
-                f"activation scale exists. Keep it in high precision with a targeting rule "
-                f"`{{pattern: '{group}', activations: false}}`, or check the calibration data in {ctx.calib.folder}"
-            )
+        scales, out_scales = [], {n: [] for n in names}
+        for ts in per_group:
+            amax = torch.tensor(max(stats.reduced_amax(n, cfg.act_reduce, ts) for n in names))
+            if cfg.act_range != "minmax":
+                values = torch.cat([v for n in names for v in stats.values(n, ts)])
+                if cfg.act_range == "percentile":
+                    amax = percentile_amax(values, cfg.percentile)
+                else:
+                    amax = mse_amax(values, amax, ctx.plan.layers[group].act, cfg.mse_candidates, cfg.mse_step, cfg.mse_p)
+            if not float(amax) > 0:
+                raise DiffquantError(
+                    f"layer {group}: its input is identically zero over the calibration data (zero range), so no "
+                    f"activation scale exists. Keep it in high precision with a targeting rule "
+                    f"`{{pattern: '{group}', activations: false}}`, or check the calibration data in {ctx.calib.folder}"
+                )
+            scales.append(float(amax))
+            for n in names:
+                out_scales[n].append(stats.reduced_out_amax(n, ts))
         for n in names:
             lp = ctx.plan.layers[n]
             lp.input_group = group
-            ctx.plan.tensors[f"{n}.act_scale"] = scale_from_amax(amax, lp.act).reshape(())
+            shape = () if ctx.plan.n_groups == 1 else (-1,)
+            ctx.plan.tensors[f"{n}.act_scale"] = scale_from_amax(torch.tensor(scales), lp.act).reshape(shape)
+            ctx.plan.tensors[f"{n}.out_scale"] = scale_from_amax(torch.tensor(out_scales[n]), OUT_FORMAT).reshape(shape)
 
 
 @register_pass("minmax", MinMaxConfig)

@@ -43,7 +43,12 @@ def mse_amax(values: torch.Tensor, amax: torch.Tensor, fmt: QuantFormat, candida
 
 
 def weight_amax(weight: torch.Tensor, fmt: QuantFormat, method: str = "minmax", pct: float = 99.99, candidates: int = 80, step: float = 0.01, p: float = 2.4) -> torch.Tensor:
-    """Per-output-channel range of a Conv/Linear weight by ``method``."""
+    """Per-output-channel range of a Conv/Linear weight by ``method``; for a block format, one
+    range per block of ``block_size`` input elements (shape [out, in // block])."""
+    if fmt.granularity == "block":
+        o, k = weight.shape[0], weight.shape[1]
+        rows = weight.detach().float().reshape(o * (k // fmt.block_size), fmt.block_size)
+        return weight_amax(rows, QuantFormat(bits=fmt.bits, granularity="channel"), method, pct, candidates, step, p).reshape(o, -1)
     w = weight.detach().float().reshape(weight.shape[0], -1)
     amax = w.abs().amax(dim=1)
     if method == "percentile":

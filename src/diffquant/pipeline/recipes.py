@@ -9,12 +9,13 @@ from typing import Any
 
 import yaml
 
+from diffquant._groups import split_groups
 from diffquant.calib_data import CalibSet
 from diffquant.errors import DiffquantError
 from diffquant.models.denoiser import Denoiser
 from diffquant.pipeline.context import PassContext
 from diffquant.pipeline.registry import get_pass, make_config
-from diffquant.quant.format import parse_bits
+from diffquant.quant.format import QuantFormat, parse_bits
 from diffquant.quant.plan import LayerPlan, QuantPlan, weights_digest
 from diffquant.quant.targeting import Rule, TargetDecision, resolve_targets, rule_to_dict, rules_from_dicts
 
@@ -110,16 +111,38 @@ def decide_targets(denoiser: Denoiser, recipe: Recipe, extra: list[Rule] | None 
     return resolve_targets(denoiser.model, _rules(denoiser, recipe, extra))
 
 
-def quantize(denoiser: Denoiser, recipe: Recipe, calib: CalibSet, bits: str | None = None, extra_rules: list[Rule] | None = None, progress: bool = True) -> QuantPlan:
-    """Decide a frozen QuantPlan for ``denoiser`` by running ``recipe``'s passes on ``calib``."""
+def quantize(
+    denoiser: Denoiser,
+    recipe: Recipe,
+    calib: CalibSet,
+    bits: str | None = None,
+    extra_rules: list[Rule] | None = None,
+    progress: bool = True,
+    timestep_groups: int = 1,
+) -> QuantPlan:
+    """Decide a frozen QuantPlan for ``denoiser`` by running ``recipe``'s passes on ``calib``;
+    ``timestep_groups`` > 1 gives each contiguous group of timesteps its own activation scales."""
     setting = parse_bits(bits or recipe.bits)
     targets = decide_targets(denoiser, recipe, extra_rules)
     plan = QuantPlan(model=denoiser.name, model_digest=weights_digest(denoiser.model), bits=setting.text, recipe=recipe.to_dict())
+    if timestep_groups > 1:
+        try:
+            plan.timestep_groups = split_groups(calib.timesteps, timestep_groups, denoiser.scheduler["num_train_timesteps"])
+        except ValueError as e:
+            raise DiffquantError(f"--timestep-groups: {e}") from None
+    modules = dict(denoiser.model.named_modules())
     for name, dec in targets.items():
         wf = setting.weight if dec.weights else None
         af = setting.act if dec.activations else None
+        notes = []
+        if wf is not None and wf.granularity == "block":
+            k = modules[name].weight.shape[1]
+            if dec.op != "linear" or k % wf.block_size:
+                why = "convolutions have no block format" if dec.op != "linear" else f"K = {k} is not a multiple of {wf.block_size}"
+                wf = QuantFormat(bits=wf.bits, granularity="channel", axis=0)
+                notes.append(f"weights per output channel, not blocks: {why}")
         if wf or af:
-            plan.layers[name] = LayerPlan(name=name, op=dec.op, rule=dec.rule, weight=wf, act=af)
+            plan.layers[name] = LayerPlan(name=name, op=dec.op, rule=dec.rule, weight=wf, act=af, notes=notes)
         else:
             plan.skipped[name] = dec.rule
     if not plan.layers:

@@ -67,18 +67,21 @@ class BitSetting:
     act: QuantFormat | None
 
 
-_BITS_RE = re.compile(r"^w(\d+)a(\d+)$")
+_BITS_RE = re.compile(r"^w(\d+)(?:g(\d+))?a(\d+)$")
 
 
 def parse_bits(text: str) -> BitSetting:
-    """Parse ``wNaK``: weights per output channel on an N-bit grid, activations per tensor on a
-    K-bit grid. N, K in 2..8; K = 16 means activations stay in floating point."""
+    """Parse ``wNaK`` or ``wNgBaK``: weights per output channel (or, with ``gB``, per block of B
+    input elements) on an N-bit grid, activations per tensor on a K-bit grid. N, K in 2..8;
+    K = 16 means activations stay in floating point."""
     m = _BITS_RE.match(text.strip().lower())
     if not m:
-        raise DiffquantError(f"bad bits string {text!r}: expected wNaK such as w8a8, w4a8, w4a6 or w8a16")
-    wb, ab = int(m.group(1)), int(m.group(2))
+        raise DiffquantError(f"bad bits string {text!r}: expected wNaK such as w8a8, w4a8, w4a6, w8a16, or w4g64a16 (blocks)")
+    wb, block, ab = int(m.group(1)), int(m.group(2) or 0), int(m.group(3))
     if not 2 <= wb <= 8 or not (2 <= ab <= 8 or ab == 16):
         raise DiffquantError(f"bad bits string {text!r}: weight bits must be 2..8, activation bits 2..8 or 16")
-    weight = QuantFormat(bits=wb, granularity="channel", axis=0)
+    if m.group(2) is not None and block < 2:
+        raise DiffquantError(f"bad bits string {text!r}: block size must be at least 2 (64 or 128 for TensorRT INT4)")
+    weight = QuantFormat(bits=wb, granularity="block", axis=1, block_size=block) if block else QuantFormat(bits=wb, granularity="channel", axis=0)
     act = None if ab == 16 else QuantFormat(bits=ab, granularity="tensor")
     return BitSetting(text=text.strip().lower(), weight=weight, act=act)

@@ -15,7 +15,10 @@ from diffquant.quant.fake import fake_quant
 from diffquant.quant.format import QuantFormat
 from diffquant.quant.plan import QuantPlan, weights_digest
 
-__all__ = ["QuantConv2d", "QuantLinear", "apply_plan", "quant_modules"]
+__all__ = ["OUT_FORMAT", "QuantConv2d", "QuantLinear", "apply_plan", "quant_modules"]
+
+# layer outputs are requantized (onnxruntime target) per tensor on the 8-bit grid
+OUT_FORMAT = QuantFormat(bits=8)
 
 
 class _QuantMixin:
@@ -32,6 +35,7 @@ class _QuantMixin:
         self.act_format = act_format
         self.register_buffer("weight_scale", torch.ones(self.weight.shape[0]))
         self.register_buffer("act_scale", torch.ones(()))
+        self.out_scale: torch.Tensor | None = None  # set: requantize the output (onnxruntime target)
         self.capture = False
         self.captured = None
 
@@ -40,9 +44,21 @@ class _QuantMixin:
             return self.weight
         return fake_quant(self.weight, self.weight_scale, self.weight_format)
 
+    group: int = 0  # current timestep group (set by apply_plan's hook when the plan has several)
+
+    def current_act_scale(self) -> torch.Tensor:
+        s = self.act_scale
+        return s if s.dim() == 0 else s[self.group]
+
+    def quant_output(self, y: torch.Tensor) -> torch.Tensor:
+        if self.out_scale is None:
+            return y
+        s = self.out_scale if self.out_scale.dim() == 0 else self.out_scale[self.group]
+        return fake_quant(y, s, OUT_FORMAT)
+
     def quant_input(self, x: torch.Tensor) -> torch.Tensor:
         if self.act_format is not None:
-            x = fake_quant(x, self.act_scale, self.act_format)
+            x = fake_quant(x, self.current_act_scale(), self.act_format)
         if self.capture:
             self.captured = x.detach()
         return x
@@ -52,7 +68,7 @@ class QuantConv2d(_QuantMixin, nn.Conv2d):
     """nn.Conv2d with per-output-channel weight and per-tensor input fake-quant."""
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self._conv_forward(self.quant_input(x), self.quant_weight(), self.bias)
+        return self.quant_output(self._conv_forward(self.quant_input(x), self.quant_weight(), self.bias))
 
 
 class QuantLinear(_QuantMixin, nn.Linear):
@@ -79,9 +95,12 @@ def _set_submodule(root: nn.Module, name: str, module: nn.Module) -> None:
     setattr(parent, child, module)
 
 
-def apply_plan(model: nn.Module, plan: QuantPlan, check_digest: bool = True) -> nn.Module:
+def apply_plan(model: nn.Module, plan: QuantPlan, check_digest: bool = True, target: str = "tensorrt") -> nn.Module:
     """Replace every quantized layer of ``model`` (in place) by its fake-quant wrapper, loaded
-    with the plan's scales and any replacement weights. Returns ``model``."""
+    with the plan's scales and any replacement weights. Returns ``model``.
+
+    ``target="onnxruntime"`` also requantizes the outputs of quantized convs with the plan's
+    8-bit output scales, as that target's graph does (so QLinearConv fuses)."""
     if plan.state not in ("frozen", "exported"):
         raise DiffquantError(f"plan for {plan.model} is {plan.state!r}, not frozen: finish `diffquant quantize` first")
     if check_digest and plan.model_digest != weights_digest(model):
@@ -100,9 +119,35 @@ def apply_plan(model: nn.Module, plan: QuantPlan, check_digest: bool = True) -> 
             if lp.weight:
                 q.weight_scale = plan.weight_scale(lp.name).float().clone()
             if lp.act:
-                q.act_scale = plan.act_scale(lp.name).float().clone().reshape(())
+                q.act_scale = plan.act_scale(lp.name).float().clone()
+            if target == "onnxruntime" and lp.op == "conv" and lp.act and f"{lp.name}.out_scale" in plan.tensors:
+                q.out_scale = plan.tensors[f"{lp.name}.out_scale"].float().clone()
         _set_submodule(model, lp.name, q)
+    if plan.n_groups > 1:
+        _install_group_hook(model, plan)
     return model
+
+
+def _install_group_hook(model: nn.Module, plan: QuantPlan) -> None:
+    """Before every forward, point each wrapper at the timestep group of the batch's timestep
+    (the diffusers ``timestep`` argument); a batch mixing groups is refused."""
+    mods = list(quant_modules(model).values())
+
+    def hook(_m: nn.Module, args: tuple, kwargs: dict) -> None:
+        t = kwargs.get("timestep", args[1] if len(args) > 1 else None)
+        if t is None:
+            raise DiffquantError("a plan with timestep groups needs the timestep argument to pick activation scales")
+        groups = {plan.group_of(float(v)) for v in torch.as_tensor(t).reshape(-1).tolist()}
+        if len(groups) != 1:
+            raise DiffquantError(f"one batch mixes timestep groups {sorted(groups)}; run each group's timesteps separately")
+        g = groups.pop()
+        for m in mods:
+            m.group = g
+
+    old = getattr(model, "_diffquant_group_hook", None)
+    if old is not None:
+        old.remove()
+    model._diffquant_group_hook = model.register_forward_pre_hook(hook, with_kwargs=True)
 
 
 def quant_modules(model: nn.Module) -> dict[str, _QuantMixin]:

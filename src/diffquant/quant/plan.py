@@ -16,6 +16,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 from diffquant._digest import weights_digest
+from diffquant._groups import group_index
 from diffquant._io import atomic_path, write_json
 from diffquant.errors import DiffquantError
 from diffquant.quant.format import QuantFormat
@@ -67,9 +68,12 @@ class LayerPlan:
 class QuantPlan:
     """Per-layer decisions plus their tensors.
 
-    Tensors are keyed ``<layer>.weight_scale`` (per output channel), ``<layer>.act_scale``
-    (scalar), and optionally ``<layer>.weight`` (a replacement FP weight, e.g. after rounding
-    reconstruction). All scales are already rounded to the export dtype.
+    Tensors are keyed ``<layer>.weight_scale`` (per output channel, or [out, blocks]),
+    ``<layer>.act_scale`` (scalar, or one per timestep group), optionally ``<layer>.out_scale``
+    (the layer's output range at 8 bits, same shape: the ``onnxruntime`` target requantizes conv
+    outputs with it so QLinearConv fuses) and ``<layer>.weight`` (a replacement FP weight, e.g.
+    after rounding reconstruction). All scales are already rounded to the export dtype.
+    ``timestep_groups`` holds the ``[lo, hi)`` timestep range of each group (empty: one group).
     """
 
     model: str
@@ -81,6 +85,15 @@ class QuantPlan:
     state: str = "float"
     version: int = PLAN_VERSION
     skipped: dict[str, str] = field(default_factory=dict)
+    timestep_groups: list[list[float]] = field(default_factory=list)
+
+    @property
+    def n_groups(self) -> int:
+        return max(1, len(self.timestep_groups))
+
+    def group_of(self, t: float) -> int:
+        """Index of the timestep group that ``t`` falls in."""
+        return group_index(t, self.timestep_groups)
 
     def quantized_layers(self) -> list[LayerPlan]:
         return [lp for lp in self.layers.values() if lp.weight or lp.act]
@@ -88,8 +101,15 @@ class QuantPlan:
     def weight_scale(self, layer: str) -> torch.Tensor:
         return self.tensors[f"{layer}.weight_scale"]
 
-    def act_scale(self, layer: str) -> torch.Tensor:
-        return self.tensors[f"{layer}.act_scale"]
+    def act_scale(self, layer: str, group: int | None = None) -> torch.Tensor:
+        """All groups' activation scales of ``layer`` (scalar or [G]), or one group's."""
+        s = self.tensors[f"{layer}.act_scale"]
+        return s if group is None else s.reshape(-1)[group if s.numel() > 1 else 0]
+
+    def out_scale(self, layer: str, group: int = 0) -> float | None:
+        """The 8-bit output scale of ``layer`` in ``group``, if calibration recorded one."""
+        s = self.tensors.get(f"{layer}.out_scale")
+        return None if s is None else float(s.reshape(-1)[group if s.numel() > 1 else 0])
 
     def freeze(self) -> None:
         """Check every quantized layer has its tensors, then mark the plan frozen."""
@@ -98,6 +118,8 @@ class QuantPlan:
                 raise DiffquantError(f"plan: layer {lp.name} has a weight format but no weight scale")
             if lp.act and f"{lp.name}.act_scale" not in self.tensors:
                 raise DiffquantError(f"plan: layer {lp.name} has an activation format but no activation scale")
+            if lp.act and self.n_groups > 1 and self.tensors[f"{lp.name}.act_scale"].numel() != self.n_groups:
+                raise DiffquantError(f"plan: layer {lp.name} needs {self.n_groups} activation scales (one per timestep group)")
         self.state = "frozen"
 
     def to_json(self) -> dict:
@@ -110,6 +132,7 @@ class QuantPlan:
             "recipe": self.recipe,
             "layers": [lp.to_dict() for lp in self.layers.values()],
             "skipped": self.skipped,
+            "timestep_groups": self.timestep_groups,
         }
 
     def save(self, folder: str | Path) -> Path:
@@ -151,4 +174,5 @@ class QuantPlan:
             state=data["state"],
             version=data["version"],
             skipped=data.get("skipped", {}),
+            timestep_groups=[list(map(float, r)) for r in data.get("timestep_groups", [])],
         )

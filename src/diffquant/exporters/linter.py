@@ -1,5 +1,6 @@
-"""The TensorRT rules linter: checks a Q/DQ graph against DEPLOY_RULES.md and names the
-offending node of every violation."""
+"""The rules linter: checks a Q/DQ graph against DEPLOY_RULES.md and names the offending node
+of every violation. TensorRT rules by default; the ``onnxruntime`` profile also accepts its
+U8 activations (zero point 128, the symmetric grid shifted) and Q/DQ on conv outputs."""
 
 from __future__ import annotations
 
@@ -17,7 +18,8 @@ __all__ = ["LintReport", "Violation", "lint", "load_onnx"]
 WEIGHT_CONSUMERS = {"Conv", "ConvTranspose", "MatMul", "Gemm"}
 ACT_CONSUMERS = WEIGHT_CONSUMERS | {"Add"}
 INT4 = {onnx.TensorProto.INT4, onnx.TensorProto.UINT4}
-ALLOWED_Q_TYPES = {onnx.TensorProto.INT8, onnx.TensorProto.INT4}
+ALLOWED_Q_TYPES = {"tensorrt": {onnx.TensorProto.INT8, onnx.TensorProto.INT4}, "onnxruntime": {onnx.TensorProto.INT8, onnx.TensorProto.UINT8, onnx.TensorProto.INT4}}
+SYMMETRIC_ZERO_POINT = {onnx.TensorProto.UINT8: 128}
 
 
 @dataclass
@@ -104,8 +106,14 @@ def _output_axis(consumer: onnx.NodeProto, rank: int) -> int:
     return rank - 1  # MatMul: [K, N]
 
 
-def lint(model: onnx.ModelProto, path: str = "<memory>") -> LintReport:
-    """Check every Q/DQ node against the TensorRT rules."""
+def lint(model: onnx.ModelProto, path: str = "<memory>", target: str | None = None) -> LintReport:
+    """Check every Q/DQ node against the rules of ``target`` (default: the target the graph
+    was lowered for, per its metadata, else ``tensorrt``)."""
+    meta = {p.key: p.value for p in model.metadata_props}
+    target = target or meta.get("diffquant.target", "tensorrt")
+    if target not in ALLOWED_Q_TYPES:
+        raise DiffquantError(f"no lint rules for target {target!r}; known: {', '.join(ALLOWED_Q_TYPES)}")
+    allowed = ALLOWED_Q_TYPES[target]
     g = _Graph(model)
     rep = LintReport(path=path)
     add = lambda rule, node, msg: rep.violations.append(Violation(rule, node.name or node.op_type, msg))  # noqa: E731
@@ -142,10 +150,13 @@ def lint(model: onnx.ModelProto, path: str = "<memory>") -> LintReport:
         # zero point: all zero, signed
         qtype = g.const_types.get(zp) if zp else (g.types.get(x) if not is_q else onnx.TensorProto.UINT8)
         if zp:
-            if not g.is_const(zp) or np.any(g.consts[zp] != 0):
-                add("zero-point", node, f"zero point {zp!r} is not all zero (TensorRT is symmetric only)")
-        if qtype is not None and qtype not in ALLOWED_Q_TYPES:
-            add("q-type", node, f"quantized type {onnx.TensorProto.DataType.Name(qtype)} is not INT8/INT4 (give an int8 zero point)")
+            want = SYMMETRIC_ZERO_POINT.get(qtype, 0) if target == "onnxruntime" else 0
+            if not g.is_const(zp) or np.any(g.consts[zp] != want):
+                add("zero-point", node, f"zero point {zp!r} is not all {want} ({target} graphs are symmetric only)")
+        if qtype is not None and qtype not in allowed:
+            names = "/".join(onnx.TensorProto.DataType.Name(t) for t in sorted(allowed))
+            hint = " (this graph may have been lowered for another target: export with --target tensorrt)" if target == "tensorrt" else ""
+            add("q-type", node, f"quantized type {onnx.TensorProto.DataType.Name(qtype)} is not {names}{hint}")
         if qtype in INT4:
             uses_int4_or_blocks = True
         if is_q:
@@ -171,8 +182,10 @@ def lint(model: onnx.ModelProto, path: str = "<memory>") -> LintReport:
                 if qtype in INT4:
                     if c.op_type not in ("MatMul", "Gemm"):
                         add("int4-weight-only", node, f"INT4 weight feeds {c.op_type} {c.name!r}; TensorRT has no INT4 convolution")
-                    if block not in (64, 128):
+                    if target == "tensorrt" and block not in (64, 128):
                         add("int4-weight-only", node, f"INT4 weight needs block_size 64 or 128 along K, got {block}")
+                    elif block < 16 or block & (block - 1):
+                        add("int4-weight-only", node, f"MatMulNBits needs a power-of-two block_size >= 16 along K, got {block}")
                 if scale.size > 1 and not block:
                     axis = _attr(node, "axis", 1)
                     axis = axis % w.ndim
@@ -183,7 +196,7 @@ def lint(model: onnx.ModelProto, path: str = "<memory>") -> LintReport:
             prod = g.producer.get(x)
             if prod is None or prod.op_type != "QuantizeLinear":
                 add("qdq-placement", node, f"DequantizeLinear of non-constant {x!r} has no QuantizeLinear producer")
-            for c in consumers:
+            for c in consumers if target == "tensorrt" else ():
                 if c.op_type not in ACT_CONSUMERS:
                     add("qdq-placement", node, f"activation DQ feeds {c.op_type} {c.name!r}; Q/DQ belongs only on inputs of Conv/MatMul/Gemm (or Add)")
     for tensor, qs in q_readers.items():

@@ -1,0 +1,192 @@
+"""`build(onnx, config)`: turn an exported Q/DQ graph (and its timestep-group siblings) into an
+engine folder, and `EnginesFromFolder` to load one. Torch-free.
+
+An engine folder holds one engine per timestep group (TensorRT ``.engine`` files or the ONNX
+graphs for ONNX Runtime), ``engine.json`` (ONNX hash, plan digest, backend and versions, GPU,
+profile), and the export's ``runtime.json`` + ``conditioning.safetensors``.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import shutil
+import tempfile
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from diffquant._groups import group_index
+from diffquant._io import write_json
+from diffquant.engines.base import Engine
+from diffquant.engines.ort import OrtEngine
+from diffquant.errors import DiffquantError
+
+__all__ = ["BACKENDS", "ENGINE_FILE", "BuildConfig", "GroupedEngine", "EnginesFromFolder", "build", "file_sha256"]
+
+ENGINE_FILE = "engine.json"
+RUNTIME_FILE = "runtime.json"
+BACKENDS = ("onnxruntime", "tensorrt")
+
+
+@dataclass
+class BuildConfig:
+    """Backend plus the TensorRT build settings (ignored by ONNX Runtime)."""
+
+    backend: str = "onnxruntime"
+    batch: int = 2
+    dynamic: bool = False
+    max_batch: int = 0
+    opt_level: int = 4
+    workspace_gb: float = 4.0
+    timing_cache_dir: str = ""
+    threads: int = 0
+    extra: dict = field(default_factory=dict)
+
+
+def file_sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def _read_runtime(folder: Path, what: str) -> dict:
+    path = folder / RUNTIME_FILE
+    if not path.exists():
+        raise DiffquantError(f"no {RUNTIME_FILE} in {folder}: {what}")
+    try:
+        return json.loads(path.read_text())
+    except json.JSONDecodeError as e:
+        raise DiffquantError(f"{path} is not valid JSON ({e})") from None
+
+
+def _lint_or_refuse(onnx_path: Path, backend: str) -> dict:
+    from diffquant.exporters.linter import lint, load_onnx  # onnx only; no torch
+
+    model = load_onnx(onnx_path)
+    meta = {p.key: p.value for p in model.metadata_props}
+    lowered = meta.get("diffquant.target", "")
+    if backend == "tensorrt" and lowered and lowered != "tensorrt":
+        raise DiffquantError(
+            f"{onnx_path} was lowered for the {lowered} target (U8 activations, requantized conv outputs), which TensorRT "
+            f"does not take; export the plan again with --target tensorrt (nothing written)"
+        )
+    target = "tensorrt" if backend == "tensorrt" else None
+    rep = lint(model, str(onnx_path), target=target)
+    if not rep.ok:
+        lines = "\n  ".join(str(v) for v in rep.violations[:15])
+        more = f"\n  ... and {len(rep.violations) - 15} more" if len(rep.violations) > 15 else ""
+        raise DiffquantError(f"{onnx_path} fails the {target or lowered or 'tensorrt'} rules, so it is not built (nothing written):\n  {lines}{more}")
+    return meta
+
+
+def build(onnx_path: str | Path, out: str | Path, config: BuildConfig | None = None) -> Path:
+    """Build the engine folder ``out`` from ``onnx_path``: every graph of its timestep groups
+    (listed in the sibling ``runtime.json``) is linted, then built for ``config.backend``."""
+    cfg = config or BuildConfig()
+    if cfg.backend not in BACKENDS:
+        raise DiffquantError(f"unknown backend {cfg.backend!r}; available: {', '.join(BACKENDS)}")
+    src = Path(onnx_path)
+    if not src.exists():
+        raise DiffquantError(f"ONNX file {src} does not exist")
+    out = Path(out)
+    if out.exists():
+        raise DiffquantError(f"output folder {out} already exists; pass another --out or delete it")
+    runtime = _read_runtime(src.parent, "build needs the folder `diffquant export` / `run` wrote (it lists the graphs and the conditioning)")
+    graphs = runtime.get("graphs") or [{"file": src.name, "timestep_range": []}]
+    if src.name not in {g["file"] for g in graphs}:
+        raise DiffquantError(f"{src.name} is not one of the exported graphs in {src.parent / RUNTIME_FILE}: {[g['file'] for g in graphs]}")
+    metas = [_lint_or_refuse(src.parent / g["file"], cfg.backend) for g in graphs]
+    if cfg.backend == "tensorrt":
+        from diffquant.engines.tensorrt import import_tensorrt
+
+        import_tensorrt()  # fail before any work with the install hint
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
+    try:
+        entries = []
+        for g, meta in zip(graphs, metas):
+            onnx_file = src.parent / g["file"]
+            entry = {"onnx": g["file"], "onnx_sha256": file_sha256(onnx_file), "timestep_range": g["timestep_range"], "plan_model_digest": meta.get("diffquant.plan_model_digest", "")}
+            if cfg.backend == "tensorrt":
+                from diffquant.engines.tensorrt import TrtBuildConfig, build_trt_engine
+
+                tcfg = TrtBuildConfig(cfg.batch, cfg.dynamic, cfg.max_batch, cfg.opt_level, cfg.workspace_gb, cfg.timing_cache_dir)
+                entry["file"] = Path(g["file"]).with_suffix(".engine").name
+                entry.update(build_trt_engine(onnx_file, tmp / entry["file"], runtime["inputs"], tcfg))
+            else:
+                import onnxruntime
+
+                entry["file"] = g["file"]
+                shutil.copy2(onnx_file, tmp / g["file"])
+                entry["onnxruntime"] = onnxruntime.__version__
+            entries.append(entry)
+        for name in (RUNTIME_FILE, runtime.get("conditioning", {}).get("file", "")):
+            if name and (src.parent / name).exists():
+                shutil.copy2(src.parent / name, tmp / name)
+        write_json(tmp / ENGINE_FILE, {"version": 1, "backend": cfg.backend, "built": time.strftime("%Y-%m-%dT%H:%M:%S"), "config": asdict(cfg), "engines": entries, "source": str(src.parent)})
+        tmp.rename(out)
+    finally:
+        if tmp.exists():
+            shutil.rmtree(tmp)
+    return out
+
+
+class GroupedEngine(Engine):
+    """One engine per timestep group behind one `Engine`: each run goes to the engine of its
+    batch's timestep (a batch that mixes groups is refused)."""
+
+    def __init__(self, engines: list[Engine], ranges: list[list[float]]) -> None:
+        self.engines, self.ranges = engines, [r for r in ranges if r]
+        self.input_names, self.output_names = engines[0].input_names, engines[0].output_names
+        self.max_batch = min(getattr(e, "max_batch", 0) or 1 << 30 for e in engines)
+
+    def input_dtype(self, name: str) -> np.dtype:
+        return self.engines[0].input_dtype(name)
+
+    def run(self, feeds: dict[str, np.ndarray], outputs: list[str] | None = None) -> dict[str, np.ndarray]:
+        if len(self.engines) == 1:
+            return self.engines[0].run(feeds, outputs)
+        groups = {group_index(float(t), self.ranges) for t in np.asarray(feeds["timestep"]).reshape(-1)}
+        if len(groups) != 1:
+            raise DiffquantError(f"one batch mixes timestep groups {sorted(groups)}")
+        return self.engines[groups.pop()].run(feeds, outputs)
+
+    def close(self) -> None:
+        for e in self.engines:
+            e.close()
+        super().close()
+
+
+def EnginesFromFolder(folder: str | Path, threads: int = 0) -> tuple[GroupedEngine, dict]:  # noqa: N802
+    """Loader: the engines of a built folder as one `GroupedEngine`, plus its runtime.json.
+    Checks every file exists and (ONNX Runtime) still has the hash it was built from."""
+    folder = Path(folder)
+    meta_path = folder / ENGINE_FILE
+    if not meta_path.exists():
+        raise DiffquantError(f"{folder} is not an engine folder (no {ENGINE_FILE}); make one with `diffquant build`")
+    meta = json.loads(meta_path.read_text())
+    runtime = _read_runtime(folder, "the engine folder is incomplete; build it again")
+    engines: list[Engine] = []
+    try:
+        for e in meta["engines"]:
+            path = folder / e["file"]
+            if not path.exists():
+                raise DiffquantError(f"engine file {path} is missing; build the folder again with `diffquant build`")
+            if meta["backend"] == "tensorrt":
+                from diffquant.engines.tensorrt import TrtEngine
+
+                engines.append(TrtEngine(path, e))
+            else:
+                if file_sha256(path) != e["onnx_sha256"]:
+                    raise DiffquantError(f"{path} changed since it was built (hash mismatch); build the folder again")
+                engines.append(OrtEngine(path, qdq_fusion=True, threads=threads))
+    except Exception:
+        for eng in engines:
+            eng.close()
+        raise
+    return GroupedEngine(engines, [e["timestep_range"] for e in meta["engines"]]), runtime

@@ -1,0 +1,109 @@
+"""`export(plan, denoiser, out)`: the FP graph for the ladder, the Q/DQ graph(s) for a target
+(one per timestep group), and what a torch-free runtime needs to sample with them."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import onnx
+from safetensors.numpy import save_file
+
+from diffquant._io import atomic_path, write_json
+from diffquant.errors import DiffquantError
+from diffquant.exporters.linter import LintReport, lint
+from diffquant.exporters.onnx_fp import fp_onnx_proto
+from diffquant.exporters.qdq import TARGETS, lower_plan
+from diffquant.models.denoiser import Denoiser
+from diffquant.quant.plan import QuantPlan, weights_digest
+
+__all__ = ["ExportResult", "RUNTIME_FILE", "export", "graph_file"]
+
+RUNTIME_FILE = "runtime.json"
+CONDITIONING_FILE = "conditioning.safetensors"
+
+
+@dataclass
+class ExportResult:
+    """Paths and figures of one export; ``realized``/``act_dq``/``lint`` are group 0's."""
+
+    fp_onnx: Path
+    qdq_onnx: Path
+    realized: dict
+    act_dq: dict
+    lint: LintReport
+    graphs: list[Path] = field(default_factory=list)
+    timestep_groups: list[list[float]] = field(default_factory=list)
+
+
+def graph_file(group: int, n_groups: int) -> str:
+    """File name of a group's Q/DQ graph (``unet.qdq.onnx`` when there is one group)."""
+    return "unet.qdq.onnx" if n_groups == 1 else f"unet.qdq.g{group}.onnx"
+
+
+def _save(model: onnx.ModelProto, path: Path) -> None:
+    onnx.checker.check_model(model)
+    with atomic_path(path) as tmp:
+        onnx.save(model, str(tmp))
+
+
+def export(plan: QuantPlan, denoiser: Denoiser, out_dir: str | Path, target: str = "tensorrt", float_dtype: str | None = None) -> ExportResult:
+    """Write ``unet.fp32.onnx`` (ladder step 1), the deployable Q/DQ graph(s), ``realized.json``
+    and the runtime bundle (``runtime.json``, ``conditioning.safetensors``) into ``out_dir``.
+    Refuses an unfrozen plan or one made for other weights, and lints every graph first."""
+    if plan.state not in ("frozen", "exported"):
+        raise DiffquantError(f"plan for {plan.model} is {plan.state!r}: export needs a frozen plan")
+    if plan.model_digest != weights_digest(denoiser.model):
+        raise DiffquantError(f"plan was made for weights {plan.model_digest}, not {denoiser.name}'s; quantize again")
+    if target not in TARGETS:
+        raise DiffquantError(f"unknown target {target!r}; available: {', '.join(TARGETS)}")
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    fp32 = fp_onnx_proto(denoiser, "float32")
+    fdtype = float_dtype or TARGETS[target].float_dtype
+    base = fp32 if fdtype == "float32" else fp_onnx_proto(denoiser, fdtype)
+    lowered = [lower_plan(base, plan, target, weights=denoiser.model.state_dict(), group=g) for g in range(plan.n_groups)]
+    reports = []
+    for g, low in enumerate(lowered):
+        name = graph_file(g, plan.n_groups)
+        report = lint(low.model, str(out / name), target=target)
+        if not report.ok:
+            lines = "\n  ".join(str(v) for v in report.violations[:20])
+            raise DiffquantError(f"the lowered graph {name} breaks {target} rules (nothing written):\n  {lines}")
+        reports.append(report)
+    _save(fp32, out / "unet.fp32.onnx")
+    graphs = []
+    for g, low in enumerate(lowered):
+        graphs.append(out / graph_file(g, plan.n_groups))
+        _save(low.model, graphs[-1])
+    groups = plan.timestep_groups or [[]]
+    write_json(out / "realized.json", {"target": target, "float_dtype": fdtype, "layers": lowered[0].realized, "skipped": plan.skipped, "timestep_groups": plan.timestep_groups})
+    write_runtime_bundle(denoiser, out, target, plan.bits, [{"file": p.name, "timestep_range": r} for p, r in zip(graphs, groups)])
+    plan.state = "exported"
+    return ExportResult(out / "unet.fp32.onnx", graphs[0], lowered[0].realized, lowered[0].act_dq, reports[0], graphs, plan.timestep_groups)
+
+
+def write_runtime_bundle(denoiser: Denoiser, out: Path, target: str, bits: str, graphs: list[dict]) -> None:
+    """What `generate` needs without torch: the prompt table (prompt id -> conditioning), the
+    words, the scheduler config, the input specs, and the graphs with their timestep ranges."""
+    ids = np.arange(denoiser.null_id + 1)
+    table = denoiser.encode(ids).numpy()
+    with atomic_path(out / CONDITIONING_FILE) as tmp:
+        save_file({"table": np.ascontiguousarray(table)}, str(tmp))
+    write_json(
+        out / RUNTIME_FILE,
+        {
+            "version": 1,
+            "model": denoiser.name,
+            "family": denoiser.family,
+            "target": target,
+            "bits": bits,
+            "sample_shape": list(denoiser.sample_shape),
+            "inputs": [{"name": s.name, "dtype": s.dtype, "shape": list(s.shape)} for s in denoiser.input_specs()],
+            "output": denoiser.output_names[0],
+            "conditioning": {"file": CONDITIONING_FILE, "words": list(denoiser.words), "null_id": denoiser.null_id},
+            "scheduler": denoiser.scheduler,
+            "graphs": graphs,
+        },
+    )

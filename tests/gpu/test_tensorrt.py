@@ -1,0 +1,61 @@
+"""TensorRT backend: build a strongly typed engine from the exported Q/DQ graph, run it, and
+compare with ONNX Runtime (fusion off). Runs only where `tensorrt` imports and a GPU exists."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+
+from diffquant.engines import BuildConfig, EnginesFromFolder, OrtEngine, build
+from diffquant.errors import DiffquantError
+from diffquant.exporters import export
+from diffquant.pipeline import load_recipe, quantize
+from tests.conftest import make_tiny_unet, tiny_calib
+
+try:
+    from diffquant.engines.tensorrt import import_tensorrt
+
+    import_tensorrt()
+    HAVE_TRT, WHY = True, ""
+except DiffquantError as e:
+    HAVE_TRT, WHY = False, f"TensorRT is not importable here ({str(e).split('. ')[0]}); run in docker/Dockerfile"
+
+pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not HAVE_TRT, reason=WHY)]
+
+
+@pytest.fixture
+def exported(calib_cache, tmp_path):
+    d = make_tiny_unet()
+    calib = tiny_calib(d, calib_cache)
+    plan = quantize(d, load_recipe("minmax"), calib, bits="w8a8", progress=False)
+    return export(plan, d, tmp_path / "run", target="tensorrt"), calib
+
+
+def test_build_run_and_compare_with_ort(exported, tmp_path):
+    res, calib = exported
+    out = build(res.qdq_onnx, tmp_path / "eng", BuildConfig(backend="tensorrt", batch=4, dynamic=True, max_batch=8, timing_cache_dir=str(tmp_path / "tc")))
+    meta = json.loads((out / "engine.json").read_text())
+    entry = meta["engines"][0]
+    assert entry["tensorrt"] and entry["gpu"] and entry["onnx_sha256"] and entry["profile"]["sample"][2][0] == 8
+    assert list((tmp_path / "tc").glob("timing-*.cache"))
+    engine, _ = EnginesFromFolder(out)
+    with engine, OrtEngine(res.qdq_onnx) as ref:
+        for ts in calib.timesteps:
+            x, t, c = calib.at(ts, 4)
+            feeds = {"sample": x.numpy(), "timestep": t.numpy(), "cond": c.numpy()}
+            a = ref.run(feeds)["noise_pred"].astype(np.float32)
+            b = engine.run(feeds)["noise_pred"].astype(np.float32)
+            cos = float(a.ravel() @ b.ravel() / np.linalg.norm(a) / np.linalg.norm(b))
+            assert cos > 0.99, (ts, cos)
+
+
+def test_engine_for_another_gpu_is_refused(exported, tmp_path):
+    res, _ = exported
+    out = build(res.qdq_onnx, tmp_path / "eng", BuildConfig(backend="tensorrt"))
+    meta = json.loads((out / "engine.json").read_text())
+    meta["engines"][0]["gpu"] = "Some Other GPU"
+    (out / "engine.json").write_text(json.dumps(meta))
+    with pytest.raises(DiffquantError, match="does not match this machine"):
+        EnginesFromFolder(out)
