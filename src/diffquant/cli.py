@@ -140,8 +140,10 @@ def cmd_export(a: argparse.Namespace) -> int:
 
 def cmd_build(a: argparse.Namespace) -> int:
     from diffquant.engines.bundle import BuildConfig, build
+    from diffquant.engines.tensorrt import TrtBuildConfig
 
-    cfg = BuildConfig(backend=a.backend, batch=a.batch, dynamic=a.dynamic, max_batch=a.max_batch, opt_level=a.opt_level, timing_cache_dir=a.timing_cache or "")
+    trt = TrtBuildConfig(batch=a.batch, dynamic=a.dynamic, max_batch=a.max_batch, opt_level=a.opt_level, timing_cache_dir=a.timing_cache or "")
+    cfg = BuildConfig(backend=a.backend, tensorrt=trt)
     out = build(a.onnx, a.out, cfg)
     meta = json.loads((out / "engine.json").read_text())
     print(f"{a.backend} engine folder {out}: {len(meta['engines'])} engine(s) ({', '.join(e['file'] for e in meta['engines'])})")

@@ -15,7 +15,7 @@ from diffquant.pipeline import load_recipe, quantize
 from tests.conftest import make_tiny_unet, tiny_calib
 
 try:
-    from diffquant.engines.tensorrt import import_tensorrt
+    from diffquant.engines.tensorrt import TrtBuildConfig, import_tensorrt
 
     import_tensorrt()
     HAVE_TRT, WHY = True, ""
@@ -35,7 +35,7 @@ def exported(calib_cache, tmp_path):
 
 def test_build_run_and_compare_with_ort(exported, tmp_path):
     res, calib = exported
-    out = build(res.qdq_onnx, tmp_path / "eng", BuildConfig(backend="tensorrt", batch=4, dynamic=True, max_batch=8, timing_cache_dir=str(tmp_path / "tc")))
+    out = build(res.qdq_onnx, tmp_path / "eng", BuildConfig(backend="tensorrt", tensorrt=TrtBuildConfig(batch=4, dynamic=True, max_batch=8, timing_cache_dir=str(tmp_path / "tc"))))
     meta = json.loads((out / "engine.json").read_text())
     entry = meta["engines"][0]
     assert entry["tensorrt"] and entry["gpu"] and entry["onnx_sha256"] and entry["profile"]["sample"][2][0] == 8

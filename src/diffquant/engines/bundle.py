@@ -22,6 +22,7 @@ from diffquant._groups import group_index
 from diffquant._io import write_json
 from diffquant.engines.base import Engine
 from diffquant.engines.ort import OrtEngine
+from diffquant.engines.tensorrt import TrtBuildConfig  # the module imports tensorrt lazily
 from diffquant.errors import DiffquantError
 
 __all__ = ["BACKENDS", "ENGINE_FILE", "BuildConfig", "GroupedEngine", "EnginesFromFolder", "build", "file_sha256"]
@@ -36,14 +37,7 @@ class BuildConfig:
     """Backend plus the TensorRT build settings (ignored by ONNX Runtime)."""
 
     backend: str = "onnxruntime"
-    batch: int = 2
-    dynamic: bool = False
-    max_batch: int = 0
-    opt_level: int = 4
-    workspace_gb: float = 4.0
-    timing_cache_dir: str = ""
-    threads: int = 0
-    extra: dict = field(default_factory=dict)
+    tensorrt: TrtBuildConfig = field(default_factory=TrtBuildConfig)
 
 
 def file_sha256(path: Path) -> str:
@@ -113,11 +107,10 @@ def build(onnx_path: str | Path, out: str | Path, config: BuildConfig | None = N
             onnx_file = src.parent / g["file"]
             entry = {"onnx": g["file"], "onnx_sha256": file_sha256(onnx_file), "timestep_range": g["timestep_range"], "plan_model_digest": meta.get("diffquant.plan_model_digest", "")}
             if cfg.backend == "tensorrt":
-                from diffquant.engines.tensorrt import TrtBuildConfig, build_trt_engine
+                from diffquant.engines.tensorrt import build_trt_engine
 
-                tcfg = TrtBuildConfig(cfg.batch, cfg.dynamic, cfg.max_batch, cfg.opt_level, cfg.workspace_gb, cfg.timing_cache_dir)
                 entry["file"] = Path(g["file"]).with_suffix(".engine").name
-                entry.update(build_trt_engine(onnx_file, tmp / entry["file"], runtime["inputs"], tcfg))
+                entry.update(build_trt_engine(onnx_file, tmp / entry["file"], runtime["inputs"], cfg.tensorrt))
             else:
                 import onnxruntime
 

@@ -244,13 +244,14 @@ def _keep(opened: list, engine: Engine) -> Engine:
 def _trt_engine(run: Path, folder: str) -> Engine:
     """The TensorRT engines of ``folder``, or built into ``run/engine-trt`` from the run's graph."""
     from diffquant.engines.bundle import BuildConfig, build
-    from diffquant.engines.tensorrt import import_tensorrt
+    from diffquant.engines.tensorrt import TrtBuildConfig, import_tensorrt
 
     import_tensorrt()
     if not folder:
         folder = str(run / "engine-trt")
         if not Path(folder).exists():
             report = json.loads((run / "report.json").read_text())
-            build(run / Path(report["onnx"]).name, folder, BuildConfig(backend="tensorrt", batch=16, dynamic=True, max_batch=64))
+            trt = TrtBuildConfig(batch=16, dynamic=True, max_batch=64)
+            build(run / Path(report["onnx"]).name, folder, BuildConfig(backend="tensorrt", tensorrt=trt))
     engine, _ = EnginesFromFolder(folder)
     return engine
