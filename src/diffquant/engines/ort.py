@@ -66,7 +66,8 @@ class OrtEngine(Engine):
 
 
 def EngineFromOnnx(model: str | Path | onnx.ModelProto, backend: str = "onnxruntime", **kwargs) -> Engine:  # noqa: N802
-    """Loader: an Engine for ``model`` on ``backend`` (``onnxruntime``; TensorRT comes later)."""
+    """Loader: an ONNX Runtime Engine for ``model``. TensorRT engines are built ahead of time:
+    `diffquant build --backend tensorrt`, then `EnginesFromFolder`."""
     if backend == "onnxruntime":
         return OrtEngine(model, **kwargs)
-    raise DiffquantError(f"backend {backend!r} is not available; use onnxruntime")
+    raise DiffquantError(f"backend {backend!r} cannot load an ONNX file directly; build an engine folder with `diffquant build --backend {backend}` and load it with EnginesFromFolder")
