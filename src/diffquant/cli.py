@@ -173,10 +173,11 @@ def cmd_generate(a: argparse.Namespace) -> int:
 
 
 def cmd_validate(a: argparse.Namespace) -> int:
-    from diffquant.eval.validate import ValidateConfig, validate
+    from diffquant.eval.validate import ValidateConfig
+    from diffquant.workflow import validate_run
 
     against = [x.strip() for x in a.against.split(",") if x.strip()]
-    res = validate(a.run, ValidateConfig(against=against, engine=a.engine or "", timesteps=a.timesteps, samples=a.samples))
+    res = validate_run(a.run, ValidateConfig(against=against, engine=a.engine or "", timesteps=a.timesteps, samples=a.samples))
     print(res.table())
     print(f"validation {'PASS' if res.passed else 'FAIL'}: {a.run}/validate.json, {a.run}/validate.md")
     for hint in res.hints():

@@ -7,6 +7,7 @@ the whole job succeeded, so a failed run leaves nothing half-written.
 from __future__ import annotations
 
 import copy
+import json
 import shutil
 import tempfile
 import time
@@ -20,19 +21,20 @@ import torch
 from diffquant._io import write_json
 from diffquant.calib_data import CalibConfig, collect
 from diffquant.calib_data.collect import pick_inputs
-from diffquant.engines import GroupedEngine, OrtEngine
+from diffquant.engines import Engine, GroupedEngine, OrtEngine
 from diffquant.errors import DiffquantError
 from diffquant.eval import check_parity, merge_parity, save_grid, score_samples, write_markdown
+from diffquant.eval.validate import ValidateConfig, validate
 from diffquant.exporters import export
 from diffquant.models.data import load_digits_tensor
 from diffquant.models.denoiser import Denoiser
 from diffquant.models.loading import load_classifier, load_denoiser
 from diffquant.models.sampler import SamplerConfig, class_batch, ddim_sample
 from diffquant.pipeline import load_recipe, quantize
-from diffquant.quant import apply_plan
+from diffquant.quant import QuantPlan, apply_plan
 from diffquant.quant.format import parse_bits
 
-__all__ = ["RunConfig", "engine_eps_fn", "run_job"]
+__all__ = ["RunConfig", "engine_eps_fn", "run_job", "validate_run"]
 
 
 @dataclass
@@ -58,7 +60,7 @@ class RunConfig:
     progress: bool = True
 
 
-def engine_eps_fn(engine: OrtEngine, batch: int = 256):
+def engine_eps_fn(engine: Engine, batch: int = 256):
     """Wrap an engine as a torch noise-prediction function for the sampler."""
 
     def eps(x: torch.Tensor, t: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
@@ -176,3 +178,19 @@ def _run(cfg: RunConfig, recipe, bits: str, tmp: Path, out: Path) -> dict:
     write_json(tmp / "report.json", report)
     write_markdown(report, tmp / "report.md")
     return report
+
+
+def validate_run(run_dir: str | Path, cfg: ValidateConfig | None = None):
+    """`diffquant validate`: the run's model and recorded inputs from its (cached) calibration
+    data at ``cfg.timesteps`` timesteps (each timestep group covered), then `eval.validate`."""
+    cfg = cfg or ValidateConfig()
+    run = Path(run_dir)
+    rpath = run / "report.json"
+    if not rpath.exists():
+        raise DiffquantError(f"{run} is not a run folder (no report.json); make one with `diffquant run`")
+    report = json.loads(rpath.read_text())
+    denoiser = load_denoiser(report["model"])
+    plan = QuantPlan.load(run / "plan")
+    st = report["settings"]
+    calib = collect(denoiser, CalibConfig(samples=st["calib_samples"], steps=st["steps"], timesteps=st["calib_timesteps"], guidance=st["guidance"]), progress=cfg.progress)
+    return validate(run, denoiser, pick_inputs(calib, cfg.timesteps, cfg.samples, plan.group_of, plan.n_groups), cfg)

@@ -101,6 +101,16 @@ def test_timestep_groups_export_one_graph_per_group(calib_cache, tmp_path):
         assert inputs
         r = check_parity(fq, model, inputs)
         assert r.max_step_error <= 1.0
+    # a deep copy of the fake-quant model switches its own wrappers, not the original's
+    from diffquant.quant.modules import quant_modules
+
+    copied = copy.deepcopy(fq)
+    ts1 = next(t for t in calib.timesteps if plan.group_of(t) == 1)
+    with torch.no_grad():
+        fq(*calib.at(next(t for t in calib.timesteps if plan.group_of(t) == 0), 1))
+        copied(*calib.at(ts1, 1))
+    assert {m.group for m in quant_modules(copied.model).values()} == {1}
+    assert {m.group for m in quant_modules(fq.model).values()} == {0}
     # the engine folder switches graph by timestep
     out = build(res.graphs[0], tmp_path / "eng")
     engine, runtime = EnginesFromFolder(out)
@@ -208,7 +218,8 @@ def test_validate_run_folder(calib_cache, tmp_path):
     plan.save(tmp_path / "plan")
     report = {"model": "tiny", "target": "tensorrt", "onnx": str(res.qdq_onnx), "graphs": [str(res.qdq_onnx)], "timestep_groups": [], "settings": {}}
     (tmp_path / "report.json").write_text(json.dumps(report))
-    r = validate(tmp_path, ValidateConfig(against=["fp", "fake-quant", "tensorrt"], timesteps=3, samples=2, progress=False), denoiser=d, calib=calib)
+    inputs = [(ts, *calib.at(ts, 2)) for ts in calib.timesteps]
+    r = validate(tmp_path, d, inputs, ValidateConfig(against=["fp", "fake-quant", "tensorrt"], progress=False))
     comps = {row.comparison for row in r.rows}
     assert comps == {"fp", "fake-quant"}
     assert all(row.passed for row in r.rows if row.comparison == "fp")
@@ -217,5 +228,5 @@ def test_validate_run_folder(calib_cache, tmp_path):
     assert len(saved["rows"]) == len(r.rows) == 6
     assert (tmp_path / "validate_inputs.json").exists()
     # an impossible threshold fails and names the timestep, the output and how to look closer
-    strict = validate(tmp_path, ValidateConfig(against=["fake-quant"], timesteps=1, samples=2, thresholds={"fake-quant": {"cosine": 1.0001}}, progress=False), denoiser=d, calib=calib)
+    strict = validate(tmp_path, d, inputs[:1], ValidateConfig(against=["fake-quant"], thresholds={"fake-quant": {"cosine": 1.0001}}, progress=False))
     assert not strict.passed and "fails at timestep" in strict.hints()[0] and "noise_pred" in strict.hints()[0]

@@ -27,11 +27,8 @@ from polygraphy.logger import G_LOGGER
 
 from diffquant._groups import group_index
 from diffquant._io import atomic_path, write_json, write_text
-from diffquant.calib_data import CalibConfig, collect
-from diffquant.calib_data.collect import pick_inputs
 from diffquant.engines import Engine, EnginesFromFolder, GroupedEngine, OrtEngine
 from diffquant.errors import DiffquantError
-from diffquant.models.loading import load_denoiser
 from diffquant.quant import QuantPlan, apply_plan
 
 __all__ = ["COMPARISONS", "OutputVerdict", "ValidateConfig", "ValidationResult", "validate"]
@@ -47,8 +44,9 @@ COMPARISONS = {
 
 @dataclass
 class ValidateConfig:
-    """Which comparisons, on how many recorded inputs; ``thresholds`` overrides a comparison's
-    ``{"cosine": c, "snr_db": s}``; ``engine`` is a TensorRT engine folder (default: build one)."""
+    """Which comparisons, on how many recorded inputs (timesteps x samples, used by the caller
+    that records them); ``thresholds`` overrides a comparison's ``{"cosine": c, "snr_db": s}``;
+    ``engine`` is a TensorRT engine folder (default: build one)."""
 
     against: list[str] = field(default_factory=lambda: ["fake-quant", "fp"])
     engine: str = ""
@@ -160,10 +158,10 @@ def _metrics(ref: np.ndarray, got: np.ndarray) -> tuple[float, float, float]:
     return cos, float(snr), float(np.abs(a - b).max())
 
 
-def validate(run_dir: str | Path, cfg: ValidateConfig | None = None, denoiser=None, calib=None) -> ValidationResult:
-    """Compare a run's graphs per ``cfg.against``; writes ``validate.json`` and ``validate.md``
-    into the run folder, plus the recorded inputs in Polygraphy's JSON format for bisecting.
-    ``denoiser``/``calib`` default to the run's model and its (cached) calibration data."""
+def validate(run_dir: str | Path, denoiser, inputs: list, cfg: ValidateConfig | None = None) -> ValidationResult:
+    """Compare a run's graphs per ``cfg.against`` on recorded ``inputs`` ((timestep, x, t, cond),
+    e.g. from `diffquant.workflow.validate_run`); writes ``validate.json`` and ``validate.md``
+    into the run folder, plus the inputs in Polygraphy's JSON format for bisecting."""
     cfg = cfg or ValidateConfig()
     run = Path(run_dir)
     G_LOGGER.module_severity = G_LOGGER.CRITICAL  # our table is the report; Polygraphy's own log stays quiet
@@ -174,12 +172,7 @@ def validate(run_dir: str | Path, cfg: ValidateConfig | None = None, denoiser=No
     if not rpath.exists():
         raise DiffquantError(f"{run} is not a run folder (no report.json); make one with `diffquant run`")
     report = json.loads(rpath.read_text())
-    denoiser = denoiser or load_denoiser(report["model"])
     plan = QuantPlan.load(run / "plan")
-    if calib is None:
-        st = report["settings"]
-        calib = collect(denoiser, CalibConfig(samples=st["calib_samples"], steps=st["steps"], timesteps=st["calib_timesteps"], guidance=st["guidance"]), progress=cfg.progress)
-    inputs = pick_inputs(calib, cfg.timesteps, cfg.samples, plan.group_of, plan.n_groups)
     feeds = [OrderedDict(sample=x.numpy(), timestep=t.numpy().astype(np.float32), cond=c.numpy()) for _, x, t, c in inputs]
     timesteps = [float(ts) for ts, *_ in inputs]
     specs = {k: (v.dtype, v.shape) for k, v in feeds[0].items()}

@@ -46,19 +46,16 @@ class _QuantMixin:
 
     group: int = 0  # current timestep group (set by apply_plan's hook when the plan has several)
 
-    def current_act_scale(self) -> torch.Tensor:
-        s = self.act_scale
+    def _at_group(self, s: torch.Tensor) -> torch.Tensor:
+        """A scalar scale, or the current group's entry of a per-group one."""
         return s if s.dim() == 0 else s[self.group]
 
     def quant_output(self, y: torch.Tensor) -> torch.Tensor:
-        if self.out_scale is None:
-            return y
-        s = self.out_scale if self.out_scale.dim() == 0 else self.out_scale[self.group]
-        return fake_quant(y, s, OUT_FORMAT)
+        return y if self.out_scale is None else fake_quant(y, self._at_group(self.out_scale), OUT_FORMAT)
 
     def quant_input(self, x: torch.Tensor) -> torch.Tensor:
         if self.act_format is not None:
-            x = fake_quant(x, self.current_act_scale(), self.act_format)
+            x = fake_quant(x, self._at_group(self.act_scale), self.act_format)
         if self.capture:
             self.captured = x.detach()
         return x
@@ -130,10 +127,10 @@ def apply_plan(model: nn.Module, plan: QuantPlan, check_digest: bool = True, tar
 
 def _install_group_hook(model: nn.Module, plan: QuantPlan) -> None:
     """Before every forward, point each wrapper at the timestep group of the batch's timestep
-    (the diffusers ``timestep`` argument); a batch mixing groups is refused."""
-    mods = list(quant_modules(model).values())
+    (the diffusers ``timestep`` argument); a batch mixing groups is refused. The wrappers are
+    looked up on the module the hook runs on, so a deep copy of the model switches its own."""
 
-    def hook(_m: nn.Module, args: tuple, kwargs: dict) -> None:
+    def hook(root: nn.Module, args: tuple, kwargs: dict) -> None:
         t = kwargs.get("timestep", args[1] if len(args) > 1 else None)
         if t is None:
             raise DiffquantError("a plan with timestep groups needs the timestep argument to pick activation scales")
@@ -141,7 +138,7 @@ def _install_group_hook(model: nn.Module, plan: QuantPlan) -> None:
         if len(groups) != 1:
             raise DiffquantError(f"one batch mixes timestep groups {sorted(groups)}; run each group's timesteps separately")
         g = groups.pop()
-        for m in mods:
+        for m in quant_modules(root).values():
             m.group = g
 
     old = getattr(model, "_diffquant_group_hook", None)
