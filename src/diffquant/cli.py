@@ -23,6 +23,22 @@ def _add_model(p: argparse.ArgumentParser) -> None:
 def _add_recipe(p: argparse.ArgumentParser) -> None:
     p.add_argument("--recipe", default="minmax", help="recipe name (see recipes/) or a YAML path")
     p.add_argument("--bits", default=None, help="wNaK, e.g. w8a8, w4a8, w4a6 (default: the recipe's)")
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="PASS.OPTION=VALUE",
+                   help="override a pass option of the recipe, e.g. --set reconstruct.iters=2000 (repeatable)")
+
+
+def parse_overrides(items: list[str]) -> dict[str, dict]:
+    """``["reconstruct.iters=2000"]`` -> ``{"reconstruct": {"iters": 2000}}`` (values parsed as YAML)."""
+    import yaml
+
+    out: dict[str, dict] = {}
+    for item in items:
+        key, eq, value = item.partition("=")
+        pass_name, dot, option = key.partition(".")
+        if not eq or not dot or not pass_name or not option:
+            raise DiffquantError(f"--set {item!r}: expected PASS.OPTION=VALUE, e.g. reconstruct.iters=2000")
+        out.setdefault(pass_name, {})[option] = yaml.safe_load(value)
+    return out
 
 
 def _print_summary(report: dict, out: str) -> None:
@@ -56,7 +72,7 @@ def cmd_run(a: argparse.Namespace) -> int:
     cfg = RunConfig(
         model=a.model, recipe=a.recipe, bits=a.bits, target=a.target, out=a.out, samples=a.samples,
         steps=a.steps, seed=a.seed, guidance=a.guidance, calib_samples=a.calib_samples, progress=not a.quiet,
-        parity_cosine=a.parity_cosine, timestep_groups=a.timestep_groups,
+        parity_cosine=a.parity_cosine, timestep_groups=a.timestep_groups, overrides=parse_overrides(a.overrides),
     )
     report = run_job(cfg)
     _print_summary(report, a.out)
@@ -67,6 +83,7 @@ def cmd_demo(a: argparse.Namespace) -> int:
     a.out = a.out or f"runs/demo-{time.strftime('%Y%m%d-%H%M%S')}"
     a.model, a.recipe, a.bits, a.target = "builtin:digits-sd", "minmax", "w8a8", "tensorrt"
     a.steps, a.seed, a.guidance, a.calib_samples, a.parity_cosine, a.timestep_groups = 25, 0, 3.0, 32, 0.99, 1
+    a.overrides = []
     print(f"diffquant demo: quantizing builtin:digits-sd to W8A8 (minmax), exporting a TensorRT-ready Q/DQ graph, "
           f"and checking it with ONNX Runtime ({a.samples} samples) -> {a.out}")
     return cmd_run(a)
@@ -88,7 +105,7 @@ def cmd_quantize(a: argparse.Namespace) -> int:
     from diffquant.pipeline import load_recipe, quantize
 
     d = load_denoiser(a.model)
-    recipe = load_recipe(a.recipe)
+    recipe = load_recipe(a.recipe, parse_overrides(a.overrides))
     calib = load_calib(a.calib) if a.calib else collect(d, CalibConfig(samples=a.calib_samples))
     out = Path(a.out)
     if out.exists():

@@ -11,7 +11,7 @@ import json
 import shutil
 import tempfile
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -58,6 +58,7 @@ class RunConfig:
     parity_cosine: float = 0.99
     batch_size: int = 128
     progress: bool = True
+    overrides: dict = field(default_factory=dict)  # pass name -> option values replacing the recipe's
 
 
 def engine_eps_fn(engine: Engine, batch: int = 256):
@@ -89,7 +90,7 @@ def run_job(cfg: RunConfig) -> dict:
     out = Path(cfg.out)
     if out.exists():
         raise DiffquantError(f"output folder {out} already exists; pass another --out or delete it")
-    recipe = load_recipe(cfg.recipe)
+    recipe = load_recipe(cfg.recipe, cfg.overrides)
     bits = parse_bits(cfg.bits or recipe.bits).text
     if cfg.samples < 10:
         raise DiffquantError(f"--samples must be at least 10 (one per class), got {cfg.samples}")

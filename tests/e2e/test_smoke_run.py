@@ -27,3 +27,20 @@ def test_smoke_run_digits_sd(tmp_path, monkeypatch, capsys):
     for f in ("unet.qdq.onnx", "unet.fp32.onnx", "report.md", "samples_compare.png", "plan/plan.json"):
         assert (out / f).exists(), f
     assert main(["lint", str(out / "unet.qdq.onnx")]) == 0
+
+
+@pytest.mark.e2e
+def test_smoke_qdiffusion_run_digits_dit(tmp_path, monkeypatch, capsys):
+    # the reconstruction recipe end to end on a real builtin model, iterations cut by --set
+    monkeypatch.setenv("DIFFQUANT_CACHE", str(tmp_path / "cache"))
+    out = tmp_path / "run"
+    rc = main(["run", "--model", "builtin:digits-dit", "--recipe", "qdiffusion", "--bits", "w4a8", "--target", "onnxruntime",
+               "--set", "reconstruct.iters=20", "--set", "reconstruct.samples=64", "--out", str(out),
+               "--samples", "20", "--steps", "10", "--calib-samples", "8", "--quiet"])
+    assert rc == 0, capsys.readouterr()
+    r = json.loads((out / "report.json").read_text())
+    assert r["recipe"] == "qdiffusion" and r["parity"]["max_step_error"] <= 1.0
+    plan = json.loads((out / "plan" / "plan.json").read_text())
+    assert plan["recipe"]["passes"][-1]["config"]["iters"] == 20
+    assert all(any(n.startswith("reconstructed in unit") for n in lp["notes"]) for lp in plan["layers"] if lp["weight"] or lp["act"])
+    assert not (tmp_path / "cache" / "reconstruct").exists() or not any((tmp_path / "cache" / "reconstruct").iterdir())

@@ -152,18 +152,22 @@ def lower_plan(
     graph = gs.import_onnx(fp_model)
     tensors = graph.tensors()
     result = LoweringResult(model=fp_model)
-    act_q: dict[str, tuple[gs.Variable, float, str]] = {}  # input tensor name -> (dq out, scale, group)
+    act_q: dict[str, tuple] = {}  # input tensor name -> (dq out, scale, first layer, smoothing bytes)
     int4: set[str] = set()
     for lp in plan.quantized_layers():
         weight_name = f"{MODULE_PREFIX}{lp.name}.weight"
         node, how = _find_weight_consumer(graph, weight_name, lp.name)
         info: dict = {"node": node.name, "op": node.op}
+        if lp.split and lp.act:
+            if node.op != "Conv" or not lp.weight:
+                raise DiffquantError(f"layer {lp.name}: a shortcut split lowers only on a conv with quantized weights")
+            add = _split_conv(graph, node, lp, _plan_weight(lp, plan, weights, tensors[weight_name]), plan, group, act_q, result, prof, fdtype, info)
+            if prof.requantize_conv_outputs:  # after the Add: the same output rounding as fake-quant (not fused)
+                info["output"] = _requantize_output(graph, add, lp, plan.out_scale(lp.name, group), prof, fdtype, result)
+            result.realized[lp.name] = info
+            continue
         if lp.weight:
-            w = plan.tensors.get(f"{lp.name}.weight")
-            if w is None and weights is not None and f"{lp.name}.weight" in weights:
-                w = weights[f"{lp.name}.weight"]
-            if w is None:
-                w = torch.from_numpy(np.asarray(tensors[weight_name].values).astype(np.float32))
+            w = _plan_weight(lp, plan, weights, tensors[weight_name])
             dq_out, wi = _weight_dq(lp, w, plan.weight_scale(lp.name), node, how, fdtype, prof)
             graph.nodes.append(wi["node"])
             node.inputs[1] = dq_out
@@ -174,23 +178,11 @@ def lower_plan(
             info["weight"] = "FP"
         if lp.act:
             x = node.inputs[0]
-            scale = float(plan.act_scale(lp.name, group))
-            if x.name in act_q:
-                dq_out, prev, first = act_q[x.name]
-                if prev != scale:
-                    raise DiffquantError(
-                        f"layers {first} and {lp.name} read the same tensor {x.name!r} with different activation "
-                        f"scales ({prev:g} vs {scale:g}); TensorRT needs one Q/DQ per tensor: give them one input group"
-                    )
-                result.act_dq[dq_out.name]["layers"].append(lp.name)
-            else:
-                base = lp.input_group or lp.name
-                dq_out = _qdq(graph, x, base, "act", scale, lp.act, prof, fdtype)
-                act_q[x.name] = (dq_out, scale, lp.name)
-                result.act_dq[dq_out.name] = {"input": x.name, "layers": [lp.name], "scale": scale, "bits": lp.act.bits}
-            node.inputs[0] = dq_out
+            smooth = plan.tensors.get(f"{lp.name}.act_smooth")
+            node.inputs[0] = _shared_qdq(graph, x, lp, float(plan.act_scale(lp.name, group)), smooth, node.op, act_q, result, prof, fdtype)
             clip = "" if lp.act.bits == 8 else f", Clip to {lp.act.bits}-bit range"
-            info["act"] = f"{np.dtype(prof.act_dtype).name.upper()} per-tensor{clip}"
+            extra = ", per-channel Mul before Q (equivalent scaling)" if smooth is not None else ""
+            info["act"] = f"{np.dtype(prof.act_dtype).name.upper()} per-tensor{clip}{extra}"
         else:
             info["act"] = "FP"
         if prof.requantize_conv_outputs and node.op == "Conv" and lp.act:
@@ -222,6 +214,74 @@ def lower_plan(
         model.metadata_props.add(key=k, value=v)
     result.model = model
     return result
+
+
+def _shared_qdq(graph, x: gs.Variable, lp: LayerPlan, scale: float, smooth, op: str, act_q: dict, result: LoweringResult, prof: TargetProfile, fdtype, kind: str = "act") -> gs.Variable:
+    """The activation Q/DQ of tensor ``x`` for layer ``lp``: reused when another quantized layer
+    already reads ``x`` (it must have the same scale and smoothing: one Q/DQ per tensor), else
+    ``[Mul by the smoothing vector ->] [Clip ->] Q -> DQ``."""
+    key = None if smooth is None else np.asarray(smooth, dtype=np.float32).tobytes()
+    if x.name in act_q:
+        dq_out, prev, first, prev_key = act_q[x.name]
+        if prev != scale or prev_key != key:
+            what = "activation scales" if prev != scale else "smoothing vectors"
+            raise DiffquantError(
+                f"layers {first} and {lp.name} read the same tensor {x.name!r} with different {what} "
+                f"({prev:g} vs {scale:g}); TensorRT needs one Q/DQ per tensor: give them one input group"
+            )
+        result.act_dq[dq_out.name]["layers"].append(lp.name)
+        return dq_out
+    base = f"{lp.input_group or lp.name}" if kind == "act" else f"{lp.name}.{kind}"
+    src = x
+    if smooth is not None:
+        shape = [-1] + ([1, 1] if op == "Conv" else [])
+        m = gs.Constant(f"{base}.act_smooth", np.asarray(smooth, dtype=np.float32).reshape(shape).astype(fdtype))
+        src = gs.Variable(f"{base}.act_smoothed", dtype=fdtype)
+        graph.nodes.append(gs.Node("Mul", f"{base}.act_smooth_Mul", inputs=[x, m], outputs=[src]))
+    dq_out = _qdq(graph, src, base, "act", scale, lp.act, prof, fdtype)
+    act_q[x.name] = (dq_out, scale, lp.name, key)
+    result.act_dq[dq_out.name] = {"input": src.name, "layers": [lp.name], "scale": scale, "bits": lp.act.bits}
+    return dq_out
+
+
+def _plan_weight(lp: LayerPlan, plan: QuantPlan, weights, init) -> torch.Tensor:
+    w = plan.tensors.get(f"{lp.name}.weight")
+    if w is None and weights is not None and f"{lp.name}.weight" in weights:
+        w = weights[f"{lp.name}.weight"]
+    if w is None:
+        w = torch.from_numpy(np.asarray(init.values).astype(np.float32))
+    return w
+
+
+def _split_conv(graph, node: gs.Node, lp: LayerPlan, w: torch.Tensor, plan: QuantPlan, group: int, act_q: dict, result: LoweringResult, prof: TargetProfile, fdtype, info: dict) -> gs.Node:
+    """Shortcut split, lowered exactly: conv([h, skip], W) = conv(h, W[:, :c]) + conv(skip, W[:, c:]).
+    Each half conv reads its own DQ (a Q/DQ on each concat input, the skip one shared with the
+    other quantized reader of that tensor) and INT8 weights on the same per-channel scales, so
+    both stay DQ -> Conv patterns that TensorRT fuses; a DQ feeding a Concat would not (the
+    linter's qdq-placement rule), and the original Concat keeps feeding the FP GroupNorm path."""
+    cat = node.inputs[0].inputs[0] if node.inputs[0].inputs else None
+    if cat is None or cat.op != "Concat" or len(cat.inputs) != 2 or cat.attrs.get("axis") not in (1, -3):
+        raise DiffquantError(f"layer {lp.name}: the plan splits its input, but the graph does not feed it a two-input channel Concat")
+    c, scale = lp.split, plan.weight_scale(lp.name)
+    half1 = LayerPlan(name=f"{lp.name}.half1", op=lp.op, rule=lp.rule, weight=lp.weight, act=lp.act)
+    w0, wi = _weight_dq(lp, w[:, :c], scale, node, "direct", fdtype, prof)
+    w1, wi1 = _weight_dq(half1, w[:, c:], scale, node, "direct", fdtype, prof)
+    graph.nodes += [wi["node"], wi1["node"]]
+    dqs = [
+        _shared_qdq(graph, piece, LayerPlan(name=lp.name, op=lp.op, rule=lp.rule, act=lp.act), float(plan.act_scale(lp.name, group, half)), None, "Conv", act_q, result, prof, fdtype, kind=f"act{half}")
+        for half, piece in enumerate(cat.inputs)
+    ]
+    y = node.outputs[0]
+    part0, part1 = gs.Variable(f"{lp.name}.part0", dtype=fdtype), gs.Variable(f"{lp.name}.part1", dtype=fdtype)
+    node.inputs[0], node.inputs[1] = dqs[0], w0
+    node.outputs = [part0]
+    graph.nodes.append(gs.Node("Conv", f"{lp.name}.half1_Conv", dict(node.attrs), [dqs[1], w1], [part1]))
+    add = gs.Node("Add", f"{lp.name}.split_Add", inputs=[part0, part1], outputs=[y])
+    graph.nodes.append(add)
+    clip = "" if lp.act.bits == 8 else f", Clip to {lp.act.bits}-bit range"
+    info["weight"] = f"{wi['desc']}, split in two convs at input channel {c}"
+    info["act"] = f"{np.dtype(prof.act_dtype).name.upper()} per-tensor{clip}, one Q/DQ per concat input (shortcut split: two convs + Add)"
+    return add
 
 
 def _requantize_output(graph: gs.Graph, node: gs.Node, lp: LayerPlan, scale: float | None, prof: TargetProfile, fdtype, result: LoweringResult) -> str:

@@ -1,6 +1,9 @@
 """Passes that decide a QuantPlan, and recipes that compose them."""
 
-from diffquant.pipeline import minmax as _minmax  # noqa: F401  (registers the pass)
+from diffquant.pipeline import minmax as _minmax  # noqa: F401  (registers the passes)
+from diffquant.pipeline import reconstruct as _reconstruct  # noqa: F401
+from diffquant.pipeline import smoothquant as _smoothquant  # noqa: F401
+from diffquant.pipeline import split as _split  # noqa: F401
 from diffquant.pipeline.recipes import Recipe, available_recipes, decide_targets, load_recipe, quantize
 from diffquant.pipeline.registry import PASSES, register_pass
 

@@ -3,7 +3,9 @@ per calibration timestep, the input range (and a value sample for percentile / M
 the output range (for targets that requantize layer outputs).
 
 Layers that read the very same tensor (Q/K/V, cross-attention K/V) are grouped: the deployed
-graph has one Q/DQ per tensor, so a group gets one scale.
+graph has one Q/DQ per tensor, so a group gets one scale. A shortcut-split layer (input is a
+channel concat [h, skip]) is observed as two quantizers, ``<layer>#0`` and ``<layer>#1``, each
+grouped with the other readers of its half (the skip tensor also feeds the next down layer).
 """
 
 from __future__ import annotations
@@ -13,11 +15,12 @@ from dataclasses import dataclass, field
 
 import torch
 from torch import nn
+from torch.overrides import TorchFunctionMode
 from tqdm.auto import tqdm
 
 from diffquant.calib_data import CalibSet
 
-__all__ = ["ActStats", "observe_activations"]
+__all__ = ["ActStats", "CatRecorder", "concat_inputs", "observe_activations", "quantizer_keys"]
 
 SAMPLE_PER_BATCH = 4096
 
@@ -29,7 +32,15 @@ class ActStats:
     amax: dict[str, dict[float, float]] = field(default_factory=lambda: defaultdict(dict))
     out_amax: dict[str, dict[float, float]] = field(default_factory=lambda: defaultdict(dict))
     samples: dict[str, dict[float, list[torch.Tensor]]] = field(default_factory=lambda: defaultdict(lambda: defaultdict(list)))
+    sample_amax: dict[str, dict[float, list[float]]] = field(default_factory=lambda: defaultdict(lambda: defaultdict(list)))
+    channel_amax: dict[str, torch.Tensor] = field(default_factory=dict)
     groups: dict[str, str] = field(default_factory=dict)
+
+    def min_mean_amax(self, key: str, timesteps: list[float] | None = None) -> float:
+        """NVIDIA's diffusion reduction: per timestep the mean over samples of each sample's
+        input range, then the minimum over timesteps."""
+        per_t = [sum(v) / len(v) for t, v in self.sample_amax[key].items() if v and (timesteps is None or t in timesteps)]
+        return min(per_t)
 
     @staticmethod
     def _reduce(per_t: dict[float, float], how: str, timesteps: list[float] | None) -> float:
@@ -37,7 +48,10 @@ class ActStats:
         return max(vals) if how == "max" else sum(vals) / len(vals)
 
     def reduced_amax(self, layer: str, how: str = "max", timesteps: list[float] | None = None) -> float:
-        """Reduce the per-timestep input ranges (of ``timesteps``, default all): ``max`` or ``mean``."""
+        """Reduce the per-timestep input ranges (of ``timesteps``, default all): ``max``, ``mean``,
+        or ``min-mean`` (see `min_mean_amax`)."""
+        if how == "min-mean":
+            return self.min_mean_amax(layer, timesteps)
         return self._reduce(self.amax[layer], how, timesteps)
 
     def reduced_out_amax(self, layer: str, timesteps: list[float] | None = None) -> float:
@@ -49,30 +63,123 @@ class ActStats:
         return [v for t, vs in self.samples[layer].items() if timesteps is None or t in timesteps for v in vs]
 
 
+class CatRecorder(TorchFunctionMode):
+    """Records every channel concat (``torch.cat`` along dim 1 of two tensors) run under it:
+    output id -> its pieces. The tensors are kept alive so ids stay unique."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.pieces: dict[int, tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = {}
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        out = func(*args, **kwargs)
+        if func is torch.cat:
+            seq = args[0] if args else kwargs.get("tensors")
+            dim = args[1] if len(args) > 1 else kwargs.get("dim", 0)
+            if isinstance(out, torch.Tensor) and len(seq) == 2 and out.dim() >= 2 and dim in (1, 1 - out.dim()):
+                self.pieces[id(out)] = (seq[0], seq[1], out)
+        return out
+
+
+@torch.no_grad()
+def concat_inputs(model: nn.Module, layers: list[str], inputs: tuple) -> dict[str, int]:
+    """Layers (of ``model.model``) whose input is a two-piece channel concat, with the first
+    piece's channel count: in a UNet decoder ResBlock that is the skip conv reading [h, skip]."""
+    modules = dict(model.model.named_modules())
+    found: dict[str, int] = {}
+    rec = CatRecorder()
+
+    def make_hook(name: str):
+        def hook(_m: nn.Module, args: tuple) -> None:
+            p = rec.pieces.get(id(args[0]))
+            if p is not None:
+                found[name] = int(p[0].shape[1])
+
+        return hook
+
+    handles = [modules[n].register_forward_pre_hook(make_hook(n)) for n in layers]
+    try:
+        with rec:
+            model(*inputs)
+    finally:
+        for h in handles:
+            h.remove()
+    return found
+
+
+def quantizer_keys(name: str, split: int) -> list[str]:
+    """Stats keys of a layer's activation quantizers: the layer, or ``#0``/``#1`` halves."""
+    return [f"{name}#0", f"{name}#1"] if split else [name]
+
+
+def _tensor_key(x: torch.Tensor) -> tuple:
+    return (x.data_ptr(), tuple(x.shape), tuple(x.stride()))
+
+
 @torch.no_grad()
 def observe_activations(
-    model: nn.Module, layers: list[str], calib: CalibSet, keep_samples: bool = False, batch_size: int = 256, progress: bool = True
+    model: nn.Module,
+    layers: list[str],
+    calib: CalibSet,
+    keep_samples: bool = False,
+    batch_size: int = 256,
+    progress: bool = True,
+    splits: dict[str, int] | None = None,
+    multipliers: dict[str, torch.Tensor] | None = None,
+    channel_amax: set[str] | None = None,
 ) -> ActStats:
-    """Run ``model`` (the full denoiser, whose ``.model`` holds ``layers``) over ``calib``."""
+    """Run ``model`` (the full denoiser, whose ``.model`` holds ``layers``) over ``calib``.
+
+    ``splits`` names shortcut-split layers (first-half channels); ``multipliers`` are
+    per-input-channel factors applied before observing (equivalent scaling already decided);
+    ``channel_amax`` names layers whose per-input-channel range is also kept (SmoothQuant)."""
     stats = ActStats()
+    splits = splits or {}
+    multipliers = multipliers or {}
+    channel_amax = channel_amax or set()
     modules = dict(model.model.named_modules())
     current = {"t": 0.0}
     first_inputs: dict[str, torch.Tensor] = {}
     gen = torch.Generator().manual_seed(0)
+    rec = CatRecorder()
     handles = []
 
+    def record(key: str, x: torch.Tensor) -> None:
+        t = current["t"]
+        per_sample = x.detach().abs().reshape(len(x), -1).amax(dim=1)
+        stats.amax[key][t] = max(stats.amax[key].get(t, 0.0), float(per_sample.max()))
+        stats.sample_amax[key][t].extend(per_sample.tolist())
+        if keep_samples:
+            flat = x.detach().reshape(-1)
+            idx = torch.randint(0, flat.numel(), (min(SAMPLE_PER_BATCH, flat.numel()),), generator=gen)
+            stats.samples[key][t].append(flat[idx].float().clone())
+
     def make_hook(name: str):
+        is_conv = isinstance(modules[name], nn.Conv2d)
+
         def hook(_mod: nn.Module, args: tuple) -> None:
             x = args[0]
-            if name not in first_inputs:
-                first_inputs[name] = x
-            a = float(x.detach().abs().max())
-            prev = stats.amax[name].get(current["t"], 0.0)
-            stats.amax[name][current["t"]] = max(prev, a)
-            if keep_samples:
-                flat = x.detach().reshape(-1)
-                idx = torch.randint(0, flat.numel(), (min(SAMPLE_PER_BATCH, flat.numel()),), generator=gen)
-                stats.samples[name][current["t"]].append(flat[idx].float().clone())
+            if name in multipliers:
+                shape = [1] * x.dim()
+                shape[1 if is_conv else -1] = -1
+                x = x * multipliers[name].reshape(shape)
+            if name in channel_amax:
+                axis = 1 if is_conv else x.dim() - 1
+                dims = [d for d in range(x.dim()) if d != axis]
+                cur = x.detach().abs().amax(dim=dims)
+                prev = stats.channel_amax.get(name)
+                stats.channel_amax[name] = cur if prev is None else torch.maximum(prev, cur)
+            split = splits.get(name, 0)
+            if not split:
+                first_inputs.setdefault(name, args[0])
+                record(name, x)
+                return
+            pieces = rec.pieces.get(id(args[0]))
+            halves = (x[:, :split], x[:, split:])
+            for i, key in enumerate(quantizer_keys(name, split)):
+                first_inputs.setdefault(key, pieces[i] if pieces is not None else halves[i])
+                record(key, halves[i])
 
         return hook
 
@@ -88,19 +195,20 @@ def observe_activations(
         handles.append(modules[name].register_forward_hook(make_out_hook(name)))
     try:
         total = sum(1 for _ in calib.batches(batch_size))
-        for ts, x, t, c in tqdm(calib.batches(batch_size), total=total, desc="observe", leave=False, disable=not progress):
+        for i, (ts, x, t, c) in enumerate(tqdm(calib.batches(batch_size), total=total, desc="observe", leave=False, disable=not progress)):
             current["t"] = ts
-            model(x, t, c)
+            if i == 0:  # the first batch also records concat pieces (for grouping split halves)
+                with rec:
+                    model(x, t, c)
+            else:
+                model(x, t, c)
     finally:
         for h in handles:
             h.remove()
-    # group layers whose first-batch input was the same tensor (kept alive in first_inputs)
+    # group quantizers whose first-batch input was the same tensor (kept alive in first_inputs)
     by_key: dict[tuple, str] = {}
     for name in layers:
-        x = first_inputs.get(name)
-        if x is None:
-            stats.groups[name] = name
-            continue
-        key = (x.data_ptr(), tuple(x.shape), tuple(x.stride()))
-        stats.groups[name] = by_key.setdefault(key, name)
+        for key in quantizer_keys(name, splits.get(name, 0)):
+            x = first_inputs.get(key)
+            stats.groups[key] = key if x is None else by_key.setdefault(_tensor_key(x), key)
     return stats

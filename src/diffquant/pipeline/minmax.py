@@ -8,19 +8,22 @@ from dataclasses import dataclass
 import torch
 
 from diffquant.errors import DiffquantError
-from diffquant.pipeline.activations import observe_activations
+from diffquant.pipeline.activations import ActStats, observe_activations, quantizer_keys
 from diffquant.pipeline.context import PassContext
 from diffquant.pipeline.observers import RANGE_METHODS, mse_amax, percentile_amax, weight_amax
 from diffquant.pipeline.registry import register_pass
 from diffquant.quant.fake import MIN_SCALE, scale_from_amax
 from diffquant.quant.modules import OUT_FORMAT
 
-__all__ = ["MinMaxConfig", "minmax_pass"]
+__all__ = ["MinMaxConfig", "minmax_pass", "observe_plan_inputs", "plan_weight", "smoothing_multipliers"]
 
 
 @dataclass
 class MinMaxConfig:
-    """Range settings. ``act_reduce`` reduces per-timestep ranges (``max`` or ``mean``)."""
+    """Range settings. ``act_reduce`` reduces per-timestep ranges (``max``, ``mean``, or
+    ``min-mean``: per timestep the mean over samples, then the minimum over timesteps);
+    ``conv_act_reduce`` (if set) overrides it for conv inputs (NVIDIA's recipe uses
+    ``min-mean`` on convs and ``max`` on linears)."""
 
     version: int = 1
     weight_range: str = "minmax"
@@ -30,22 +33,32 @@ class MinMaxConfig:
     mse_step: float = 0.01
     mse_p: float = 2.4
     act_reduce: str = "max"
+    conv_act_reduce: str = ""
     batch_size: int = 256
 
     def __post_init__(self) -> None:
         for f in ("weight_range", "act_range"):
             if getattr(self, f) not in RANGE_METHODS:
                 raise ValueError(f"{f} must be one of {RANGE_METHODS}, got {getattr(self, f)!r}")
-        if self.act_reduce not in ("max", "mean"):
-            raise ValueError(f"act_reduce must be 'max' or 'mean', got {self.act_reduce!r}")
+        for f in ("act_reduce", "conv_act_reduce"):
+            if getattr(self, f) not in REDUCTIONS + (("",) if f == "conv_act_reduce" else ()):
+                raise ValueError(f"{f} must be one of {REDUCTIONS}, got {getattr(self, f)!r}")
+
+
+REDUCTIONS = ("max", "mean", "min-mean")
+
+
+def plan_weight(ctx: PassContext, name: str) -> torch.Tensor:
+    """The FP weight the plan quantizes: a replacement from an earlier pass, else the model's."""
+    w = ctx.plan.tensors.get(f"{name}.weight")
+    return w if w is not None else ctx.denoiser.model.get_submodule(name).weight.detach()
 
 
 def calibrate_weights(ctx: PassContext, cfg: MinMaxConfig) -> None:
-    modules = dict(ctx.denoiser.model.named_modules())
     for lp in ctx.plan.quantized_layers():
         if not lp.weight:
             continue
-        w = modules[lp.name].weight
+        w = plan_weight(ctx, lp.name)
         amax = weight_amax(w, lp.weight, cfg.weight_range, cfg.percentile, cfg.mse_candidates, cfg.mse_step, cfg.mse_p)
         zero = int((amax <= 0).sum())
         if zero:
@@ -53,45 +66,69 @@ def calibrate_weights(ctx: PassContext, cfg: MinMaxConfig) -> None:
         ctx.plan.tensors[f"{lp.name}.weight_scale"] = scale_from_amax(amax, lp.weight)
 
 
-def calibrate_activations(ctx: PassContext, cfg: MinMaxConfig) -> None:
+def smoothing_multipliers(plan) -> dict[str, torch.Tensor]:
+    """Per-input-channel multipliers already decided (equivalent scaling), by layer."""
+    return {lp.name: plan.tensors[f"{lp.name}.act_smooth"] for lp in plan.quantized_layers() if f"{lp.name}.act_smooth" in plan.tensors}
+
+
+def observe_plan_inputs(ctx: PassContext, keep_samples: bool, batch_size: int) -> ActStats:
+    """Observe the inputs of the plan's activation-quantized layers, as the plan will see them
+    (shortcut splits as two quantizers, equivalent scaling applied)."""
     layers = [lp.name for lp in ctx.plan.quantized_layers() if lp.act]
-    if not layers:
+    splits = {lp.name: lp.split for lp in ctx.plan.quantized_layers() if lp.act and lp.split}
+    return observe_activations(
+        ctx.denoiser, layers, ctx.calib, keep_samples=keep_samples, batch_size=batch_size, progress=ctx.progress,
+        splits=splits, multipliers=smoothing_multipliers(ctx.plan),
+    )
+
+
+def calibrate_activations(ctx: PassContext, cfg: MinMaxConfig) -> None:
+    qlayers = [lp for lp in ctx.plan.quantized_layers() if lp.act]
+    if not qlayers:
         return
-    stats = observe_activations(ctx.denoiser, layers, ctx.calib, keep_samples=cfg.act_range != "minmax", batch_size=cfg.batch_size, progress=ctx.progress)
+    stats = observe_plan_inputs(ctx, cfg.act_range != "minmax", cfg.batch_size)
     ctx.act_stats = stats
+    # quantizer key -> (layer, plan tensor key); grouped by the tensor they read
+    where = {}
+    for lp in qlayers:
+        for half, key in enumerate(quantizer_keys(lp.name, lp.split)):
+            where[key] = (lp, f"{lp.name}.act_scale" + ("_split" if half else ""))
     members: dict[str, list[str]] = {}
-    for name in layers:
-        members.setdefault(stats.groups[name], []).append(name)
+    for key in where:
+        members.setdefault(stats.groups[key], []).append(key)
     ranges = ctx.plan.timestep_groups
     per_group = [[t for t in ctx.calib.timesteps if ctx.plan.group_of(t) == g] for g in range(ctx.plan.n_groups)]
     for g, ts in enumerate(per_group):
         if not ts:
             raise DiffquantError(f"timestep group {g} {ranges[g]} holds no calibration timestep; use fewer groups")
-    for group, names in members.items():
-        scales, out_scales = [], {n: [] for n in names}
+    shape = () if ctx.plan.n_groups == 1 else (-1,)
+    for group, keys in members.items():
+        lead = where[group][0]
+        how = cfg.conv_act_reduce if cfg.conv_act_reduce and lead.op == "conv" else cfg.act_reduce
+        scales = []
         for ts in per_group:
-            amax = torch.tensor(max(stats.reduced_amax(n, cfg.act_reduce, ts) for n in names))
+            amax = torch.tensor(max(stats.reduced_amax(k, how, ts) for k in keys))
             if cfg.act_range != "minmax":
-                values = torch.cat([v for n in names for v in stats.values(n, ts)])
+                values = torch.cat([v for k in keys for v in stats.values(k, ts)])
                 if cfg.act_range == "percentile":
                     amax = percentile_amax(values, cfg.percentile)
                 else:
-                    amax = mse_amax(values, amax, ctx.plan.layers[group].act, cfg.mse_candidates, cfg.mse_step, cfg.mse_p)
+                    amax = mse_amax(values, amax, lead.act, cfg.mse_candidates, cfg.mse_step, cfg.mse_p)
             if not float(amax) > 0:
                 raise DiffquantError(
-                    f"layer {group}: its input is identically zero over the calibration data (zero range), so no "
+                    f"layer {lead.name}: its input is identically zero over the calibration data (zero range), so no "
                     f"activation scale exists. Keep it in high precision with a targeting rule "
-                    f"`{{pattern: '{group}', activations: false}}`, or check the calibration data in {ctx.calib.folder}"
+                    f"`{{pattern: '{lead.name}', activations: false}}`, or check the calibration data in {ctx.calib.folder}"
                 )
             scales.append(float(amax))
-            for n in names:
-                out_scales[n].append(stats.reduced_out_amax(n, ts))
-        for n in names:
-            lp = ctx.plan.layers[n]
-            lp.input_group = group
-            shape = () if ctx.plan.n_groups == 1 else (-1,)
-            ctx.plan.tensors[f"{n}.act_scale"] = scale_from_amax(torch.tensor(scales), lp.act).reshape(shape)
-            ctx.plan.tensors[f"{n}.out_scale"] = scale_from_amax(torch.tensor(out_scales[n]), OUT_FORMAT).reshape(shape)
+        for k in keys:
+            lp, tkey = where[k]
+            if not lp.input_group:
+                lp.input_group = where[group][0].name
+            ctx.plan.tensors[tkey] = scale_from_amax(torch.tensor(scales), lp.act).reshape(shape)
+    for lp in qlayers:
+        outs = [stats.reduced_out_amax(lp.name, ts) for ts in per_group]
+        ctx.plan.tensors[f"{lp.name}.out_scale"] = scale_from_amax(torch.tensor(outs), OUT_FORMAT).reshape(shape)
 
 
 @register_pass("minmax", MinMaxConfig)

@@ -23,7 +23,13 @@ OUT_FORMAT = QuantFormat(bits=8)
 
 class _QuantMixin:
     """Input (activation) and weight fake-quant around the FP op. ``capture`` keeps the last
-    quantized input so parity checks can compare it with the graph's DequantizeLinear output."""
+    quantized input so parity checks can compare it with the graph's DequantizeLinear output.
+
+    Optional parts, all set from the plan: ``act_smooth`` multiplies the input per channel
+    before its quantizer (equivalent scaling); ``split`` > 0 quantizes input channels
+    ``[:split]`` with ``act_scale`` and ``[split:]`` with ``act_scale_split`` (shortcut split).
+    For training passes, ``ste`` passes rounding gradients straight through and ``weight_fn``
+    (if set) supplies the quantized weight (AdaRound's soft rounding)."""
 
     weight_format: QuantFormat | None
     act_format: QuantFormat | None
@@ -35,14 +41,21 @@ class _QuantMixin:
         self.act_format = act_format
         self.register_buffer("weight_scale", torch.ones(self.weight.shape[0]))
         self.register_buffer("act_scale", torch.ones(()))
+        self.act_scale_split: torch.Tensor | None = None
+        self.act_smooth: torch.Tensor | None = None
+        self.split = 0
         self.out_scale: torch.Tensor | None = None  # set: requantize the output (onnxruntime target)
         self.capture = False
         self.captured = None
+        self.ste = False
+        self.weight_fn = None
 
     def quant_weight(self) -> torch.Tensor:
+        if self.weight_fn is not None:
+            return self.weight_fn()
         if self.weight_format is None:
             return self.weight
-        return fake_quant(self.weight, self.weight_scale, self.weight_format)
+        return fake_quant(self.weight, self.weight_scale, self.weight_format, ste=self.ste)
 
     group: int = 0  # current timestep group (set by apply_plan's hook when the plan has several)
 
@@ -53,9 +66,22 @@ class _QuantMixin:
     def quant_output(self, y: torch.Tensor) -> torch.Tensor:
         return y if self.out_scale is None else fake_quant(y, self._at_group(self.out_scale), OUT_FORMAT)
 
+    def _smooth(self, x: torch.Tensor) -> torch.Tensor:
+        if self.act_smooth is None:
+            return x
+        shape = [1] * x.dim()
+        shape[1 if isinstance(self, nn.Conv2d) else -1] = -1
+        return x * self.act_smooth.reshape(shape)
+
     def quant_input(self, x: torch.Tensor) -> torch.Tensor:
+        x = self._smooth(x)
         if self.act_format is not None:
-            x = fake_quant(x, self._at_group(self.act_scale), self.act_format)
+            if self.split:
+                a = fake_quant(x[:, : self.split], self._at_group(self.act_scale), self.act_format, ste=self.ste)
+                b = fake_quant(x[:, self.split :], self._at_group(self.act_scale_split), self.act_format, ste=self.ste)
+                x = torch.cat([a, b], dim=1)
+            else:
+                x = fake_quant(x, self._at_group(self.act_scale), self.act_format, ste=self.ste)
         if self.capture:
             self.captured = x.detach()
         return x
@@ -92,13 +118,14 @@ def _set_submodule(root: nn.Module, name: str, module: nn.Module) -> None:
     setattr(parent, child, module)
 
 
-def apply_plan(model: nn.Module, plan: QuantPlan, check_digest: bool = True, target: str = "tensorrt") -> nn.Module:
+def apply_plan(model: nn.Module, plan: QuantPlan, check_digest: bool = True, target: str = "tensorrt", require_frozen: bool = True) -> nn.Module:
     """Replace every quantized layer of ``model`` (in place) by its fake-quant wrapper, loaded
     with the plan's scales and any replacement weights. Returns ``model``.
 
     ``target="onnxruntime"`` also requantizes the outputs of quantized convs with the plan's
-    8-bit output scales, as that target's graph does (so QLinearConv fuses)."""
-    if plan.state not in ("frozen", "exported"):
+    8-bit output scales, as that target's graph does (so QLinearConv fuses).
+    ``require_frozen=False`` lets passes build the fake-quant model of a plan being decided."""
+    if require_frozen and plan.state not in ("frozen", "exported"):
         raise DiffquantError(f"plan for {plan.model} is {plan.state!r}, not frozen: finish `diffquant quantize` first")
     if check_digest and plan.model_digest != weights_digest(model):
         raise DiffquantError(
@@ -117,6 +144,11 @@ def apply_plan(model: nn.Module, plan: QuantPlan, check_digest: bool = True, tar
                 q.weight_scale = plan.weight_scale(lp.name).float().clone()
             if lp.act:
                 q.act_scale = plan.act_scale(lp.name).float().clone()
+                if lp.split:
+                    q.split = lp.split
+                    q.act_scale_split = plan.act_scale(lp.name, half=1).float().clone()
+            if f"{lp.name}.act_smooth" in plan.tensors:
+                q.act_smooth = plan.tensors[f"{lp.name}.act_smooth"].float().clone()
             if target == "onnxruntime" and lp.op == "conv" and lp.act and f"{lp.name}.out_scale" in plan.tensors:
                 q.out_scale = plan.tensors[f"{lp.name}.out_scale"].float().clone()
         _set_submodule(model, lp.name, q)

@@ -39,6 +39,8 @@ class LayerPlan:
     act: QuantFormat | None = None
     input_group: str = ""
     notes: list[str] = field(default_factory=list)
+    split: int = 0  # > 0: the input is a channel concat [h, skip]; h has ``split`` channels and
+    # each half gets its own activation scale (``act_scale`` for h, ``act_scale_split`` for skip)
 
     def to_dict(self) -> dict:
         return {
@@ -49,6 +51,7 @@ class LayerPlan:
             "act": self.act.to_dict() if self.act else None,
             "input_group": self.input_group,
             "notes": list(self.notes),
+            "split": self.split,
         }
 
     @classmethod
@@ -61,6 +64,7 @@ class LayerPlan:
             act=QuantFormat.from_dict(d["act"]) if d.get("act") else None,
             input_group=d.get("input_group", ""),
             notes=list(d.get("notes", [])),
+            split=int(d.get("split", 0)),
         )
 
 
@@ -69,7 +73,10 @@ class QuantPlan:
     """Per-layer decisions plus their tensors.
 
     Tensors are keyed ``<layer>.weight_scale`` (per output channel, or [out, blocks]),
-    ``<layer>.act_scale`` (scalar, or one per timestep group), optionally ``<layer>.out_scale``
+    ``<layer>.act_scale`` (scalar, or one per timestep group; with a shortcut split also
+    ``<layer>.act_scale_split`` for the second half), optionally ``<layer>.act_smooth`` (a
+    per-input-channel multiplier applied before the activation quantizer: equivalent scaling,
+    whose inverse is already folded into ``<layer>.weight``), optionally ``<layer>.out_scale``
     (the layer's output range at 8 bits, same shape: the ``onnxruntime`` target requantizes conv
     outputs with it so QLinearConv fuses) and ``<layer>.weight`` (a replacement FP weight, e.g.
     after rounding reconstruction). All scales are already rounded to the export dtype.
@@ -101,9 +108,10 @@ class QuantPlan:
     def weight_scale(self, layer: str) -> torch.Tensor:
         return self.tensors[f"{layer}.weight_scale"]
 
-    def act_scale(self, layer: str, group: int | None = None) -> torch.Tensor:
-        """All groups' activation scales of ``layer`` (scalar or [G]), or one group's."""
-        s = self.tensors[f"{layer}.act_scale"]
+    def act_scale(self, layer: str, group: int | None = None, half: int = 0) -> torch.Tensor:
+        """All groups' activation scales of ``layer`` (scalar or [G]), or one group's; ``half=1``
+        is the second half of a shortcut-split input."""
+        s = self.tensors[f"{layer}.act_scale" + ("_split" if half else "")]
         return s if group is None else s.reshape(-1)[group if s.numel() > 1 else 0]
 
     def out_scale(self, layer: str, group: int = 0) -> float | None:
@@ -118,8 +126,12 @@ class QuantPlan:
                 raise DiffquantError(f"plan: layer {lp.name} has a weight format but no weight scale")
             if lp.act and f"{lp.name}.act_scale" not in self.tensors:
                 raise DiffquantError(f"plan: layer {lp.name} has an activation format but no activation scale")
-            if lp.act and self.n_groups > 1 and self.tensors[f"{lp.name}.act_scale"].numel() != self.n_groups:
-                raise DiffquantError(f"plan: layer {lp.name} needs {self.n_groups} activation scales (one per timestep group)")
+            if lp.act and lp.split and f"{lp.name}.act_scale_split" not in self.tensors:
+                raise DiffquantError(f"plan: layer {lp.name} has a shortcut split but no scale for its second half")
+            for key in ("act_scale", "act_scale_split") if lp.act else ():
+                t = self.tensors.get(f"{lp.name}.{key}")
+                if t is not None and self.n_groups > 1 and t.numel() != self.n_groups:
+                    raise DiffquantError(f"plan: layer {lp.name} needs {self.n_groups} activation scales (one per timestep group)")
         self.state = "frozen"
 
     def to_json(self) -> dict:

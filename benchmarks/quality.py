@@ -1,0 +1,214 @@
+"""The digits quality table (BENCHMARK.md protocol): every recipe x bit setting on both builtin
+models, measured on the deployed graph (the ``onnxruntime``-target Q/DQ graph run by ONNX
+Runtime with its fused integer kernels: what this CPU machine deploys), with the torch
+fake-quant numbers beside them.
+
+    python benchmarks/quality.py                       # N = 1000, both models, every row
+    python benchmarks/quality.py --samples 100 --only minmax:w8a8,qdiffusion:w4a8
+
+Writes benchmarks/results/quality.json (a list of rows; rows already there for the same model,
+recipe, bits, graph and N are kept and skipped, so a stopped run continues), quality.md, and a
+sample grid per row under benchmarks/results/quality/. Where ``nvidia-modelopt`` is installed
+(``pip install .[peers]``) ModelOpt's own INT8 SmoothQuant fake-quant runs on the same model
+and calibration data as a peer row (graph ``fake_quant``: ModelOpt's simulation, not exported).
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import re
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+from diffquant._io import write_json
+from diffquant.calib_data import CalibConfig, collect
+from diffquant.calib_data.collect import pick_inputs
+from diffquant.cli import parse_overrides
+from diffquant.engines import GroupedEngine, OrtEngine
+from diffquant.eval import check_parity, merge_parity, save_grid, score_samples
+from diffquant.exporters import export
+from diffquant.models.data import load_digits_tensor
+from diffquant.models.loading import load_classifier, load_denoiser
+from diffquant.models.sampler import SamplerConfig, class_batch, ddim_sample
+from diffquant.pipeline import load_recipe, quantize
+from diffquant.quant import apply_plan
+from diffquant.workflow import engine_eps_fn
+
+RESULTS = Path(__file__).parent / "results"
+CONFIGS = [
+    ("minmax", "w8a8"),
+    ("minmax", "w4a8"),
+    ("minmax", "w4a6"),
+    ("modelopt-int8", "w8a8"),
+    ("qdiffusion", "w8a8"),
+    ("qdiffusion", "w4a8"),
+    ("qdiffusion", "w4a6"),
+]
+KEYS = ("model", "recipe", "bits", "graph", "n_samples")
+PEER = "ModelOpt int8-smoothquant (peer)"
+
+
+def _row(model, recipe, bits, graph, scores, n, parity=None, **extra) -> dict:
+    d = scores.to_dict()
+    return {
+        "model": model, "recipe": recipe, "bits": bits, "graph": graph,
+        "fd": d["fd"], "accuracy": d["accuracy"], "psnr": d.get("psnr"), "ssim": d.get("ssim"),
+        "parity_max_step_error": parity, "n_samples": n, **extra,
+    }
+
+
+class Bench:
+    """One model's shared state: calibration data, the sample batch, FP samples, the scorer."""
+
+    def __init__(self, model: str, n: int, n_fq: int, progress: bool) -> None:
+        self.model, self.n, self.n_fq, self.progress = model, n, n_fq, progress
+        self.d = load_denoiser(f"builtin:{model}")
+        self.calib = collect(self.d, CalibConfig(samples=64, steps=25, timesteps=25, guidance=3.0), progress=progress)
+        self.batch = class_batch(self.d, n, 0)
+        self.clf = load_classifier()
+        self.real, _ = load_digits_tensor()
+        self.fp = self.sample(self.d, n, "FP")
+
+    def sample(self, eps, n: int, desc: str) -> torch.Tensor:
+        b = self.batch
+        cfg = SamplerConfig(steps=25, guidance=3.0, batch_size=250)
+        return ddim_sample(eps, b.noise[:n], b.cond[:n], b.uncond[:n], self.d.scheduler, cfg, desc=desc, progress=self.progress)
+
+    def score(self, imgs: torch.Tensor, reference: bool = True):
+        n = len(imgs)
+        return score_samples(imgs, self.batch.ids[:n], self.clf, self.real, reference=self.fp[:n] if reference else None)
+
+
+def run_recipe(b: Bench, recipe_name: str, bits: str, grids: Path, overrides: dict, label: str = "") -> list[dict]:
+    t0 = time.time()
+    recipe = load_recipe(recipe_name, {k: v for k, v in overrides.items() if any(n == k for n, _ in load_recipe(recipe_name).passes)})
+    plan = quantize(b.d, recipe, b.calib, bits=bits, progress=b.progress)
+    quantize_s = time.time() - t0
+    fq = copy.deepcopy(b.d)
+    apply_plan(fq.model, plan, target="onnxruntime")
+    with tempfile.TemporaryDirectory() as tmp:
+        exp = export(plan, b.d, Path(tmp), target="onnxruntime")
+        size_mb = sum(p.stat().st_size for p in exp.graphs) / 2**20
+        import onnx
+
+        inputs = pick_inputs(b.calib, 4, 8, plan.group_of, plan.n_groups)
+        parity = merge_parity([check_parity(fq, onnx.load(str(p)), [i for i in inputs if plan.group_of(i[0]) == g]) for g, p in enumerate(exp.graphs)])
+        with GroupedEngine([OrtEngine(p, qdq_fusion=True) for p in exp.graphs], exp.timestep_groups) as eng:
+            deployed = b.sample(engine_eps_fn(eng, 512), b.n, f"{recipe_name} {bits} deployed")
+    fq_imgs = b.sample(fq, b.n_fq, f"{recipe_name} {bits} fake-quant")
+    name = label or recipe_name
+    save_grid(deployed[:50], grids / f"{b.model}-{re.sub(r'[^A-Za-z0-9_.-]+', '_', name)}-{bits}.png")
+    common = dict(parity=parity.max_step_error, quantize_s=round(quantize_s, 1), parity_cosine_min=parity.cosine_min, onnx_mb=round(size_mb, 2))
+    if overrides:
+        common["overrides"] = overrides
+    return [
+        _row(b.model, name, bits, "deployed", b.score(deployed), b.n, **common),
+        _row(b.model, name, bits, "fake_quant", b.score(fq_imgs), b.n_fq, **common),
+    ]
+
+
+def run_modelopt_peer(b: Bench) -> list[dict]:
+    """ModelOpt's INT8 SmoothQuant (alpha 0.8) fake-quant with its diffusers example's skip filter,
+    calibrated by running our calibration batches through it. Its diffusers example's min-mean
+    conv calibrator lives in the example folder, not the package, so convs use max here."""
+    try:
+        import modelopt.torch.quantization as mtq
+    except ImportError:
+        print("nvidia-modelopt is not installed (pip install .[peers]): no ModelOpt peer row", file=sys.stderr)
+        return []
+    model = copy.deepcopy(b.d)
+    cfg = copy.deepcopy(mtq.INT8_SMOOTHQUANT_CFG)
+    cfg["algorithm"] = {"method": "smoothquant", "alpha": 0.8}
+
+    def loop(_m) -> None:
+        for _, x, t, c in b.calib.batches(256):
+            model(x, t, c)
+
+    t0 = time.time()
+    mtq.quantize(model.model, cfg, forward_loop=loop)
+    skip = re.compile(r".*(time_emb_proj|time_embedding|conv_in|conv_out|conv_shortcut|add_embedding|pos_embed|time_text_embed|context_embedder|norm_out|x_embedder|timestep_embedder|proj_out_).*")
+    mtq.disable_quantizer(model.model, lambda name: skip.match(name) is not None)
+    quantize_s = time.time() - t0
+    imgs = b.sample(model, b.n_fq, "ModelOpt fake-quant")
+    import modelopt
+
+    return [_row(b.model, PEER, "w8a8", "fake_quant", b.score(imgs), b.n_fq, quantize_s=round(quantize_s, 1), peer=f"nvidia-modelopt {modelopt.__version__}")]
+
+
+def write_markdown(rows: list[dict], path: Path) -> None:
+    lines = [
+        "# Digits quality table",
+        "",
+        "Generated by `python benchmarks/quality.py` (BENCHMARK.md protocol: DDIM 25 steps, CFG 3, seeds fixed, equal",
+        "samples per class). **deployed**: the onnxruntime-target Q/DQ graph run by ONNX Runtime with its fused integer",
+        "kernels; **fake_quant**: the torch fake-quant model built from the same plan. PSNR/SSIM are against the FP samples",
+        "of the same seeds; parity is the largest local quantizer error of the graph vs fake-quant, in steps (contract: <= 1).",
+        "The FP row is the torch FP32 model (the FP32 ONNX graph matches it to SNR > 100 dB). The ModelOpt peer row is",
+        "ModelOpt's own torch simulation (not exported).",
+        "",
+        "| model | recipe | bits | graph | N | FD | acc | PSNR | SSIM | parity steps | quantize s |",
+        "|---|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    f = lambda v, p=2: "-" if v is None else f"{v:.{p}f}"  # noqa: E731
+    for r in rows:
+        lines.append(
+            f"| {r['model']} | {r['recipe']} | {r['bits']} | {r['graph']} | {r['n_samples']} | {f(r['fd'], 1)} | {f(r['accuracy'], 3)} | "
+            f"{f(r['psnr'])} | {f(r['ssim'], 3)} | {f(r['parity_max_step_error'], 0)} | {f(r.get('quantize_s'), 0)} |"
+        )
+    lines += ["", "Sample grids (first 50 deployed samples, 5 per class row): `benchmarks/results/quality/<model>-<recipe>-<bits>.png`.", ""]
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text("\n".join(lines))
+    tmp.replace(path)
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--samples", type=int, default=1000, help="N for the deployed rows (published tables: 1000)")
+    ap.add_argument("--fq-samples", type=int, default=250, help="N for the fake-quant rows (torch fake-quant sampling is the slow part)")
+    ap.add_argument("--models", default="digits-sd,digits-dit")
+    ap.add_argument("--only", default="", help="comma list of recipe:bits (default: all rows)")
+    ap.add_argument("--out", default=str(RESULTS))
+    ap.add_argument("--set", dest="overrides", action="append", default=[], metavar="PASS.OPTION=VALUE", help="pass option overrides (smoke tests)")
+    ap.add_argument("--peers", action="store_true", help="with --only: run the ModelOpt peer too")
+    ap.add_argument("--label", default="", help="with --only and --set: the recipe name the rows get (a variant)")
+    ap.add_argument("--quiet", action="store_true")
+    a = ap.parse_args()
+    overrides = parse_overrides(a.overrides)
+    out = Path(a.out)
+    grids = out / "quality"
+    grids.mkdir(parents=True, exist_ok=True)
+    jpath = out / "quality.json"
+    rows = json.loads(jpath.read_text()) if jpath.exists() else []
+    have = {tuple(r[k] for k in KEYS) for r in rows}
+    configs = [tuple(c.split(":")) for c in a.only.split(",")] if a.only else CONFIGS
+    torch.manual_seed(0)
+
+    def add(new: list[dict]) -> None:
+        for r in new:
+            rows[:] = [x for x in rows if tuple(x[k] for k in KEYS) != tuple(r[k] for k in KEYS)] + [r]
+            print(f"{r['model']:10s} {r['recipe']:14s} {r['bits']:5s} {r['graph']:10s} N={r['n_samples']:4d} FD {r['fd']:7.1f} acc {r['accuracy']:.3f} PSNR {r['psnr'] or 0:6.2f}", flush=True)
+        write_json(jpath, rows)
+        write_markdown(rows, out / "quality.md")
+
+    for model in a.models.split(","):
+        b = Bench(model, a.samples, a.fq_samples, not a.quiet)
+        if (model, "fp", "-", "deployed", a.samples) not in have:
+            add([_row(model, "fp", "-", "deployed", b.score(b.fp, reference=False), a.samples)])
+            save_grid(b.fp[:50], grids / f"{model}-fp.png")
+        for recipe, bits in configs:
+            if (model, a.label or recipe, bits, "deployed", a.samples) in have:
+                continue
+            add(run_recipe(b, recipe, bits, grids, overrides, a.label))
+        if (a.peers or not a.only) and (model, PEER, "w8a8", "fake_quant", a.fq_samples) not in have:
+            add(run_modelopt_peer(b))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,436 @@
+"""The `reconstruct` pass: BRECQ / AdaRound / LSQ output reconstruction, block by block.
+
+For each unit (a ResBlock, a UNet transformer, a DiT block, or a single layer that no block
+holds; or every layer alone with ``granularity: layer``), in forward order:
+1. record the unit's inputs on calibration samples, from the fake-quant model decided so far
+   (``inputs: quant``, BRECQ) or from the FP model (``inputs: fp``), and the FP unit's outputs;
+2. train AdaRound rounding variables for every quantized weight in the unit (Adam ``lr``,
+   regularizer ``round_weight`` with its temperature annealed ``b_start`` -> ``b_end`` after a
+   ``warmup`` share of the iterations) together with LSQ step sizes for its activation
+   quantizers (Adam ``act_lr``, straight-through rounding), minimising the output error
+   (squared error summed over channels, averaged over positions) weighted per sample by a
+   pluggable timestep weighting;
+3. harden: the plan gets the rounded weights (``<layer>.weight``, exactly on the grid) and the
+   learned step sizes (rounded to FP16), and the fake-quant model uses them for later units.
+
+Activation scales shared by layers of several units (the conditioning read by every
+cross-attention) are learned in the first unit that reads them and frozen afterwards. With
+timestep groups every batch is drawn from one group and trains that group's step sizes.
+After each unit the decisions so far are checkpointed (``checkpoint_dir``, by default under the
+cache folder, keyed by a hash of the plan, data and config), so a stopped run resumes at the
+next unit when started again with the same settings; the checkpoint is removed at the end.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import shutil
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file, save_file
+from torch import nn
+from tqdm.auto import tqdm
+
+from diffquant._io import atomic_path, write_json
+from diffquant.calib_data.collect import default_cache_dir
+from diffquant.errors import DiffquantError
+from diffquant.pipeline.activations import quantizer_keys
+from diffquant.pipeline.context import PassContext
+from diffquant.pipeline.registry import register_pass
+from diffquant.pipeline.weighting import make_weighting
+from diffquant.quant.fake import MIN_SCALE, broadcast_scale, round_scale
+from diffquant.quant.modules import apply_plan, quant_modules
+
+__all__ = ["AdaRound", "ReconstructConfig", "reconstruct_pass"]
+
+ZETA, GAMMA = 1.1, -0.1  # AdaRound's rectified sigmoid stretch
+
+
+@dataclass
+class ReconstructConfig:
+    """Reconstruction settings. ``iters`` is per unit: the papers use 20k on SD-size models;
+    scale it with the model (the builtin digits models need far fewer)."""
+
+    version: int = 1
+    granularity: str = "block"
+    inputs: str = "quant"
+    iters: int = 1000
+    batch_size: int = 32
+    samples: int = 1024
+    lr: float = 1e-3
+    act_lr: float = 4e-5
+    learn_act_scales: bool = True
+    round_weight: float = 0.01
+    b_start: float = 20.0
+    b_end: float = 2.0
+    warmup: float = 0.2
+    timestep_weighting: str = "uniform"
+    checkpoint_dir: str = ""
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        if self.granularity not in ("block", "layer"):
+            raise ValueError(f"granularity must be 'block' or 'layer', got {self.granularity!r}")
+        if self.inputs not in ("quant", "fp"):
+            raise ValueError(f"inputs must be 'quant' (BRECQ) or 'fp', got {self.inputs!r}")
+        if self.iters < 1 or self.batch_size < 1 or self.samples < 1:
+            raise ValueError("iters, batch_size and samples must be positive")
+        if not 0.0 <= self.warmup < 1.0:
+            raise ValueError(f"warmup is a share of the iterations in [0, 1), got {self.warmup}")
+
+
+class AdaRound(nn.Module):
+    """Learned rounding of one weight on its plan grid: W = s * clamp(floor(W/s) + h(V)), with
+    h a rectified sigmoid initialised so that h(V) = W/s - floor(W/s) (the FP weight)."""
+
+    def __init__(self, weight: torch.Tensor, scale: torch.Tensor, fmt) -> None:
+        super().__init__()
+        w = weight.detach().float()
+        self.register_buffer("step", broadcast_scale(scale.float(), w, fmt).expand_as(w).clone())
+        self.register_buffer("floor", torch.floor(w / self.step))
+        rest = (w / self.step - self.floor).clamp(0.0, 1.0 - 1e-6)
+        self.v = nn.Parameter(-torch.log((ZETA - GAMMA) / (rest - GAMMA) - 1))
+        self.qmin, self.qmax = fmt.qmin, fmt.qmax
+
+    def h(self) -> torch.Tensor:
+        return torch.clamp(torch.sigmoid(self.v) * (ZETA - GAMMA) + GAMMA, 0, 1)
+
+    def soft(self) -> torch.Tensor:
+        return torch.clamp(self.floor + self.h(), self.qmin, self.qmax) * self.step
+
+    def hard(self) -> torch.Tensor:
+        return torch.clamp(self.floor + (self.v >= 0).float(), self.qmin, self.qmax) * self.step
+
+    def regularizer(self, b: float) -> torch.Tensor:
+        return (1 - (2 * self.h() - 1).abs().pow(b)).sum()
+
+
+class _StopForwardError(Exception):
+    """Raised by a capture hook once the unit has run: the rest of the model is not needed."""
+
+
+def _units(ctx: PassContext, granularity: str) -> list[tuple[str, list[str]]]:
+    """(unit module name, its quantized layers), in forward order."""
+    layers = [lp.name for lp in ctx.plan.quantized_layers()]
+    if granularity == "layer":
+        units = [(n, [n]) for n in layers]
+    else:
+        units, held = [], set()
+        for block, _ in ctx.denoiser.blocks():
+            members = [n for n in layers if n.startswith(block + ".")]
+            if members:
+                units.append((block, members))
+                held.update(members)
+        units += [(n, [n]) for n in layers if n not in held]
+    order: list[str] = []
+    modules = dict(ctx.denoiser.model.named_modules())
+    handles = [modules[u].register_forward_pre_hook(lambda _m, _a, u=u: order.append(u) if u not in order else None) for u, _ in units]
+    try:
+        with torch.no_grad():
+            ctx.denoiser(*ctx.calib.at(ctx.calib.timesteps[0], 2))
+    finally:
+        for h in handles:
+            h.remove()
+    rank = {u: i for i, u in enumerate(order)}
+    return sorted((u for u in units if u[0] in rank), key=lambda u: rank[u[0]])
+
+
+def _pick_samples(ctx: PassContext, n: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, list[float]]:
+    """About ``n`` recorded inputs spread evenly over the calibration timesteps, and within a
+    timestep evenly over its shard (which holds the conditional, then the unconditional copies)."""
+    per = max(1, n // len(ctx.calib.timesteps))
+    xs, ts, cs, tl = [], [], [], []
+    for t in ctx.calib.timesteps:
+        shard = ctx.calib.shards[t]
+        count = len(shard["x"])
+        idx = torch.linspace(0, count - 1, min(per, count)).round().long()
+        xs.append(shard["x"][idx])
+        ts.append(shard["t"][idx])
+        cs.append(shard["cond"][idx])
+        tl += [t] * len(idx)
+    return torch.cat(xs), torch.cat(ts), torch.cat(cs), tl
+
+
+def _out_tensor(out) -> torch.Tensor:
+    if isinstance(out, torch.Tensor):
+        return out
+    if hasattr(out, "sample"):
+        return out.sample
+    return out[0]
+
+
+@torch.no_grad()
+def _capture(model: nn.Module, unit: nn.Module, data, batch: int, want_inputs: bool, want_output: bool):
+    """Run ``model`` (a Denoiser) over ``data`` batch by batch (each batch one timestep) and
+    keep the unit's call arguments and/or output; stops each forward right after the unit."""
+    x, t, c, tl = data
+    calls, outs = [], []
+
+    def pre(_m, args, kwargs):
+        if want_inputs:
+            calls.append((tuple(args), dict(kwargs), len(args[0]) if args else len(next(iter(kwargs.values())))))
+
+    def post(_m, _a, _k, out):
+        if want_output:
+            outs.append(_out_tensor(out).detach())
+        raise _StopForwardError
+
+    h1 = unit.register_forward_pre_hook(pre, with_kwargs=True)
+    h2 = unit.register_forward_hook(post, with_kwargs=True)
+    try:
+        i = 0
+        while i < len(x):
+            j = i
+            while j < len(x) and j - i < batch and tl[j] == tl[i]:
+                j += 1
+            try:
+                model(x[i:j], t[i:j], c[i:j])
+            except _StopForwardError:
+                pass
+            i = j
+    finally:
+        h1.remove()
+        h2.remove()
+    if not want_inputs:
+        return None, torch.cat(outs)
+    sizes = [n for _, _, n in calls]
+
+    def collate(vals):
+        v0 = vals[0]
+        if isinstance(v0, torch.Tensor) and v0.dim() > 0 and all(isinstance(v, torch.Tensor) and v.shape[0] == n for v, n in zip(vals, sizes)):
+            return ("batched", torch.cat([v.detach() for v in vals]))
+        return ("const", v0)
+
+    args = [collate([a[k] for a, _, _ in calls]) for k in range(len(calls[0][0]))]
+    kwargs = {k: collate([kw[k] for _, kw, _ in calls]) for k in calls[0][1]}
+    return (args, kwargs), (torch.cat(outs) if want_output else None)
+
+
+def _select(stored, idx: torch.Tensor):
+    args, kwargs = stored
+    pick = lambda v: v[1][idx] if v[0] == "batched" else v[1]  # noqa: E731
+    return [pick(a) for a in args], {k: pick(v) for k, v in kwargs.items()}
+
+
+def _per_sample_loss(out: torch.Tensor, tgt: torch.Tensor) -> torch.Tensor:
+    """Squared error summed over channels (dim 1 of images, last dim of token sequences) and
+    averaged over positions, per sample."""
+    err = (out - tgt).pow(2)
+    channels = err.shape[1] if err.dim() == 4 else err.shape[-1]
+    return err.reshape(len(err), -1).mean(dim=1) * channels
+
+
+def _set(m: nn.Module, attr: str, value) -> None:
+    """Put ``value`` on wrapper ``m`` as ``attr``: a (possibly shared) Parameter while
+    training, a buffer / plain tensor otherwise."""
+    m._parameters.pop(attr, None)
+    m._buffers.pop(attr, None)
+    m.__dict__.pop(attr, None)
+    if isinstance(value, nn.Parameter):
+        m._parameters[attr] = value
+    elif attr == "act_scale":
+        m._buffers[attr] = value
+    else:
+        m.__dict__[attr] = value
+
+
+def _ckpt_key(ctx: PassContext, cfg: ReconstructConfig) -> str:
+    h = hashlib.sha256()
+    plan = ctx.plan.to_json()
+    plan.pop("state", None)
+    h.update(json.dumps({"plan": plan, "cfg": asdict(cfg), "calib": ctx.calib.folder.name}, sort_keys=True, default=str).encode())
+    for k in sorted(ctx.plan.tensors):
+        h.update(k.encode())
+        h.update(ctx.plan.tensors[k].detach().float().contiguous().numpy().tobytes())
+    return h.hexdigest()
+
+
+def _load_tensors(qmods: dict, tensors: dict[str, torch.Tensor]) -> None:
+    """Make the fake-quant wrappers use hardened plan tensors (``<layer>.weight`` /
+    ``<layer>.act_scale`` / ``<layer>.act_scale_split``)."""
+    for key, value in tensors.items():
+        layer, _, attr = key.rpartition(".")
+        m = qmods[layer]
+        if attr == "weight":
+            with torch.no_grad():
+                m.weight.data.copy_(value)
+        else:
+            _set(m, attr, value.float().clone())
+
+
+@dataclass
+class _Unit:
+    name: str
+    layers: list[str]
+    act_groups: dict[str, list[tuple[str, str]]]  # groups this unit learns -> all their members
+
+
+@register_pass("reconstruct", ReconstructConfig)
+def reconstruct_pass(ctx: PassContext, cfg: ReconstructConfig) -> None:
+    """Reconstruct every unit in forward order (see the module docstring)."""
+    for lp in ctx.plan.quantized_layers():
+        if (lp.weight and f"{lp.name}.weight_scale" not in ctx.plan.tensors) or (lp.act and f"{lp.name}.act_scale" not in ctx.plan.tensors):
+            raise DiffquantError(f"reconstruct: layer {lp.name} has no scales yet; run a range pass (minmax) before reconstruct in the recipe")
+    key = _ckpt_key(ctx, cfg)
+    ckpt = Path(cfg.checkpoint_dir) if cfg.checkpoint_dir else default_cache_dir().parent / "reconstruct" / key[:16]
+    done: list[str] = []
+    if (ckpt / "state.json").exists():
+        state = json.loads((ckpt / "state.json").read_text())
+        if state.get("key") != key:
+            raise DiffquantError(f"{ckpt} holds a reconstruction checkpoint of other settings; delete it or choose another checkpoint_dir")
+        done = list(state["done"])
+    torch.manual_seed(cfg.seed)
+    fp = ctx.denoiser
+    qd = _fake_quant_copy(ctx)
+    qmods = quant_modules(qd.model)
+    units = _units(ctx, cfg.granularity)
+    data = _pick_samples(ctx, cfg.samples)
+    groups = getattr(ctx.act_stats, "groups", {}) or {}
+    # each activation-quantizer group (layers reading one tensor) is learned by the first unit
+    # holding a member and shared with every member: name -> [(layer, attribute)]
+    members: dict[str, list[tuple[str, str]]] = {}
+    owner: dict[str, str] = {}
+    for unit, names in units:
+        for n in names:
+            lp = ctx.plan.layers[n]
+            for half, k in enumerate(quantizer_keys(n, lp.split) if lp.act else []):
+                g = groups.get(k, k)
+                members.setdefault(g, []).append((n, "act_scale_split" if half else "act_scale"))
+                owner.setdefault(g, unit)
+    if done:
+        tqdm.write(f"reconstruct: resuming from {ckpt}: {len(done)}/{len(units)} units done")
+    bar = tqdm(units, desc="reconstruct", disable=not ctx.progress)
+    for i, (unit, names) in enumerate(bar):
+        if unit in done:
+            saved = load_file(str(ckpt / f"{i:03d}.safetensors"))
+            ctx.plan.tensors.update(saved)
+            _load_tensors(qmods, saved)
+            for n in names:
+                ctx.plan.layers[n].notes.append(f"reconstructed in unit {unit}: restored from checkpoint {ckpt}")
+            continue
+        t0 = time.time()
+        job = _Unit(unit, names, {g: m for g, m in members.items() if owner[g] == unit})
+        before, after, touched = _train_unit(ctx, cfg, fp, qd, qmods, job, data, groups)
+        for n in names:
+            ctx.plan.layers[n].notes.append(f"reconstructed in unit {unit}: output loss {before:.4g} -> {after:.4g} ({time.time() - t0:.0f} s)")
+        ckpt.mkdir(parents=True, exist_ok=True)
+        with atomic_path(ckpt / f"{i:03d}.safetensors") as tmp:
+            save_file({k: ctx.plan.tensors[k].contiguous() for k in touched}, str(tmp))
+        done.append(unit)
+        write_json(ckpt / "state.json", {"key": key, "done": done})
+    if ckpt.exists() and not cfg.checkpoint_dir:
+        shutil.rmtree(ckpt, ignore_errors=True)
+
+
+def _fake_quant_copy(ctx: PassContext):
+    import copy
+
+    qd = copy.deepcopy(ctx.denoiser)
+    apply_plan(qd.model, ctx.plan, check_digest=False, require_frozen=False)
+    for p in qd.parameters():
+        p.requires_grad_(False)
+    return qd
+
+
+def _train_unit(ctx, cfg: ReconstructConfig, fp, qd, qmods, job: _Unit, data, groups: dict) -> tuple[float, float, list[str]]:
+    """Train one unit; writes its hardened tensors into the plan. Returns (loss before, after,
+    the plan keys it changed)."""
+    unit, names = job.name, job.layers
+    fp_unit = fp.model.get_submodule(unit)
+    q_unit = qd.model.get_submodule(unit)
+    src = qd if cfg.inputs == "quant" else fp
+    stored, _ = _capture(src, src.model.get_submodule(unit), data, 256, True, False)
+    _, target = _capture(fp, fp_unit, data, 256, False, True)
+    tl = torch.tensor(data[3])
+    n = len(target)
+    plan = ctx.plan
+    weighting = make_weighting(cfg.timestep_weighting, sorted(set(data[3])))
+    gen = torch.Generator().manual_seed(cfg.seed)
+    by_group = [torch.nonzero(torch.tensor([plan.group_of(t) == g for t in data[3]])).reshape(-1) for g in range(plan.n_groups)]
+    by_group = [(g, idx) for g, idx in enumerate(by_group) if len(idx)]
+    warm = int(cfg.warmup * cfg.iters)
+
+    def run(idx: torch.Tensor, g: int) -> torch.Tensor:
+        for m in quant_modules(q_unit).values():
+            m.group = g
+        args, kwargs = _select(stored, idx)
+        return _per_sample_loss(_out_tensor(q_unit(*args, **kwargs)), target[idx])
+
+    def eval_loss() -> float:
+        with torch.no_grad():
+            tot = 0.0
+            for g, idx in by_group:
+                for s in range(0, len(idx), 256):
+                    tot += float(run(idx[s : s + 256], g).sum())
+            return tot / n
+
+    before = eval_loss()  # nearest rounding, initial step sizes
+    rounders: dict[str, AdaRound] = {}
+    for name in names:
+        m, lp = qmods[name], plan.layers[name]
+        if lp.weight:
+            rounders[name] = AdaRound(m.weight, m.weight_scale, lp.weight)
+            m.weight_fn = rounders[name].soft
+        m.ste = True
+    act_params: dict[str, nn.Parameter] = {}
+    if cfg.learn_act_scales:
+        for g, mems in job.act_groups.items():
+            layer, attr = mems[0]
+            act_params[g] = nn.Parameter(getattr(qmods[layer], attr).detach().clone())
+            for layer, attr in mems:
+                if layer in names:
+                    _set(qmods[layer], attr, act_params[g])
+    opt_w = torch.optim.Adam([r.v for r in rounders.values()], lr=cfg.lr) if rounders else None
+    opt_a = torch.optim.Adam(list(act_params.values()), lr=cfg.act_lr) if act_params else None
+    pbar = tqdm(range(cfg.iters), desc=unit, leave=False, disable=not ctx.progress)
+    for it in pbar:
+        g, pool = by_group[it % len(by_group)]
+        idx = pool[torch.randint(0, len(pool), (min(cfg.batch_size, len(pool)),), generator=gen)]
+        losses = run(idx, g)
+        w = weighting.weights(tl[idx])
+        rec = (w * losses).mean()
+        loss = rec
+        if rounders and it >= warm:
+            rel = (it - warm) / max(1, cfg.iters - warm)
+            b = cfg.b_end + (cfg.b_start - cfg.b_end) * max(0.0, 1.0 - rel)
+            loss = loss + cfg.round_weight * sum(r.regularizer(b) for r in rounders.values())
+        for o in (opt_w, opt_a):
+            if o:
+                o.zero_grad()
+        loss.backward()
+        for o in (opt_w, opt_a):
+            if o:
+                o.step()
+        with torch.no_grad():
+            for p in act_params.values():
+                p.clamp_(min=MIN_SCALE)
+        weighting.update(tl[idx], losses.detach())
+        if it % 50 == 0:
+            pbar.set_postfix(loss=f"{rec.item():.4g}")
+    # harden into the plan and the fake-quant model
+    for name in names:
+        m, lp = qmods[name], plan.layers[name]
+        m.ste = False
+        m.weight_fn = None
+        if lp.weight:
+            hard = rounders[name].hard().detach()
+            with torch.no_grad():
+                m.weight.data.copy_(hard)
+            plan.tensors[f"{name}.weight"] = hard.clone()
+    touched = [f"{k}.weight" for k in rounders]
+    for g, param in act_params.items():
+        value = round_scale(param.detach().clone())
+        for layer, attr in job.act_groups[g]:
+            key = f"{layer}.{attr}"
+            plan.tensors[key] = value.reshape(plan.tensors[key].shape).clone()
+            _set(qmods[layer], attr, value.clone())
+            touched.append(key)
+    after = eval_loss()
+    if not math.isfinite(after):
+        raise DiffquantError(f"reconstruct: unit {unit} diverged (loss {after}); lower lr / act_lr")
+    return before, after, touched

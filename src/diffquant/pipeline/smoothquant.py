@@ -1,0 +1,66 @@
+"""The `smoothquant` pass: SmoothQuant equivalent scaling (Xiao et al.), as NVIDIA's diffusion
+INT8 recipe applies it to linears (alpha 0.8).
+
+Per input channel j of a linear: s_j = max|X_j|^alpha / max|W_:,j|^(1 - alpha); the layer
+then computes Q(X / s) . Q(W * s). Layers that read one tensor (Q/K/V, all cross-attention
+K/V readers of the conditioning) share one vector, taking the max of their weight ranges, so
+the deployed graph keeps one Mul + Q/DQ per tensor. The plan stores the multiplier 1/s (rounded
+to FP16, as the graph holds it) as ``<layer>.act_smooth`` and W * s as ``<layer>.weight``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+
+from diffquant.pipeline.activations import observe_activations
+from diffquant.pipeline.context import PassContext
+from diffquant.pipeline.minmax import plan_weight
+from diffquant.pipeline.registry import register_pass
+from diffquant.quant.fake import round_scale
+
+__all__ = ["SmoothQuantConfig", "smoothquant_pass"]
+
+
+@dataclass
+class SmoothQuantConfig:
+    """``alpha``: migration strength; ``ops``: which layer kinds are smoothed."""
+
+    version: int = 1
+    alpha: float = 0.8
+    ops: list[str] = field(default_factory=lambda: ["linear"])
+    batch_size: int = 256
+
+    def __post_init__(self) -> None:
+        if not 0.0 <= self.alpha <= 1.0:
+            raise ValueError(f"alpha must be in [0, 1], got {self.alpha}")
+
+
+def _input_channel_amax(w: torch.Tensor) -> torch.Tensor:
+    """max |W| per input channel (dim 1) of a Linear [out, in] or Conv [out, in, kh, kw]."""
+    return w.detach().abs().transpose(0, 1).reshape(w.shape[1], -1).amax(dim=1)
+
+
+@register_pass("smoothquant", SmoothQuantConfig)
+def smoothquant_pass(ctx: PassContext, cfg: SmoothQuantConfig) -> None:
+    """Decide one smoothing vector per input tensor of the selected layers."""
+    layers = [lp.name for lp in ctx.plan.quantized_layers() if lp.act and lp.op in cfg.ops and not lp.split]
+    if not layers:
+        return
+    stats = observe_activations(ctx.denoiser, layers, ctx.calib, batch_size=cfg.batch_size, progress=ctx.progress, channel_amax=set(layers))
+    members: dict[str, list[str]] = {}
+    for name in layers:
+        members.setdefault(stats.groups[name], []).append(name)
+    for lead, names in members.items():
+        x_amax = torch.stack([stats.channel_amax[n] for n in names]).amax(dim=0).float()
+        w_amax = torch.stack([_input_channel_amax(plan_weight(ctx, n)) for n in names]).amax(dim=0).float()
+        s = x_amax.pow(cfg.alpha) / w_amax.pow(1 - cfg.alpha)
+        s = torch.where((x_amax > 0) & (w_amax > 0) & torch.isfinite(s), s, torch.ones_like(s))
+        mult = round_scale((1.0 / s).clamp(max=6.0e4))  # what the graph holds (FP16-representable)
+        for n in names:
+            w = plan_weight(ctx, n).float()
+            shape = [1, -1] + [1] * (w.dim() - 2)
+            ctx.plan.tensors[f"{n}.weight"] = (w / mult.reshape(shape)).contiguous()
+            ctx.plan.tensors[f"{n}.act_smooth"] = mult.clone()
+            ctx.plan.layers[n].notes.append(f"SmoothQuant alpha {cfg.alpha:g}, vector shared with {lead}")
