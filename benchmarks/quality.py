@@ -150,7 +150,9 @@ def write_markdown(rows: list[dict], path: Path) -> None:
         "kernels; **fake_quant**: the torch fake-quant model built from the same plan. PSNR/SSIM are against the FP samples",
         "of the same seeds; parity is the largest local quantizer error of the graph vs fake-quant, in steps (contract: <= 1).",
         "The FP row is the torch FP32 model (the FP32 ONNX graph matches it to SNR > 100 dB). The ModelOpt peer row is",
-        "ModelOpt's own torch simulation (not exported).",
+        "ModelOpt's own torch simulation (not exported). FD is biased upward at small N: compare FD only between rows",
+        "of equal N (the fake-quant rows use N = 250, the deployed rows N = 1000). `quantize s` is wall time on the",
+        "benchmark machine, including whatever else ran beside it.",
         "",
         "| model | recipe | bits | graph | N | FD | acc | PSNR | SSIM | parity steps | quantize s |",
         "|---|---|---|---|---|---|---|---|---|---|---|",
@@ -161,7 +163,13 @@ def write_markdown(rows: list[dict], path: Path) -> None:
             f"| {r['model']} | {r['recipe']} | {r['bits']} | {r['graph']} | {r['n_samples']} | {f(r['fd'], 1)} | {f(r['accuracy'], 3)} | "
             f"{f(r['psnr'])} | {f(r['ssim'], 3)} | {f(r['parity_max_step_error'], 0)} | {f(r.get('quantize_s'), 0)} |"
         )
-    lines += ["", "Sample grids (first 50 deployed samples, 5 per class row): `benchmarks/results/quality/<model>-<recipe>-<bits>.png`.", ""]
+    lines += ["", "## Sample grids", "", "First 50 samples of each deployed row (same seeds in every grid).", ""]
+    for r in rows:
+        if r["graph"] == "deployed":
+            bits = "" if r["bits"] == "-" else f"-{r['bits']}"
+            name = f"{r['model']}-{re.sub(r'[^A-Za-z0-9_.-]+', '_', r['recipe'])}{bits}.png"
+            if (path.parent / "quality" / name).exists():
+                lines += [f"**{r['model']} {r['recipe']} {r['bits']}**", "", f"![{r['model']} {r['recipe']} {r['bits']}](quality/{name})", ""]
     tmp = path.with_suffix(".tmp")
     tmp.write_text("\n".join(lines))
     tmp.replace(path)
@@ -177,6 +185,7 @@ def main() -> int:
     ap.add_argument("--set", dest="overrides", action="append", default=[], metavar="PASS.OPTION=VALUE", help="pass option overrides (smoke tests)")
     ap.add_argument("--peers", action="store_true", help="with --only: run the ModelOpt peer too")
     ap.add_argument("--label", default="", help="with --only and --set: the recipe name the rows get (a variant)")
+    ap.add_argument("--markdown-only", action="store_true", help="rewrite quality.md from quality.json and stop")
     ap.add_argument("--quiet", action="store_true")
     a = ap.parse_args()
     overrides = parse_overrides(a.overrides)
@@ -186,6 +195,9 @@ def main() -> int:
     jpath = out / "quality.json"
     rows = json.loads(jpath.read_text()) if jpath.exists() else []
     have = {tuple(r[k] for k in KEYS) for r in rows}
+    if a.markdown_only:
+        write_markdown(rows, out / "quality.md")
+        return 0
     configs = [tuple(c.split(":")) for c in a.only.split(",")] if a.only else CONFIGS
     torch.manual_seed(0)
 
