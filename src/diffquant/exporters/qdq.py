@@ -5,6 +5,8 @@ per-output-channel DequantizeLinear, or INT4 initializers with a blocked Dequant
 block formats on MatMul (weight-only); each quantized layer's input gets one per-tensor
 QuantizeLinear/DequantizeLinear pair, shared by every quantized reader of that tensor; grids
 under 8 bits add a Clip to the k-bit range before Q. Scales have the graph's float dtype.
+Equivalent scaling (``<layer>.act_smooth``) is one per-channel Mul before the shared Q; a
+shortcut-split conv becomes two convs (one per concat input, each behind its own Q/DQ) + Add.
 
 ``tensorrt``: FP16 graph, INT8 activations with zero point 0.
 ``onnxruntime``: FP32 graph, UINT8 activations and weights with zero point 128 (the same grids
