@@ -24,6 +24,7 @@ import tempfile
 import time
 from pathlib import Path
 
+import onnx
 import torch
 
 from diffquant._io import write_json
@@ -32,7 +33,6 @@ from diffquant.calib_data.collect import pick_inputs
 from diffquant.cli import parse_overrides
 from diffquant.engines import GroupedEngine, OrtEngine
 from diffquant.eval import check_parity, merge_parity, save_grid, score_samples
-from diffquant.eval.quality import frechet_distance
 from diffquant.exporters import export
 from diffquant.models.data import load_digits_tensor
 from diffquant.models.loading import load_classifier, load_denoiser
@@ -61,7 +61,7 @@ def _row(model, recipe, bits, graph, scores, n, parity=None, **extra) -> dict:
         "model": model, "recipe": recipe, "bits": bits, "graph": graph,
         "fd": d["fd"], "accuracy": d["accuracy"], "psnr": d.get("psnr"), "ssim": d.get("ssim"),
         "parity_max_step_error": parity, "n_samples": n, **extra,
-        **({"fd_fp": scores.fd_fp} if getattr(scores, "fd_fp", None) is not None else {}),
+        **({"fd_fp": d["fd_fp"]} if "fd_fp" in d else {}),
     }
 
 
@@ -83,14 +83,9 @@ class Bench:
         return ddim_sample(eps, b.noise[:n], b.cond[:n], b.uncond[:n], self.d.scheduler, cfg, desc=desc, progress=self.progress)
 
     def score(self, imgs: torch.Tensor, reference: bool = True):
-        """Scores vs the real digits (FD, accuracy) and vs the FP samples of the same seeds
-        (PSNR, SSIM, and ``fd_fp``: the Frechet distance to those FP samples' features)."""
+        """Scores vs the real digits (FD, accuracy) and vs the FP samples of the same seeds."""
         n = len(imgs)
-        scores = score_samples(imgs, self.batch.ids[:n], self.clf, self.real, reference=self.fp[:n] if reference else None)
-        if reference:
-            with torch.no_grad():
-                scores.fd_fp = frechet_distance(*(self.clf.features(v).numpy().astype("float64") for v in (imgs, self.fp[:n])))
-        return scores
+        return score_samples(imgs, self.batch.ids[:n], self.clf, self.real, reference=self.fp[:n] if reference else None)
 
 
 def run_recipe(b: Bench, recipe_name: str, bits: str, grids: Path, overrides: dict, label: str = "") -> list[dict]:
@@ -103,8 +98,6 @@ def run_recipe(b: Bench, recipe_name: str, bits: str, grids: Path, overrides: di
     with tempfile.TemporaryDirectory() as tmp:
         exp = export(plan, b.d, Path(tmp), target="onnxruntime")
         size_mb = sum(p.stat().st_size for p in exp.graphs) / 2**20
-        import onnx
-
         inputs = pick_inputs(b.calib, 4, 8, plan.group_of, plan.n_groups)
         parity = merge_parity([check_parity(fq, onnx.load(str(p)), [i for i in inputs if plan.group_of(i[0]) == g]) for g, p in enumerate(exp.graphs)])
         with GroupedEngine([OrtEngine(p, qdq_fusion=True) for p in exp.graphs], exp.timestep_groups) as eng:

@@ -74,8 +74,12 @@ class CalibSet:
                 yield ts, s["x"][i : i + batch_size], s["t"][i : i + batch_size], s["cond"][i : i + batch_size]
 
     def at(self, timestep: float, n: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """``n`` inputs recorded at ``timestep``, spread evenly over its shard (which holds the
+        conditional copies, then the unconditional ones), so both kinds are represented."""
         s = self.shards[timestep]
-        return s["x"][:n], s["t"][:n], s["cond"][:n]
+        count = len(s["x"])
+        idx = torch.linspace(0, count - 1, min(n, count)).round().long()
+        return s["x"][idx], s["t"][idx], s["cond"][idx]
 
 
 def _settings_hash(denoiser: Denoiser, cfg: CalibConfig) -> str:

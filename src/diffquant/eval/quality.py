@@ -19,6 +19,7 @@ class QualityScores:
     accuracy: float
     psnr: float | None = None
     ssim: float | None = None
+    fd_fp: float | None = None  # Frechet distance to the reference (FP) samples' features
 
     def to_dict(self) -> dict:
         return {k: v for k, v in asdict(self).items() if v is not None}
@@ -65,7 +66,8 @@ def ssim(x: torch.Tensor, ref: torch.Tensor, window: int = 7, sigma: float = 1.5
 @torch.no_grad()
 def score_samples(samples: torch.Tensor, labels: torch.Tensor, classifier: torch.nn.Module, real: torch.Tensor, reference: torch.Tensor | None = None) -> QualityScores:
     """Score ``samples`` [N,1,16,16] asked to be ``labels``; ``real`` are the data set images and
-    ``reference`` the FP model's samples from the same seeds (for PSNR / SSIM)."""
+    ``reference`` the FP model's samples from the same seeds (for PSNR / SSIM and the FD to
+    them, which unlike the FD to the real data grows with every departure from the FP model)."""
     feats = classifier.features(samples).numpy().astype(np.float64)
     real_feats = classifier.features(real).numpy().astype(np.float64)
     acc = float((classifier.head(torch.from_numpy(feats).float()).argmax(1) == labels).float().mean())
@@ -73,4 +75,5 @@ def score_samples(samples: torch.Tensor, labels: torch.Tensor, classifier: torch
     if reference is not None:
         scores.psnr = psnr(samples, reference)
         scores.ssim = ssim(samples, reference)
+        scores.fd_fp = frechet_distance(feats, classifier.features(reference).numpy().astype(np.float64))
     return scores

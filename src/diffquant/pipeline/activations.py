@@ -19,6 +19,7 @@ from torch.overrides import TorchFunctionMode
 from tqdm.auto import tqdm
 
 from diffquant.calib_data import CalibSet
+from diffquant.quant.modules import smooth_input
 
 __all__ = ["ActStats", "CatRecorder", "concat_inputs", "observe_activations", "quantizer_keys"]
 
@@ -161,9 +162,7 @@ def observe_activations(
         def hook(_mod: nn.Module, args: tuple) -> None:
             x = args[0]
             if name in multipliers:
-                shape = [1] * x.dim()
-                shape[1 if is_conv else -1] = -1
-                x = x * multipliers[name].reshape(shape)
+                x = smooth_input(x, multipliers[name], is_conv)
             if name in channel_amax:
                 axis = 1 if is_conv else x.dim() - 1
                 dims = [d for d in range(x.dim()) if d != axis]

@@ -23,6 +23,7 @@ next unit when started again with the same settings; the checkpoint is removed a
 
 from __future__ import annotations
 
+import copy
 import hashlib
 import json
 import math
@@ -141,19 +142,12 @@ def _units(ctx: PassContext, granularity: str) -> list[tuple[str, list[str]]]:
 
 
 def _pick_samples(ctx: PassContext, n: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, list[float]]:
-    """About ``n`` recorded inputs spread evenly over the calibration timesteps, and within a
-    timestep evenly over its shard (which holds the conditional, then the unconditional copies)."""
+    """About ``n`` recorded inputs spread evenly over the calibration timesteps (and, by
+    `CalibSet.at`, over each timestep's conditional and unconditional copies)."""
     per = max(1, n // len(ctx.calib.timesteps))
-    xs, ts, cs, tl = [], [], [], []
-    for t in ctx.calib.timesteps:
-        shard = ctx.calib.shards[t]
-        count = len(shard["x"])
-        idx = torch.linspace(0, count - 1, min(per, count)).round().long()
-        xs.append(shard["x"][idx])
-        ts.append(shard["t"][idx])
-        cs.append(shard["cond"][idx])
-        tl += [t] * len(idx)
-    return torch.cat(xs), torch.cat(ts), torch.cat(cs), tl
+    picked = [ctx.calib.at(t, per) for t in ctx.calib.timesteps]
+    tl = [t for t, (x, _, _) in zip(ctx.calib.timesteps, picked) for _ in range(len(x))]
+    return torch.cat([p[0] for p in picked]), torch.cat([p[1] for p in picked]), torch.cat([p[2] for p in picked]), tl
 
 
 def _out_tensor(out) -> torch.Tensor:
@@ -328,8 +322,6 @@ def reconstruct_pass(ctx: PassContext, cfg: ReconstructConfig) -> None:
 
 
 def _fake_quant_copy(ctx: PassContext):
-    import copy
-
     qd = copy.deepcopy(ctx.denoiser)
     apply_plan(qd.model, ctx.plan, check_digest=False, require_frozen=False)
     for p in qd.parameters():

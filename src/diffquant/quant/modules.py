@@ -15,10 +15,18 @@ from diffquant.quant.fake import fake_quant
 from diffquant.quant.format import QuantFormat
 from diffquant.quant.plan import QuantPlan, weights_digest
 
-__all__ = ["OUT_FORMAT", "QuantConv2d", "QuantLinear", "apply_plan", "quant_modules"]
+__all__ = ["OUT_FORMAT", "QuantConv2d", "QuantLinear", "apply_plan", "quant_modules", "smooth_input"]
 
 # layer outputs are requantized (onnxruntime target) per tensor on the 8-bit grid
 OUT_FORMAT = QuantFormat(bits=8)
+
+
+def smooth_input(x: torch.Tensor, multiplier: torch.Tensor, conv: bool) -> torch.Tensor:
+    """Multiply a layer input per input channel (dim 1 of a conv input, the last dim of a
+    linear one): the activation side of equivalent scaling."""
+    shape = [1] * x.dim()
+    shape[1 if conv else -1] = -1
+    return x * multiplier.reshape(shape)
 
 
 class _QuantMixin:
@@ -66,15 +74,9 @@ class _QuantMixin:
     def quant_output(self, y: torch.Tensor) -> torch.Tensor:
         return y if self.out_scale is None else fake_quant(y, self._at_group(self.out_scale), OUT_FORMAT)
 
-    def _smooth(self, x: torch.Tensor) -> torch.Tensor:
-        if self.act_smooth is None:
-            return x
-        shape = [1] * x.dim()
-        shape[1 if isinstance(self, nn.Conv2d) else -1] = -1
-        return x * self.act_smooth.reshape(shape)
-
     def quant_input(self, x: torch.Tensor) -> torch.Tensor:
-        x = self._smooth(x)
+        if self.act_smooth is not None:
+            x = smooth_input(x, self.act_smooth, isinstance(self, nn.Conv2d))
         if self.act_format is not None:
             if self.split:
                 a = fake_quant(x[:, : self.split], self._at_group(self.act_scale), self.act_format, ste=self.ste)
