@@ -37,8 +37,10 @@ from diffquant.exporters import export
 from diffquant.models.data import load_digits_tensor
 from diffquant.models.loading import load_classifier, load_denoiser
 from diffquant.models.sampler import SamplerConfig, class_batch, ddim_sample
-from diffquant.pipeline import load_recipe, quantize
-from diffquant.quant import apply_plan
+from diffquant.pipeline import Recipe, load_recipe, quantize
+from diffquant.pipeline.context import PassContext
+from diffquant.pipeline.registry import get_pass
+from diffquant.quant import QuantPlan, apply_plan
 from diffquant.workflow import engine_eps_fn
 
 RESULTS = Path(__file__).parent / "results"
@@ -50,7 +52,23 @@ CONFIGS = [
     ("qdiffusion", "w8a8"),
     ("qdiffusion", "w4a8"),
     ("qdiffusion", "w4a6"),
+    ("dmq", "w8a8"),
+    ("dmq", "w4a8"),
+    ("dmq", "w4a6"),
 ]
+# DMQ ablation (W4A8, one component changed from the full recipe; the full recipe is the
+# ``dmq`` row): (component, variant label, overrides)
+ABLATION_BITS = "w4a8"
+ABLATIONS = [
+    ("equivalent scaling", "none (tau = 1)", {"les": {"iters": 0, "init": "one"}}),
+    ("equivalent scaling", "SmoothQuant heuristic (alpha 0.5)", {"les": {"iters": 0, "init": "smoothquant"}}),
+    ("timestep weighting", "uniform", {"les": {"timestep_weighting": "uniform"}, "reconstruct": {"timestep_weighting": "uniform"}}),
+    ("timestep weighting", "linear", {"les": {"timestep_weighting": "linear"}, "reconstruct": {"timestep_weighting": "linear"}}),
+    ("PTS", "none", {"pts": {"max_k": 0}}),
+    ("PTS", "MSE-selected", {"pts": {"select": "mse"}}),
+    ("PTS layers", "all layers (voted)", {"pts": {"layers": ["all"]}}),
+]
+FULL = {"equivalent scaling": "LES", "timestep weighting": "adaptive", "PTS": "voted", "PTS layers": "skip convs only"}
 KEYS = ("model", "recipe", "bits", "graph", "n_samples")
 PEER = "ModelOpt int8-smoothquant (peer)"
 
@@ -76,6 +94,7 @@ class Bench:
         self.clf = load_classifier()
         self.real, _ = load_digits_tensor()
         self.fp = self.sample(self.d, n, "FP")
+        self.prefix_plans: dict[str, QuantPlan] = {}
 
     def sample(self, eps, n: int, desc: str) -> torch.Tensor:
         b = self.batch
@@ -88,10 +107,32 @@ class Bench:
         return score_samples(imgs, self.batch.ids[:n], self.clf, self.real, reference=self.fp[:n] if reference else None)
 
 
-def run_recipe(b: Bench, recipe_name: str, bits: str, grids: Path, overrides: dict, label: str = "") -> list[dict]:
+def _quantize(b: Bench, recipe: Recipe, bits: str) -> QuantPlan:
+    """quantize(), sharing the work before a recipe's trailing `pts` pass between variants that
+    differ only in it (the PTS ablation rows reuse the LES + AdaRound plan of the full row)."""
+    n = len(recipe.passes)
+    while n and recipe.passes[n - 1][0] == "pts":
+        n -= 1
+    if n == len(recipe.passes):
+        return quantize(b.d, recipe, b.calib, bits=bits, progress=b.progress)
+    prefix = copy.copy(recipe)
+    prefix.passes = recipe.passes[:n]
+    key = json.dumps([bits, prefix.to_dict()], sort_keys=True, default=str)
+    if key not in b.prefix_plans:
+        b.prefix_plans[key] = quantize(b.d, prefix, b.calib, bits=bits, progress=b.progress)
+    plan = copy.deepcopy(b.prefix_plans[key])
+    plan.state, plan.recipe = "calibrating", recipe.to_dict()
+    ctx = PassContext(denoiser=b.d, plan=plan, calib=b.calib, progress=b.progress)
+    for name, cfg in recipe.passes[n:]:
+        get_pass(name)[1](ctx, cfg)
+    plan.freeze()
+    return plan
+
+
+def run_recipe(b: Bench, recipe_name: str, bits: str, grids: Path, overrides: dict, label: str = "", **extra) -> list[dict]:
     t0 = time.time()
     recipe = load_recipe(recipe_name, {k: v for k, v in overrides.items() if any(n == k for n, _ in load_recipe(recipe_name).passes)})
-    plan = quantize(b.d, recipe, b.calib, bits=bits, progress=b.progress)
+    plan = _quantize(b, recipe, bits)
     quantize_s = time.time() - t0
     fq = copy.deepcopy(b.d)
     apply_plan(fq.model, plan, target="onnxruntime")
@@ -105,7 +146,7 @@ def run_recipe(b: Bench, recipe_name: str, bits: str, grids: Path, overrides: di
     fq_imgs = b.sample(fq, b.n_fq, f"{recipe_name} {bits} fake-quant")
     name = label or recipe_name
     save_grid(deployed[:50], grids / f"{b.model}-{re.sub(r'[^A-Za-z0-9_.-]+', '_', name)}-{bits}.png")
-    common = dict(parity=parity.max_step_error, quantize_s=round(quantize_s, 1), parity_cosine_min=parity.cosine_min, onnx_mb=round(size_mb, 2))
+    common = dict(parity=parity.max_step_error, quantize_s=round(quantize_s, 1), parity_cosine_min=parity.cosine_min, onnx_mb=round(size_mb, 2), **extra)
     if overrides:
         common["overrides"] = overrides
     return [
@@ -175,8 +216,52 @@ def write_markdown(rows: list[dict], path: Path) -> None:
             name = f"{r['model']}-{re.sub(r'[^A-Za-z0-9_.-]+', '_', r['recipe'])}{bits}.png"
             if (path.parent / "quality" / name).exists():
                 lines += [f"**{r['model']} {r['recipe']} {r['bits']}**", "", f"![{r['model']} {r['recipe']} {r['bits']}](quality/{name})", ""]
+    write_text_atomic(path, "\n".join(lines))
+
+
+def write_ablation_markdown(rows: list[dict], path: Path) -> None:
+    """dmq_ablation.md: per model, the full DMQ W4A8 row, then each variant (one component
+    changed), deployed and fake-quant side by side; FP and qdiffusion W4A8 for reference."""
+    lines = [
+        "# DMQ ablation (W4A8)",
+        "",
+        "Generated by `python benchmarks/quality.py` (rows in quality.json with an `ablation` key). Each variant",
+        "changes one component of the full `dmq` recipe: " + "; ".join(f"{k} = {v}" for k, v in FULL.items()) + ".",
+        "**deployed**: the onnxruntime-target graph run by ONNX Runtime (fused kernels), N as in the quality table;",
+        "**fake-quant**: the torch model of the same plan (smaller N: compare FD only within a column).",
+        "PSNR/SSIM and FD to FP are against the FP samples of the same seeds.",
+        "",
+    ]
+    f = lambda v, p=2: "-" if v is None else f"{v:.{p}f}"  # noqa: E731
+    by = {(r["model"], r["recipe"], r["bits"], r["graph"]): r for r in rows}
+    for model in sorted({r["model"] for r in rows if r.get("ablation")}):
+        lines += [
+            f"## {model}",
+            "",
+            "| component | variant | FD | FD to FP | PSNR | SSIM | fake-quant FD | fake-quant PSNR | parity steps |",
+            "|---|---|---|---|---|---|---|---|---|",
+        ]
+        fp = by.get((model, "fp", "-", "deployed"))
+        if fp:
+            lines.append(f"| FP | - | {f(fp['fd'], 1)} | - | - | - | - | - | - |")
+        refs = [("reference", "qdiffusion W4A8", "qdiffusion"), ("full DMQ", "LES, adaptive, voted PTS on skip convs", "dmq")]
+        refs += [(r["ablation"].split(": ")[0], r["ablation"].split(": ", 1)[1], r["recipe"]) for r in rows if r["model"] == model and r.get("ablation") and r["graph"] == "deployed"]
+        for comp, variant, recipe in refs:
+            d, q = by.get((model, recipe, ABLATION_BITS, "deployed")), by.get((model, recipe, ABLATION_BITS, "fake_quant"))
+            if d is None:
+                continue
+            lines.append(
+                f"| {comp} | {variant} | {f(d['fd'], 1)} | {f(d.get('fd_fp'), 1)} | {f(d['psnr'])} | {f(d['ssim'], 3)} | "
+                f"{f(q['fd'], 1) if q else '-'} | {f(q['psnr']) if q else '-'} | {f(d['parity_max_step_error'], 0)} |"
+            )
+        lines.append("")
+    if len(lines) > 8:
+        write_text_atomic(path, "\n".join(lines))
+
+
+def write_text_atomic(path: Path, text: str) -> None:
     tmp = path.with_suffix(".tmp")
-    tmp.write_text("\n".join(lines))
+    tmp.write_text(text)
     tmp.replace(path)
 
 
@@ -192,6 +277,7 @@ def main() -> int:
     ap.add_argument("--label", default="", help="with --only and --set: the recipe name the rows get (a variant)")
     ap.add_argument("--markdown-only", action="store_true", help="rewrite quality.md from quality.json and stop")
     ap.add_argument("--force", action="store_true", help="with --only: recompute rows that exist already")
+    ap.add_argument("--ablations", default=None, help="models that get the DMQ ablation rows (default: digits-sd, none with --only; '' for none)")
     ap.add_argument("--quiet", action="store_true")
     a = ap.parse_args()
     overrides = parse_overrides(a.overrides)
@@ -203,7 +289,9 @@ def main() -> int:
     have = {tuple(r[k] for k in KEYS) for r in rows}
     if a.markdown_only:
         write_markdown(rows, out / "quality.md")
+        write_ablation_markdown(rows, out / "dmq_ablation.md")
         return 0
+    ablate = set(filter(None, (a.ablations if a.ablations is not None else ("" if a.only else "digits-sd")).split(",")))
     configs = [tuple(c.split(":")) for c in a.only.split(",")] if a.only else CONFIGS
     torch.manual_seed(0)
 
@@ -213,6 +301,7 @@ def main() -> int:
             print(f"{r['model']:10s} {r['recipe']:14s} {r['bits']:5s} {r['graph']:10s} N={r['n_samples']:4d} FD {r['fd']:7.1f} acc {r['accuracy']:.3f} PSNR {r['psnr'] or 0:6.2f}", flush=True)
         write_json(jpath, rows)
         write_markdown(rows, out / "quality.md")
+        write_ablation_markdown(rows, out / "dmq_ablation.md")
 
     for model in a.models.split(","):
         b = Bench(model, a.samples, a.fq_samples, not a.quiet)
@@ -223,6 +312,11 @@ def main() -> int:
             if (model, a.label or recipe, bits, "deployed", a.samples) in have and not a.force:
                 continue
             add(run_recipe(b, recipe, bits, grids, overrides, a.label))
+        for component, variant, ov in ABLATIONS if model in ablate else []:
+            label = f"dmq ablation: {component} = {variant}"
+            if (model, label, ABLATION_BITS, "deployed", a.samples) not in have or a.force:
+                merged = {k: {**ov.get(k, {}), **overrides.get(k, {})} for k in {*ov, *overrides}}
+                add(run_recipe(b, "dmq", ABLATION_BITS, grids, merged, label, ablation=f"{component}: {variant}"))
         if (a.peers or not a.only) and (model, PEER, "w8a8", "fake_quant", a.fq_samples) not in have:
             add(run_modelopt_peer(b))
     return 0

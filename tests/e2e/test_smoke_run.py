@@ -44,3 +44,19 @@ def test_smoke_qdiffusion_run_digits_dit(tmp_path, monkeypatch, capsys):
     assert plan["recipe"]["passes"][-1]["config"]["iters"] == 20
     assert all(any(n.startswith("reconstructed in unit") for n in lp["notes"]) for lp in plan["layers"] if lp["weight"] or lp["act"])
     assert not (tmp_path / "cache" / "reconstruct").exists() or not any((tmp_path / "cache" / "reconstruct").iterdir())
+
+
+@pytest.mark.e2e
+def test_smoke_dmq_run_digits_sd(tmp_path, monkeypatch, capsys):
+    # DMQ end to end on the UNet (PTS needs its skip convs), iterations cut by --set
+    monkeypatch.setenv("DIFFQUANT_CACHE", str(tmp_path / "cache"))
+    out = tmp_path / "run"
+    rc = main(["run", "--model", "builtin:digits-sd", "--recipe", "dmq", "--bits", "w4a8", "--target", "onnxruntime",
+               "--set", "les.iters=5", "--set", "les.samples=32", "--set", "reconstruct.iters=5", "--set", "reconstruct.samples=32",
+               "--set", "pts.samples=64", "--out", str(out), "--samples", "20", "--steps", "10", "--calib-samples", "8", "--quiet"])
+    assert rc == 0, capsys.readouterr()
+    r = json.loads((out / "report.json").read_text())
+    assert r["recipe"] == "dmq" and r["parity"]["max_step_error"] <= 1.0
+    realized = json.loads((out / "realized.json").read_text())["layers"]
+    assert any(v.get("act_multiplier", "").startswith("folded into") for v in realized.values())
+    assert any("power-of-two" in v["weight"] for v in realized.values())

@@ -5,8 +5,12 @@ per-output-channel DequantizeLinear, or INT4 initializers with a blocked Dequant
 block formats on MatMul (weight-only); each quantized layer's input gets one per-tensor
 QuantizeLinear/DequantizeLinear pair, shared by every quantized reader of that tensor; grids
 under 8 bits add a Clip to the k-bit range before Q. Scales have the graph's float dtype.
-Equivalent scaling (``<layer>.act_smooth``) is one per-channel Mul before the shared Q; a
-shortcut-split conv becomes two convs (one per concat input, each behind its own Q/DQ) + Add.
+Equivalent scaling (``<layer>.act_smooth``) and power-of-two scaling (``<layer>.act_pts``) make
+one per-channel multiplier before the shared Q: folded into the producer where that is exact
+(a LayerNormalization's scale and bias, or a constant Mul -> Add affine such as a GroupNorm's,
+whose output only the layers of this input group read), else one Mul. PTS weights are the
+n-bit codes shifted left by (K - k) per input channel with weight scale s_w / 2^K, inside INT8.
+A shortcut-split conv becomes two convs (one per concat input, each behind its own Q/DQ) + Add.
 
 ``tensorrt``: FP16 graph, INT8 activations with zero point 0.
 ``onnxruntime``: FP32 graph, UINT8 activations and weights with zero point 128 (the same grids
@@ -32,7 +36,7 @@ from onnx import numpy_helper
 
 from diffquant.errors import DiffquantError
 from diffquant.exporters.onnx_fp import MODULE_PREFIX
-from diffquant.quant.fake import quantize_int
+from diffquant.quant.fake import MIN_SCALE, quantize_int
 from diffquant.quant.format import QuantFormat
 from diffquant.quant.plan import LayerPlan, QuantPlan
 
@@ -96,10 +100,21 @@ def _find_weight_consumer(graph: gs.Graph, weight_name: str, layer: str) -> tupl
     raise DiffquantError(f"layer {layer}: no Conv/MatMul/Gemm reads {weight_name!r} in the exported graph")
 
 
-def _weight_dq(lp: LayerPlan, w: torch.Tensor, scale: torch.Tensor, node: gs.Node, how: str, fdtype, prof: TargetProfile) -> tuple[gs.Variable, dict]:
+def _weight_dq(lp: LayerPlan, w: torch.Tensor, scale: torch.Tensor, node: gs.Node, how: str, fdtype, prof: TargetProfile, pts: torch.Tensor | None = None) -> tuple[gs.Variable, dict]:
     fmt: QuantFormat = lp.weight
-    q = quantize_int(w.float(), scale.float(), fmt).to(torch.int8)
+    q = quantize_int(w.float(), scale.float(), fmt)
     name = lp.name
+    shift = ""
+    if pts is not None:  # power-of-two scaling: codes * 2^(K - k) per input channel, scale s_w / 2^K
+        big = int(pts.max())
+        if fmt.granularity != "channel" or fmt.qmin * 2**big < -128 or fmt.qmax * 2**big > 127:
+            raise DiffquantError(f"layer {name}: power-of-two exponents up to {big} do not fit {fmt.bits}-bit weight codes inside INT8")
+        q = q * torch.exp2(big - pts).reshape([1, -1] + [1] * (q.dim() - 2))
+        scale = scale.float() / 2**big
+        if float(scale.min()) < MIN_SCALE:
+            raise DiffquantError(f"layer {name}: weight scale / 2^{big} underflows FP16; re-run the pts pass")
+        shift = f", codes shifted left by {big} - k per input channel (power-of-two scaling)"
+    q = q.to(torch.int8)
     if fmt.granularity == "block":
         if how != "transposed" or fmt.bits > 4 or lp.act is not None:
             raise DiffquantError(
@@ -126,7 +141,7 @@ def _weight_dq(lp: LayerPlan, w: torch.Tensor, scale: torch.Tensor, node: gs.Nod
     out = gs.Variable(f"{name}.weight_dq", dtype=fdtype)
     dq = gs.Node("DequantizeLinear", f"{name}.weight_DequantizeLinear", {"axis": axis}, [wq, ws, wz], [out])
     grid = "" if fmt.bits == 8 else f" ({fmt.bits}-bit grid)"
-    return out, {"node": dq, "axis": axis, "desc": f"{wdt.name.upper()}{grid} per-channel axis {axis}"}
+    return out, {"node": dq, "axis": axis, "desc": f"{wdt.name.upper()}{grid} per-channel axis {axis}{shift}"}
 
 
 def lower_plan(
@@ -154,8 +169,15 @@ def lower_plan(
     graph = gs.import_onnx(fp_model)
     tensors = graph.tensors()
     result = LoweringResult(model=fp_model)
-    act_q: dict[str, tuple] = {}  # input tensor name -> (dq out, scale, first layer, smoothing bytes)
+    act_q: dict[str, tuple] = {}  # input tensor name -> (dq out, scale, first layer, multiplier bytes, where it went)
     int4: set[str] = set()
+    # graph node of each activation-quantized layer -> its input multiplier's bytes (folding
+    # into a producer is exact only when every reader of its output takes the same multiplier)
+    readers = {}
+    for lp in plan.quantized_layers():
+        if lp.act and not lp.split:
+            mult = plan.act_multiplier(lp.name, group)
+            readers[_find_weight_consumer(graph, f"{MODULE_PREFIX}{lp.name}.weight", lp.name)[0].name] = None if mult is None else _bytes(mult)
     for lp in plan.quantized_layers():
         weight_name = f"{MODULE_PREFIX}{lp.name}.weight"
         node, how = _find_weight_consumer(graph, weight_name, lp.name)
@@ -170,7 +192,7 @@ def lower_plan(
             continue
         if lp.weight:
             w = _plan_weight(lp, plan, weights, tensors[weight_name])
-            dq_out, wi = _weight_dq(lp, w, plan.weight_scale(lp.name), node, how, fdtype, prof)
+            dq_out, wi = _weight_dq(lp, w, plan.weight_scale(lp.name), node, how, fdtype, prof, plan.pts_exponents(lp.name, group))
             graph.nodes.append(wi["node"])
             node.inputs[1] = dq_out
             if "int4" in wi:
@@ -180,11 +202,12 @@ def lower_plan(
             info["weight"] = "FP"
         if lp.act:
             x = node.inputs[0]
-            smooth = plan.tensors.get(f"{lp.name}.act_smooth")
-            node.inputs[0] = _shared_qdq(graph, x, lp, float(plan.act_scale(lp.name, group)), smooth, node.op, act_q, result, prof, fdtype)
+            mult = plan.act_multiplier(lp.name, group)
+            node.inputs[0] = _shared_qdq(graph, x, lp, float(plan.act_scale(lp.name, group)), mult, node.op, act_q, result, prof, fdtype, readers=readers)
             clip = "" if lp.act.bits == 8 else f", Clip to {lp.act.bits}-bit range"
-            extra = ", per-channel Mul before Q (equivalent scaling)" if smooth is not None else ""
-            info["act"] = f"{np.dtype(prof.act_dtype).name.upper()} per-tensor{clip}{extra}"
+            info["act"] = f"{np.dtype(prof.act_dtype).name.upper()} per-tensor{clip}"
+            if mult is not None:
+                info["act_multiplier"] = act_q[x.name][4]
         else:
             info["act"] = "FP"
         if prof.requantize_conv_outputs and node.op == "Conv" and lp.act:
@@ -218,15 +241,20 @@ def lower_plan(
     return result
 
 
-def _shared_qdq(graph, x: gs.Variable, lp: LayerPlan, scale: float, smooth, op: str, act_q: dict, result: LoweringResult, prof: TargetProfile, fdtype, kind: str = "act") -> gs.Variable:
+def _bytes(v) -> bytes:
+    return np.asarray(v, dtype=np.float32).tobytes()
+
+
+def _shared_qdq(graph, x: gs.Variable, lp: LayerPlan, scale: float, mult, op: str, act_q: dict, result: LoweringResult, prof: TargetProfile, fdtype, kind: str = "act", readers: dict | None = None) -> gs.Variable:
     """The activation Q/DQ of tensor ``x`` for layer ``lp``: reused when another quantized layer
-    already reads ``x`` (it must have the same scale and smoothing: one Q/DQ per tensor), else
-    ``[Mul by the smoothing vector ->] [Clip ->] Q -> DQ``."""
-    key = None if smooth is None else np.asarray(smooth, dtype=np.float32).tobytes()
+    already reads ``x`` (it must have the same scale and multiplier: one Q/DQ per tensor), else
+    ``[per-channel multiplier ->] [Clip ->] Q -> DQ``, the multiplier folded into the producer
+    of ``x`` where exact (see `_fold_multiplier`), else a Mul."""
+    key = None if mult is None else _bytes(mult)
     if x.name in act_q:
-        dq_out, prev, first, prev_key = act_q[x.name]
+        dq_out, prev, first, prev_key, _ = act_q[x.name]
         if prev != scale or prev_key != key:
-            what = "activation scales" if prev != scale else "smoothing vectors"
+            what = "activation scales" if prev != scale else "input multipliers (smoothing / power-of-two)"
             raise DiffquantError(
                 f"layers {first} and {lp.name} read the same tensor {x.name!r} with different {what} "
                 f"({prev:g} vs {scale:g}); TensorRT needs one Q/DQ per tensor: give them one input group"
@@ -234,16 +262,92 @@ def _shared_qdq(graph, x: gs.Variable, lp: LayerPlan, scale: float, smooth, op: 
         result.act_dq[dq_out.name]["layers"].append(lp.name)
         return dq_out
     base = f"{lp.input_group or lp.name}" if kind == "act" else f"{lp.name}.{kind}"
-    src = x
-    if smooth is not None:
-        shape = [-1] + ([1, 1] if op == "Conv" else [])
-        m = gs.Constant(f"{base}.act_smooth", np.asarray(smooth, dtype=np.float32).reshape(shape).astype(fdtype))
-        src = gs.Variable(f"{base}.act_smoothed", dtype=fdtype)
-        graph.nodes.append(gs.Node("Mul", f"{base}.act_smooth_Mul", inputs=[x, m], outputs=[src]))
+    src, where = x, ""
+    if mult is not None:
+        channels_last = op != "Conv"
+        where = _fold_multiplier(x, np.asarray(mult, dtype=np.float32), channels_last, key, readers or {}, fdtype, base)
+        if not where:
+            shape = [-1] + ([] if channels_last else [1, 1])
+            m = gs.Constant(f"{base}.act_smooth", np.asarray(mult, dtype=np.float32).reshape(shape).astype(fdtype))
+            src = gs.Variable(f"{base}.act_smoothed", dtype=fdtype)
+            graph.nodes.append(gs.Node("Mul", f"{base}.act_smooth_Mul", inputs=[x, m], outputs=[src]))
+            where = f"one Mul before Q ({base}.act_smooth_Mul)"
     dq_out = _qdq(graph, src, base, "act", scale, lp.act, prof, fdtype)
-    act_q[x.name] = (dq_out, scale, lp.name, key)
+    act_q[x.name] = (dq_out, scale, lp.name, key, where)
     result.act_dq[dq_out.name] = {"input": src.name, "layers": [lp.name], "scale": scale, "bits": lp.act.bits}
     return dq_out
+
+
+def _const_values(t) -> np.ndarray | None:
+    """The values of a constant tensor: an initializer or Constant node, or one behind the
+    Identity / Unsqueeze / Reshape nodes the TorchScript exporter writes around parameters (constant folding is off),
+    else None."""
+    if isinstance(t, gs.Constant):
+        return np.asarray(t.values, dtype=np.float32)
+    if not isinstance(t, gs.Variable) or len(t.inputs) != 1:
+        return None
+    node = t.inputs[0]
+    if node.op == "Constant" and isinstance(node.attrs.get("value"), gs.Constant):
+        return np.asarray(node.attrs["value"].values, dtype=np.float32)
+    if node.op not in ("Identity", "Unsqueeze", "Reshape"):
+        return None
+    vals = [_const_values(i) for i in node.inputs]
+    if not vals or any(v is None for v in vals):
+        return None
+    if node.op == "Identity":
+        return vals[0]
+    if node.op == "Unsqueeze" and len(vals) == 2:
+        out = vals[0]
+        for ax in sorted(int(a) % (out.ndim + len(vals[1])) for a in vals[1].reshape(-1)):
+            out = np.expand_dims(out, ax)
+        return out
+    if node.op == "Reshape" and len(vals) == 2:
+        return vals[0].reshape([int(d) for d in vals[1].reshape(-1)])
+    return None
+
+
+def _fold_multiplier(x: gs.Variable, mult: np.ndarray, channels_last: bool, key: bytes, readers: dict, fdtype, base: str) -> str:
+    """Fold the per-channel multiplier into the node producing ``x``, if exact: every reader of
+    ``x`` is a quantized layer taking this very multiplier (or a Shape), and the producer is a
+    LayerNormalization over the channel axis with constant scale (and bias), or a ``Mul`` by a
+    per-channel constant whose output only feeds an ``Add`` of a per-channel constant (a
+    GroupNorm's or LayerNorm's affine). Returns where it went, or "" if it was not folded."""
+    if not x.inputs or any(c.op != "Shape" and readers.get(c.name, b"") != key for c in x.outputs):
+        return ""
+    prod, c = x.inputs[0], len(mult)
+    shape = [c] if channels_last else [c, 1, 1]
+
+    def scaled(t) -> np.ndarray | None:
+        v = _const_values(t)
+        if v is None:
+            return None
+        try:
+            out = v * mult.reshape(shape)
+        except ValueError:
+            return None
+        return out if out.size == c else None
+
+    if prod.op == "LayerNormalization" and channels_last and prod.attrs.get("axis", -1) == -1:
+        new = [scaled(t) for t in prod.inputs[1:3]]
+        if all(v is not None for v in new):
+            for i, v in enumerate(new, start=1):
+                prod.inputs[i] = gs.Constant(f"{base}.folded_{'scale' if i == 1 else 'bias'}", v.astype(fdtype))
+            return f"folded into {prod.name} (LayerNormalization scale and bias)"
+        return ""
+    if prod.op == "Add" and len(prod.inputs) == 2:
+        ci = next((i for i, t in enumerate(prod.inputs) if _const_values(t) is not None), None)
+        mul_in = prod.inputs[1 - ci] if ci is not None else None
+        mul = mul_in.inputs[0] if mul_in is not None and mul_in.inputs else None
+        if mul is None or mul.op != "Mul" or len(mul_in.outputs) != 1:
+            return ""
+        mi = next((i for i, t in enumerate(mul.inputs) if _const_values(t) is not None), None)
+        beta, gamma = scaled(prod.inputs[ci]), scaled(mul.inputs[mi]) if mi is not None else None
+        if beta is None or gamma is None:
+            return ""
+        prod.inputs[ci] = gs.Constant(f"{base}.folded_bias", beta.astype(fdtype))
+        mul.inputs[mi] = gs.Constant(f"{base}.folded_scale", gamma.astype(fdtype))
+        return f"folded into {mul.name} -> {prod.name} (per-channel affine)"
+    return ""
 
 
 def _plan_weight(lp: LayerPlan, plan: QuantPlan, weights, init) -> torch.Tensor:

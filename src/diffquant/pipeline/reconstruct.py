@@ -9,7 +9,8 @@ holds; or every layer alone with ``granularity: layer``), in forward order:
    ``warmup`` share of the iterations) together with LSQ step sizes for its activation
    quantizers (Adam ``act_lr``, straight-through rounding), minimising the output error
    (squared error summed over channels, averaged over positions) weighted per sample by a
-   pluggable timestep weighting;
+   pluggable timestep weighting (``uniform``, ``linear``, DMQ's ``adaptive``); with
+   ``quantize_acts: false`` the activations stay FP and only the weights are learned (DMQ);
 3. harden: the plan gets the rounded weights (``<layer>.weight``, exactly on the grid) and the
    learned step sizes (rounded to FP16), and the fake-quant model uses them for later units.
 
@@ -41,6 +42,7 @@ from diffquant._io import atomic_path, write_json
 from diffquant.calib_data.collect import default_cache_dir
 from diffquant.errors import DiffquantError
 from diffquant.pipeline.activations import quantizer_keys
+from diffquant.pipeline.capture import capture, out_tensor, per_sample_loss, pick_samples, select
 from diffquant.pipeline.context import PassContext
 from diffquant.pipeline.registry import register_pass
 from diffquant.pipeline.weighting import make_weighting
@@ -66,6 +68,7 @@ class ReconstructConfig:
     lr: float = 1e-3
     act_lr: float = 4e-5
     learn_act_scales: bool = True
+    quantize_acts: bool = True  # false: weights only, activations stay FP while training (DMQ)
     round_weight: float = 0.01
     b_start: float = 20.0
     b_end: float = 2.0
@@ -111,10 +114,6 @@ class AdaRound(nn.Module):
         return (1 - (2 * self.h() - 1).abs().pow(b)).sum()
 
 
-class _StopForwardError(Exception):
-    """Raised by a capture hook once the unit has run: the rest of the model is not needed."""
-
-
 def _units(ctx: PassContext, granularity: str) -> list[tuple[str, list[str]]]:
     """(unit module name, its quantized layers), in forward order."""
     layers = [lp.name for lp in ctx.plan.quantized_layers()]
@@ -139,84 +138,6 @@ def _units(ctx: PassContext, granularity: str) -> list[tuple[str, list[str]]]:
             h.remove()
     rank = {u: i for i, u in enumerate(order)}
     return sorted((u for u in units if u[0] in rank), key=lambda u: rank[u[0]])
-
-
-def _pick_samples(ctx: PassContext, n: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, list[float]]:
-    """About ``n`` recorded inputs spread evenly over the calibration timesteps (and, by
-    `CalibSet.at`, over each timestep's conditional and unconditional copies)."""
-    per = max(1, n // len(ctx.calib.timesteps))
-    picked = [ctx.calib.at(t, per) for t in ctx.calib.timesteps]
-    tl = [t for t, (x, _, _) in zip(ctx.calib.timesteps, picked) for _ in range(len(x))]
-    return torch.cat([p[0] for p in picked]), torch.cat([p[1] for p in picked]), torch.cat([p[2] for p in picked]), tl
-
-
-def _out_tensor(out) -> torch.Tensor:
-    if isinstance(out, torch.Tensor):
-        return out
-    if hasattr(out, "sample"):
-        return out.sample
-    return out[0]
-
-
-@torch.no_grad()
-def _capture(model: nn.Module, unit: nn.Module, data, batch: int, want_inputs: bool, want_output: bool):
-    """Run ``model`` (a Denoiser) over ``data`` batch by batch (each batch one timestep) and
-    keep the unit's call arguments and/or output; stops each forward right after the unit."""
-    x, t, c, tl = data
-    calls, outs = [], []
-
-    def pre(_m, args, kwargs):
-        if want_inputs:
-            calls.append((tuple(args), dict(kwargs), len(args[0]) if args else len(next(iter(kwargs.values())))))
-
-    def post(_m, _a, _k, out):
-        if want_output:
-            outs.append(_out_tensor(out).detach())
-        raise _StopForwardError
-
-    h1 = unit.register_forward_pre_hook(pre, with_kwargs=True)
-    h2 = unit.register_forward_hook(post, with_kwargs=True)
-    try:
-        i = 0
-        while i < len(x):
-            j = i
-            while j < len(x) and j - i < batch and tl[j] == tl[i]:
-                j += 1
-            try:
-                model(x[i:j], t[i:j], c[i:j])
-            except _StopForwardError:
-                pass
-            i = j
-    finally:
-        h1.remove()
-        h2.remove()
-    if not want_inputs:
-        return None, torch.cat(outs)
-    sizes = [n for _, _, n in calls]
-
-    def collate(vals):
-        v0 = vals[0]
-        if isinstance(v0, torch.Tensor) and v0.dim() > 0 and all(isinstance(v, torch.Tensor) and v.shape[0] == n for v, n in zip(vals, sizes)):
-            return ("batched", torch.cat([v.detach() for v in vals]))
-        return ("const", v0)
-
-    args = [collate([a[k] for a, _, _ in calls]) for k in range(len(calls[0][0]))]
-    kwargs = {k: collate([kw[k] for _, kw, _ in calls]) for k in calls[0][1]}
-    return (args, kwargs), (torch.cat(outs) if want_output else None)
-
-
-def _select(stored, idx: torch.Tensor):
-    args, kwargs = stored
-    pick = lambda v: v[1][idx] if v[0] == "batched" else v[1]  # noqa: E731
-    return [pick(a) for a in args], {k: pick(v) for k, v in kwargs.items()}
-
-
-def _per_sample_loss(out: torch.Tensor, tgt: torch.Tensor) -> torch.Tensor:
-    """Squared error summed over channels (dim 1 of images, last dim of token sequences) and
-    averaged over positions, per sample."""
-    err = (out - tgt).pow(2)
-    channels = err.shape[1] if err.dim() == 4 else err.shape[-1]
-    return err.reshape(len(err), -1).mean(dim=1) * channels
 
 
 def _set(m: nn.Module, attr: str, value) -> None:
@@ -282,8 +203,11 @@ def reconstruct_pass(ctx: PassContext, cfg: ReconstructConfig) -> None:
     fp = ctx.denoiser
     qd = _fake_quant_copy(ctx)
     qmods = quant_modules(qd.model)
+    if not cfg.quantize_acts:
+        for m in qmods.values():
+            m.act_format, m.out_scale = None, None
     units = _units(ctx, cfg.granularity)
-    data = _pick_samples(ctx, cfg.samples)
+    data = pick_samples(ctx, cfg.samples)
     groups = getattr(ctx.act_stats, "groups", {}) or {}
     # each activation-quantizer group (layers reading one tensor) is learned by the first unit
     # holding a member and shared with every member: name -> [(layer, attribute)]
@@ -308,7 +232,8 @@ def reconstruct_pass(ctx: PassContext, cfg: ReconstructConfig) -> None:
                 ctx.plan.layers[n].notes.append(f"reconstructed in unit {unit}: restored from checkpoint {ckpt}")
             continue
         t0 = time.time()
-        job = _Unit(unit, names, {g: m for g, m in members.items() if owner[g] == unit})
+        learn = cfg.learn_act_scales and cfg.quantize_acts
+        job = _Unit(unit, names, {g: m for g, m in members.items() if owner[g] == unit} if learn else {})
         before, after, touched = _train_unit(ctx, cfg, fp, qd, qmods, job, data, groups)
         for n in names:
             ctx.plan.layers[n].notes.append(f"reconstructed in unit {unit}: output loss {before:.4g} -> {after:.4g} ({time.time() - t0:.0f} s)")
@@ -336,8 +261,8 @@ def _train_unit(ctx, cfg: ReconstructConfig, fp, qd, qmods, job: _Unit, data, gr
     fp_unit = fp.model.get_submodule(unit)
     q_unit = qd.model.get_submodule(unit)
     src = qd if cfg.inputs == "quant" else fp
-    stored, _ = _capture(src, src.model.get_submodule(unit), data, 256, True, False)
-    _, target = _capture(fp, fp_unit, data, 256, False, True)
+    stored, _ = capture(src, src.model.get_submodule(unit), data, 256, True, False)
+    _, target = capture(fp, fp_unit, data, 256, False, True)
     tl = torch.tensor(data[3])
     n = len(target)
     plan = ctx.plan
@@ -350,8 +275,8 @@ def _train_unit(ctx, cfg: ReconstructConfig, fp, qd, qmods, job: _Unit, data, gr
     def run(idx: torch.Tensor, g: int) -> torch.Tensor:
         for m in quant_modules(q_unit).values():
             m.group = g
-        args, kwargs = _select(stored, idx)
-        return _per_sample_loss(_out_tensor(q_unit(*args, **kwargs)), target[idx])
+        args, kwargs = select(stored, idx)
+        return per_sample_loss(out_tensor(q_unit(*args, **kwargs)), target[idx])
 
     def eval_loss() -> float:
         with torch.no_grad():
@@ -370,7 +295,7 @@ def _train_unit(ctx, cfg: ReconstructConfig, fp, qd, qmods, job: _Unit, data, gr
             m.weight_fn = rounders[name].soft
         m.ste = True
     act_params: dict[str, nn.Parameter] = {}
-    if cfg.learn_act_scales:
+    if job.act_groups:
         for g, mems in job.act_groups.items():
             layer, attr = mems[0]
             act_params[g] = nn.Parameter(getattr(qmods[layer], attr).detach().clone())

@@ -20,7 +20,7 @@ from diffquant.pipeline.minmax import plan_weight
 from diffquant.pipeline.registry import register_pass
 from diffquant.quant.fake import round_scale
 
-__all__ = ["SmoothQuantConfig", "smoothquant_pass"]
+__all__ = ["SmoothQuantConfig", "input_channel_amax", "smoothing_factors", "smoothquant_pass", "write_smoothing"]
 
 
 @dataclass
@@ -37,9 +37,17 @@ class SmoothQuantConfig:
             raise ValueError(f"alpha must be in [0, 1], got {self.alpha}")
 
 
-def _input_channel_amax(w: torch.Tensor) -> torch.Tensor:
+def input_channel_amax(w: torch.Tensor) -> torch.Tensor:
     """max |W| per input channel (dim 1) of a Linear [out, in] or Conv [out, in, kh, kw]."""
     return w.detach().abs().transpose(0, 1).reshape(w.shape[1], -1).amax(dim=1)
+
+
+def smoothing_factors(x_amax: torch.Tensor, w_amax: torch.Tensor, alpha: float) -> torch.Tensor:
+    """SmoothQuant's per-channel s = max|X|^alpha / max|W|^(1 - alpha) (1 where undefined):
+    the layer then computes Q(X / s) . Q(W * s)."""
+    x_amax, w_amax = x_amax.float(), w_amax.float()
+    s = x_amax.pow(alpha) / w_amax.pow(1 - alpha)
+    return torch.where((x_amax > 0) & (w_amax > 0) & torch.isfinite(s), s, torch.ones_like(s))
 
 
 @register_pass("smoothquant", SmoothQuantConfig)
@@ -53,14 +61,21 @@ def smoothquant_pass(ctx: PassContext, cfg: SmoothQuantConfig) -> None:
     for name in layers:
         members.setdefault(stats.groups[name], []).append(name)
     for lead, names in members.items():
-        x_amax = torch.stack([stats.channel_amax[n] for n in names]).amax(dim=0).float()
-        w_amax = torch.stack([_input_channel_amax(plan_weight(ctx, n)) for n in names]).amax(dim=0).float()
-        s = x_amax.pow(cfg.alpha) / w_amax.pow(1 - cfg.alpha)
-        s = torch.where((x_amax > 0) & (w_amax > 0) & torch.isfinite(s), s, torch.ones_like(s))
-        mult = round_scale((1.0 / s).clamp(max=6.0e4))  # what the graph holds (FP16-representable)
-        for n in names:
-            w = plan_weight(ctx, n).float()
-            shape = [1, -1] + [1] * (w.dim() - 2)
-            ctx.plan.tensors[f"{n}.weight"] = (w / mult.reshape(shape)).contiguous()
-            ctx.plan.tensors[f"{n}.act_smooth"] = mult.clone()
-            ctx.plan.layers[n].notes.append(f"SmoothQuant alpha {cfg.alpha:g}, vector shared with {lead}")
+        x_amax = torch.stack([stats.channel_amax[n] for n in names]).amax(dim=0)
+        w_amax = torch.stack([input_channel_amax(plan_weight(ctx, n)) for n in names]).amax(dim=0)
+        s = smoothing_factors(x_amax, w_amax, cfg.alpha)
+        write_smoothing(ctx, names, s, f"SmoothQuant alpha {cfg.alpha:g}, vector shared with {lead}")
+
+
+def write_smoothing(ctx: PassContext, names: list[str], s: torch.Tensor, note: str) -> None:
+    """Record equivalent scaling by ``s`` (the input is divided by it, the weight multiplied)
+    for layers ``names`` reading one tensor: ``<layer>.act_smooth`` = 1/s rounded to FP16 (what
+    the graph holds; kept within [2^-10, 2^12] so that 2^k of power-of-two scaling still fits
+    FP16) and ``<layer>.weight`` = W / (1/s)."""
+    mult = round_scale((1.0 / s.float()).clamp(min=2.0**-10, max=2.0**12))
+    for n in names:
+        w = plan_weight(ctx, n).float()
+        shape = [1, -1] + [1] * (w.dim() - 2)
+        ctx.plan.tensors[f"{n}.weight"] = (w / mult.reshape(shape)).contiguous()
+        ctx.plan.tensors[f"{n}.act_smooth"] = mult.clone()
+        ctx.plan.layers[n].notes.append(note)

@@ -7,7 +7,7 @@ from dataclasses import asdict, dataclass
 
 from diffquant.errors import DiffquantError
 
-__all__ = ["BitSetting", "QuantFormat", "parse_bits"]
+__all__ = ["BitSetting", "QuantFormat", "parse_bits", "pts_budget"]
 
 GRANULARITIES = ("tensor", "channel", "block")
 
@@ -56,6 +56,15 @@ class QuantFormat:
         if unknown:
             raise DiffquantError(f"unknown QuantFormat keys: {sorted(unknown)}")
         return cls(**d)
+
+
+def pts_budget(weight: QuantFormat | None) -> int:
+    """Largest power-of-two exponent k that power-of-two activation scaling may give a layer
+    with this weight format: the weight codes are shifted left by (K - k) with scale s_w / 2^K
+    and must stay inside INT8, so K = min(3, 8 - bits) (3 at W4/W5, 0 at W8: no PTS)."""
+    if weight is None or weight.granularity != "channel":
+        return 0
+    return max(0, min(3, 8 - weight.bits))
 
 
 @dataclass(frozen=True)

@@ -34,7 +34,9 @@ class _QuantMixin:
     quantized input so parity checks can compare it with the graph's DequantizeLinear output.
 
     Optional parts, all set from the plan: ``act_smooth`` multiplies the input per channel
-    before its quantizer (equivalent scaling); ``split`` > 0 quantizes input channels
+    before its quantizer (equivalent scaling); ``act_pts`` (exponents k per input channel, [C]
+    or [G, C]) multiplies it by 2^k there too and the quantized weight by 2^-k (DMQ's
+    power-of-two scaling: a finer activation step for small channels); ``split`` > 0 quantizes input channels
     ``[:split]`` with ``act_scale`` and ``[split:]`` with ``act_scale_split`` (shortcut split).
     For training passes, ``ste`` passes rounding gradients straight through and ``weight_fn``
     (if set) supplies the quantized weight (AdaRound's soft rounding)."""
@@ -51,6 +53,7 @@ class _QuantMixin:
         self.register_buffer("act_scale", torch.ones(()))
         self.act_scale_split: torch.Tensor | None = None
         self.act_smooth: torch.Tensor | None = None
+        self.act_pts: torch.Tensor | None = None
         self.split = 0
         self.out_scale: torch.Tensor | None = None  # set: requantize the output (onnxruntime target)
         self.capture = False
@@ -60,12 +63,28 @@ class _QuantMixin:
 
     def quant_weight(self) -> torch.Tensor:
         if self.weight_fn is not None:
-            return self.weight_fn()
-        if self.weight_format is None:
-            return self.weight
-        return fake_quant(self.weight, self.weight_scale, self.weight_format, ste=self.ste)
+            w = self.weight_fn()
+        elif self.weight_format is None:
+            w = self.weight
+        else:
+            w = fake_quant(self.weight, self.weight_scale, self.weight_format, ste=self.ste)
+        k = self._pts()
+        if k is not None:
+            w = w * torch.exp2(-k).reshape([1, -1] + [1] * (w.dim() - 2))
+        return w
 
     group: int = 0  # current timestep group (set by apply_plan's hook when the plan has several)
+
+    def _pts(self) -> torch.Tensor | None:
+        k = self.act_pts
+        return k if k is None or k.dim() == 1 else k[self.group if len(k) > 1 else 0]
+
+    def input_multiplier(self) -> torch.Tensor | None:
+        """The per-input-channel factor before the activation quantizer (smoothing x 2^k)."""
+        k = self._pts()
+        if k is None:
+            return self.act_smooth
+        return torch.exp2(k) if self.act_smooth is None else torch.exp2(k) * self.act_smooth
 
     def _at_group(self, s: torch.Tensor) -> torch.Tensor:
         """A scalar scale, or the current group's entry of a per-group one."""
@@ -75,8 +94,9 @@ class _QuantMixin:
         return y if self.out_scale is None else fake_quant(y, self._at_group(self.out_scale), OUT_FORMAT)
 
     def quant_input(self, x: torch.Tensor) -> torch.Tensor:
-        if self.act_smooth is not None:
-            x = smooth_input(x, self.act_smooth, isinstance(self, nn.Conv2d))
+        mult = self.input_multiplier()
+        if mult is not None:
+            x = smooth_input(x, mult, isinstance(self, nn.Conv2d))
         if self.act_format is not None:
             if self.split:
                 a = fake_quant(x[:, : self.split], self._at_group(self.act_scale), self.act_format, ste=self.ste)
@@ -151,6 +171,8 @@ def apply_plan(model: nn.Module, plan: QuantPlan, check_digest: bool = True, tar
                     q.act_scale_split = plan.act_scale(lp.name, half=1).float().clone()
             if f"{lp.name}.act_smooth" in plan.tensors:
                 q.act_smooth = plan.tensors[f"{lp.name}.act_smooth"].float().clone()
+            if f"{lp.name}.act_pts" in plan.tensors:
+                q.act_pts = plan.tensors[f"{lp.name}.act_pts"].float().clone()
             if target == "onnxruntime" and lp.op == "conv" and lp.act and f"{lp.name}.out_scale" in plan.tensors:
                 q.out_scale = plan.tensors[f"{lp.name}.out_scale"].float().clone()
         _set_submodule(model, lp.name, q)

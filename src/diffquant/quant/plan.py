@@ -76,7 +76,9 @@ class QuantPlan:
     ``<layer>.act_scale`` (scalar, or one per timestep group; with a shortcut split also
     ``<layer>.act_scale_split`` for the second half), optionally ``<layer>.act_smooth`` (a
     per-input-channel multiplier applied before the activation quantizer: equivalent scaling,
-    whose inverse is already folded into ``<layer>.weight``), optionally ``<layer>.out_scale``
+    whose inverse is already folded into ``<layer>.weight``), optionally ``<layer>.act_pts``
+    (DMQ's power-of-two exponents k per input channel, [C] or [G, C]: the input is multiplied
+    by 2^k before its per-tensor quantizer and the quantized weight by 2^-k), optionally ``<layer>.out_scale``
     (the layer's output range at 8 bits, same shape: the ``onnxruntime`` target requantizes conv
     outputs with it so QLinearConv fuses) and ``<layer>.weight`` (a replacement FP weight, e.g.
     after rounding reconstruction). All scales are already rounded to the export dtype.
@@ -113,6 +115,22 @@ class QuantPlan:
         is the second half of a shortcut-split input."""
         s = self.tensors[f"{layer}.act_scale" + ("_split" if half else "")]
         return s if group is None else s.reshape(-1)[group if s.numel() > 1 else 0]
+
+    def act_multiplier(self, layer: str, group: int = 0) -> torch.Tensor | None:
+        """The one per-input-channel factor applied before ``layer``'s activation quantizer in
+        ``group``: the smoothing vector times 2^k of power-of-two scaling (None: neither)."""
+        smooth = self.tensors.get(f"{layer}.act_smooth")
+        pts = self.pts_exponents(layer, group)
+        if pts is None:
+            return None if smooth is None else smooth.float()
+        return torch.exp2(pts) * (1.0 if smooth is None else smooth.float())
+
+    def pts_exponents(self, layer: str, group: int = 0) -> torch.Tensor | None:
+        """``layer``'s power-of-two exponents k per input channel in ``group`` (None: no PTS)."""
+        k = self.tensors.get(f"{layer}.act_pts")
+        if k is None:
+            return None
+        return k.float() if k.dim() == 1 else k[group if len(k) > 1 else 0].float()
 
     def out_scale(self, layer: str, group: int = 0) -> float | None:
         """The 8-bit output scale of ``layer`` in ``group``, if calibration recorded one."""

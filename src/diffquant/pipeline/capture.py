@@ -1,0 +1,95 @@
+"""Recording calibration-time inputs and outputs of one module inside a denoiser, shared by
+the training passes (reconstruction, LES, PTS)."""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from diffquant.pipeline.context import PassContext
+
+__all__ = ["capture", "out_tensor", "per_sample_loss", "pick_samples", "select"]
+
+
+class _StopForwardError(Exception):
+    """Raised by a capture hook once the unit has run: the rest of the model is not needed."""
+
+
+def pick_samples(ctx: PassContext, n: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, list[float]]:
+    """About ``n`` recorded inputs spread evenly over the calibration timesteps (and, by
+    `CalibSet.at`, over each timestep's conditional and unconditional copies)."""
+    per = max(1, n // len(ctx.calib.timesteps))
+    picked = [ctx.calib.at(t, per) for t in ctx.calib.timesteps]
+    tl = [t for t, (x, _, _) in zip(ctx.calib.timesteps, picked) for _ in range(len(x))]
+    return torch.cat([p[0] for p in picked]), torch.cat([p[1] for p in picked]), torch.cat([p[2] for p in picked]), tl
+
+
+def out_tensor(out) -> torch.Tensor:
+    if isinstance(out, torch.Tensor):
+        return out
+    if hasattr(out, "sample"):
+        return out.sample
+    return out[0]
+
+
+@torch.no_grad()
+def capture(model: nn.Module, unit: nn.Module, data, batch: int, want_inputs: bool, want_output: bool):
+    """Run ``model`` (a Denoiser) over ``data`` batch by batch (each batch one timestep) and
+    keep the unit's call arguments and/or output; stops each forward right after the unit."""
+    x, t, c, tl = data
+    calls, outs = [], []
+
+    def pre(_m, args, kwargs):
+        if want_inputs:
+            calls.append((tuple(args), dict(kwargs), len(args[0]) if args else len(next(iter(kwargs.values())))))
+
+    def post(_m, _a, _k, out):
+        if want_output:
+            outs.append(out_tensor(out).detach())
+        raise _StopForwardError
+
+    h1 = unit.register_forward_pre_hook(pre, with_kwargs=True)
+    h2 = unit.register_forward_hook(post, with_kwargs=True)
+    try:
+        i = 0
+        while i < len(x):
+            j = i
+            while j < len(x) and j - i < batch and tl[j] == tl[i]:
+                j += 1
+            try:
+                model(x[i:j], t[i:j], c[i:j])
+            except _StopForwardError:
+                pass
+            i = j
+    finally:
+        h1.remove()
+        h2.remove()
+    if not want_inputs:
+        return None, torch.cat(outs)
+    sizes = [n for _, _, n in calls]
+
+    def collate(vals):
+        v0 = vals[0]
+        if isinstance(v0, torch.Tensor) and v0.dim() > 0 and all(isinstance(v, torch.Tensor) and v.shape[0] == n for v, n in zip(vals, sizes)):
+            return ("batched", torch.cat([v.detach() for v in vals]))
+        return ("const", v0)
+
+    args = [collate([a[k] for a, _, _ in calls]) for k in range(len(calls[0][0]))]
+    kwargs = {k: collate([kw[k] for _, kw, _ in calls]) for k in calls[0][1]}
+    return (args, kwargs), (torch.cat(outs) if want_output else None)
+
+
+def select(stored, idx: torch.Tensor):
+    args, kwargs = stored
+    pick = lambda v: v[1][idx] if v[0] == "batched" else v[1]  # noqa: E731
+    return [pick(a) for a in args], {k: pick(v) for k, v in kwargs.items()}
+
+
+def per_sample_loss(out: torch.Tensor, tgt: torch.Tensor) -> torch.Tensor:
+    """Squared error summed over channels (dim 1 of images, last dim of token sequences) and
+    averaged over positions, per sample."""
+    err = (out - tgt).pow(2)
+    channels = err.shape[1] if err.dim() == 4 else err.shape[-1]
+    return err.reshape(len(err), -1).mean(dim=1) * channels
+
+
