@@ -115,12 +115,14 @@ def pts_pass(ctx: PassContext, cfg: PTSConfig) -> None:
     ranges = [[i for i, t in enumerate(data[3]) if plan.group_of(t) == g] for g in range(plan.n_groups)]
     for lead, members in groups.items():
         budget = min([cfg.max_k] + [pts_budget(plan.layers[n].weight) for n in members])
+        why = "max_k is 0" if cfg.max_k == 0 else "its weight codes leave no room to shift inside INT8" if budget == 0 else ""
         # the weight scale s_w / 2^K must stay a normal FP16 number
         while budget > 0 and min(float(plan.weight_scale(n).min()) for n in members) / 2.0**budget < MIN_SCALE:
             budget -= 1
+            why = why or "a weight scale / 2 would underflow FP16"
         if budget == 0:
             for n in members:
-                plan.layers[n].notes.append(f"PTS skipped: {plan.layers[n].weight.bits}-bit weights leave no room to shift inside INT8")
+                plan.layers[n].notes.append(f"PTS skipped: {why}")
             continue
         stored, _ = capture(ctx.denoiser, modules[lead], data, 256, True, False)
         x = stored[0][0][1]

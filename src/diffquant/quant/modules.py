@@ -13,7 +13,7 @@ from torch import nn
 from diffquant.errors import DiffquantError
 from diffquant.quant.fake import fake_quant
 from diffquant.quant.format import QuantFormat
-from diffquant.quant.plan import QuantPlan, weights_digest
+from diffquant.quant.plan import QuantPlan, input_multiplier, pts_at, weights_digest
 
 __all__ = ["OUT_FORMAT", "QuantConv2d", "QuantLinear", "apply_plan", "quant_modules", "smooth_input"]
 
@@ -76,15 +76,11 @@ class _QuantMixin:
     group: int = 0  # current timestep group (set by apply_plan's hook when the plan has several)
 
     def _pts(self) -> torch.Tensor | None:
-        k = self.act_pts
-        return k if k is None or k.dim() == 1 else k[self.group if len(k) > 1 else 0]
+        return pts_at(self.act_pts, self.group)
 
     def input_multiplier(self) -> torch.Tensor | None:
         """The per-input-channel factor before the activation quantizer (smoothing x 2^k)."""
-        k = self._pts()
-        if k is None:
-            return self.act_smooth
-        return torch.exp2(k) if self.act_smooth is None else torch.exp2(k) * self.act_smooth
+        return input_multiplier(self.act_smooth, self._pts())
 
     def _at_group(self, s: torch.Tensor) -> torch.Tensor:
         """A scalar scale, or the current group's entry of a per-group one."""

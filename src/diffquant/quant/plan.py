@@ -21,10 +21,25 @@ from diffquant._io import atomic_path, write_json
 from diffquant.errors import DiffquantError
 from diffquant.quant.format import QuantFormat
 
-__all__ = ["PLAN_VERSION", "STATES", "LayerPlan", "QuantPlan", "weights_digest"]
+__all__ = ["PLAN_VERSION", "STATES", "LayerPlan", "QuantPlan", "input_multiplier", "pts_at", "weights_digest"]
 
 PLAN_VERSION = 1
 STATES = ("float", "calibrating", "frozen", "exported")
+
+
+def pts_at(k: torch.Tensor | None, group: int) -> torch.Tensor | None:
+    """One timestep group's power-of-two exponents from ``<layer>.act_pts`` ([C] or [G, C])."""
+    if k is None:
+        return None
+    return k.float() if k.dim() == 1 else k[group if len(k) > 1 else 0].float()
+
+
+def input_multiplier(smooth: torch.Tensor | None, k: torch.Tensor | None) -> torch.Tensor | None:
+    """The one per-input-channel factor before an activation quantizer: the smoothing vector
+    times 2^k of power-of-two scaling (None: neither). Fake-quant and the graph both use it."""
+    if k is None:
+        return None if smooth is None else smooth.float()
+    return torch.exp2(k) if smooth is None else torch.exp2(k) * smooth.float()
 
 
 @dataclass
@@ -119,18 +134,11 @@ class QuantPlan:
     def act_multiplier(self, layer: str, group: int = 0) -> torch.Tensor | None:
         """The one per-input-channel factor applied before ``layer``'s activation quantizer in
         ``group``: the smoothing vector times 2^k of power-of-two scaling (None: neither)."""
-        smooth = self.tensors.get(f"{layer}.act_smooth")
-        pts = self.pts_exponents(layer, group)
-        if pts is None:
-            return None if smooth is None else smooth.float()
-        return torch.exp2(pts) * (1.0 if smooth is None else smooth.float())
+        return input_multiplier(self.tensors.get(f"{layer}.act_smooth"), self.pts_exponents(layer, group))
 
     def pts_exponents(self, layer: str, group: int = 0) -> torch.Tensor | None:
         """``layer``'s power-of-two exponents k per input channel in ``group`` (None: no PTS)."""
-        k = self.tensors.get(f"{layer}.act_pts")
-        if k is None:
-            return None
-        return k.float() if k.dim() == 1 else k[group if len(k) > 1 else 0].float()
+        return pts_at(self.tensors.get(f"{layer}.act_pts"), group)
 
     def out_scale(self, layer: str, group: int = 0) -> float | None:
         """The 8-bit output scale of ``layer`` in ``group``, if calibration recorded one."""
