@@ -17,7 +17,26 @@ TARGET_CHOICES = ["tensorrt", "onnxruntime"]
 
 
 def _add_model(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--model", default="builtin:digits-sd", help="builtin:NAME, a diffusers folder, or a hub id (cache only)")
+    p.add_argument("--model", default="builtin:digits-sd",
+                   help="builtin:NAME, a diffusers pipeline folder (model_index.json; SD 1.x/2.x, SDXL, PixArt, SD3, Flux, DiT, DDPM), "
+                        "a bare unet/ or transformer/ folder of an unconditional or class-conditional model, or a hub id (cache only)")
+    p.add_argument("--prompts", default="", metavar="FILE",
+                   help="calibration prompts, one per line, encoded by the pipeline's own text encoders (default: ~128 shipped prompts)")
+    p.add_argument("--resolution", default=None, type=_resolution, metavar="H[xW]", help="image size in pixels (default: the pipeline's)")
+
+
+def _resolution(text: str) -> tuple[int, int]:
+    parts = text.lower().split("x")
+    if len(parts) not in (1, 2) or not all(p.strip().isdigit() for p in parts):
+        raise argparse.ArgumentTypeError(f"{text!r}: expected H or HxW in pixels, e.g. 512 or 768x512")
+    h = int(parts[0])
+    return (h, int(parts[1]) if len(parts) == 2 else h)
+
+
+def _load(a: argparse.Namespace):
+    from diffquant.workflow import RunConfig, load_run_model
+
+    return load_run_model(RunConfig(model=a.model, prompts=a.prompts, resolution=a.resolution))
 
 
 def _add_recipe(p: argparse.ArgumentParser) -> None:
@@ -43,10 +62,11 @@ def parse_overrides(items: list[str]) -> dict[str, dict]:
 
 def _print_summary(report: dict, out: str) -> None:
     q, p = report["quality"], report["parity"]
-    print(f"\n{report['model']} {report['recipe']} {report['bits']} -> {report['onnx']}")
-    print(f"  FP          FD {q['fp']['fd']:.3f}  acc {q['fp']['accuracy']:.3f}")
-    print(f"  fake-quant  FD {q['fake_quant']['fd']:.3f}  acc {q['fake_quant']['accuracy']:.3f}  PSNR {q['fake_quant']['psnr']:.2f}  SSIM {q['fake_quant']['ssim']:.4f}")
-    print(f"  deployed    FD {q['quant']['fd']:.3f}  acc {q['quant']['accuracy']:.3f}  PSNR {q['quant']['psnr']:.2f}  SSIM {q['quant']['ssim']:.4f}")
+    print(f"\n{report['model']} ({report['family']['family']}) {report['recipe']} {report['bits']} -> {report['onnx']}")
+    names = {"fd": "FD", "accuracy": "acc", "psnr": "PSNR", "ssim": "SSIM", "latent_cosine": "latent cos"}
+    for label, key in (("FP", "fp"), ("fake-quant", "fake_quant"), ("deployed", "quant")):
+        vals = "  ".join(f"{names[k]} {q[key][k]:.4g}" for k in names if k in q[key])
+        print(f"  {label:11} {vals or '(reference)'}")
     print(
         f"  parity {'PASS' if p['passed'] else 'FAIL'}: local max step error {p['max_step_error']:.3g}, "
         f"cosine min {p['cosine_min']:.6f}, max abs {p['max_abs']:.3g}, flip rate {p['flip_rate']:.2e}"
@@ -70,7 +90,7 @@ def cmd_run(a: argparse.Namespace) -> int:
     from diffquant.workflow import RunConfig, run_job
 
     cfg = RunConfig(
-        model=a.model, recipe=a.recipe, bits=a.bits, target=a.target, out=a.out, samples=a.samples,
+        model=a.model, prompts=a.prompts, resolution=a.resolution, recipe=a.recipe, bits=a.bits, target=a.target, out=a.out, samples=a.samples,
         steps=a.steps, seed=a.seed, guidance=a.guidance, calib_samples=a.calib_samples, progress=not a.quiet,
         parity_cosine=a.parity_cosine, timestep_groups=a.timestep_groups, overrides=parse_overrides(a.overrides),
     )
@@ -81,7 +101,7 @@ def cmd_run(a: argparse.Namespace) -> int:
 
 def cmd_demo(a: argparse.Namespace) -> int:
     a.out = a.out or f"runs/demo-{time.strftime('%Y%m%d-%H%M%S')}"
-    a.model, a.recipe, a.bits, a.target = "builtin:digits-sd", "minmax", "w8a8", "tensorrt"
+    a.model, a.recipe, a.bits, a.target, a.prompts, a.resolution = "builtin:digits-sd", "minmax", "w8a8", "tensorrt", "", None
     a.steps, a.seed, a.guidance, a.calib_samples, a.parity_cosine, a.timestep_groups = 25, 0, 3.0, 32, 0.99, 1
     a.overrides = []
     print(f"diffquant demo: quantizing builtin:digits-sd to W8A8 (minmax), exporting a TensorRT-ready Q/DQ graph, "
@@ -91,9 +111,8 @@ def cmd_demo(a: argparse.Namespace) -> int:
 
 def cmd_calibrate(a: argparse.Namespace) -> int:
     from diffquant.calib_data import CalibConfig, collect
-    from diffquant.models.loading import load_denoiser
 
-    d = load_denoiser(a.model)
+    d = _load(a)
     cs = collect(d, CalibConfig(samples=a.samples, steps=a.steps, timesteps=a.timesteps, guidance=a.guidance, seed=a.seed), cache_dir=a.cache)
     print(f"{len(cs)} calibration inputs at {len(cs.timesteps)} timesteps: {cs.folder}")
     return 0
@@ -101,10 +120,9 @@ def cmd_calibrate(a: argparse.Namespace) -> int:
 
 def cmd_quantize(a: argparse.Namespace) -> int:
     from diffquant.calib_data import CalibConfig, collect, load_calib
-    from diffquant.models.loading import load_denoiser
     from diffquant.pipeline import load_recipe, quantize
 
-    d = load_denoiser(a.model)
+    d = _load(a)
     recipe = load_recipe(a.recipe, parse_overrides(a.overrides))
     calib = load_calib(a.calib) if a.calib else collect(d, CalibConfig(samples=a.calib_samples))
     out = Path(a.out)
@@ -117,11 +135,10 @@ def cmd_quantize(a: argparse.Namespace) -> int:
 
 
 def cmd_plan(a: argparse.Namespace) -> int:
-    from diffquant.models.loading import load_denoiser
     from diffquant.pipeline import decide_targets, load_recipe
     from diffquant.quant import QuantPlan, parse_bits
 
-    d = load_denoiser(a.model)
+    d = _load(a)
     if a.plan:
         plan = QuantPlan.load(a.plan)
         rows = [(n, lp.rule, lp.weight, lp.act) for n, lp in plan.layers.items()] + [(n, r, None, None) for n, r in plan.skipped.items()]
@@ -144,10 +161,9 @@ def cmd_plan(a: argparse.Namespace) -> int:
 
 def cmd_export(a: argparse.Namespace) -> int:
     from diffquant.exporters import export
-    from diffquant.models.loading import load_denoiser
     from diffquant.quant import QuantPlan
 
-    d = load_denoiser(a.model)
+    d = _load(a)
     plan = QuantPlan.load(a.plan)
     res = export(plan, d, a.out, target=a.target)
     graphs = ", ".join(str(p) for p in res.graphs)
@@ -169,6 +185,7 @@ def cmd_build(a: argparse.Namespace) -> int:
 
 def cmd_generate(a: argparse.Namespace) -> int:
     # torch-free on purpose: this path runs on edge devices with only the runtime installed
+    from diffquant._io import atomic_path
     from diffquant._png import save_grid_array
     from diffquant.engines.bundle import EnginesFromFolder
     from diffquant.engines.runtime import GenerateConfig, PromptTable, generate
@@ -178,13 +195,26 @@ def cmd_generate(a: argparse.Namespace) -> int:
     engine, runtime = EnginesFromFolder(a.engine)
     with engine:
         table = PromptTable.from_runtime(a.engine, runtime)
-        words = [w for w in a.prompt.split(",") if w.strip()]
-        if not words:
-            raise DiffquantError("--prompt is empty; give a class word such as 'seven' (or several, comma-separated)")
-        ids = [table.prompt_id(words[i % len(words)]) for i in range(a.n)]
+        # the digits models take several class words at once; a text prompt may itself hold commas
+        words = [w for w in a.prompt.split(",") if w.strip()] if runtime.get("family", "").startswith("digits") else [a.prompt]
+        if table.null_id <= 1:  # unconditional: one empty "prompt"
+            ids = [0] * a.n
+        elif not a.prompt.strip():
+            raise DiffquantError("--prompt is empty; give one of the exported prompts (class words such as 'seven' for the digits models)")
+        else:
+            ids = [table.prompt_id(words[i % len(words)]) for i in range(a.n)]
         t0 = time.time()
-        imgs = generate(engine, runtime, table, ids, GenerateConfig(steps=a.steps, guidance=a.guidance, seed=a.seed, batch=a.batch), progress=not a.quiet)
-    save_grid_array(imgs, a.out, ncol=min(a.n, 8))
+        out = generate(engine, runtime, table, ids, GenerateConfig(steps=a.steps, guidance=a.guidance, seed=a.seed, batch=a.batch), progress=not a.quiet)
+    if runtime.get("latent"):
+        import numpy as np
+
+        path = Path(a.out).with_suffix(".npy")
+        with atomic_path(path) as tmp:
+            np.save(tmp, out)
+        print(f"{a.n} latent(s) of {a.prompt!r} from {a.engine} in {time.time() - t0:.1f} s -> {path} "
+              f"(a latent model: decoding through the VAE is not deployed yet, so these are the final latents, not images)")
+        return 0
+    save_grid_array(out, a.out, ncol=min(a.n, 8))
     print(f"{a.n} image(s) of {a.prompt!r} from {a.engine} in {time.time() - t0:.1f} s -> {a.out}")
     return 0
 
@@ -245,9 +275,9 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("--target", default="tensorrt", choices=TARGET_CHOICES, help="graph form: tensorrt (FP16, INT8 Q/DQ) or onnxruntime (FP32, fusable U8 Q/DQ)")
         p.add_argument("--timestep-groups", type=int, default=1, help="G graphs with per-group activation scales (default 1)")
         p.add_argument("--samples", type=int, default=samples, help="samples for the quality metrics (equal per class)")
-        p.add_argument("--steps", type=int, default=25, help="DDIM steps")
+        p.add_argument("--steps", type=int, default=25, help="sampler steps (DDIM, or flow-matching Euler for SD3 / Flux)")
         p.add_argument("--seed", type=int, default=0)
-        p.add_argument("--guidance", type=float, default=3.0, help="classifier-free guidance scale")
+        p.add_argument("--guidance", type=float, default=None, help="guidance scale: CFG, or the input of guidance-distilled models (default: the family's; 3 for the digits models)")
         p.add_argument("--calib-samples", type=int, default=64)
         p.add_argument("--parity-cosine", type=float, default=0.99, help="end-to-end cosine a timestep must reach (noise prediction)")
         p.add_argument("--quiet", action="store_true", help="no progress bars")
@@ -310,11 +340,11 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("generate", help="sample images with an engine folder (numpy DDIM + CFG; no torch needed)")
     p.add_argument("engine", help="engine folder from `diffquant build`")
-    p.add_argument("--prompt", required=True, help="class word(s), e.g. seven or zero,one,two")
+    p.add_argument("--prompt", default="", help="an exported prompt (digits models: class word(s), e.g. seven or zero,one,two); unconditional models need none")
     p.add_argument("-n", type=int, default=16, help="number of images")
     p.add_argument("--out", default="samples.png")
     p.add_argument("--steps", type=int, default=25)
-    p.add_argument("--guidance", type=float, default=3.0)
+    p.add_argument("--guidance", type=float, default=None, help="guidance scale (default: the model's)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--batch", type=int, default=16, help="images per engine call")
     p.add_argument("--quiet", action="store_true")

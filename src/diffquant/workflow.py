@@ -23,13 +23,14 @@ from diffquant.calib_data import CalibConfig, collect
 from diffquant.calib_data.collect import pick_inputs
 from diffquant.engines import Engine, GroupedEngine, OrtEngine
 from diffquant.errors import DiffquantError
-from diffquant.eval import check_parity, merge_parity, save_grid, score_samples, write_markdown
+from diffquant.eval import check_parity, merge_parity, noise_fidelity, save_grid, score_fidelity, score_samples, write_markdown
 from diffquant.eval.validate import ValidateConfig, validate
 from diffquant.exporters import export
 from diffquant.models.data import load_digits_tensor
 from diffquant.models.denoiser import Denoiser
-from diffquant.models.loading import load_classifier, load_denoiser
-from diffquant.models.sampler import SamplerConfig, class_batch, ddim_sample
+from diffquant.models.inputs import NamedInputs
+from diffquant.models.loading import LoadConfig, load_classifier, load_denoiser, read_prompts
+from diffquant.models.sampler import SamplerConfig, prompt_batch, sample
 from diffquant.pipeline import load_recipe, quantize
 from diffquant.quant import QuantPlan, apply_plan
 from diffquant.quant.format import parse_bits
@@ -39,9 +40,14 @@ __all__ = ["RunConfig", "engine_eps_fn", "run_job", "validate_run"]
 
 @dataclass
 class RunConfig:
-    """Settings of one `diffquant run` (defaults: the BENCHMARK.md protocol at N = 256)."""
+    """Settings of one `diffquant run` (defaults: the BENCHMARK.md protocol at N = 256).
+    ``prompts``: a prompts file for text-to-image pipelines (default: the shipped list);
+    ``resolution``: image size in pixels (default: the pipeline's); ``guidance``: None takes
+    the family's default (3 for the digits models)."""
 
     model: str = "builtin:digits-sd"
+    prompts: str = ""
+    resolution: tuple[int, int] | None = None
     recipe: str = "minmax"
     bits: str | None = None
     target: str = "tensorrt"
@@ -49,7 +55,7 @@ class RunConfig:
     out: str = "runs/sd-w8a8"
     samples: int = 256
     steps: int = 25
-    guidance: float = 3.0
+    guidance: float | None = None
     seed: int = 0
     calib_samples: int = 64
     calib_timesteps: int = 25
@@ -61,28 +67,36 @@ class RunConfig:
     overrides: dict = field(default_factory=dict)  # pass name -> option values replacing the recipe's
 
 
-def engine_eps_fn(engine: Engine, batch: int = 256):
-    """Wrap an engine as a torch noise-prediction function for the sampler."""
+def engine_eps_fn(engine: Engine, batch: int = 256, output: str = "noise_pred"):
+    """Wrap an engine as a torch noise-prediction function of named inputs for the sampler."""
 
-    def eps(x: torch.Tensor, t: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
-        outs = []
-        for i in range(0, len(x), batch):
-            feeds = {"sample": x[i : i + batch].numpy(), "timestep": t[i : i + batch].numpy(), "cond": c[i : i + batch].numpy()}
-            outs.append(engine.run(feeds)["noise_pred"].astype(np.float32))
+    def eps(inputs: NamedInputs) -> torch.Tensor:
+        outs = [engine.run(inputs.take(slice(i, i + batch)).numpy())[output].astype(np.float32) for i in range(0, inputs.size, batch)]
         return torch.from_numpy(np.concatenate(outs))
 
     return eps
+
+
+def torch_eps_fn(model: Denoiser):
+    """A torch denoiser (FP or fake-quant) as a noise-prediction function of named inputs."""
+    return lambda inputs: model(**inputs)
 
 
 def _fp_ladder(denoiser: Denoiser, path: Path, inputs) -> float:
     """Ladder step 1: relative max error of ORT on the FP32 ONNX vs torch FP."""
     worst = 0.0
     with OrtEngine(path) as eng, torch.no_grad():
-        for _, x, t, c in inputs:
-            ref = denoiser(x, t, c).numpy()
-            got = eng.run({"sample": x.numpy(), "timestep": t.numpy(), "cond": c.numpy()})["noise_pred"]
+        for _, named in inputs:
+            ref = denoiser(**named).numpy()
+            got = eng.run(named.numpy())[denoiser.output_names[0]]
             worst = max(worst, float(np.abs(got - ref).max() / (np.abs(ref).max() + 1e-12)))
     return worst
+
+
+def load_run_model(cfg: RunConfig) -> Denoiser:
+    """The run's denoiser, read with its prompts and resolution."""
+    prompts = read_prompts(cfg.prompts) if cfg.prompts else None
+    return load_denoiser(cfg.model, LoadConfig(prompts=prompts, resolution=tuple(cfg.resolution) if cfg.resolution else None))
 
 
 def run_job(cfg: RunConfig) -> dict:
@@ -92,12 +106,18 @@ def run_job(cfg: RunConfig) -> dict:
         raise DiffquantError(f"output folder {out} already exists; pass another --out or delete it")
     recipe = load_recipe(cfg.recipe, cfg.overrides)
     bits = parse_bits(cfg.bits or recipe.bits).text
-    if cfg.samples < 10:
+    if cfg.samples < 1 or cfg.steps < 1:
+        raise DiffquantError(f"--samples and --steps must be at least 1, got {cfg.samples} and {cfg.steps}")
+    denoiser = load_run_model(cfg)
+    if cfg.model.startswith("builtin:") and cfg.samples < 10:
         raise DiffquantError(f"--samples must be at least 10 (one per class), got {cfg.samples}")
+    if cfg.guidance is None:
+        cfg = copy.copy(cfg)
+        cfg.guidance = denoiser.family.default_guidance
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
     try:
-        report = _run(cfg, recipe, bits, tmp, out)
+        report = _run(cfg, denoiser, recipe, bits, tmp, out)
         tmp.rename(out)
     finally:
         if tmp.exists():
@@ -105,11 +125,10 @@ def run_job(cfg: RunConfig) -> dict:
     return report
 
 
-def _run(cfg: RunConfig, recipe, bits: str, tmp: Path, out: Path) -> dict:
+def _run(cfg: RunConfig, denoiser: Denoiser, recipe, bits: str, tmp: Path, out: Path) -> dict:
     timings: dict[str, float] = {}
     torch.manual_seed(cfg.seed)
     t0 = time.time()
-    denoiser = load_denoiser(cfg.model)
     calib = collect(denoiser, CalibConfig(samples=cfg.calib_samples, steps=cfg.steps, timesteps=cfg.calib_timesteps, guidance=cfg.guidance), progress=cfg.progress)
     timings["calibrate_s"] = time.time() - t0
 
@@ -130,34 +149,23 @@ def _run(cfg: RunConfig, recipe, bits: str, tmp: Path, out: Path) -> dict:
         [check_parity(fq, onnx.load(str(path)), [i for i in inputs if plan.group_of(i[0]) == g], cosine_threshold=cfg.parity_cosine) for g, path in enumerate(exp.graphs)]
     )
     ladder_fp = _fp_ladder(denoiser, exp.fp_onnx, inputs)
+    timings["parity_s"] = time.time() - t0
 
-    batch = class_batch(denoiser, cfg.samples, cfg.seed)
-    ids = batch.ids
-    scfg = SamplerConfig(steps=cfg.steps, guidance=cfg.guidance, batch_size=cfg.batch_size)
-    common = dict(noise=batch.noise, cond=batch.cond, uncond=batch.uncond, scheduler_config=denoiser.scheduler, cfg=scfg, progress=cfg.progress)
-    fp_imgs = ddim_sample(denoiser, desc="sample FP", **common)
-    fq_imgs = ddim_sample(fq, desc="sample fake-quant", **common)
+    t0 = time.time()
     # the deployed form: ORT-target graphs run with their fused integer kernels; TensorRT-target
     # graphs run here with plain Q/DQ semantics (TensorRT itself is validated by `diffquant validate`)
     fused = cfg.target == "onnxruntime"
     with GroupedEngine([OrtEngine(p, qdq_fusion=fused) for p in exp.graphs], exp.timestep_groups) as eng:
-        q_imgs = ddim_sample(engine_eps_fn(eng, 2 * cfg.batch_size), desc="sample deployed", **common)
-    clf = load_classifier()
-    real, _ = load_digits_tensor()
-    q_fp = score_samples(fp_imgs, ids, clf, real)
-    q_fq = score_samples(fq_imgs, ids, clf, real, reference=fp_imgs)
-    q_q = score_samples(q_imgs, ids, clf, real, reference=fp_imgs)
+        deployed = engine_eps_fn(eng, 2 * cfg.batch_size, denoiser.output_names[0])
+        samples = _sample_all(cfg, denoiser, fq, deployed)
+        noise = noise_fidelity(denoiser, {"fake_quant": torch_eps_fn(fq), "quant": deployed}, [i for i in inputs])
+    quality = _quality(denoiser, samples)
     timings["evaluate_s"] = time.time() - t0
-
-    show = min(cfg.samples, 50)
-    save_grid(fp_imgs[:show], tmp / "samples_fp.png")
-    save_grid(fq_imgs[:show], tmp / "samples_fake_quant.png")
-    save_grid(q_imgs[:show], tmp / "samples_quant.png")
-    gap = torch.ones(show, 1, fp_imgs.shape[2], 4)
-    save_grid(torch.cat([fp_imgs[:show], gap, fq_imgs[:show], gap, q_imgs[:show]], dim=3), tmp / "samples_compare.png", ncol=5)
+    _grids(denoiser, samples, tmp)
 
     report = {
         "model": cfg.model,
+        "family": denoiser.family.describe(),
         "recipe": recipe.name,
         "bits": bits,
         "target": cfg.target,
@@ -169,9 +177,10 @@ def _run(cfg: RunConfig, recipe, bits: str, tmp: Path, out: Path) -> dict:
         "plan": str(out / "plan"),
         "parity": parity.to_dict(),
         "ladder": {"fp32_onnx_rel_max_error": ladder_fp},
-        "quality": {"fp": q_fp.to_dict(), "quant": q_q.to_dict(), "fake_quant": q_fq.to_dict()},
+        "quality": quality,
+        "noise_fidelity": noise,
         "timings": timings,
-        "settings": asdict(cfg),
+        "settings": {**asdict(cfg), "resolution": list(denoiser.family.resolution)},
         "realized": exp.realized,
         "skipped": plan.skipped,
         "lint": {"violations": len(exp.lint.violations), "q_nodes": exp.lint.n_q, "dq_nodes": exp.lint.n_dq},
@@ -179,6 +188,48 @@ def _run(cfg: RunConfig, recipe, bits: str, tmp: Path, out: Path) -> dict:
     write_json(tmp / "report.json", report)
     write_markdown(report, tmp / "report.md")
     return report
+
+
+def _sample_all(cfg: RunConfig, denoiser: Denoiser, fq: Denoiser, deployed) -> dict:
+    """FP, fake-quant and deployed samples from the same seeds and prompts: latents and images."""
+    batch = prompt_batch(denoiser, cfg.samples, cfg.seed)
+    scfg = SamplerConfig(steps=cfg.steps, guidance=cfg.guidance, batch_size=cfg.batch_size)
+    out = {"ids": batch.ids}
+    for key, fn in (("fp", torch_eps_fn(denoiser)), ("fake_quant", torch_eps_fn(fq)), ("quant", deployed)):
+        lat = sample(fn, denoiser, batch, scfg, desc=f"sample {key.replace('_', '-') if key != 'quant' else 'deployed'}", progress=cfg.progress)
+        out[key] = (lat, denoiser.to_images(lat))
+    return out
+
+
+def _quality(denoiser: Denoiser, samples: dict) -> dict:
+    """Fidelity to the FP samples for any model; FD and accuracy on the digits classifier's
+    features for the builtin digits models (the only feature model there is)."""
+    fp_lat, fp_img = samples["fp"]
+    if denoiser.family.name.startswith("digits"):
+        clf, (real, _) = load_classifier(), load_digits_tensor()
+        out = {"fp": score_samples(fp_img, samples["ids"], clf, real).to_dict()}
+        for key in ("fake_quant", "quant"):
+            out[key] = score_samples(samples[key][1], samples["ids"], clf, real, reference=fp_img).to_dict()
+        return out
+    out = {"fp": {}}
+    for key in ("fake_quant", "quant"):
+        lat, img = samples[key]
+        out[key] = score_fidelity(img, fp_img, lat, fp_lat).to_dict()
+    return out
+
+
+def _grids(denoiser: Denoiser, samples: dict, tmp: Path) -> None:
+    """PNG grids: FP, fake-quant, deployed, and the three side by side (decoded images)."""
+    imgs = {k: samples[k][1] for k in ("fp", "fake_quant", "quant")}
+    n = len(imgs["fp"])
+    show = min(n, 50)
+    ncol = 10 if denoiser.family.name.startswith("digits") else min(show, 8)
+    save_grid(imgs["fp"][:show], tmp / "samples_fp.png", ncol=ncol)
+    save_grid(imgs["fake_quant"][:show], tmp / "samples_fake_quant.png", ncol=ncol)
+    save_grid(imgs["quant"][:show], tmp / "samples_quant.png", ncol=ncol)
+    fp = imgs["fp"][:show]
+    gap = torch.ones(show, fp.shape[1], fp.shape[2], 4)
+    save_grid(torch.cat([fp, gap, imgs["fake_quant"][:show], gap, imgs["quant"][:show]], dim=3), tmp / "samples_compare.png", ncol=5)
 
 
 def validate_run(run_dir: str | Path, cfg: ValidateConfig | None = None):
@@ -190,8 +241,8 @@ def validate_run(run_dir: str | Path, cfg: ValidateConfig | None = None):
     if not rpath.exists():
         raise DiffquantError(f"{run} is not a run folder (no report.json); make one with `diffquant run`")
     report = json.loads(rpath.read_text())
-    denoiser = load_denoiser(report["model"])
-    plan = QuantPlan.load(run / "plan")
     st = report["settings"]
+    denoiser = load_run_model(RunConfig(model=report["model"], prompts=st.get("prompts", ""), resolution=st.get("resolution") if not report["model"].startswith("builtin:") else None))
+    plan = QuantPlan.load(run / "plan")
     calib = collect(denoiser, CalibConfig(samples=st["calib_samples"], steps=st["steps"], timesteps=st["calib_timesteps"], guidance=st["guidance"]), progress=cfg.progress)
     return validate(run, denoiser, pick_inputs(calib, cfg.timesteps, cfg.samples, plan.group_of, plan.n_groups), cfg)

@@ -1,4 +1,4 @@
-"""Calibration data: (x_t, t, cond) along sampling trajectories, stored as safetensors shards."""
+"""Calibration data: the denoiser's named inputs along sampling trajectories, stored as safetensors shards."""
 
 from diffquant.calib_data.collect import CalibConfig, CalibSet, collect, load_calib
 

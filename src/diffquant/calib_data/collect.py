@@ -1,7 +1,8 @@
-"""Collect (x_t, t, cond) along the FP DDIM trajectory at T_c evenly spaced sampler steps.
+"""Collect the denoiser's named inputs along the FP sampling trajectory (the family's own
+sampler and schedule) at T_c evenly spaced sampler steps.
 
 With CFG both the conditional and unconditional copies are kept (they are what the deployed
-model sees). One safetensors shard per kept timestep plus ``index.json``; the folder name is a
+model sees); static inputs (Flux position ids) are stored once per shard. One safetensors shard per kept timestep plus ``index.json``; the folder name is a
 hash of the settings and the model's weights, so an identical request is served from cache.
 """
 
@@ -24,11 +25,12 @@ from diffquant._digest import weights_digest
 from diffquant._io import write_json
 from diffquant.errors import DiffquantError
 from diffquant.models.denoiser import Denoiser
-from diffquant.models.sampler import SamplerConfig, class_batch, ddim_sample
+from diffquant.models.inputs import NamedInputs
+from diffquant.models.sampler import SamplerConfig, prompt_batch, sample
 
 __all__ = ["CalibConfig", "CalibSet", "collect", "default_cache_dir", "load_calib", "pick_inputs", "pick_steps"]
 
-INDEX_VERSION = 1
+INDEX_VERSION = 2
 
 
 @dataclass
@@ -56,34 +58,43 @@ def pick_steps(steps: int, keep: int) -> list[int]:
 
 @dataclass
 class CalibSet:
-    """A loaded calibration set: per kept step, the model inputs (x, t, cond)."""
+    """A loaded calibration set: per kept step, the denoiser's named inputs. ``timesteps`` are
+    the values of the ``timestep`` input (what the model and the timestep groups see)."""
 
     folder: Path
     config: CalibConfig
     timesteps: list[float]
-    shards: dict[float, dict[str, torch.Tensor]]
+    shards: dict[float, NamedInputs]
 
     def __len__(self) -> int:
-        return sum(len(s["x"]) for s in self.shards.values())
+        return sum(s.size for s in self.shards.values())
 
-    def batches(self, batch_size: int = 256) -> Iterator[tuple[float, torch.Tensor, torch.Tensor, torch.Tensor]]:
-        """Yield (timestep, x, t, cond) batches, timestep by timestep."""
+    def batches(self, batch_size: int = 256) -> Iterator[tuple[float, NamedInputs]]:
+        """Yield (timestep, inputs) batches, timestep by timestep."""
         for ts in self.timesteps:
             s = self.shards[ts]
-            for i in range(0, len(s["x"]), batch_size):
-                yield ts, s["x"][i : i + batch_size], s["t"][i : i + batch_size], s["cond"][i : i + batch_size]
+            for i in range(0, s.size, batch_size):
+                yield ts, s.take(slice(i, i + batch_size))
 
-    def at(self, timestep: float, n: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    def at(self, timestep: float, n: int) -> NamedInputs:
         """``n`` inputs recorded at ``timestep``, spread evenly over its shard (which holds the
         conditional copies, then the unconditional ones), so both kinds are represented."""
         s = self.shards[timestep]
-        count = len(s["x"])
+        count = s.size
         idx = torch.linspace(0, count - 1, min(n, count)).round().long()
-        return s["x"][idx], s["t"][idx], s["cond"][idx]
+        return s.take(idx)
 
 
 def _settings_hash(denoiser: Denoiser, cfg: CalibConfig) -> str:
-    key = json.dumps({"model": denoiser.name, "weights": weights_digest(denoiser), **asdict(cfg), "v": INDEX_VERSION}, sort_keys=True)
+    cond = hashlib.sha256()
+    for k in sorted(denoiser.conditioning):  # the encoded prompts (and their order)
+        cond.update(k.encode())
+        cond.update(denoiser.conditioning[k].detach().float().contiguous().numpy().tobytes())
+    key = json.dumps(
+        {"model": denoiser.name, "weights": weights_digest(denoiser), "cond": cond.hexdigest(), "family": denoiser.family.describe(),
+         "scheduler": denoiser.scheduler, **asdict(cfg), "v": INDEX_VERSION},
+        sort_keys=True,
+    )
     return hashlib.sha256(key.encode()).hexdigest()[:16]
 
 
@@ -95,21 +106,16 @@ def collect(denoiser: Denoiser, cfg: CalibConfig | None = None, cache_dir: str |
     if (folder / "index.json").exists():
         return load_calib(folder)
     keep = set(pick_steps(cfg.steps, cfg.timesteps))
-    store: dict[int, dict[str, list[torch.Tensor]]] = {i: {"x": [], "t": [], "cond": []} for i in keep}
+    store: dict[int, list[NamedInputs]] = {i: [] for i in keep}
 
-    def on_step(i: int, x: torch.Tensor, t: torch.Tensor, c: torch.Tensor, _sl: slice) -> None:
+    def on_step(i: int, inputs: NamedInputs, _sl: slice) -> None:
         if i in keep:
-            store[i]["x"].append(x.clone())
-            store[i]["t"].append(t.clone())
-            store[i]["cond"].append(c.clone())
+            store[i].append(inputs.clone())
 
-    batch = class_batch(denoiser, cfg.samples, cfg.seed)
-    ddim_sample(
+    sample(
+        lambda inputs: denoiser(**inputs),
         denoiser,
-        batch.noise,
-        batch.cond,
-        batch.uncond,
-        denoiser.scheduler,
+        prompt_batch(denoiser, cfg.samples, cfg.seed),
         SamplerConfig(steps=cfg.steps, guidance=cfg.guidance),
         on_step=on_step,
         desc="calibrate",
@@ -120,11 +126,12 @@ def collect(denoiser: Denoiser, cfg: CalibConfig | None = None, cache_dir: str |
     try:
         shards = []
         for i in sorted(keep):
-            tensors = {k: torch.cat(v).contiguous() for k, v in store[i].items()}
+            tensors = NamedInputs.cat(store[i])
             fname = f"step{i:03d}.safetensors"
-            save_file(tensors, str(tmp / fname))
-            shards.append({"file": fname, "step": i, "timestep": float(tensors["t"][0]), "count": len(tensors["x"])})
-        write_json(tmp / "index.json", {"version": INDEX_VERSION, "model": denoiser.name, "config": asdict(cfg), "shards": shards})
+            save_file({k: v.contiguous() for k, v in tensors.items()}, str(tmp / fname))
+            shards.append({"file": fname, "step": i, "timestep": float(tensors["timestep"][0]), "count": tensors.size})
+        index = {"version": INDEX_VERSION, "model": denoiser.name, "config": asdict(cfg), "batched": sorted(denoiser.batched), "shards": shards}
+        write_json(tmp / "index.json", index)
         if folder.exists():
             shutil.rmtree(folder)
         os.replace(tmp, folder)
@@ -144,34 +151,34 @@ def load_calib(folder: str | Path) -> CalibSet:
         index = json.loads(index_path.read_text())
         cfg = CalibConfig(**index["config"])
         entries = index["shards"]
+        batched = index["batched"]
     except (json.JSONDecodeError, KeyError, TypeError) as e:
-        raise DiffquantError(f"{index_path} is corrupt ({e}); delete {folder} and collect again") from None
-    shards: dict[float, dict[str, torch.Tensor]] = {}
+        raise DiffquantError(f"{index_path} is corrupt or from an older diffquant ({e}); delete {folder} and collect again") from None
+    shards: dict[float, NamedInputs] = {}
     for e in entries:
         path = folder / e["file"]
         try:
             tensors = load_file(str(path))
         except (SafetensorError, OSError, FileNotFoundError) as err:
             raise DiffquantError(f"calibration shard {path} is unreadable ({err}); delete {folder} and collect again") from None
-        for k in ("x", "cond"):
-            v = tensors[k]
+        for k, v in tensors.items():
             if v.is_floating_point() and not torch.isfinite(v).all():
                 bad = int((~torch.isfinite(v)).sum())
                 raise DiffquantError(
                     f"calibration shard {path} (timestep {e['timestep']:g}) has {bad} NaN/Inf values in {k!r}; "
                     f"the FP model diverged or the file is damaged: delete {folder} and collect again"
                 )
-        shards[float(e["timestep"])] = tensors
+        shards[float(e["timestep"])] = NamedInputs(tensors, batched)
     return CalibSet(folder=folder, config=cfg, timesteps=list(shards), shards=shards)
 
 
-def pick_inputs(calib: CalibSet, n_timesteps: int, n_samples: int, group_of=None, n_groups: int = 1) -> list:
-    """Recorded (timestep, x, t, cond) at about ``n_timesteps`` evenly spaced calibration
+def pick_inputs(calib: CalibSet, n_timesteps: int, n_samples: int, group_of=None, n_groups: int = 1) -> list[tuple[float, NamedInputs]]:
+    """Recorded (timestep, inputs) at about ``n_timesteps`` evenly spaced calibration
     timesteps, at least one in each of ``n_groups`` timestep groups (``group_of(t)`` -> index)."""
     group_of = group_of or (lambda t: 0)
     inputs = []
     per = max(1, -(-n_timesteps // n_groups))
     for g in range(n_groups):
         ts = [t for t in calib.timesteps if group_of(t) == g]
-        inputs += [(ts[i], *calib.at(ts[i], n_samples)) for i in pick_steps(len(ts), min(per, len(ts)))]
+        inputs += [(ts[i], calib.at(ts[i], n_samples)) for i in pick_steps(len(ts), min(per, len(ts)))]
     return inputs

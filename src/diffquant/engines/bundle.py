@@ -118,8 +118,8 @@ def build(onnx_path: str | Path, out: str | Path, config: BuildConfig | None = N
                 shutil.copy2(onnx_file, tmp / g["file"])
                 entry["onnxruntime"] = onnxruntime.__version__
             entries.append(entry)
-        for name in (RUNTIME_FILE, runtime.get("conditioning", {}).get("file", "")):
-            if name and (src.parent / name).exists():
+        for name in (RUNTIME_FILE, Path(runtime.get("conditioning", {}).get("file", "")).name):
+            if name and (src.parent / name).is_file():
                 shutil.copy2(src.parent / name, tmp / name)
         write_json(tmp / ENGINE_FILE, {"version": 1, "backend": cfg.backend, "built": time.strftime("%Y-%m-%dT%H:%M:%S"), "config": asdict(cfg), "engines": entries, "source": str(src.parent)})
         tmp.rename(out)

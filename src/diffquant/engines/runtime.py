@@ -16,83 +16,114 @@ __all__ = ["GenerateConfig", "PromptTable", "generate"]
 
 
 class PromptTable:
-    """Prompt id -> conditioning (embedding sequence or class label), exported by the
-    quantizer so the runtime needs no text encoder; ``null_id`` is the empty prompt."""
+    """Prompt id -> conditioning inputs (one table per conditioning input: text embeddings,
+    pooled embeddings, masks, time ids, class labels), exported by the quantizer so the runtime
+    needs no text encoder; ``null_id`` is the negative / empty prompt. Static inputs ride along."""
 
-    def __init__(self, table: np.ndarray, words: list[str], null_id: int) -> None:
-        self.table, self.words, self.null_id = table, list(words), int(null_id)
+    def __init__(self, tables: dict[str, np.ndarray], prompts: list[str], null_id: int, static: dict[str, np.ndarray] | None = None) -> None:
+        self.tables, self.prompts, self.null_id = tables, list(prompts), int(null_id)
+        self.static = static or {}
 
     @classmethod
     def from_runtime(cls, folder: str | Path, runtime: dict) -> PromptTable:
+        from safetensors import SafetensorError
         from safetensors.numpy import load_file
 
         info = runtime["conditioning"]
-        path = Path(folder) / info["file"]
+        path = Path(folder) / Path(info["file"]).name
         if not path.exists():
             raise DiffquantError(f"conditioning file {path} is missing; export and build the engine folder again")
-        return cls(load_file(str(path))["table"], info.get("words", []), info["null_id"])
+        try:
+            data = load_file(str(path))
+        except (SafetensorError, OSError) as e:
+            raise DiffquantError(f"conditioning file {path} is unreadable ({e}); export and build the engine folder again") from None
+        tables = {k[5:]: v for k, v in data.items() if k.startswith("cond.")}
+        static = {k[7:]: v for k, v in data.items() if k.startswith("static.")}
+        return cls(tables, info.get("prompts", []), info["null_id"], static)
 
     def prompt_id(self, prompt: str) -> int:
-        """The id of a class word (``seven``) or index (``7``); unknown prompts are an error."""
-        p = prompt.strip().lower()
-        if p in self.words:
-            return self.words.index(p)
+        """The id of a calibrated prompt (or a class word such as ``seven``), or an index."""
+        p = prompt.strip()
+        for i, known in enumerate(self.prompts):
+            if p == known or p.lower() == known.lower():
+                return i
         if p.isdigit() and int(p) < self.null_id:
             return int(p)
-        known = ", ".join(self.words) if self.words else f"0..{self.null_id - 1}"
-        raise DiffquantError(f"this model does not know the prompt {prompt!r}; known prompts: {known}")
+        known = "; ".join(self.prompts[:10]) + (" ..." if len(self.prompts) > 10 else "")
+        raise DiffquantError(f"this engine folder holds no conditioning for the prompt {prompt!r} (text encoders are not deployed yet); known prompts: {known}")
 
-    def __call__(self, ids: np.ndarray) -> np.ndarray:
-        return self.table[np.asarray(ids, dtype=np.int64)]
+    def __call__(self, ids: np.ndarray) -> dict[str, np.ndarray]:
+        idx = np.asarray(ids, dtype=np.int64)
+        return {k: v[idx] for k, v in self.tables.items()}
 
 
 @dataclass
 class GenerateConfig:
-    """Sampling settings (the model's training schedule comes from runtime.json)."""
+    """Sampling settings (the model's schedule comes from runtime.json); ``guidance`` None is
+    the family's default."""
 
     steps: int = 25
-    guidance: float = 3.0
+    guidance: float | None = 3.0
     seed: int = 0
     batch: int = 16
 
 
-def _feed(engine: Engine, x: np.ndarray, t: float, cond: np.ndarray) -> dict[str, np.ndarray]:
-    n = len(x)
-    return {
-        "sample": x.astype(engine.input_dtype("sample")),
-        "timestep": np.full(n, t, dtype=engine.input_dtype("timestep")),
-        "cond": cond.astype(engine.input_dtype("cond")),
-    }
+def _feeds(engine: Engine, runtime: dict, x: np.ndarray, t: float, cond: dict[str, np.ndarray], static: dict, guidance: float) -> dict[str, np.ndarray]:
+    """One step's named inputs, from runtime.json's input specs and roles."""
+    n, scale = len(x), runtime["sampler"].get("timestep_scale", 1.0)
+    feeds = {}
+    for spec in runtime["inputs"]:
+        name, role = spec["name"], spec.get("role", "cond")
+        if role == "sample":
+            v = x
+        elif role == "timestep":
+            v = np.full(n, t * scale)
+        elif role == "guidance":
+            v = np.full(n, guidance)
+        elif role == "static":
+            v = static[name]
+        else:
+            v = cond[name]
+        feeds[name] = np.asarray(v).astype(engine.input_dtype(name))
+    return feeds
 
 
 def generate(engine: Engine, runtime: dict, prompts: PromptTable, ids: list[int], cfg: GenerateConfig, progress: bool = True) -> np.ndarray:
-    """Sample one image per prompt id in ``ids``; returns [N, C, H, W] clipped to [-1, 1]."""
+    """Sample one output per prompt id in ``ids`` with the model's own sampler; returns the final
+    latents [N, ...] (pixel models: images clipped to [-1, 1])."""
     from tqdm.auto import tqdm
 
-    sched = NumpyDDIM(runtime["scheduler"])
+    from diffquant.engines.scheduler import numpy_scheduler
+
+    if runtime.get("version", 1) < 2:
+        raise DiffquantError("this engine folder was exported by an older diffquant (runtime.json version 1); export and build it again")
+    sched = numpy_scheduler(runtime)
+    sampler = runtime["sampler"]
     shape = tuple(runtime["sample_shape"])
     out_name = runtime.get("output", "noise_pred")
+    guidance = float(sampler.get("default_guidance", 3.0) if cfg.guidance is None else cfg.guidance)
     noise = np.random.default_rng(cfg.seed).standard_normal((len(ids), *shape)).astype(np.float32)
-    guided = cfg.guidance > 1.0
+    guided = sampler.get("guidance", "cfg") == "cfg" and guidance > 1.0
     # with CFG each image takes two rows of the engine batch (conditional + unconditional)
     limit = getattr(engine, "max_batch", 0) or 1 << 30
     per = max(1, min(cfg.batch, limit // 2 if guided else limit))
     timesteps = sched.timesteps(cfg.steps)
-    images = []
+    outs = []
     bar = tqdm(total=len(timesteps) * ((len(ids) + per - 1) // per), desc="generate", disable=not progress, leave=False)
     for i in range(0, len(ids), per):
         x = noise[i : i + per]
         cond = prompts(ids[i : i + per])
-        uncond = prompts(np.full(len(x), prompts.null_id))
+        if guided:
+            uncond = prompts(np.full(len(x), prompts.null_id))
+            cond = {k: np.concatenate([cond[k], uncond[k]]) for k in cond}
         for t in timesteps:
+            x_in = np.concatenate([x, x]) if guided else x
+            eps = engine.run(_feeds(engine, runtime, x_in, float(t), cond, prompts.static, guidance), [out_name])[out_name].astype(np.float32)
             if guided:
-                eps = engine.run(_feed(engine, np.concatenate([x, x]), float(t), np.concatenate([cond, uncond])), [out_name])[out_name].astype(np.float32)
                 ec, eu = eps[: len(x)], eps[len(x) :]
-                eps = eu + cfg.guidance * (ec - eu)
-            else:
-                eps = engine.run(_feed(engine, x, float(t), cond), [out_name])[out_name].astype(np.float32)
-            x = sched.step(eps, int(t), x, cfg.steps)
+                eps = eu + guidance * (ec - eu)
+            x = sched.step(eps, float(t) if sampler["kind"] == "flow" else int(t), x, cfg.steps)
             bar.update()
-        images.append(np.clip(x, -1.0, 1.0))
+        outs.append(x if runtime.get("latent") else np.clip(x, -1.0, 1.0))
     bar.close()
-    return np.concatenate(images)
+    return np.concatenate(outs)

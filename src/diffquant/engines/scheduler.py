@@ -1,5 +1,6 @@
-"""A numpy DDIM scheduler (eta = 0) that reads diffusers scheduler configs, so the runtime
-sampler needs no torch. Tested against diffusers' DDIMScheduler step for step."""
+"""Numpy schedulers that read diffusers scheduler configs, so the runtime sampler needs no torch:
+DDIM (eta = 0) and flow-matching Euler (shift, dynamic shift). Tested against diffusers'
+DDIMScheduler and FlowMatchEulerDiscreteScheduler step for step."""
 
 from __future__ import annotations
 
@@ -9,7 +10,7 @@ import numpy as np
 
 from diffquant.errors import DiffquantError
 
-__all__ = ["NumpyDDIM"]
+__all__ = ["NumpyDDIM", "NumpyFlowEuler", "numpy_scheduler"]
 
 
 def _betas(cfg: dict) -> np.ndarray:
@@ -73,3 +74,62 @@ class NumpyDDIM:
         if self.clip:
             x0 = np.clip(x0, -self.clip_range, self.clip_range)
         return (math.sqrt(a_prev) * x0 + math.sqrt(1 - a_prev) * eps).astype(np.float32)
+
+
+class NumpyFlowEuler:
+    """Flow-matching Euler over a diffusers FlowMatchEulerDiscreteScheduler config: sigmas from
+    1 towards 0, shifted by ``shift`` (or by ``mu`` with dynamic shifting), x += (s' - s) * v.
+    ``sigmas="linspace"`` starts from linspace(1, 1/N, N) as the Flux pipeline does; otherwise
+    from the scheduler's own range, as the SD3 pipeline does."""
+
+    def __init__(self, config: dict, sigmas: str = "scheduler", mu: float | None = None) -> None:
+        self.config = dict(config)
+        self.num_train = int(self.config.get("num_train_timesteps", 1000))
+        self.shift = float(self.config.get("shift", 1.0))
+        self.dynamic = bool(self.config.get("use_dynamic_shifting", False))
+        for k in ("use_karras_sigmas", "use_exponential_sigmas", "use_beta_sigmas", "invert_sigmas", "shift_terminal", "stochastic_sampling"):
+            if self.config.get(k):
+                raise DiffquantError(f"scheduler option {k} is not supported by the runtime flow-matching sampler")
+        if self.dynamic and mu is None:
+            raise DiffquantError("a dynamically shifted flow-matching schedule needs mu (runtime.json sampler.mu)")
+        self.mode, self.mu = sigmas, mu
+        self._sigmas: np.ndarray | None = None
+
+    def _shifted(self, s: np.ndarray) -> np.ndarray:
+        if self.dynamic:
+            if self.config.get("time_shift_type", "exponential") == "linear":
+                return self.mu / (self.mu + (1 / s - 1))
+            return math.exp(self.mu) / (math.exp(self.mu) + (1 / s - 1))
+        return self.shift * s / (1 + (self.shift - 1) * s)
+
+    def sigmas(self, steps: int) -> np.ndarray:
+        """The ``steps`` sigmas of a run and the final 0 (float32, as diffusers keeps them)."""
+        if not 1 <= steps <= self.num_train:
+            raise DiffquantError(f"steps must be 1..{self.num_train}, got {steps}")
+        if self.mode == "linspace":
+            s = np.linspace(1.0, 1 / steps, steps).astype(np.float32)
+        else:
+            train = (np.linspace(1, self.num_train, self.num_train, dtype=np.float32)[::-1] / self.num_train).astype(np.float32)
+            if not self.dynamic:
+                train = (self.shift * train / (1 + (self.shift - 1) * train)).astype(np.float32)
+            t = np.linspace(float(train[0]) * self.num_train, float(train[-1]) * self.num_train, steps)
+            s = (t / self.num_train).astype(np.float64)
+        s = np.asarray(self._shifted(s.astype(np.float64) if self.mode != "linspace" else s), dtype=np.float32)
+        return np.append(s, np.float32(0.0))
+
+    def timesteps(self, steps: int) -> np.ndarray:
+        self._sigmas = self.sigmas(steps)
+        return (self._sigmas[:-1] * self.num_train).astype(np.float32)
+
+    def step(self, model_out: np.ndarray, t: float, x: np.ndarray, steps: int) -> np.ndarray:
+        sig = self._sigmas if self._sigmas is not None and len(self._sigmas) == steps + 1 else self.sigmas(steps)
+        i = int(np.argmin(np.abs(sig[:-1] * self.num_train - t)))
+        return (x.astype(np.float32) + (sig[i + 1] - sig[i]) * model_out.astype(np.float32)).astype(np.float32)
+
+
+def numpy_scheduler(runtime: dict):
+    """The runtime scheduler an exported model samples with (runtime.json ``sampler``)."""
+    sampler = runtime.get("sampler", {"kind": "ddim"})
+    if sampler["kind"] == "flow":
+        return NumpyFlowEuler(runtime["scheduler"], sampler.get("flow_sigmas", "scheduler"), sampler.get("mu"))
+    return NumpyDDIM(runtime["scheduler"])

@@ -76,9 +76,13 @@ class TrtBuildConfig:
     workspace_gb: float = 4.0
     timing_cache_dir: str = ""
 
-    def shapes(self, spec_shape: list) -> tuple[tuple, tuple, tuple]:
+    def shapes(self, spec_shape: list, example: list | None = None) -> tuple[tuple, tuple, tuple]:
+        """(min, opt, max) of one input: the batch axis from these settings, other dynamic
+        axes (the text length) at the exported example's size."""
+        example = example or spec_shape
+
         def fill(b: int) -> tuple:
-            return tuple(b if isinstance(d, str) else int(d) for d in spec_shape)
+            return tuple(b if d == "batch" else int(e) if isinstance(d, str) else int(d) for d, e in zip(spec_shape, example))
 
         if not self.dynamic:
             return fill(self.batch), fill(self.batch), fill(self.batch)
@@ -115,7 +119,7 @@ def build_trt_engine(onnx_path: Path, engine_path: Path, inputs: list[dict], cfg
     profile = builder.create_optimization_profile()
     shapes = {}
     for spec in inputs:
-        shapes[spec["name"]] = cfg.shapes(spec["shape"])
+        shapes[spec["name"]] = cfg.shapes(spec["shape"], spec.get("example"))
         profile.set_shape(spec["name"], *shapes[spec["name"]])
     config.add_optimization_profile(profile)
     serialized = builder.build_serialized_network(network, config)

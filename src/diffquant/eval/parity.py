@@ -24,14 +24,15 @@ from onnx import numpy_helper
 
 from diffquant.engines import OrtEngine, with_outputs
 from diffquant.models.denoiser import Denoiser
+from diffquant.models.inputs import NamedInputs
 from diffquant.quant.fake import broadcast_scale, fake_quant
 from diffquant.quant.format import QuantFormat
 from diffquant.quant.modules import quant_modules
 
 __all__ = ["ParityInputs", "ParityResult", "TimestepParity", "check_parity", "merge_parity"]
 
-# (timestep, sample, timestep tensor, cond): recorded real model inputs
-ParityInputs = list[tuple[float, torch.Tensor, torch.Tensor, torch.Tensor]]
+# (calibration timestep, the denoiser's named inputs): recorded real model inputs
+ParityInputs = list[tuple[float, NamedInputs]]
 
 
 @dataclass
@@ -113,7 +114,7 @@ def check_parity(
     """Compare ``onnx_model`` (run by ONNX Runtime, fusion off) with ``fq_denoiser`` on ``inputs``."""
     meta = {p.key: p.value for p in onnx_model.metadata_props}
     act_dq: dict[str, dict] = json.loads(meta.get("diffquant.act_dq", "{}"))
-    float_type = next(i.type.tensor_type.elem_type for i in onnx_model.graph.input if i.name == "sample")
+    float_type = onnx_model.graph.input[0].type.tensor_type.elem_type  # the latent comes first
     np_float = np.float16 if float_type == onnx.TensorProto.FLOAT16 else np.float32
     graph_inputs = {i.name for i in onnx_model.graph.input}
     extra = [n_ for n_ in act_dq] + [info["input"] for info in act_dq.values() if info["input"] not in graph_inputs]
@@ -124,11 +125,11 @@ def check_parity(
     per_ts: list[TimestepParity] = []
     worst: dict[str, float] = {}
     try:
-        for ts, x, t, c in inputs:
-            ref = fq_denoiser(x, t, c).numpy()
-            feeds = {"sample": x.numpy(), "timestep": t.numpy(), "cond": c.numpy()}
+        for ts, named in inputs:
+            ref = fq_denoiser(**named).numpy()
+            feeds = named.numpy()
             out = engine.run(feeds)
-            got = out["noise_pred"].astype(np.float32)
+            got = out[fq_denoiser.output_names[0]].astype(np.float32)
             step_err, flips, total = 0.0, 0, 0
             for dq_name, info in act_dq.items():
                 src = feeds[info["input"]] if info["input"] in graph_inputs else out[info["input"]]

@@ -1,5 +1,7 @@
-"""Image quality on the digits benchmark: Frechet distance on classifier features, accuracy
-(classifier agrees with the requested class), and PSNR / SSIM against FP samples."""
+"""Image quality. For any model: fidelity to the FP pipeline from the same seeds and prompts
+(PSNR / SSIM of the images, final-latent cosine, per-timestep noise-prediction SNR and cosine).
+Where a feature model exists (the digits classifier for the builtins): Frechet distance on its
+features and accuracy (the classifier agrees with the requested class)."""
 
 from __future__ import annotations
 
@@ -10,16 +12,17 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-__all__ = ["QualityScores", "frechet_distance", "psnr", "score_samples", "ssim"]
+__all__ = ["QualityScores", "cosine", "frechet_distance", "noise_fidelity", "psnr", "score_fidelity", "score_samples", "ssim"]
 
 
 @dataclass
 class QualityScores:
-    fd: float
-    accuracy: float
+    fd: float | None = None
+    accuracy: float | None = None
     psnr: float | None = None
     ssim: float | None = None
     fd_fp: float | None = None  # Frechet distance to the reference (FP) samples' features
+    latent_cosine: float | None = None  # mean per-sample cosine of the final latents to the FP ones
 
     def to_dict(self) -> dict:
         return {k: v for k, v in asdict(self).items() if v is not None}
@@ -52,6 +55,8 @@ def psnr(x: torch.Tensor, ref: torch.Tensor) -> float:
 def ssim(x: torch.Tensor, ref: torch.Tensor, window: int = 7, sigma: float = 1.5) -> float:
     """Mean SSIM (Gaussian window, valid region) of images in [-1, 1], computed on [0, 1]."""
     x, ref = (x + 1) / 2, (ref + 1) / 2
+    if min(x.shape[-2:]) < window:  # tiny images: the largest odd window that fits
+        window = max(1, (min(x.shape[-2:]) - 1) // 2 * 2 + 1)
     g = torch.exp(-((torch.arange(window) - window // 2) ** 2) / (2 * sigma**2))
     g = (g / g.sum()).float()
     k = (g[:, None] * g[None, :]).expand(x.shape[1], 1, window, window)
@@ -77,3 +82,33 @@ def score_samples(samples: torch.Tensor, labels: torch.Tensor, classifier: torch
         scores.ssim = ssim(samples, reference)
         scores.fd_fp = frechet_distance(feats, classifier.features(reference).numpy().astype(np.float64))
     return scores
+
+
+def cosine(a: torch.Tensor, b: torch.Tensor) -> float:
+    """Mean per-sample cosine similarity of two batches."""
+    return float(F.cosine_similarity(a.flatten(1).double(), b.flatten(1).double(), dim=1).mean())
+
+
+@torch.no_grad()
+def score_fidelity(images: torch.Tensor, ref_images: torch.Tensor, latents: torch.Tensor | None = None, ref_latents: torch.Tensor | None = None) -> QualityScores:
+    """Fidelity to the FP samples of the same seeds and prompts, for any model."""
+    scores = QualityScores(psnr=psnr(images, ref_images), ssim=ssim(images, ref_images))
+    if latents is not None and ref_latents is not None:
+        scores.latent_cosine = cosine(latents, ref_latents)
+    return scores
+
+
+@torch.no_grad()
+def noise_fidelity(fp, models: dict, inputs: list) -> list[dict]:
+    """Per recorded timestep: SNR (dB) and cosine of each model's noise prediction against the
+    FP denoiser's on the same recorded inputs ((timestep, named inputs) pairs)."""
+    rows = []
+    for ts, named in inputs:
+        ref = fp(**named).double()
+        row = {"timestep": float(ts)}
+        for name, fn in models.items():
+            got = fn(named).double()
+            err = float(((got - ref) ** 2).sum())
+            row[name] = {"snr_db": float(10 * np.log10(float((ref**2).sum()) / max(err, 1e-30))), "cosine": cosine(got, ref)}
+        rows.append(row)
+    return rows

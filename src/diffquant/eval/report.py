@@ -13,7 +13,7 @@ __all__ = ["save_grid", "write_markdown"]
 
 
 def save_grid(images: torch.Tensor, path: str | Path, ncol: int = 10, zoom: int = 3, pad: int = 2) -> Path:
-    """Save images in [-1, 1] [N, 1, H, W] as a grid PNG (``ncol`` per row: one per class)."""
+    """Save images in [-1, 1] [N, C, H, W] (C = 1 or 3) as a grid PNG (``ncol`` per row)."""
     return save_grid_array(images.detach().float().numpy(), path, ncol=ncol, zoom=zoom, pad=pad)
 
 
@@ -29,21 +29,36 @@ def write_markdown(report: dict, path: str | Path) -> Path:
     """A report a person can read: settings, quality table, parity verdicts, realized formats."""
     q = report["quality"]
     p = report["parity"]
+    fam = report.get("family", {})
+    st = report["settings"]
     lines = [
         f"# diffquant run: {report['model']} · {report['recipe']} · {report['bits']} · target {report['target']}",
         "",
-        f"Deployed graph: `{report['onnx']}` (run by ONNX Runtime, CPU). Samples: {report['settings']['samples']}, "
-        f"DDIM {report['settings']['steps']} steps, CFG {report['settings']['guidance']}, seed {report['settings']['seed']}.",
+        f"Deployed graph: `{report['onnx']}` (run by ONNX Runtime, CPU). Family {fam.get('family', '?')}, "
+        f"{fam.get('sampler', 'ddim')} sampler, {st['steps']} steps, guidance {st['guidance']} ({fam.get('guidance', 'cfg')}), "
+        f"samples {st['samples']}, seed {st['seed']}.",
         "",
         "## Quality",
         "",
-        "| model | FD ↓ | accuracy ↑ | PSNR vs FP ↑ | SSIM vs FP ↑ |",
-        "|---|---|---|---|---|",
-        f"| FP32 (torch) | {_fmt(q['fp']['fd'])} | {_fmt(q['fp']['accuracy'])} | – | – |",
-        f"| fake-quant (torch) | {_fmt(q['fake_quant']['fd'])} | {_fmt(q['fake_quant']['accuracy'])} | {_fmt(q['fake_quant'].get('psnr'))} | {_fmt(q['fake_quant'].get('ssim'))} |",
-        f"| **deployed graph (ORT)** | {_fmt(q['quant']['fd'])} | {_fmt(q['quant']['accuracy'])} | {_fmt(q['quant'].get('psnr'))} | {_fmt(q['quant'].get('ssim'))} |",
+        "| model | FD ↓ | accuracy ↑ | PSNR vs FP ↑ | SSIM vs FP ↑ | final-latent cosine ↑ |",
+        "|---|---|---|---|---|---|",
+    ]
+    for label, key in (("FP32 (torch)", "fp"), ("fake-quant (torch)", "fake_quant"), ("**deployed graph (ORT)**", "quant")):
+        r = q[key]
+        lines.append(f"| {label} | {_fmt(r.get('fd'))} | {_fmt(r.get('accuracy'))} | {_fmt(r.get('psnr'))} | {_fmt(r.get('ssim'))} | {_fmt(r.get('latent_cosine'))} |")
+    lines += [
         "",
-        "Sample grids (one column per class; same seeds): FP `samples_fp.png`, fake-quant `samples_fake_quant.png`, "
+        "FD and accuracy need a feature model (the digits classifier, builtin models only); PSNR / SSIM compare decoded "
+        "images with the FP pipeline's from the same seeds and prompts.",
+        "",
+        "| timestep | fake-quant noise SNR dB | fake-quant cosine | deployed noise SNR dB | deployed cosine |",
+        "|---|---|---|---|---|",
+    ]
+    for r in report.get("noise_fidelity", []):
+        lines.append(f"| {r['timestep']:g} | {r['fake_quant']['snr_db']:.1f} | {r['fake_quant']['cosine']:.5f} | {r['quant']['snr_db']:.1f} | {r['quant']['cosine']:.5f} |")
+    lines += [
+        "",
+        "Sample grids (same seeds and prompts): FP `samples_fp.png`, fake-quant `samples_fake_quant.png`, "
         "deployed `samples_quant.png`, side by side `samples_compare.png`.",
         "",
         "![FP | fake-quant | deployed](samples_compare.png)",

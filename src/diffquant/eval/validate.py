@@ -142,7 +142,7 @@ class _FnRunner(BaseRunner):
 def _torch_fn(model, output: str):
     @torch.no_grad()
     def fn(feeds: dict) -> dict:
-        return {output: model(torch.from_numpy(feeds["sample"]), torch.from_numpy(feeds["timestep"]), torch.from_numpy(feeds["cond"])).numpy()}
+        return {output: model(**{k: torch.from_numpy(np.asarray(v)) for k, v in feeds.items()}).numpy()}
 
     return fn
 
@@ -159,7 +159,7 @@ def _metrics(ref: np.ndarray, got: np.ndarray) -> tuple[float, float, float]:
 
 
 def validate(run_dir: str | Path, denoiser, inputs: list, cfg: ValidateConfig | None = None) -> ValidationResult:
-    """Compare a run's graphs per ``cfg.against`` on recorded ``inputs`` ((timestep, x, t, cond),
+    """Compare a run's graphs per ``cfg.against`` on recorded ``inputs`` ((timestep, named inputs),
     e.g. from `diffquant.workflow.validate_run`); writes ``validate.json`` and ``validate.md``
     into the run folder, plus the inputs in Polygraphy's JSON format for bisecting."""
     cfg = cfg or ValidateConfig()
@@ -173,8 +173,8 @@ def validate(run_dir: str | Path, denoiser, inputs: list, cfg: ValidateConfig | 
         raise DiffquantError(f"{run} is not a run folder (no report.json); make one with `diffquant run`")
     report = json.loads(rpath.read_text())
     plan = QuantPlan.load(run / "plan")
-    feeds = [OrderedDict(sample=x.numpy(), timestep=t.numpy().astype(np.float32), cond=c.numpy()) for _, x, t, c in inputs]
-    timesteps = [float(ts) for ts, *_ in inputs]
+    feeds = [OrderedDict((s.name, named[s.name].numpy()) for s in denoiser.input_specs()) for _, named in inputs]
+    timesteps = [float(ts) for ts, _ in inputs]
     specs = {k: (v.dtype, v.shape) for k, v in feeds[0].items()}
     out_name = denoiser.output_names[0]
     graphs = [run / Path(p).name for p in report.get("graphs", [report["onnx"]])]

@@ -13,7 +13,7 @@ from safetensors.numpy import save_file
 from diffquant._io import atomic_path, write_json
 from diffquant.errors import DiffquantError
 from diffquant.exporters.linter import LintReport, lint
-from diffquant.exporters.onnx_fp import fp_onnx_proto
+from diffquant.exporters.onnx_fp import fp_onnx_proto, save_onnx
 from diffquant.exporters.qdq import TARGETS, lower_plan
 from diffquant.models.denoiser import Denoiser
 from diffquant.quant.plan import QuantPlan, weights_digest
@@ -21,6 +21,7 @@ from diffquant.quant.plan import QuantPlan, weights_digest
 __all__ = ["ExportResult", "RUNTIME_FILE", "export", "graph_file"]
 
 RUNTIME_FILE = "runtime.json"
+RUNTIME_VERSION = 2
 CONDITIONING_FILE = "conditioning.safetensors"
 
 
@@ -43,9 +44,7 @@ def graph_file(group: int, n_groups: int) -> str:
 
 
 def _save(model: onnx.ModelProto, path: Path) -> None:
-    onnx.checker.check_model(model)
-    with atomic_path(path) as tmp:
-        onnx.save(model, str(tmp))
+    save_onnx(model, path)
 
 
 def export(plan: QuantPlan, denoiser: Denoiser, out_dir: str | Path, target: str = "tensorrt", float_dtype: str | None = None) -> ExportResult:
@@ -85,25 +84,41 @@ def export(plan: QuantPlan, denoiser: Denoiser, out_dir: str | Path, target: str
 
 
 def write_runtime_bundle(denoiser: Denoiser, out: Path, target: str, bits: str, graphs: list[dict]) -> None:
-    """What `generate` needs without torch: the prompt table (prompt id -> conditioning), the
-    words, the scheduler config, the input specs, and the graphs with their timestep ranges."""
-    ids = np.arange(denoiser.null_id + 1)
-    table = denoiser.encode(ids).numpy()
+    """What `generate` needs without torch: the prompt table (every conditioning input, one row
+    per calibrated prompt and the negative / null row last), the static inputs, the sampler
+    (scheduler config, kind, flow-matching arguments, how timesteps are fed), the named input
+    specs with an example shape each, and the graphs with their timestep ranges."""
+    fam = denoiser.family
+    tensors = {f"cond.{k}": np.ascontiguousarray(v.numpy()) for k, v in denoiser.conditioning.items()}
+    tensors.update({f"static.{k}": np.ascontiguousarray(v.numpy()) for k, v in fam.static_inputs(denoiser.conditioning).items()})
     with atomic_path(out / CONDITIONING_FILE) as tmp:
-        save_file({"table": np.ascontiguousarray(table)}, str(tmp))
+        save_file(tensors or {"empty": np.zeros(1, np.float32)}, str(tmp))
+    example = denoiser.example_inputs(1)
+    inputs = [{**s.to_dict(), "example": list(example[s.name].shape)} for s in denoiser.input_specs()]
+    sched = {k: v for k, v in denoiser.scheduler.items()}
+    flow = {k: (list(v) if isinstance(v, (list, tuple, np.ndarray)) else v) for k, v in fam.flow_kwargs(1, sched).items() if k == "mu"}
     write_json(
         out / RUNTIME_FILE,
         {
-            "version": 1,
+            "version": RUNTIME_VERSION,
             "model": denoiser.name,
-            "family": denoiser.family,
+            "family": fam.name,
             "target": target,
             "bits": bits,
             "sample_shape": list(denoiser.sample_shape),
-            "inputs": [{"name": s.name, "dtype": s.dtype, "shape": list(s.shape)} for s in denoiser.input_specs()],
+            "latent": denoiser.vae is not None,
+            "inputs": inputs,
             "output": denoiser.output_names[0],
-            "conditioning": {"file": CONDITIONING_FILE, "words": list(denoiser.words), "null_id": denoiser.null_id},
-            "scheduler": denoiser.scheduler,
+            "conditioning": {"file": CONDITIONING_FILE, "prompts": list(denoiser.prompts), "null_id": denoiser.null_id},
+            "sampler": {
+                "kind": fam.sampler,
+                "guidance": fam.guidance,
+                "default_guidance": fam.default_guidance,
+                "timestep_scale": fam.model_timestep(1000.0) / 1000.0,
+                "flow_sigmas": "linspace" if "sigmas" in fam.flow_kwargs(1, sched) else "scheduler",
+                **flow,
+            },
+            "scheduler": sched,
             "graphs": graphs,
         },
     )

@@ -1,1 +1,2 @@
-"""Loading denoisers, the `Denoiser` adapter, samplers, and the builtin digits models."""
+"""Loading pipelines, the family adapters and the `Denoiser` they drive, named inputs, samplers,
+and the builtin digits models."""

@@ -1,133 +1,152 @@
-"""The `Denoiser` adapter: one call signature, example inputs, ONNX input specs, block structure
-and default high-precision skip list for any supported diffusers denoiser."""
+"""The `Denoiser`: a diffusers denoiser behind its family adapter, called with named inputs, with
+the prompt table its pipeline's text encoders produced and (for latent models) the VAE decoder."""
 
 from __future__ import annotations
-
-from dataclasses import dataclass
 
 import torch
 from torch import nn
 
 from diffquant.errors import DiffquantError
+from diffquant.models.families import Family
+from diffquant.models.families.dit import DIT_SKIP
+from diffquant.models.families.sd import UNET_SKIP
+from diffquant.models.inputs import InputSpec, NamedInputs
 
-__all__ = ["Denoiser", "InputSpec"]
-
-# Kept in high precision by default (fnmatch on layer names): first and last layers, time
-# embedding and every time_emb_proj, DiT patch embedding, adaLN modulation and final projections.
-# The attention Q.K and P.V matmuls are never Conv2d/Linear modules, so they are never targeted.
-UNET_SKIP = ("conv_in", "conv_out", "time_embedding.*", "*time_emb_proj")
-DIT_SKIP = ("pos_embed.*", "*.norm1.emb.*", "*.norm1.linear", "proj_out_1", "proj_out_2")
+__all__ = ["DIT_SKIP", "UNET_SKIP", "Denoiser", "InputSpec"]
 
 
-@dataclass(frozen=True)
-class InputSpec:
-    """An ONNX graph input: name, dtype (numpy name), shape with "batch" as the dynamic axis."""
+class _Shared:
+    """Pipeline parts a denoiser uses but never quantizes or exports (the VAE): shared, not
+    copied, by the deep copies that fake-quant models are made from."""
 
-    name: str
-    dtype: str
-    shape: tuple
+    def __init__(self, **parts) -> None:
+        self.parts = parts
 
-    @property
-    def dynamic_axes(self) -> dict[int, str]:
-        return {i: d for i, d in enumerate(self.shape) if isinstance(d, str)}
+    def __deepcopy__(self, memo) -> _Shared:
+        return self
 
 
 class Denoiser(nn.Module):
-    """Wraps a diffusers UNet2DConditionModel or DiTTransformer2DModel as
-    ``forward(sample, timestep, cond) -> noise prediction``.
+    """``forward(**named_inputs) -> model output`` for any supported family.
 
-    ``cond`` is the cross-attention embedding sequence for UNets and the int64 class label for
-    DiTs. ``prompts`` (optional) maps prompt ids to conditioning; ``null_id`` is the empty prompt
-    / null class used for classifier-free guidance.
+    ``conditioning`` maps each conditioning input name to a table with one row per prompt in
+    ``prompts`` and the negative / null prompt last (``null_id``), encoded once by the
+    pipeline's own text encoders; ``encode(ids)`` looks rows up. ``vae`` decodes latents.
     """
+
+    output_names = ("noise_pred",)
 
     def __init__(
         self,
         name: str,
-        family: str,
+        family: Family,
         model: nn.Module,
         scheduler: dict,
-        prompts: nn.Module | None = None,
-        words: tuple[str, ...] = (),
-        null_id: int = 0,
-        cond_shape: tuple = (),
-        skip: tuple[str, ...] = (),
+        conditioning: dict[str, torch.Tensor],
+        prompts: list[str],
+        skip: tuple[str, ...] | None = None,
+        vae: nn.Module | None = None,
     ) -> None:
         super().__init__()
-        if family not in ("unet", "dit"):
-            raise DiffquantError(f"unsupported denoiser family {family!r}")
         self.name = name
         self.family = family
         self.model = model
         self.scheduler = dict(scheduler)
-        self.prompts = prompts
-        self.words = tuple(words)
-        self.null_id = null_id
-        self.cond_shape = tuple(cond_shape)
-        self.skip = tuple(skip)
+        self.conditioning = {k: v.detach() for k, v in conditioning.items()}
+        self.prompts = list(prompts)
+        self.null_id = len(self.prompts)
+        self.skip = tuple(family.skip if skip is None else skip)
+        self._shared = _Shared(vae=vae)
+        self.specs = family.input_specs()
+        for s in self.specs:
+            if s.role == "cond" and s.name not in self.conditioning:
+                raise DiffquantError(f"{name}: the {family.name} family needs conditioning {s.name!r}, which its encoders did not produce")
 
     @property
-    def sample_shape(self) -> tuple[int, int, int]:
-        cfg = self.model.config
-        size = cfg.sample_size if isinstance(cfg.sample_size, int) else cfg.sample_size[0]
-        return (cfg.in_channels, size, size)
+    def vae(self) -> nn.Module | None:
+        return self._shared.parts.get("vae")
 
-    def forward(self, sample: torch.Tensor, timestep: torch.Tensor, cond: torch.Tensor) -> torch.Tensor:
-        if self.family == "unet":
-            return self.model(sample, timestep, encoder_hidden_states=cond, return_dict=False)[0]
-        return self.model(sample, timestep=timestep, class_labels=cond, return_dict=False)[0]
+    @property
+    def sample_shape(self) -> tuple[int, ...]:
+        return self.family.sample_shape()
 
-    def encode(self, ids: torch.Tensor) -> torch.Tensor:
-        """Conditioning for prompt ids (class indices; ``null_id`` is the empty prompt)."""
+    @property
+    def sample_name(self) -> str:
+        return self.family.sample_name
+
+    @property
+    def batched(self) -> frozenset[str]:
+        return frozenset(s.name for s in self.specs if s.batched)
+
+    def input_specs(self) -> list[InputSpec]:
+        return list(self.specs)
+
+    def forward(self, *args: torch.Tensor, **kwargs: torch.Tensor) -> torch.Tensor:
+        """Positional inputs follow the spec order (how the ONNX exporter calls it)."""
+        inputs = dict(zip((s.name for s in self.specs), args))
+        inputs.update(kwargs)
+        return self.family.call(self.model, inputs)
+
+    def encode(self, ids: torch.Tensor) -> dict[str, torch.Tensor]:
+        """Conditioning rows for prompt ids (``null_id`` is the negative / empty prompt)."""
         ids = torch.as_tensor(ids, dtype=torch.int64)
-        if self.family == "dit":
-            return ids
-        if self.prompts is None:
-            # a UNet without a shipped prompt encoder: the null prompt is zeros, others are
-            # fixed seeded Gaussian embeddings (documented limitation for calibration)
-            gen = torch.Generator().manual_seed(1234)
-            table = torch.randn(self.null_id + 1, *self.cond_shape, generator=gen)
-            table[self.null_id] = 0
-            return table[ids]
+        return {k: v[ids] for k, v in self.conditioning.items()}
+
+    def step_inputs(self, x: torch.Tensor, t: float, cond: dict[str, torch.Tensor], guidance: float | None = None) -> NamedInputs:
+        """The named inputs of one sampler step: latents ``x``, scheduler timestep ``t`` (the
+        family converts it), conditioning rows, the guidance scale where it is an input."""
+        n = len(x)
+        feeds: dict[str, torch.Tensor] = {}
+        static = self.family.static_inputs(self.conditioning)
+        for s in self.specs:
+            if s.role == "sample":
+                feeds[s.name] = x
+            elif s.role == "timestep":
+                feeds[s.name] = torch.full((n,), self.family.model_timestep(t))
+            elif s.role == "guidance":
+                feeds[s.name] = torch.full((n,), float(guidance if guidance is not None else self.family.default_guidance))
+            elif s.role == "static":
+                feeds[s.name] = static[s.name]
+            else:
+                feeds[s.name] = cond[s.name]
+        return NamedInputs(feeds, self.batched)
+
+    def example_inputs(self, batch: int = 2, seed: int = 0) -> NamedInputs:
+        """Inputs for tracing and smoke checks: seeded latents, timesteps across the range,
+        prompts cycling through the table (the null row included)."""
+        gen = torch.Generator().manual_seed(seed)
+        x = torch.randn(batch, *self.sample_shape, generator=gen)
+        t = torch.linspace(10, self.scheduler.get("num_train_timesteps", 1000) - 10, batch)
+        ids = torch.arange(batch) % (self.null_id + 1)
+        feeds = self.step_inputs(x, 0.0, self.encode(ids))
+        feeds["timestep"] = torch.tensor([self.family.model_timestep(float(v)) for v in t])
+        return feeds
+
+    def to_images(self, x: torch.Tensor, batch: int = 8) -> torch.Tensor:
+        """Final sampler output -> images in [-1, 1]: decoded by the VAE for latent models."""
+        vae = self.vae
+        if vae is None:
+            return x.clamp(-1, 1)
+        lat = self.family.image_latents(x)
+        cfg = vae.config
+        lat = lat / cfg.scaling_factor + (cfg.get("shift_factor", None) or 0.0)
         with torch.no_grad():
-            return self.prompts(ids)
+            return torch.cat([vae.decode(lat[i : i + batch], return_dict=False)[0] for i in range(0, len(lat), batch)]).clamp(-1, 1)
 
     def prompt_id(self, prompt: str | int) -> int:
-        """Prompt id of a class word (or an index); unknown prompts raise a clear error."""
-        if isinstance(prompt, int) or (isinstance(prompt, str) and prompt.isdigit()):
+        """Row of a prompt (or an index); unknown prompts raise a clear error."""
+        if isinstance(prompt, int) or (isinstance(prompt, str) and prompt.isdigit() and prompt not in self.prompts):
             i = int(prompt)
             if 0 <= i < self.null_id:
                 return i
-        elif prompt in self.words:
-            return self.words.index(prompt)
-        known = ", ".join(self.words) if self.words else f"0..{self.null_id - 1}"
+        elif prompt in self.prompts:
+            return self.prompts.index(prompt)
+        known = ", ".join(self.prompts[:12]) + (" ..." if len(self.prompts) > 12 else "")
         raise DiffquantError(f"{self.name} does not know the prompt {prompt!r}; known prompts: {known}")
 
-    def input_specs(self) -> list[InputSpec]:
-        c, h, w = self.sample_shape
-        if self.family == "unet":
-            cond = InputSpec("cond", "float32", ("batch", *self.cond_shape))
-        else:
-            cond = InputSpec("cond", "int64", ("batch",))
-        return [InputSpec("sample", "float32", ("batch", c, h, w)), InputSpec("timestep", "float32", ("batch",)), cond]
-
-    output_names = ("noise_pred",)
-
-    def example_inputs(self, batch: int = 2, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        gen = torch.Generator().manual_seed(seed)
-        x = torch.randn(batch, *self.sample_shape, generator=gen)
-        t = torch.linspace(10, self.scheduler["num_train_timesteps"] - 10, batch)
-        ids = torch.arange(batch) % (self.null_id + 1)
-        return x, t, self.encode(ids)
-
     def blocks(self) -> list[tuple[str, str]]:
-        """(module name, kind) of the reconstruction blocks: ResBlocks and transformer blocks of
-        a UNet, transformer blocks of a DiT."""
-        out = []
-        for name, mod in self.model.named_modules():
-            kind = type(mod).__name__
-            if kind in ("ResnetBlock2D", "Transformer2DModel", "BasicTransformerBlock") and not (
-                kind == "BasicTransformerBlock" and self.family == "unet"
-            ):
-                out.append((name, kind))
-        return out
+        """(module name, kind) of the reconstruction blocks of this family, outermost first."""
+        kinds = self.family.block_types
+        out = [(n, type(m).__name__) for n, m in self.model.named_modules() if type(m).__name__ in kinds]
+        # a block inside another block (a UNet transformer's own blocks) is not a unit of its own
+        return [(n, k) for n, k in out if not any(n.startswith(o + ".") for o, _ in out)]

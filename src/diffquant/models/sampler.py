@@ -1,7 +1,9 @@
-"""DDIM sampling with classifier-free guidance over any noise-prediction function.
+"""Sampling over any noise-prediction function with the pipeline's own schedule: DDIM for
+epsilon / v-prediction models, flow-matching Euler (with the scheduler's shift) for SD3 / Flux;
+classifier-free guidance, an embedded guidance scale, or none, as the family says.
 
-The function may be the FP torch denoiser, the fake-quant model, or an engine: it receives
-(x_t, t, cond) for a batch that holds the conditional and unconditional halves.
+The function may be the FP torch denoiser, the fake-quant model, or an engine: it receives the
+step's `NamedInputs` for a batch that holds the conditional and unconditional halves under CFG.
 """
 
 from __future__ import annotations
@@ -13,14 +15,17 @@ from dataclasses import dataclass
 import torch
 from tqdm.auto import tqdm
 
-__all__ = ["ClassBatch", "EpsFn", "SamplerConfig", "class_batch", "class_ids", "ddim_sample", "initial_noise"]
+from diffquant.models.inputs import NamedInputs
 
-EpsFn = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
+__all__ = ["EpsFn", "PromptBatch", "SamplerConfig", "class_ids", "initial_noise", "make_scheduler", "prompt_batch", "sample"]
+
+EpsFn = Callable[[NamedInputs], torch.Tensor]
 
 
 @dataclass
 class SamplerConfig:
-    """DDIM settings: steps, guidance scale (<= 1 disables CFG), eta (0: deterministic)."""
+    """Sampler settings: steps, guidance scale (CFG: <= 1 disables it; embedded: the input
+    value), eta (DDIM; 0 is deterministic), batch size (images per call)."""
 
     steps: int = 25
     guidance: float = 3.0
@@ -29,7 +34,7 @@ class SamplerConfig:
 
 
 def class_ids(n: int, n_classes: int = 10) -> torch.Tensor:
-    """Requested class of each of ``n`` samples: equal per class (0, 1, ..., 9, 0, 1, ...)."""
+    """Requested prompt of each of ``n`` samples: equal per prompt (0, 1, ..., 0, 1, ...)."""
     return torch.arange(n) % n_classes
 
 
@@ -40,20 +45,23 @@ def initial_noise(n: int, shape: tuple, seed: int) -> torch.Tensor:
 
 
 @dataclass
-class ClassBatch:
-    """What the benchmark protocol samples: requested classes, starting noise, and the
-    conditional / unconditional conditioning of each sample."""
+class PromptBatch:
+    """What the protocol samples: requested prompts, starting noise, and the conditional /
+    unconditional conditioning rows of each sample."""
 
     ids: torch.Tensor
     noise: torch.Tensor
-    cond: torch.Tensor
-    uncond: torch.Tensor
+    cond: dict[str, torch.Tensor]
+    uncond: dict[str, torch.Tensor]
+
+    def take(self, sl: slice) -> tuple[torch.Tensor, dict, dict]:
+        return self.noise[sl], {k: v[sl] for k, v in self.cond.items()}, {k: v[sl] for k, v in self.uncond.items()}
 
 
-def class_batch(denoiser, n: int, seed: int) -> ClassBatch:
-    """``n`` samples equal per class with seeded noise, conditioned through ``denoiser.encode``."""
+def prompt_batch(denoiser, n: int, seed: int) -> PromptBatch:
+    """``n`` samples equal per prompt with seeded noise, conditioned through ``denoiser.encode``."""
     ids = class_ids(n, max(1, denoiser.null_id))
-    return ClassBatch(
+    return PromptBatch(
         ids=ids,
         noise=initial_noise(n, denoiser.sample_shape, seed),
         cond=denoiser.encode(ids),
@@ -61,55 +69,60 @@ def class_batch(denoiser, n: int, seed: int) -> ClassBatch:
     )
 
 
-def _scheduler(config: dict, steps: int):
-    from diffusers import DDIMScheduler
+def make_scheduler(denoiser, steps: int):
+    """The diffusers scheduler the family samples with, set to ``steps`` steps."""
+    from diffusers import DDIMScheduler, FlowMatchEulerDiscreteScheduler
 
+    config = {k: v for k, v in denoiser.scheduler.items() if not k.startswith("_")}
+    cls = FlowMatchEulerDiscreteScheduler if denoiser.family.sampler == "flow" else DDIMScheduler
     # signature() follows the config decorator's __wrapped__ to the real parameters
-    accepted = inspect.signature(DDIMScheduler.__init__).parameters
-    sched = DDIMScheduler(**{k: v for k, v in config.items() if k in accepted})
-    sched.set_timesteps(steps)
+    accepted = inspect.signature(cls.__init__).parameters
+    sched = cls(**{k: v for k, v in config.items() if k in accepted})
+    if denoiser.family.sampler == "flow":
+        sched.set_timesteps(steps, **denoiser.family.flow_kwargs(steps, config))
+    else:
+        sched.set_timesteps(steps)
     return sched
 
 
 @torch.no_grad()
-def ddim_sample(
+def sample(
     eps_fn: EpsFn,
-    noise: torch.Tensor,
-    cond: torch.Tensor,
-    uncond: torch.Tensor,
-    scheduler_config: dict,
+    denoiser,
+    batch: PromptBatch,
     cfg: SamplerConfig,
-    on_step: Callable[[int, torch.Tensor, torch.Tensor, torch.Tensor, slice], None] | None = None,
+    on_step: Callable[[int, NamedInputs, slice], None] | None = None,
     desc: str = "sample",
     progress: bool = True,
 ) -> torch.Tensor:
-    """Run DDIM from ``noise`` for every sample; returns the final x_0 in [-1, 1] (clamped).
+    """Run the family's sampler from ``batch.noise``; returns the final latents (or pixels:
+    `Denoiser.to_images` turns them into images).
 
-    ``on_step(step_index, x_in, t_in, cond_in, batch_slice)`` sees the exact model inputs of every
-    step (cond and uncond halves concatenated when CFG is on) — this is how calibration data is
-    collected.
+    ``on_step(step_index, inputs, batch_slice)`` sees the exact model inputs of every step (the
+    conditional and unconditional halves concatenated under CFG): calibration data collection.
     """
-    n = len(noise)
-    out = torch.empty_like(noise)
-    use_cfg = cfg.guidance > 1.0
-    total = n * cfg.steps
-    with tqdm(total=total, desc=desc, unit="img-step", disable=not progress, leave=False) as bar:
+    fam = denoiser.family
+    n = len(batch.noise)
+    out = torch.empty_like(batch.noise)
+    use_cfg = fam.guidance == "cfg" and cfg.guidance > 1.0
+    flow = fam.sampler == "flow"
+    with tqdm(total=n * cfg.steps, desc=desc, unit="img-step", disable=not progress, leave=False) as bar:
         for b0 in range(0, n, cfg.batch_size):
             sl = slice(b0, min(n, b0 + cfg.batch_size))
-            sched = _scheduler(scheduler_config, cfg.steps)
-            x = noise[sl].clone()
-            c, u = cond[sl], uncond[sl]
+            sched = make_scheduler(denoiser, cfg.steps)
+            x, c, u = batch.take(sl)
+            x = x.clone()
+            cond = {k: torch.cat([c[k], u[k]]) for k in c} if use_cfg else c
             for i, t in enumerate(sched.timesteps):
                 x_in = torch.cat([x, x]) if use_cfg else x
-                c_in = torch.cat([c, u]) if use_cfg else c
-                t_in = torch.full((len(x_in),), float(t))
+                inputs = denoiser.step_inputs(x_in, float(t), cond, cfg.guidance)
                 if on_step is not None:
-                    on_step(i, x_in, t_in, c_in, sl)
-                eps = eps_fn(x_in, t_in, c_in).float()
+                    on_step(i, inputs, sl)
+                eps = eps_fn(inputs).float()
                 if use_cfg:
                     e_c, e_u = eps.chunk(2)
                     eps = e_u + cfg.guidance * (e_c - e_u)
-                x = sched.step(eps, t, x, eta=cfg.eta).prev_sample
+                x = sched.step(eps, t, x).prev_sample if flow else sched.step(eps, t, x, eta=cfg.eta).prev_sample
                 bar.update(len(x))
             out[sl] = x
-    return out.clamp(-1, 1)
+    return out

@@ -84,7 +84,7 @@ class CatRecorder(TorchFunctionMode):
 
 
 @torch.no_grad()
-def concat_inputs(model: nn.Module, layers: list[str], inputs: tuple) -> dict[str, int]:
+def concat_inputs(model: nn.Module, layers: list[str], inputs: dict) -> dict[str, int]:
     """Layers (of ``model.model``) whose input is a two-piece channel concat, with the first
     piece's channel count: in a UNet decoder ResBlock that is the skip conv reading [h, skip]."""
     modules = dict(model.model.named_modules())
@@ -102,7 +102,7 @@ def concat_inputs(model: nn.Module, layers: list[str], inputs: tuple) -> dict[st
     handles = [modules[n].register_forward_pre_hook(make_hook(n)) for n in layers]
     try:
         with rec:
-            model(*inputs)
+            model(**inputs)
     finally:
         for h in handles:
             h.remove()
@@ -194,13 +194,13 @@ def observe_activations(
         handles.append(modules[name].register_forward_hook(make_out_hook(name)))
     try:
         total = sum(1 for _ in calib.batches(batch_size))
-        for i, (ts, x, t, c) in enumerate(tqdm(calib.batches(batch_size), total=total, desc="observe", leave=False, disable=not progress)):
+        for i, (ts, inputs) in enumerate(tqdm(calib.batches(batch_size), total=total, desc="observe", leave=False, disable=not progress)):
             current["t"] = ts
             if i == 0:  # the first batch also records concat pieces (for grouping split halves)
                 with rec:
-                    model(x, t, c)
+                    model(**inputs)
             else:
-                model(x, t, c)
+                model(**inputs)
     finally:
         for h in handles:
             h.remove()

@@ -6,6 +6,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from diffquant.models.inputs import NamedInputs
 from diffquant.pipeline.context import PassContext
 
 __all__ = ["capture", "out_tensor", "per_sample_loss", "pick_samples", "select"]
@@ -15,28 +16,37 @@ class _StopForwardError(Exception):
     """Raised by a capture hook once the unit has run: the rest of the model is not needed."""
 
 
-def pick_samples(ctx: PassContext, n: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, list[float]]:
+def pick_samples(ctx: PassContext, n: int) -> tuple[NamedInputs, list[float]]:
     """About ``n`` recorded inputs spread evenly over the calibration timesteps (and, by
-    `CalibSet.at`, over each timestep's conditional and unconditional copies)."""
+    `CalibSet.at`, over each timestep's conditional and unconditional copies), with the
+    calibration timestep of each."""
     per = max(1, n // len(ctx.calib.timesteps))
     picked = [ctx.calib.at(t, per) for t in ctx.calib.timesteps]
-    tl = [t for t, (x, _, _) in zip(ctx.calib.timesteps, picked) for _ in range(len(x))]
-    return torch.cat([p[0] for p in picked]), torch.cat([p[1] for p in picked]), torch.cat([p[2] for p in picked]), tl
+    tl = [t for t, p in zip(ctx.calib.timesteps, picked) for _ in range(p.size)]
+    return NamedInputs.cat(picked), tl
 
 
 def out_tensor(out) -> torch.Tensor:
+    """A unit's output as one tensor. Blocks that return several streams (SD3's joint and Flux's
+    double / single blocks return the text and the image tokens) are joined along the token
+    axis when their widths agree, else flattened per sample."""
     if isinstance(out, torch.Tensor):
         return out
     if hasattr(out, "sample"):
         return out.sample
-    return out[0]
+    parts = [o for o in out if isinstance(o, torch.Tensor)]
+    if len(parts) == 1:
+        return parts[0]
+    if all(p.dim() == 3 and p.shape[-1] == parts[0].shape[-1] for p in parts):
+        return torch.cat(parts, dim=1)
+    return torch.cat([p.reshape(len(p), -1) for p in parts], dim=1)
 
 
 @torch.no_grad()
 def capture(model: nn.Module, unit: nn.Module, data, batch: int, want_inputs: bool, want_output: bool):
     """Run ``model`` (a Denoiser) over ``data`` batch by batch (each batch one timestep) and
     keep the unit's call arguments and/or output; stops each forward right after the unit."""
-    x, t, c, tl = data
+    inputs, tl = data
     calls, outs = [], []
 
     def pre(_m, args, kwargs):
@@ -52,12 +62,12 @@ def capture(model: nn.Module, unit: nn.Module, data, batch: int, want_inputs: bo
     h2 = unit.register_forward_hook(post, with_kwargs=True)
     try:
         i = 0
-        while i < len(x):
+        while i < len(tl):
             j = i
-            while j < len(x) and j - i < batch and tl[j] == tl[i]:
+            while j < len(tl) and j - i < batch and tl[j] == tl[i]:
                 j += 1
             try:
-                model(x[i:j], t[i:j], c[i:j])
+                model(**inputs.take(slice(i, j)))
             except _StopForwardError:
                 pass
             i = j

@@ -130,7 +130,7 @@ def _train(ctx: PassContext, cfg: LESConfig, modules: dict, names: list[str], we
     theta = nn.Parameter(torch.log(tau0.clamp(min=2.0**-12, max=2.0**10)))
     stored, _ = capture(ctx.denoiser, modules[names[0]], data, 256, True, False)
     x = stored[0][0][1]
-    tl = torch.tensor(data[3])
+    tl = torch.tensor(data[1])
     chunks = [torch.arange(i, min(i + 256, len(x))) for i in range(0, len(x), 256)]
     with torch.no_grad():
         targets = {n: torch.cat([_layer_out(modules[n], x[i], weights[n]) for i in chunks]) for n in names}
@@ -143,7 +143,7 @@ def _train(ctx: PassContext, cfg: LESConfig, modules: dict, names: list[str], we
             return float(sum(loss_at(i, tau).sum() for i in chunks) / len(x))
 
     before = mean_loss(torch.exp(theta.detach()))
-    weighting = make_weighting(cfg.timestep_weighting, sorted(set(data[3])))
+    weighting = make_weighting(cfg.timestep_weighting, sorted(set(data[1])))
     opt = torch.optim.Adam([theta], lr=cfg.lr)
     sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=cfg.iters, eta_min=0.0)
     for _ in range(cfg.iters):

@@ -112,7 +112,7 @@ def pts_pass(ctx: PassContext, cfg: PTSConfig) -> None:
         return
     data = pick_samples(ctx, cfg.samples)
     modules = dict(ctx.denoiser.model.named_modules())
-    ranges = [[i for i, t in enumerate(data[3]) if plan.group_of(t) == g] for g in range(plan.n_groups)]
+    ranges = [[i for i, t in enumerate(data[1]) if plan.group_of(t) == g] for g in range(plan.n_groups)]
     for lead, members in groups.items():
         budget = min([cfg.max_k] + [pts_budget(plan.layers[n].weight) for n in members])
         why = "max_k is 0" if cfg.max_k == 0 else "its weight codes leave no room to shift inside INT8" if budget == 0 else ""

@@ -132,7 +132,7 @@ def _units(ctx: PassContext, granularity: str) -> list[tuple[str, list[str]]]:
     handles = [modules[u].register_forward_pre_hook(lambda _m, _a, u=u: order.append(u) if u not in order else None) for u, _ in units]
     try:
         with torch.no_grad():
-            ctx.denoiser(*ctx.calib.at(ctx.calib.timesteps[0], 2))
+            ctx.denoiser(**ctx.calib.at(ctx.calib.timesteps[0], 2))
     finally:
         for h in handles:
             h.remove()
@@ -263,12 +263,12 @@ def _train_unit(ctx, cfg: ReconstructConfig, fp, qd, qmods, job: _Unit, data, gr
     src = qd if cfg.inputs == "quant" else fp
     stored, _ = capture(src, src.model.get_submodule(unit), data, 256, True, False)
     _, target = capture(fp, fp_unit, data, 256, False, True)
-    tl = torch.tensor(data[3])
+    tl = torch.tensor(data[1])
     n = len(target)
     plan = ctx.plan
-    weighting = make_weighting(cfg.timestep_weighting, sorted(set(data[3])))
+    weighting = make_weighting(cfg.timestep_weighting, sorted(set(data[1])))
     gen = torch.Generator().manual_seed(cfg.seed)
-    by_group = [torch.nonzero(torch.tensor([plan.group_of(t) == g for t in data[3]])).reshape(-1) for g in range(plan.n_groups)]
+    by_group = [torch.nonzero(torch.tensor([plan.group_of(t) == g for t in data[1]])).reshape(-1) for g in range(plan.n_groups)]
     by_group = [(g, idx) for g, idx in enumerate(by_group) if len(idx)]
     warm = int(cfg.warmup * cfg.iters)
 

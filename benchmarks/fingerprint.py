@@ -1,0 +1,93 @@
+"""Fingerprints of the builtin models' plans and deployed graphs, to prove a refactor kept behaviour.
+
+For each (model, recipe, bits) this quantizes with small, fixed settings (the recipes' passes all
+run, with their iterations cut), exports both targets, and records a sha256 of every plan tensor
+and every graph initializer. Run it on two commits and compare the JSON files:
+
+    python benchmarks/fingerprint.py --out /tmp/before.json        # on the old commit
+    python benchmarks/fingerprint.py --out /tmp/after.json --compare /tmp/before.json
+
+Node and input names may differ between the two; plan tensors and initializers may not.
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import sys
+import tempfile
+from pathlib import Path
+
+import onnx
+from onnx import numpy_helper
+
+from diffquant.calib_data import CalibConfig, collect
+from diffquant.exporters import export
+from diffquant.models.loading import load_denoiser
+from diffquant.pipeline import load_recipe, quantize
+
+CASES = [
+    ("builtin:digits-sd", "minmax", "w8a8", {}),
+    ("builtin:digits-dit", "minmax", "w8a8", {}),
+    ("builtin:digits-sd", "modelopt-int8", "w8a8", {}),
+    ("builtin:digits-dit", "modelopt-int8", "w8a8", {}),
+    ("builtin:digits-sd", "qdiffusion", "w4a8", {"reconstruct": {"iters": 10, "samples": 64}}),
+    ("builtin:digits-dit", "qdiffusion", "w4a8", {"reconstruct": {"iters": 10, "samples": 64}}),
+    ("builtin:digits-sd", "dmq", "w4a8", {"les": {"iters": 5, "samples": 32}, "reconstruct": {"iters": 5, "samples": 32}, "pts": {"samples": 64}}),
+    ("builtin:digits-dit", "dmq", "w4a8", {"les": {"iters": 5, "samples": 32}, "reconstruct": {"iters": 5, "samples": 32}, "pts": {"samples": 64}}),
+]
+
+
+def _sha(b: bytes) -> str:
+    return hashlib.sha256(b).hexdigest()[:16]
+
+
+def fingerprint(cache: str) -> dict:
+    out: dict = {}
+    for model, recipe, bits, overrides in CASES:
+        d = load_denoiser(model)
+        calib = collect(d, CalibConfig(samples=8, steps=10, timesteps=5), cache_dir=cache, progress=False)
+        plan = quantize(d, load_recipe(recipe, overrides), calib, bits=bits, progress=False)
+        entry = {"plan": {k: _sha(v.detach().float().contiguous().numpy().tobytes()) for k, v in sorted(plan.tensors.items())}}
+        for target in ("tensorrt", "onnxruntime"):
+            with tempfile.TemporaryDirectory() as tmp:
+                res = export(plan, d, tmp, target=target)
+                g = onnx.load(str(res.qdq_onnx))
+                entry[target] = {i.name: _sha(numpy_helper.to_array(i).tobytes()) for i in g.graph.initializer if "quantized" in i.name or "scale" in i.name or "zero_point" in i.name or "folded" in i.name or "smooth" in i.name or "clip" in i.name}
+        out[f"{model} {recipe} {bits}"] = entry
+        print(f"{model} {recipe} {bits}: {len(entry['plan'])} plan tensors, {len(entry['tensorrt'])} / {len(entry['onnxruntime'])} Q/DQ initializers", flush=True)
+    return out
+
+
+def compare(a: dict, b: dict) -> list[str]:
+    diffs = []
+    for case in sorted(set(a) | set(b)):
+        for part in ("plan", "tensorrt", "onnxruntime"):
+            x, y = a.get(case, {}).get(part, {}), b.get(case, {}).get(part, {})
+            bad = sorted(k for k in set(x) | set(y) if x.get(k) != y.get(k))
+            if bad:
+                diffs.append(f"{case} {part}: {len(bad)} differ, e.g. {bad[:3]}")
+    return diffs
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--out", required=True, help="JSON file to write")
+    ap.add_argument("--compare", default=None, help="an earlier fingerprint JSON to compare with")
+    ap.add_argument("--cache", default=None, help="calibration cache folder (default: a temp folder)")
+    a = ap.parse_args()
+    with tempfile.TemporaryDirectory() as tmp:
+        fp = fingerprint(a.cache or tmp)
+    Path(a.out).write_text(json.dumps(fp, indent=1, sort_keys=True) + "\n")
+    if a.compare:
+        diffs = compare(json.loads(Path(a.compare).read_text()), fp)
+        for d in diffs:
+            print("DIFF", d)
+        print(f"{len(fp)} cases compared: {'identical' if not diffs else f'{len(diffs)} parts differ'}")
+        return 1 if diffs else 0
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
