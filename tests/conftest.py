@@ -7,7 +7,10 @@ import torch
 
 from diffquant.calib_data import CalibConfig, collect
 from diffquant.models.builtin import scheduler_config
-from diffquant.models.denoiser import DIT_SKIP, UNET_SKIP, Denoiser
+from diffquant.models.denoiser import Denoiser
+from diffquant.models.families import DiT, StableDiffusion
+
+WORDS = [str(i) for i in range(10)]
 
 
 def make_tiny_unet(seed: int = 0) -> Denoiser:
@@ -26,7 +29,11 @@ def make_tiny_unet(seed: int = 0) -> Denoiser:
         attention_head_dim=4,
         norm_num_groups=8,
     ).eval()
-    return Denoiser("tiny-unet", "unet", m, scheduler_config(), null_id=10, cond_shape=(3, 16), skip=UNET_SKIP)
+    # ten seeded "prompt" embeddings of 3 tokens and the empty prompt (zeros) last
+    gen = torch.Generator().manual_seed(1234)
+    table = torch.randn(11, 3, 16, generator=gen)
+    table[10] = 0
+    return Denoiser("tiny-unet", StableDiffusion(m), m, scheduler_config(), {"encoder_hidden_states": table}, WORDS)
 
 
 def make_tiny_dit(seed: int = 0) -> Denoiser:
@@ -49,7 +56,7 @@ def make_tiny_dit(seed: int = 0) -> Denoiser:
         for name, p in m.named_parameters():
             if "norm1.linear" in name or "proj_out" in name:
                 p.normal_(0, 0.05)
-    return Denoiser("tiny-dit", "dit", m, scheduler_config(), null_id=10, skip=DIT_SKIP)
+    return Denoiser("tiny-dit", DiT(m), m, scheduler_config(), {"class_labels": torch.arange(11)}, WORDS)
 
 
 @pytest.fixture(scope="session")

@@ -23,7 +23,7 @@ def test_smoke_run_digits_sd(tmp_path, monkeypatch, capsys):
     for side in ("fp", "quant", "fake_quant"):
         assert q[side]["fd"] >= 0 and 0 <= q[side]["accuracy"] <= 1
     assert q["quant"]["psnr"] > 15 and 0 < q["quant"]["ssim"] <= 1
-    assert set(r["timings"]) == {"calibrate_s", "quantize_s", "export_s", "evaluate_s"}
+    assert set(r["timings"]) == {"calibrate_s", "quantize_s", "export_s", "parity_s", "evaluate_s"}
     for f in ("unet.qdq.onnx", "unet.fp32.onnx", "report.md", "samples_compare.png", "plan/plan.json"):
         assert (out / f).exists(), f
     assert main(["lint", str(out / "unet.qdq.onnx")]) == 0

@@ -21,8 +21,8 @@ def test_plan_replays_on_cuda(calib_cache):
     cpu = copy.deepcopy(d)
     apply_plan(cpu.model, plan)
     gpu = copy.deepcopy(cpu).cuda()
-    x, t, c = d.example_inputs(4)
+    inp = d.example_inputs(4)
     with torch.no_grad():
-        ref = cpu(x, t, c)
-        got = gpu(x.cuda(), t.cuda(), c.cuda()).cpu()
+        ref = cpu(**inp)
+        got = gpu(**inp.to("cuda")).cpu()
     assert torch.allclose(got, ref, atol=1e-3, rtol=1e-3)

@@ -43,8 +43,8 @@ def test_build_run_and_compare_with_ort(exported, tmp_path):
     engine, _ = EnginesFromFolder(out)
     with engine, OrtEngine(res.qdq_onnx) as ref:
         for ts in calib.timesteps:
-            x, t, c = calib.at(ts, 4)
-            feeds = {"sample": x.numpy(), "timestep": t.numpy(), "cond": c.numpy()}
+            inp = calib.at(ts, 4)
+            feeds = inp.numpy()
             a = ref.run(feeds)["noise_pred"].astype(np.float32)
             b = engine.run(feeds)["noise_pred"].astype(np.float32)
             cos = float(a.ravel() @ b.ravel() / np.linalg.norm(a) / np.linalg.norm(b))

@@ -25,14 +25,14 @@ def test_collect_store_reload_and_cache(tmp_path):
     index = json.loads((cs.folder / "index.json").read_text())
     assert [s["step"] for s in index["shards"]] == [0, 2, 4]
     assert len(cs.timesteps) == 3 and len(cs) == 3 * 3 * 2  # cond + uncond copies
-    x, t, c = cs.at(cs.timesteps[0], 6)
-    assert x.shape == (6, 1, 8, 8) and c.shape == (6, 3, 16)
-    assert torch.all(t == cs.timesteps[0])
+    inp = cs.at(cs.timesteps[0], 6)
+    assert inp["sample"].shape == (6, 1, 8, 8) and inp["encoder_hidden_states"].shape == (6, 3, 16)
+    assert torch.all(inp["timestep"] == cs.timesteps[0])
     # second half of every batch is the unconditional (null prompt) copy
-    assert torch.equal(c[3:], d.encode(torch.full((3,), d.null_id)))
+    assert torch.equal(inp["encoder_hidden_states"][3:], d.encode(torch.full((3,), d.null_id))["encoder_hidden_states"])
     again = collect(d, cfg, cache_dir=tmp_path, progress=False)
     assert again.folder == cs.folder  # served from cache
-    assert torch.equal(again.at(cs.timesteps[0], 6)[0], x)
+    assert torch.equal(again.at(cs.timesteps[0], 6)["sample"], inp["sample"])
     other = collect(d, CalibConfig(samples=3, steps=5, timesteps=2, guidance=2.0), cache_dir=tmp_path, progress=False)
     assert other.folder != cs.folder
     # no temp folders left behind
@@ -44,9 +44,9 @@ def test_nan_in_shard_is_a_clear_error(tmp_path):
     cs = collect(d, CalibConfig(samples=2, steps=3, timesteps=2), cache_dir=tmp_path, progress=False)
     shard = sorted(cs.folder.glob("*.safetensors"))[0]
     tensors = load_file(str(shard))
-    tensors["x"][0, 0, 0, 0] = float("nan")
+    tensors["sample"][0, 0, 0, 0] = float("nan")
     save_file(tensors, str(shard))
-    with pytest.raises(DiffquantError, match=r"NaN/Inf.*'x'"):
+    with pytest.raises(DiffquantError, match=r"NaN/Inf.*'sample'"):
         load_calib(cs.folder)
 
 

@@ -30,7 +30,7 @@ def test_ort_qdq_matches_fake_quant(make, bits, float_dtype, calib_cache, tmp_pa
     assert covered == sorted(lp.name for lp in plan.quantized_layers() if lp.act)
     fq = copy.deepcopy(d)
     apply_plan(fq.model, plan)
-    inputs = [(ts, *calib.at(ts, 4)) for ts in calib.timesteps]
+    inputs = [(ts, calib.at(ts, 4)) for ts in calib.timesteps]
     r = check_parity(fq, model, inputs)
     assert r.weight_max_step_error == 0.0  # identical integer weights
     assert r.max_step_error <= 1.0, r.worst_tensors

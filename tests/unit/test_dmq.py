@@ -141,7 +141,7 @@ def test_dmq_lowering_folds_multipliers_shifts_pts_codes_and_keeps_parity(target
     assert f"{blk}.attn1.to_q.act_smooth_Mul" not in muls and "down_blocks.0.resnets.0.conv1.act_smooth_Mul" in muls
     fq = copy.deepcopy(d)
     apply_plan(fq.model, plan, target=target)
-    r = check_parity(fq, model, [(ts, *calib.at(ts, 4)) for ts in calib.timesteps])
+    r = check_parity(fq, model, [(ts, calib.at(ts, 4)) for ts in calib.timesteps])
     assert r.max_step_error <= 1.0 and r.weight_max_step_error == 0.0, r.worst_tensors
     assert r.cosine_min > (0.999 if target == "onnxruntime" else 0.99)
 

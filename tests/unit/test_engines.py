@@ -56,13 +56,13 @@ def test_onnxruntime_target_fuses_and_matches_fake_quant(make, calib_cache, tmp_
     # the fake-quant model of this target requantizes conv outputs as the graph does
     fq = copy.deepcopy(d)
     apply_plan(fq.model, plan, target="onnxruntime")
-    r = check_parity(fq, model, [(ts, *calib.at(ts, 4)) for ts in calib.timesteps])
+    r = check_parity(fq, model, [(ts, calib.at(ts, 4)) for ts in calib.timesteps])
     assert r.weight_max_step_error == 0.0
     assert r.max_step_error <= 1.0, r.worst_tensors
     assert r.cosine_min > 0.999
     # and the fused kernels compute the same thing up to requantization rounding
-    x, t, c = calib.at(calib.timesteps[0], 4)
-    feeds = {"sample": x.numpy(), "timestep": t.numpy(), "cond": c.numpy()}
+    inp = calib.at(calib.timesteps[0], 4)
+    feeds = inp.numpy()
     with OrtEngine(res.qdq_onnx) as ref, OrtEngine(res.qdq_onnx, qdq_fusion=True) as fused:
         a, b = ref.run(feeds)["noise_pred"], fused.run(feeds)["noise_pred"]
     assert float(np.dot(a.ravel(), b.ravel()) / np.linalg.norm(a) / np.linalg.norm(b)) > 0.99  # (0.90 with U8S8 saturation)
@@ -81,7 +81,7 @@ def test_int4_block_weights_lower_to_matmulnbits(calib_cache, tmp_path):
     assert _fused_ops(res.qdq_onnx, tmp_path)["MatMulNBits"] == len(blocked)
     fq = copy.deepcopy(d)
     apply_plan(fq.model, plan)
-    r = check_parity(fq, model, [(ts, *calib.at(ts, 2)) for ts in calib.timesteps])
+    r = check_parity(fq, model, [(ts, calib.at(ts, 2)) for ts in calib.timesteps])
     assert r.weight_max_step_error == 0.0 and r.cosine_min > 0.999
 
 
@@ -97,7 +97,7 @@ def test_timestep_groups_export_one_graph_per_group(calib_cache, tmp_path):
     fq = copy.deepcopy(d)
     apply_plan(fq.model, plan)
     for g, model in enumerate((g0, g1)):
-        inputs = [(ts, *calib.at(ts, 4)) for ts in calib.timesteps if plan.group_of(ts) == g]
+        inputs = [(ts, calib.at(ts, 4)) for ts in calib.timesteps if plan.group_of(ts) == g]
         assert inputs
         r = check_parity(fq, model, inputs)
         assert r.max_step_error <= 1.0
@@ -107,8 +107,8 @@ def test_timestep_groups_export_one_graph_per_group(calib_cache, tmp_path):
     copied = copy.deepcopy(fq)
     ts1 = next(t for t in calib.timesteps if plan.group_of(t) == 1)
     with torch.no_grad():
-        fq(*calib.at(next(t for t in calib.timesteps if plan.group_of(t) == 0), 1))
-        copied(*calib.at(ts1, 1))
+        fq(**calib.at(next(t for t in calib.timesteps if plan.group_of(t) == 0), 1))
+        copied(**calib.at(ts1, 1))
     assert {m.group for m in quant_modules(copied.model).values()} == {1}
     assert {m.group for m in quant_modules(fq.model).values()} == {0}
     # the engine folder switches graph by timestep
@@ -116,8 +116,8 @@ def test_timestep_groups_export_one_graph_per_group(calib_cache, tmp_path):
     engine, runtime = EnginesFromFolder(out)
     with engine, OrtEngine(res.graphs[1]) as only_g1:
         ts = next(t for t in calib.timesteps if plan.group_of(t) == 1)
-        x, t, c = calib.at(ts, 2)
-        feeds = {"sample": x.numpy(), "timestep": t.numpy(), "cond": c.numpy()}
+        inp = calib.at(ts, 2)
+        feeds = inp.numpy()
         np.testing.assert_allclose(engine.run(feeds)["noise_pred"], only_g1.run(feeds)["noise_pred"], rtol=1e-3, atol=1e-3)
     assert [g["file"] for g in runtime["graphs"]] == ["unet.qdq.g0.onnx", "unet.qdq.g1.onnx"]
 
@@ -218,7 +218,7 @@ def test_validate_run_folder(calib_cache, tmp_path):
     plan.save(tmp_path / "plan")
     report = {"model": "tiny", "target": "tensorrt", "onnx": str(res.qdq_onnx), "graphs": [str(res.qdq_onnx)], "timestep_groups": [], "settings": {}}
     (tmp_path / "report.json").write_text(json.dumps(report))
-    inputs = [(ts, *calib.at(ts, 2)) for ts in calib.timesteps]
+    inputs = [(ts, calib.at(ts, 2)) for ts in calib.timesteps]
     r = validate(tmp_path, d, inputs, ValidateConfig(against=["fp", "fake-quant", "tensorrt"], progress=False))
     comps = {row.comparison for row in r.rows}
     assert comps == {"fp", "fake-quant"}

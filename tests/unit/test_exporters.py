@@ -142,9 +142,9 @@ def test_fp_ladder_step1(tiny_unet, tiny_dit):
     for d in (tiny_unet, tiny_dit):
         proto = fp_onnx_proto(d, "float32")
         assert max(o.version for o in proto.opset_import if o.domain in ("", "ai.onnx")) >= 21
-        x, t, c = d.example_inputs(3)
+        inp = d.example_inputs(3)
         with torch.no_grad():
-            ref = d(x, t, c).numpy()
-        got = OrtEngine(proto).run({"sample": x.numpy(), "timestep": t.numpy(), "cond": c.numpy()})["noise_pred"]
+            ref = d(**inp).numpy()
+        got = OrtEngine(proto).run(inp.numpy())["noise_pred"]
         assert got.shape == ref.shape  # batch 3 through a graph exported at batch 2: dynamic batch
         assert np.abs(got - ref).max() <= 1e-4 * np.abs(ref).max()

@@ -8,6 +8,7 @@ from torch import nn
 
 from diffquant.calib_data import CalibConfig, CalibSet
 from diffquant.errors import DiffquantError
+from diffquant.models.inputs import NamedInputs
 from diffquant.pipeline.context import PassContext
 from diffquant.pipeline.minmax import MinMaxConfig, minmax_pass
 from diffquant.pipeline.observers import weight_amax
@@ -21,15 +22,15 @@ class Toy(nn.Module):
         super().__init__()
         self.model = nn.ModuleDict({"fc1": nn.Linear(4, 4), "fc2": nn.Linear(4, 4)})
 
-    def forward(self, x, t, c):
-        return self.model["fc1"](x * t[:, None]) + self.model["fc2"](x * 0)
+    def forward(self, sample, timestep):
+        return self.model["fc1"](sample * timestep[:, None]) + self.model["fc2"](sample * 0)
 
 
 def _calib():
     shards = {}
     for ts in (10.0, 20.0):
         x = torch.ones(3, 4)
-        shards[ts] = {"x": x, "t": torch.full((3,), ts), "cond": torch.zeros(3)}
+        shards[ts] = NamedInputs({"sample": x, "timestep": torch.full((3,), ts)}, ["sample", "timestep"])
     return CalibSet(folder=Path("toy"), config=CalibConfig(), timesteps=[10.0, 20.0], shards=shards)
 
 

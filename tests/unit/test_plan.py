@@ -32,15 +32,15 @@ def test_plan_round_trip(plan_and_model, tmp_path):
 def test_replay_on_fresh_model_matches(plan_and_model, tmp_path):
     plan, d = plan_and_model
     plan.save(tmp_path / "p")
-    x, t, c = d.example_inputs(2)
+    inp = d.example_inputs(2)
     a = copy.deepcopy(d)
     apply_plan(a.model, plan)
     fresh = make_tiny_unet()  # same seed -> same FP weights, built anew
     apply_plan(fresh.model, QuantPlan.load(tmp_path / "p"))
     with torch.no_grad():
-        assert torch.equal(a(x, t, c), fresh(x, t, c))
+        assert torch.equal(a(**inp), fresh(**inp))
         # and the fake-quant model really differs from FP
-        assert not torch.allclose(a(x, t, c), d(x, t, c), atol=1e-6)
+        assert not torch.allclose(a(**inp), d(**inp), atol=1e-6)
     qm = quant_modules(fresh.model)
     assert set(qm) == {lp.name for lp in plan.quantized_layers()}
     for name, m in qm.items():

@@ -40,8 +40,8 @@ def _output_error(d, plan, calib) -> float:
     err = 0.0
     with torch.no_grad():
         for ts in calib.timesteps:
-            x, t, c = calib.at(ts, 8)
-            err += float((fq(x, t, c) - d(x, t, c)).pow(2).mean())
+            inp = calib.at(ts, 8)
+            err += float((fq(**inp) - d(**inp)).pow(2).mean())
     return err
 
 

@@ -4,7 +4,7 @@ import torch
 from diffusers import DDPMScheduler
 
 from diffquant.models.builtin import scheduler_config
-from diffquant.models.sampler import _scheduler, class_batch
+from diffquant.models.sampler import make_scheduler, prompt_batch
 from tests.conftest import make_tiny_unet
 
 
@@ -12,20 +12,23 @@ def test_ddim_scheduler_takes_the_model_config():
     # regression: filtering keys by the decorated __init__'s co_varnames dropped every key and
     # DDIM silently ran on its default linear schedule
     cfg = scheduler_config()
-    sched = _scheduler(cfg, 25)
+    d = make_tiny_unet()
+    d.scheduler = cfg
+    sched = make_scheduler(d, 25)
     want = DDPMScheduler(**cfg).alphas_cumprod
     assert torch.equal(sched.alphas_cumprod, want)
     assert sched.config.beta_schedule == "squaredcos_cap_v2"
     assert sched.timesteps[0].item() == 961 and sched.timesteps[-1].item() == 1  # leading, offset 1
     # keys DDIM does not know (from another scheduler's config) are dropped, not fatal
-    assert _scheduler({**cfg, "variance_type": "fixed_small"}, 5).config.num_train_timesteps == 1000
+    d.scheduler = {**cfg, "variance_type": "fixed_small", "_class_name": "DDPMScheduler"}
+    assert make_scheduler(d, 5).config.num_train_timesteps == 1000
 
 
-def test_class_batch_protocol():
+def test_prompt_batch_protocol():
     d = make_tiny_unet()
-    b = class_batch(d, 23, seed=5)
+    b = prompt_batch(d, 23, seed=5)
     assert b.ids.tolist() == [i % 10 for i in range(23)]
     assert b.noise.shape == (23, *d.sample_shape)
-    assert torch.equal(b.noise[:7], class_batch(d, 7, seed=5).noise)  # sample i does not depend on n
-    assert torch.equal(b.cond, d.encode(b.ids))
-    assert torch.equal(b.uncond, d.encode(torch.full((23,), d.null_id)))
+    assert torch.equal(b.noise[:7], prompt_batch(d, 7, seed=5).noise)  # sample i does not depend on n
+    assert torch.equal(b.cond["encoder_hidden_states"], d.encode(b.ids)["encoder_hidden_states"])
+    assert torch.equal(b.uncond["encoder_hidden_states"], d.encode(torch.full((23,), d.null_id))["encoder_hidden_states"])

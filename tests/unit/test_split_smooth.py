@@ -22,7 +22,7 @@ FAST = {"reconstruct": {"iters": 5, "samples": 12, "batch_size": 4}}
 def _parity(d, plan, path, calib, target="tensorrt"):
     fq = copy.deepcopy(d)
     apply_plan(fq.model, plan, target=target)
-    return check_parity(fq, onnx.load(str(path)), [(ts, *calib.at(ts, 4)) for ts in calib.timesteps])
+    return check_parity(fq, onnx.load(str(path)), [(ts, calib.at(ts, 4)) for ts in calib.timesteps])
 
 
 @pytest.mark.parametrize("target", ["tensorrt", "onnxruntime"])

@@ -9,7 +9,6 @@ from pathlib import Path
 import numpy as np
 
 from diffquant.engines.base import Engine
-from diffquant.engines.scheduler import NumpyDDIM
 from diffquant.errors import DiffquantError
 
 __all__ = ["GenerateConfig", "PromptTable", "generate"]
@@ -50,7 +49,7 @@ class PromptTable:
         if p.isdigit() and int(p) < self.null_id:
             return int(p)
         known = "; ".join(self.prompts[:10]) + (" ..." if len(self.prompts) > 10 else "")
-        raise DiffquantError(f"this engine folder holds no conditioning for the prompt {prompt!r} (text encoders are not deployed yet); known prompts: {known}")
+        raise DiffquantError(f"this model does not know the prompt {prompt!r}: the engine folder holds conditioning for its calibrated prompts only (text encoders are not deployed yet); known prompts: {known}")
 
     def __call__(self, ids: np.ndarray) -> dict[str, np.ndarray]:
         idx = np.asarray(ids, dtype=np.int64)
