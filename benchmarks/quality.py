@@ -36,12 +36,12 @@ from diffquant.eval import check_parity, merge_parity, save_grid, score_samples
 from diffquant.exporters import export
 from diffquant.models.data import load_digits_tensor
 from diffquant.models.loading import load_classifier, load_denoiser
-from diffquant.models.sampler import SamplerConfig, class_batch, ddim_sample
+from diffquant.models.sampler import SamplerConfig, prompt_batch, sample
 from diffquant.pipeline import Recipe, load_recipe, quantize
 from diffquant.pipeline.context import PassContext
 from diffquant.pipeline.registry import get_pass
 from diffquant.quant import QuantPlan, apply_plan
-from diffquant.workflow import engine_eps_fn
+from diffquant.workflow import engine_eps_fn, torch_eps_fn
 
 RESULTS = Path(__file__).parent / "results"
 CONFIGS = [
@@ -90,16 +90,17 @@ class Bench:
         self.model, self.n, self.n_fq, self.progress = model, n, n_fq, progress
         self.d = load_denoiser(f"builtin:{model}")
         self.calib = collect(self.d, CalibConfig(samples=64, steps=25, timesteps=25, guidance=3.0), progress=progress)
-        self.batch = class_batch(self.d, n, 0)
+        self.batch = prompt_batch(self.d, n, 0)
         self.clf = load_classifier()
         self.real, _ = load_digits_tensor()
         self.fp = self.sample(self.d, n, "FP")
         self.prefix_plans: dict[str, QuantPlan] = {}
 
     def sample(self, eps, n: int, desc: str) -> torch.Tensor:
-        b = self.batch
+        """Images of the first ``n`` samples from ``eps``: a torch denoiser or an engine's eps function."""
+        fn = torch_eps_fn(eps) if isinstance(eps, torch.nn.Module) else eps
         cfg = SamplerConfig(steps=25, guidance=3.0, batch_size=250)
-        return ddim_sample(eps, b.noise[:n], b.cond[:n], b.uncond[:n], self.d.scheduler, cfg, desc=desc, progress=self.progress)
+        return self.d.to_images(sample(fn, self.d, self.batch.take(slice(0, n)), cfg, desc=desc, progress=self.progress))
 
     def score(self, imgs: torch.Tensor, reference: bool = True):
         """Scores vs the real digits (FD, accuracy) and vs the FP samples of the same seeds."""
@@ -169,8 +170,8 @@ def run_modelopt_peer(b: Bench) -> list[dict]:
     cfg["algorithm"] = {"method": "smoothquant", "alpha": 0.8}
 
     def loop(_m) -> None:
-        for _, x, t, c in b.calib.batches(256):
-            model(x, t, c)
+        for _, inputs in b.calib.batches(256):
+            model(**inputs)
 
     t0 = time.time()
     mtq.quantize(model.model, cfg, forward_loop=loop)

@@ -42,9 +42,8 @@ def _session(path: Path, threads: int, optimized: Path | None = None) -> ort.Inf
 
 
 def _feeds(sess: ort.InferenceSession, denoiser, batch: int) -> dict:
-    x, t, c = denoiser.example_inputs(batch)
-    dt = {i.name: (np.float16 if i.type == "tensor(float16)" else None) for i in sess.get_inputs()}
-    return {"sample": x.numpy().astype(dt["sample"] or np.float32), "timestep": t.numpy(), "cond": c.numpy().astype(dt["cond"] or c.numpy().dtype)}
+    half = {i.name for i in sess.get_inputs() if i.type == "tensor(float16)"}
+    return {k: v.astype(np.float16) if k in half else v for k, v in denoiser.example_inputs(batch).numpy().items()}
 
 
 def _graphs(model: str, work: Path) -> list[dict]:

@@ -18,11 +18,11 @@ def fp_metrics(name: str, samples: int = 1000, steps: int = 25, guidance: float 
     from diffquant.eval import score_samples
     from diffquant.models.data import load_digits_tensor
     from diffquant.models.loading import load_classifier, load_denoiser
-    from diffquant.models.sampler import SamplerConfig, class_batch, ddim_sample
+    from diffquant.models.sampler import SamplerConfig, prompt_batch, sample
 
     d = load_denoiser(f"builtin:{name}")
-    b = class_batch(d, samples, seed)
-    imgs = ddim_sample(d, b.noise, b.cond, b.uncond, d.scheduler, SamplerConfig(steps=steps, guidance=guidance), desc=f"FP metrics {name}")
+    b = prompt_batch(d, samples, seed)
+    imgs = d.to_images(sample(lambda inputs: d(**inputs), d, b, SamplerConfig(steps=steps, guidance=guidance), desc=f"FP metrics {name}"))
     real, _ = load_digits_tensor()
     s = score_samples(imgs, b.ids, load_classifier(), real)
     return {"fd": s.fd, "accuracy": s.accuracy, "samples": samples, "steps": steps, "guidance": guidance, "seed": seed}

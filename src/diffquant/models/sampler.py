@@ -54,8 +54,9 @@ class PromptBatch:
     cond: dict[str, torch.Tensor]
     uncond: dict[str, torch.Tensor]
 
-    def take(self, sl: slice) -> tuple[torch.Tensor, dict, dict]:
-        return self.noise[sl], {k: v[sl] for k, v in self.cond.items()}, {k: v[sl] for k, v in self.uncond.items()}
+    def take(self, sl: slice) -> PromptBatch:
+        """Samples ``sl`` of this batch."""
+        return PromptBatch(self.ids[sl], self.noise[sl], {k: v[sl] for k, v in self.cond.items()}, {k: v[sl] for k, v in self.uncond.items()})
 
 
 def prompt_batch(denoiser, n: int, seed: int) -> PromptBatch:
@@ -110,9 +111,9 @@ def sample(
         for b0 in range(0, n, cfg.batch_size):
             sl = slice(b0, min(n, b0 + cfg.batch_size))
             sched = make_scheduler(denoiser, cfg.steps)
-            x, c, u = batch.take(sl)
-            x = x.clone()
-            cond = {k: torch.cat([c[k], u[k]]) for k in c} if use_cfg else c
+            part = batch.take(sl)
+            x = part.noise.clone()
+            cond = {k: torch.cat([part.cond[k], part.uncond[k]]) for k in part.cond} if use_cfg else part.cond
             for i, t in enumerate(sched.timesteps):
                 x_in = torch.cat([x, x]) if use_cfg else x
                 inputs = denoiser.step_inputs(x_in, float(t), cond, cfg.guidance)
