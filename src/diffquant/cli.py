@@ -196,7 +196,8 @@ def cmd_generate(a: argparse.Namespace) -> int:
     with engine:
         table = PromptTable.from_runtime(a.engine, runtime)
         # the digits models take several class words at once; a text prompt may itself hold commas
-        words = [w for w in a.prompt.split(",") if w.strip()] if runtime.get("family", "").startswith("digits") else [a.prompt]
+        sep = runtime["conditioning"].get("separator", "")
+        words = [w for w in a.prompt.split(sep) if w.strip()] if sep else [a.prompt]
         if table.null_id <= 1:  # unconditional: one empty "prompt"
             ids = [0] * a.n
         elif not a.prompt.strip():
@@ -300,7 +301,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--samples", type=int, default=64)
     p.add_argument("--steps", type=int, default=25)
     p.add_argument("--timesteps", type=int, default=25, help="how many evenly spaced sampler steps to keep")
-    p.add_argument("--guidance", type=float, default=3.0)
+    p.add_argument("--guidance", type=float, default=None, help="guidance scale (default: the family's; 3 for the digits models)")
     p.add_argument("--seed", type=int, default=1234)
     p.add_argument("--cache", default=None, help="cache folder (default ~/.cache/diffquant/calib or $DIFFQUANT_CACHE)")
     p.set_defaults(fn=cmd_calibrate)

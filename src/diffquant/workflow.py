@@ -205,7 +205,7 @@ def _quality(denoiser: Denoiser, samples: dict) -> dict:
     """Fidelity to the FP samples for any model; FD and accuracy on the digits classifier's
     features for the builtin digits models (the only feature model there is)."""
     fp_lat, fp_img = samples["fp"]
-    if denoiser.family.name.startswith("digits"):
+    if denoiser.family.feature_model:
         clf, (real, _) = load_classifier(), load_digits_tensor()
         out = {"fp": score_samples(fp_img, samples["ids"], clf, real).to_dict()}
         for key in ("fake_quant", "quant"):
@@ -223,7 +223,7 @@ def _grids(denoiser: Denoiser, samples: dict, tmp: Path) -> None:
     imgs = {k: samples[k][1] for k in ("fp", "fake_quant", "quant")}
     n = len(imgs["fp"])
     show = min(n, 50)
-    ncol = 10 if denoiser.family.name.startswith("digits") else min(show, 8)
+    ncol = denoiser.null_id if denoiser.family.feature_model else min(show, 8)  # digits: one column per class
     save_grid(imgs["fp"][:show], tmp / "samples_fp.png", ncol=ncol)
     save_grid(imgs["fake_quant"][:show], tmp / "samples_fake_quant.png", ncol=ncol)
     save_grid(imgs["quant"][:show], tmp / "samples_quant.png", ncol=ncol)

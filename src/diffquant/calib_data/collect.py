@@ -14,7 +14,7 @@ import os
 import shutil
 import tempfile
 from collections.abc import Iterator
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 import torch
@@ -35,12 +35,13 @@ INDEX_VERSION = 2
 
 @dataclass
 class CalibConfig:
-    """Calibration collection settings (papers: 20 steps x 256 samples)."""
+    """Calibration collection settings (papers: 20 steps x 256 samples); ``guidance`` None is
+    the family's default scale (3 for the digits models)."""
 
     samples: int = 64
     steps: int = 25
     timesteps: int = 25
-    guidance: float = 3.0
+    guidance: float | None = None
     seed: int = 1234
 
 
@@ -101,6 +102,8 @@ def _settings_hash(denoiser: Denoiser, cfg: CalibConfig) -> str:
 def collect(denoiser: Denoiser, cfg: CalibConfig | None = None, cache_dir: str | Path | None = None, progress: bool = True) -> CalibSet:
     """Collect calibration data for ``denoiser`` (or load it from the cache)."""
     cfg = cfg or CalibConfig()
+    if cfg.guidance is None:
+        cfg = replace(cfg, guidance=denoiser.family.default_guidance)
     root = Path(cache_dir) if cache_dir else default_cache_dir()
     folder = root / f"{denoiser.name.replace(':', '-').replace('/', '_')}-{_settings_hash(denoiser, cfg)}"
     if (folder / "index.json").exists():

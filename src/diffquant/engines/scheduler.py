@@ -113,8 +113,8 @@ class NumpyFlowEuler:
             if not self.dynamic:
                 train = (self.shift * train / (1 + (self.shift - 1) * train)).astype(np.float32)
             t = np.linspace(float(train[0]) * self.num_train, float(train[-1]) * self.num_train, steps)
-            s = (t / self.num_train).astype(np.float64)
-        s = np.asarray(self._shifted(s.astype(np.float64) if self.mode != "linspace" else s), dtype=np.float32)
+            s = t / self.num_train
+        s = np.asarray(self._shifted(s), dtype=np.float32)
         return np.append(s, np.float32(0.0))
 
     def timesteps(self, steps: int) -> np.ndarray:

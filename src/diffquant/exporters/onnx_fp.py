@@ -38,8 +38,8 @@ def _rms_norm(g, x, normalized_shape, weight, eps):
     no symbolic for it before opset 23: x / sqrt(mean(x^2 over the last axis) + eps) * weight."""
     from torch.onnx import symbolic_helper as sh
 
-    eps_v = sh._maybe_get_const(eps, "f")
-    eps_v = 1e-6 if eps_v is None or sh._is_value(eps_v) else float(eps_v)
+    eps_v = sh._maybe_get_const(eps, "f")  # torch's default (eps None) is the machine epsilon
+    eps_v = float(torch.finfo(torch.float32).eps) if eps_v is None or sh._is_none(eps) else float(eps_v)
     mean = g.op("ReduceMean", g.op("Mul", x, x), g.op("Constant", value_t=torch.tensor([-1], dtype=torch.int64)), keepdims_i=1)
     denom = g.op("Sqrt", g.op("Add", mean, g.op("Constant", value_t=torch.tensor(eps_v, dtype=torch.float32))))
     out = g.op("Div", x, g.op("CastLike", denom, x))

@@ -7,7 +7,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
-import onnx
 from safetensors.numpy import save_file
 
 from diffquant._io import atomic_path, write_json
@@ -43,10 +42,6 @@ def graph_file(group: int, n_groups: int) -> str:
     return "unet.qdq.onnx" if n_groups == 1 else f"unet.qdq.g{group}.onnx"
 
 
-def _save(model: onnx.ModelProto, path: Path) -> None:
-    save_onnx(model, path)
-
-
 def export(plan: QuantPlan, denoiser: Denoiser, out_dir: str | Path, target: str = "tensorrt", float_dtype: str | None = None) -> ExportResult:
     """Write ``unet.fp32.onnx`` (ladder step 1), the deployable Q/DQ graph(s), ``realized.json``
     and the runtime bundle (``runtime.json``, ``conditioning.safetensors``) into ``out_dir``.
@@ -71,11 +66,11 @@ def export(plan: QuantPlan, denoiser: Denoiser, out_dir: str | Path, target: str
             lines = "\n  ".join(str(v) for v in report.violations[:20])
             raise DiffquantError(f"the lowered graph {name} breaks {target} rules (nothing written):\n  {lines}")
         reports.append(report)
-    _save(fp32, out / "unet.fp32.onnx")
+    save_onnx(fp32, out / "unet.fp32.onnx")
     graphs = []
     for g, low in enumerate(lowered):
         graphs.append(out / graph_file(g, plan.n_groups))
-        _save(low.model, graphs[-1])
+        save_onnx(low.model, graphs[-1])
     groups = plan.timestep_groups or [[]]
     write_json(out / "realized.json", {"target": target, "float_dtype": fdtype, "layers": lowered[0].realized, "skipped": plan.skipped, "timestep_groups": plan.timestep_groups})
     write_runtime_bundle(denoiser, out, target, plan.bits, [{"file": p.name, "timestep_range": r} for p, r in zip(graphs, groups)])
@@ -95,8 +90,8 @@ def write_runtime_bundle(denoiser: Denoiser, out: Path, target: str, bits: str, 
         save_file(tensors or {"empty": np.zeros(1, np.float32)}, str(tmp))
     example = denoiser.example_inputs(1)
     inputs = [{**s.to_dict(), "example": list(example[s.name].shape)} for s in denoiser.input_specs()]
-    sched = {k: v for k, v in denoiser.scheduler.items()}
-    flow = {k: (list(v) if isinstance(v, (list, tuple, np.ndarray)) else v) for k, v in fam.flow_kwargs(1, sched).items() if k == "mu"}
+    sched = dict(denoiser.scheduler)
+    flow = fam.flow_kwargs(1, sched)  # mu depends on the resolution only; sigmas on the steps (rebuilt at run time)
     write_json(
         out / RUNTIME_FILE,
         {
@@ -109,14 +104,14 @@ def write_runtime_bundle(denoiser: Denoiser, out: Path, target: str, bits: str, 
             "latent": denoiser.vae is not None,
             "inputs": inputs,
             "output": denoiser.output_names[0],
-            "conditioning": {"file": CONDITIONING_FILE, "prompts": list(denoiser.prompts), "null_id": denoiser.null_id},
+            "conditioning": {"file": CONDITIONING_FILE, "prompts": list(denoiser.prompts), "null_id": denoiser.null_id, "separator": fam.prompt_separator},
             "sampler": {
                 "kind": fam.sampler,
                 "guidance": fam.guidance,
                 "default_guidance": fam.default_guidance,
                 "timestep_scale": fam.model_timestep(1000.0) / 1000.0,
-                "flow_sigmas": "linspace" if "sigmas" in fam.flow_kwargs(1, sched) else "scheduler",
-                **flow,
+                "flow_sigmas": "linspace" if "sigmas" in flow else "scheduler",
+                **({"mu": flow["mu"]} if "mu" in flow else {}),
             },
             "scheduler": sched,
             "graphs": graphs,

@@ -8,11 +8,9 @@ from torch import nn
 
 from diffquant.errors import DiffquantError
 from diffquant.models.families import Family
-from diffquant.models.families.dit import DIT_SKIP
-from diffquant.models.families.sd import UNET_SKIP
 from diffquant.models.inputs import InputSpec, NamedInputs
 
-__all__ = ["DIT_SKIP", "UNET_SKIP", "Denoiser", "InputSpec"]
+__all__ = ["Denoiser"]
 
 
 class _Shared:
@@ -132,17 +130,6 @@ class Denoiser(nn.Module):
         lat = lat / cfg.scaling_factor + (cfg.get("shift_factor", None) or 0.0)
         with torch.no_grad():
             return torch.cat([vae.decode(lat[i : i + batch], return_dict=False)[0] for i in range(0, len(lat), batch)]).clamp(-1, 1)
-
-    def prompt_id(self, prompt: str | int) -> int:
-        """Row of a prompt (or an index); unknown prompts raise a clear error."""
-        if isinstance(prompt, int) or (isinstance(prompt, str) and prompt.isdigit() and prompt not in self.prompts):
-            i = int(prompt)
-            if 0 <= i < self.null_id:
-                return i
-        elif prompt in self.prompts:
-            return self.prompts.index(prompt)
-        known = ", ".join(self.prompts[:12]) + (" ..." if len(self.prompts) > 12 else "")
-        raise DiffquantError(f"{self.name} does not know the prompt {prompt!r}; known prompts: {known}")
 
     def blocks(self) -> list[tuple[str, str]]:
         """(module name, kind) of the reconstruction blocks of this family, outermost first."""

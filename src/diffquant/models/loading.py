@@ -103,12 +103,13 @@ def _json(path: Path) -> dict:
     return data
 
 
-def _scheduler(folder: Path, family) -> dict:
+def _scheduler(folder: Path, denoiser_dir: str) -> dict:
+    """The pipeline's scheduler config (``folder/scheduler``), of a type diffquant samples with."""
     path = folder / "scheduler" / "scheduler_config.json"
     if not path.exists():
         raise DiffquantError(
             f"{folder} has no scheduler/scheduler_config.json: diffquant samples with the pipeline's own schedule and never "
-            f"guesses one; pass the pipeline folder (with model_index.json), or copy its scheduler/ folder beside {family}"
+            f"guesses one; pass the pipeline folder (with model_index.json), or copy its scheduler/ folder beside {denoiser_dir}"
         )
     cfg = _json(path)
     cls = cfg.get("_class_name", "")

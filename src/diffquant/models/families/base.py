@@ -8,6 +8,8 @@ the sampler, the guidance mode, the keep-in-FP16 defaults and the reconstruction
 
 from __future__ import annotations
 
+from abc import ABC, abstractmethod
+
 import torch
 from torch import nn
 
@@ -28,7 +30,7 @@ def chunked(fn, prompts: list[str], size: int = 16) -> list:
     return [fn(prompts[i : i + size]) for i in range(0, len(prompts), size)]
 
 
-class Family:
+class Family(ABC):
     """Base adapter. Subclasses set the class attributes and override what differs.
 
     ``sampler``: ``ddim`` (epsilon / v-prediction / sample models, on the pipeline's beta
@@ -45,6 +47,13 @@ class Family:
     skip: tuple[str, ...] = ()
     block_types: tuple[str, ...] = ()
     default_guidance = 5.0
+    feature_model = False  # the digits classifier scores its samples (FD, accuracy)
+    prompt_separator = ""  # `generate --prompt a,b,c` takes several prompts (class words) when set
+
+    @property
+    def patch(self) -> int:
+        """Latent pixels per token side (1 for UNets; Flux packs 2x2 itself and overrides it)."""
+        return int(self.config.get("patch_size", None) or 1)
 
     def __init__(self, model: nn.Module, pipe=None, resolution: tuple[int, int] | None = None) -> None:
         self.config = model.config
@@ -58,8 +67,6 @@ class Family:
                     f"resolution {self.resolution[0]}x{self.resolution[1]} does not fit {self.name}: each side must be a positive "
                     f"multiple of {self.vae_scale * self.patch} (VAE factor {self.vae_scale} x patch {self.patch}); pass --resolution"
                 )
-
-    patch = 1
 
     def default_resolution(self) -> tuple[int, int]:
         """The pipeline's default image size: the denoiser's sample size times the VAE factor."""
@@ -89,9 +96,9 @@ class Family:
         """The denoiser's inputs in graph order (the sample first)."""
         return self.base_specs()
 
+    @abstractmethod
     def call(self, model: nn.Module, inputs: dict) -> torch.Tensor:
         """Run the diffusers module on named inputs; returns the model output the sampler uses."""
-        raise NotImplementedError(f"{type(self).__name__} must define call()")
 
     def split_learned_sigma(self, out: torch.Tensor) -> torch.Tensor:
         """Models trained with learned variance output [eps, sigma]; the sampler takes eps."""

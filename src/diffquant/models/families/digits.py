@@ -14,6 +14,8 @@ __all__ = ["DigitsDiT", "DigitsSD"]
 class DigitsSD(StableDiffusion):
     name = "digits-sd"
     default_guidance = 3.0
+    feature_model = True
+    prompt_separator = ","
 
     def encode(self, pipe, prompts: list[str]) -> dict[str, torch.Tensor]:
         # ``pipe`` is the PromptTable: one learned row per class word, the empty prompt last
@@ -24,3 +26,5 @@ class DigitsSD(StableDiffusion):
 class DigitsDiT(DiT):
     name = "digits-dit"
     default_guidance = 3.0
+    feature_model = True
+    prompt_separator = ","

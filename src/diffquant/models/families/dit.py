@@ -22,10 +22,6 @@ class DiT(Family):
     block_types = ("BasicTransformerBlock",)
     default_guidance = 4.0
 
-    @property
-    def patch(self) -> int:
-        return int(self.config.patch_size)
-
     def input_specs(self) -> list[InputSpec]:
         return [*self.base_specs(), InputSpec("class_labels", "int64", ("batch",))]
 

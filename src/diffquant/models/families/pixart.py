@@ -20,10 +20,6 @@ class PixArt(Family):
     default_guidance = 4.5
 
     @property
-    def patch(self) -> int:
-        return int(self.config.patch_size)
-
-    @property
     def additional(self) -> bool:
         use = self.config.get("use_additional_conditions", None)
         return bool(self.config.sample_size == 128 if use is None else use)

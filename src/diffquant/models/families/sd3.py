@@ -21,10 +21,6 @@ class SD3(Family):
     block_types = ("JointTransformerBlock",)
     default_guidance = 7.0
 
-    @property
-    def patch(self) -> int:
-        return int(self.config.patch_size)
-
     def input_specs(self) -> list[InputSpec]:
         return [
             *self.base_specs(),
