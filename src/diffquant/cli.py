@@ -92,7 +92,7 @@ def cmd_run(a: argparse.Namespace) -> int:
     cfg = RunConfig(
         model=a.model, prompts=a.prompts, resolution=a.resolution, recipe=a.recipe, bits=a.bits, target=a.target, out=a.out, samples=a.samples,
         steps=a.steps, seed=a.seed, guidance=a.guidance, calib_samples=a.calib_samples, progress=not a.quiet,
-        parity_cosine=a.parity_cosine, timestep_groups=a.timestep_groups, overrides=parse_overrides(a.overrides),
+        parity_cosine=a.parity_cosine, timestep_groups=a.timestep_groups, overrides=parse_overrides(a.overrides), reduce_range=a.reduce_range,
     )
     report = run_job(cfg)
     _print_summary(report, a.out)
@@ -161,10 +161,13 @@ def cmd_plan(a: argparse.Namespace) -> int:
 
 def cmd_export(a: argparse.Namespace) -> int:
     from diffquant.exporters import export
-    from diffquant.quant import QuantPlan
+    from diffquant.quant import QuantPlan, reduce_range
 
     d = _load(a)
     plan = QuantPlan.load(a.plan)
+    if a.reduce_range:  # the re-quantized plan is what parity is judged against: keep it with the graphs
+        plan = reduce_range(plan)
+        plan.save(Path(a.out) / "plan")
     res = export(plan, d, a.out, target=a.target)
     graphs = ", ".join(str(p) for p in res.graphs)
     print(f"{graphs} ({a.target}; {res.lint.n_q} Q / {res.lint.n_dq} DQ nodes per graph, linter clean); FP reference {res.fp_onnx}")
@@ -173,13 +176,24 @@ def cmd_export(a: argparse.Namespace) -> int:
 
 def cmd_build(a: argparse.Namespace) -> int:
     from diffquant.engines.bundle import BuildConfig, build
+    from diffquant.engines.openvino import OvBuildConfig
     from diffquant.engines.tensorrt import TrtBuildConfig
 
-    trt = TrtBuildConfig(batch=a.batch, dynamic=a.dynamic, max_batch=a.max_batch, opt_level=a.opt_level, timing_cache_dir=a.timing_cache or "")
-    cfg = BuildConfig(backend=a.backend, tensorrt=trt)
-    out = build(a.onnx, a.out, cfg)
+    shape = dict(batch=a.batch, dynamic=a.dynamic, max_batch=a.max_batch)
+    trt = TrtBuildConfig(**shape, opt_level=a.opt_level, timing_cache_dir=a.timing_cache or "")
+    ov = OvBuildConfig(**shape, device=a.device, hint=a.hint, threads=a.threads, precision=a.precision)
+    out = build(a.onnx, a.out, BuildConfig(backend=a.backend, ort_weights=a.weights, openvino=ov, tensorrt=trt))
     meta = json.loads((out / "engine.json").read_text())
     print(f"{a.backend} engine folder {out}: {len(meta['engines'])} engine(s) ({', '.join(e['file'] for e in meta['engines'])})")
+    if "cpu" in meta:
+        print(f"  CPU: {meta['cpu']['model']}; flags: {' '.join(meta['cpu']['flags']) or '-'}")
+    for e in meta["engines"]:
+        if "weights" in e:
+            w = e["weights"]
+            print(f"  {e['file']}: {w['s8']} S8 weights ({w['full_range_s8']} full-range, exact here: this CPU has int32 dot products), {w['u8']} rewritten to U8"
+                  if w["full_range_s8"] else f"  {e['file']}: {w['s8']} S8 weights, {w['u8']} rewritten to U8 (exact on this CPU)")
+        if "precision" in e:
+            print(f"  {e['file']}: OpenVINO {e['openvino']} on {e['device']}, floating-point layers in {e['precision']}")
     return 0
 
 
@@ -192,7 +206,7 @@ def cmd_generate(a: argparse.Namespace) -> int:
 
     if a.n < 1:
         raise DiffquantError(f"-n must be at least 1, got {a.n}")
-    engine, runtime = EnginesFromFolder(a.engine)
+    engine, runtime = EnginesFromFolder(a.engine, threads=a.threads)
     with engine:
         table = PromptTable.from_runtime(a.engine, runtime)
         # the digits models take several class words at once; a text prompt may itself hold commas
@@ -268,6 +282,10 @@ def cmd_zoo(a: argparse.Namespace) -> int:
     return 0
 
 
+REDUCE_RANGE_HELP = ("7-bit weight grids (the plan re-quantized; parity judged against it): S8 weights then run exactly and fast on "
+                     "x86 CPUs without VNNI, where full 8-bit grids need slower U8 weights")
+
+
 def build_parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(prog="diffquant", description="Quantize diffusion denoisers, export deployable Q/DQ graphs, and prove parity.")
     sub = ap.add_subparsers(dest="cmd", required=True)
@@ -281,6 +299,7 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("--guidance", type=float, default=None, help="guidance scale: CFG, or the input of guidance-distilled models (default: the family's; 3 for the digits models)")
         p.add_argument("--calib-samples", type=int, default=64)
         p.add_argument("--parity-cosine", type=float, default=0.99, help="end-to-end cosine a timestep must reach (noise prediction)")
+        p.add_argument("--reduce-range", action="store_true", help=REDUCE_RANGE_HELP)
         p.add_argument("--quiet", action="store_true", help="no progress bars")
 
     p = sub.add_parser("demo", help="run the main job on the builtin model and print where the report is")
@@ -326,15 +345,28 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--plan", required=True)
     p.add_argument("--out", required=True)
     p.add_argument("--target", default="tensorrt", choices=TARGET_CHOICES)
+    p.add_argument("--reduce-range", action="store_true", help=REDUCE_RANGE_HELP)
     p.set_defaults(fn=cmd_export)
 
-    p = sub.add_parser("build", help="build an engine folder from an exported Q/DQ graph (TensorRT or ONNX Runtime)")
+    p = sub.add_parser("build", help="build an engine folder from an exported Q/DQ graph (ONNX Runtime, OpenVINO or TensorRT)",
+                       description="Build on the machine that will run the engine: it records that machine (GPU, or CPU model and ISA flags) "
+                                   "and makes the integer weights exact for it.")
     p.add_argument("onnx", help="unet.qdq.onnx from `run` / `export` (its timestep-group siblings are built too)")
-    p.add_argument("--backend", default="onnxruntime", choices=["onnxruntime", "tensorrt"])
+    p.add_argument("--backend", default="onnxruntime", choices=["onnxruntime", "openvino", "tensorrt"],
+                   help="onnxruntime: the onnxruntime-target graph on CPU; openvino: Intel CPUs/GPUs/NPUs, fastest from the tensorrt-target "
+                        "graph; tensorrt: NVIDIA GPUs")
     p.add_argument("--out", required=True, help="engine folder to create")
-    p.add_argument("--batch", type=int, default=2, help="TensorRT profile batch (2 = one image with CFG)")
-    p.add_argument("--dynamic", action="store_true", help="TensorRT: dynamic batch 1..--max-batch")
+    p.add_argument("--batch", type=int, default=2, help="profile batch (2 = one image with CFG)")
+    p.add_argument("--dynamic", action="store_true", help="dynamic batch 1..--max-batch (TensorRT, OpenVINO)")
     p.add_argument("--max-batch", type=int, default=32)
+    p.add_argument("--weights", default="auto", choices=["auto", "s8", "u8"],
+                   help="ONNX Runtime weights: auto keeps S8 (fast U8S8 kernels) and rewrites to U8 (exact, slower) only the full-range "
+                        "weights this CPU would saturate (x86 without VNNI); s8 refuses such a CPU instead; u8 rewrites all")
+    p.add_argument("--threads", type=int, default=0, help="CPU threads (OpenVINO; default: the runtime's choice)")
+    p.add_argument("--precision", default="", choices=["", "f32", "bf16", "f16"],
+                   help="OpenVINO precision of the layers left in floating point (default: the plugin's, bf16 where the CPU has it)")
+    p.add_argument("--hint", default="LATENCY", choices=["LATENCY", "THROUGHPUT"], help="OpenVINO performance hint")
+    p.add_argument("--device", default="CPU", help="OpenVINO device: CPU (tested), GPU, NPU")
     p.add_argument("--opt-level", type=int, default=4, help="TensorRT builder optimization level (0-5)")
     p.add_argument("--timing-cache", default=None, help="timing cache folder (default ~/.cache/diffquant/trt_timing)")
     p.set_defaults(fn=cmd_build)
@@ -348,13 +380,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--guidance", type=float, default=None, help="guidance scale (default: the model's)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--batch", type=int, default=16, help="images per engine call")
+    p.add_argument("--threads", type=int, default=0, help="CPU threads (ONNX Runtime, OpenVINO; default: the runtime's choice)")
     p.add_argument("--quiet", action="store_true")
     p.set_defaults(fn=cmd_generate)
 
     p = sub.add_parser("validate", help="Polygraphy parity report of a run: fake-quant vs ORT Q/DQ, FP torch vs FP ONNX, ORT vs TensorRT")
     p.add_argument("run", help="run folder from `diffquant run`")
-    p.add_argument("--against", default="fake-quant,fp", help="comparisons: fake-quant, fp, fused, tensorrt")
-    p.add_argument("--engine", default=None, help="TensorRT engine folder for the tensorrt comparison (default: build one in the run folder)")
+    p.add_argument("--against", default="fake-quant,fp", help="comparisons: fake-quant, fp, fused, openvino, tensorrt")
+    p.add_argument("--engine", default=None, help="engine folder for the openvino / tensorrt comparison (default: build one in the run folder)")
     p.add_argument("--timesteps", type=int, default=6)
     p.add_argument("--samples", type=int, default=8, help="recorded inputs per timestep")
     p.set_defaults(fn=cmd_validate)

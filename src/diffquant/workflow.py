@@ -22,6 +22,8 @@ from diffquant._io import write_json
 from diffquant.calib_data import CalibConfig, collect
 from diffquant.calib_data.collect import pick_inputs
 from diffquant.engines import Engine, GroupedEngine, OrtEngine
+from diffquant.engines.cpu import cpu_info
+from diffquant.engines.ort import fit_weights
 from diffquant.errors import DiffquantError
 from diffquant.eval import check_parity, merge_parity, noise_fidelity, save_grid, score_fidelity, score_samples, write_markdown
 from diffquant.eval.validate import ValidateConfig, validate
@@ -32,7 +34,7 @@ from diffquant.models.inputs import NamedInputs
 from diffquant.models.loading import LoadConfig, load_classifier, load_denoiser, read_prompts
 from diffquant.models.sampler import SamplerConfig, prompt_batch, sample
 from diffquant.pipeline import load_recipe, quantize
-from diffquant.quant import QuantPlan, apply_plan
+from diffquant.quant import QuantPlan, apply_plan, reduce_range
 from diffquant.quant.format import parse_bits
 
 __all__ = ["RunConfig", "engine_eps_fn", "run_job", "validate_run"]
@@ -51,6 +53,7 @@ class RunConfig:
     recipe: str = "minmax"
     bits: str | None = None
     target: str = "tensorrt"
+    reduce_range: bool = False  # 7-bit weight grids (S8 weights exact on CPUs without VNNI)
     timestep_groups: int = 1
     out: str = "runs/sd-w8a8"
     samples: int = 256
@@ -134,6 +137,8 @@ def _run(cfg: RunConfig, denoiser: Denoiser, recipe, bits: str, tmp: Path, out: 
 
     t0 = time.time()
     plan = quantize(denoiser, recipe, calib, bits=bits, progress=cfg.progress, timestep_groups=cfg.timestep_groups)
+    if cfg.reduce_range:
+        plan = reduce_range(plan)
     plan.save(tmp / "plan")
     timings["quantize_s"] = time.time() - t0
 
@@ -154,8 +159,11 @@ def _run(cfg: RunConfig, denoiser: Denoiser, recipe, bits: str, tmp: Path, out: 
     t0 = time.time()
     # the deployed form: ORT-target graphs run with their fused integer kernels; TensorRT-target
     # graphs run here with plain Q/DQ semantics (TensorRT itself is validated by `diffquant validate`)
+    # (with its S8 weights made exact for this CPU, as `diffquant build` does)
     fused = cfg.target == "onnxruntime"
-    with GroupedEngine([OrtEngine(p, qdq_fusion=fused) for p in exp.graphs], exp.timestep_groups) as eng:
+    cpu = cpu_info()
+    graphs = [fit_weights(onnx.load(str(p)), cpu, where=str(p))[0] if fused else p for p in exp.graphs]
+    with GroupedEngine([OrtEngine(g, qdq_fusion=fused) for g in graphs], exp.timestep_groups) as eng:
         deployed = engine_eps_fn(eng, 2 * cfg.batch_size, denoiser.output_names[0])
         samples = _sample_all(cfg, denoiser, fq, deployed)
         noise = noise_fidelity(denoiser, {"fake_quant": torch_eps_fn(fq), "quant": deployed}, [i for i in inputs])
@@ -169,6 +177,8 @@ def _run(cfg: RunConfig, denoiser: Denoiser, recipe, bits: str, tmp: Path, out: 
         "recipe": recipe.name,
         "bits": bits,
         "target": cfg.target,
+        "reduce_range": cfg.reduce_range,
+        "cpu": cpu.to_dict(),
         "onnx": str(out / exp.qdq_onnx.name),
         "graphs": [str(out / p.name) for p in exp.graphs],
         "timestep_groups": exp.timestep_groups,

@@ -1,8 +1,9 @@
 """`build(onnx, config)`: turn an exported Q/DQ graph (and its timestep-group siblings) into an
 engine folder, and `EnginesFromFolder` to load one. Torch-free.
 
-An engine folder holds one engine per timestep group (TensorRT ``.engine`` files or the ONNX
-graphs for ONNX Runtime), ``engine.json`` (ONNX hash, plan digest, backend and versions, GPU,
+An engine folder holds one engine per timestep group (TensorRT ``.engine`` files, OpenVINO IR +
+compiled blob, or the ONNX graphs for ONNX Runtime with their weights made exact for this CPU),
+``engine.json`` (ONNX hash, plan digest, backend and versions, GPU or CPU and its ISA flags,
 profile), and the export's ``runtime.json`` + ``conditioning.safetensors``.
 """
 
@@ -21,7 +22,9 @@ import numpy as np
 from diffquant._groups import group_index
 from diffquant._io import write_json
 from diffquant.engines.base import Engine
-from diffquant.engines.ort import OrtEngine
+from diffquant.engines.cpu import cpu_info
+from diffquant.engines.openvino import OvBuildConfig  # the module imports openvino lazily
+from diffquant.engines.ort import OrtEngine, fit_weights
 from diffquant.engines.tensorrt import TrtBuildConfig  # the module imports tensorrt lazily
 from diffquant.errors import DiffquantError
 
@@ -29,14 +32,18 @@ __all__ = ["BACKENDS", "ENGINE_FILE", "BuildConfig", "GroupedEngine", "EnginesFr
 
 ENGINE_FILE = "engine.json"
 RUNTIME_FILE = "runtime.json"
-BACKENDS = ("onnxruntime", "tensorrt")
+BACKENDS = ("onnxruntime", "openvino", "tensorrt")
 
 
 @dataclass
 class BuildConfig:
-    """Backend plus the TensorRT build settings (ignored by ONNX Runtime)."""
+    """Backend plus its settings: ONNX Runtime's weight mode (``auto``: S8 weights, rewritten to
+    U8 where this CPU would saturate them; ``s8``: refuse instead; ``u8``: all U8), and the
+    OpenVINO and TensorRT build settings."""
 
     backend: str = "onnxruntime"
+    ort_weights: str = "auto"
+    openvino: OvBuildConfig = field(default_factory=OvBuildConfig)
     tensorrt: TrtBuildConfig = field(default_factory=TrtBuildConfig)
 
 
@@ -99,34 +106,53 @@ def build(onnx_path: str | Path, out: str | Path, config: BuildConfig | None = N
         from diffquant.engines.tensorrt import import_tensorrt
 
         import_tensorrt()  # fail before any work with the install hint
+    elif cfg.backend == "openvino":
+        from diffquant.engines.openvino import import_openvino
+
+        import_openvino()
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
     try:
-        entries = []
-        for g, meta in zip(graphs, metas):
-            onnx_file = src.parent / g["file"]
-            entry = {"onnx": g["file"], "onnx_sha256": file_sha256(onnx_file), "timestep_range": g["timestep_range"], "plan_model_digest": meta.get("diffquant.plan_model_digest", "")}
-            if cfg.backend == "tensorrt":
-                from diffquant.engines.tensorrt import build_trt_engine
-
-                entry["file"] = Path(g["file"]).with_suffix(".engine").name
-                entry.update(build_trt_engine(onnx_file, tmp / entry["file"], runtime["inputs"], cfg.tensorrt))
-            else:
-                import onnxruntime
-
-                entry["file"] = g["file"]
-                shutil.copy2(onnx_file, tmp / g["file"])
-                entry["onnxruntime"] = onnxruntime.__version__
-            entries.append(entry)
+        entries = [_build_one(src.parent / g["file"], g, meta, runtime, cfg, tmp) for g, meta in zip(graphs, metas)]
         for name in (RUNTIME_FILE, Path(runtime.get("conditioning", {}).get("file", "")).name):
             if name and (src.parent / name).is_file():
                 shutil.copy2(src.parent / name, tmp / name)
-        write_json(tmp / ENGINE_FILE, {"version": 1, "backend": cfg.backend, "built": time.strftime("%Y-%m-%dT%H:%M:%S"), "config": asdict(cfg), "engines": entries, "source": str(src.parent)})
+        machine = {"cpu": cpu_info().to_dict()} if cfg.backend != "tensorrt" else {}
+        write_json(tmp / ENGINE_FILE, {"version": 1, "backend": cfg.backend, "built": time.strftime("%Y-%m-%dT%H:%M:%S"), "config": asdict(cfg),
+                                       **machine, "engines": entries, "source": str(src.parent)})
         tmp.rename(out)
     finally:
         if tmp.exists():
             shutil.rmtree(tmp)
     return out
+
+
+def _build_one(onnx_file: Path, g: dict, meta: dict, runtime: dict, cfg: BuildConfig, tmp: Path) -> dict:
+    """Build one timestep group's graph into ``tmp``; returns its engine.json entry."""
+    entry = {"onnx": g["file"], "onnx_sha256": file_sha256(onnx_file), "timestep_range": g["timestep_range"], "plan_model_digest": meta.get("diffquant.plan_model_digest", "")}
+    if cfg.backend == "tensorrt":
+        from diffquant.engines.tensorrt import build_trt_engine
+
+        entry["file"] = Path(g["file"]).with_suffix(".engine").name
+        entry.update(build_trt_engine(onnx_file, tmp / entry["file"], runtime["inputs"], cfg.tensorrt))
+    elif cfg.backend == "openvino":
+        from diffquant.engines.openvino import build_ov_engine
+
+        entry["file"] = Path(g["file"]).with_suffix(".xml").name
+        entry.update(build_ov_engine(onnx_file, tmp / entry["file"], runtime["inputs"], cfg.openvino))
+    else:
+        import onnx
+        import onnxruntime
+
+        model, entry["weights"] = fit_weights(onnx.load(str(onnx_file)), cpu_info(), cfg.ort_weights, where=str(onnx_file))
+        entry["file"] = g["file"]
+        if entry["weights"]["u8"]:
+            onnx.save(model, str(tmp / g["file"]))
+        else:
+            shutil.copy2(onnx_file, tmp / g["file"])
+        entry["file_sha256"] = file_sha256(tmp / g["file"])
+        entry["onnxruntime"] = onnxruntime.__version__
+    return entry
 
 
 class GroupedEngine(Engine):
@@ -167,19 +193,33 @@ def EnginesFromFolder(folder: str | Path, threads: int = 0) -> tuple[GroupedEngi
     engines: list[Engine] = []
     try:
         for e in meta["engines"]:
-            path = folder / e["file"]
+            path = folder / Path(e["file"]).name  # engine.json names files inside its own folder
             if not path.exists():
                 raise DiffquantError(f"engine file {path} is missing; build the folder again with `diffquant build`")
-            if meta["backend"] == "tensorrt":
-                from diffquant.engines.tensorrt import TrtEngine
-
-                engines.append(TrtEngine(path, e))
-            else:
-                if file_sha256(path) != e["onnx_sha256"]:
-                    raise DiffquantError(f"{path} changed since it was built (hash mismatch); build the folder again")
-                engines.append(OrtEngine(path, qdq_fusion=True, threads=threads))
+            engines.append(_load_one(path, e, meta, threads))
     except Exception:
         for eng in engines:
             eng.close()
         raise
     return GroupedEngine(engines, [e["timestep_range"] for e in meta["engines"]]), runtime
+
+
+def _load_one(path: Path, entry: dict, meta: dict, threads: int) -> Engine:
+    """One built engine of a folder, refused where this machine cannot run it as built."""
+    if meta["backend"] == "tensorrt":
+        from diffquant.engines.tensorrt import TrtEngine
+
+        return TrtEngine(path, entry)
+    if meta["backend"] == "openvino":
+        from diffquant.engines.openvino import OvEngine
+
+        return OvEngine(path, entry, threads=threads)
+    if file_sha256(path) != entry.get("file_sha256", entry["onnx_sha256"]):
+        raise DiffquantError(f"{path} changed since it was built (hash mismatch); build the folder again")
+    here = cpu_info()
+    if entry.get("weights", {}).get("full_range_s8") and not here.int32_dot:
+        raise DiffquantError(
+            f"{path} keeps full-range S8 weights for a CPU with VNNI ({meta.get('cpu', {}).get('model', '?')}); this one ({here.model}) "
+            f"would saturate them: build the folder again here with `diffquant build`"
+        )
+    return OrtEngine(path, qdq_fusion=True, threads=threads)

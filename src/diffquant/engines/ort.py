@@ -1,5 +1,6 @@
 """ONNX Runtime CPU backend. Reference runs disable Q/DQ fusion (`session.disable_quant_qdq`)
-so the graph computes plain QuantizeLinear/DequantizeLinear semantics."""
+so the graph computes plain QuantizeLinear/DequantizeLinear semantics. `fit_weights` makes a
+graph's S8 weights exact on the CPU at hand (see `diffquant.engines.cpu`)."""
 
 from __future__ import annotations
 
@@ -7,11 +8,15 @@ from pathlib import Path
 
 import numpy as np
 import onnx
+from onnx import numpy_helper
 
 from diffquant.engines.base import Engine
+from diffquant.engines.cpu import CpuInfo, full_range
 from diffquant.errors import DiffquantError
 
-__all__ = ["EngineFromOnnx", "OrtEngine", "with_outputs"]
+__all__ = ["WEIGHT_MODES", "EngineFromOnnx", "OrtEngine", "fit_weights", "with_outputs"]
+
+WEIGHT_MODES = ("auto", "s8", "u8")
 
 _ORT_TYPES = {"tensor(float)": np.float32, "tensor(float16)": np.float16, "tensor(int64)": np.int64, "tensor(int32)": np.int32}
 
@@ -25,6 +30,51 @@ def with_outputs(model: onnx.ModelProto, names: list[str], elem_type: int) -> on
         if n not in have:
             out.graph.output.append(onnx.helper.make_tensor_value_info(n, elem_type, None))
     return out
+
+
+def _s8_weights(model: onnx.ModelProto) -> dict[str, tuple[onnx.TensorProto, onnx.TensorProto | None]]:
+    """DequantizeLinear weight inputs stored as INT8 initializers: name -> (codes, zero point)."""
+    inits = {i.name: i for i in model.graph.initializer}
+    out = {}
+    for node in model.graph.node:
+        if node.op_type != "DequantizeLinear" or node.input[0] not in inits:
+            continue
+        codes = inits[node.input[0]]
+        if codes.data_type == onnx.TensorProto.INT8:
+            out[node.input[0]] = (codes, inits.get(node.input[2]) if len(node.input) > 2 else None)
+    return out
+
+
+def fit_weights(model: onnx.ModelProto, cpu: CpuInfo, mode: str = "auto", where: str = "the graph") -> tuple[onnx.ModelProto, dict]:
+    """Make ``model``'s S8 weights exact on ``cpu``: ``auto`` rewrites to U8 (zero point 128, the
+    same grid) only the weights whose codes would saturate a non-VNNI int16 pair sum, ``u8``
+    rewrites all, ``s8`` keeps all and refuses a graph this CPU would saturate. Returns the
+    (possibly rewritten) copy and counts for engine.json."""
+    if mode not in WEIGHT_MODES:
+        raise DiffquantError(f"unknown weight mode {mode!r}; choose from {', '.join(WEIGHT_MODES)}")
+    weights = _s8_weights(model)
+    full = [n for n, (codes, _) in weights.items() if full_range(numpy_helper.to_array(codes))]
+    wide = [] if cpu.int32_dot else full
+    if mode == "s8" and wide:
+        raise DiffquantError(
+            f"{where}: {len(wide)} weights (e.g. {wide[0]}) use full-range 8-bit codes, which this CPU ({cpu.model}, no VNNI) "
+            f"sums in saturating int16; build with --weights auto or u8, or export with --reduce-range (nothing written)"
+        )
+    convert = list(weights) if mode == "u8" else wide
+    counts = {"s8": len(weights) - len(convert), "u8": len(convert), "full_range_s8": len(set(full) - set(convert))}
+    if not convert:
+        return model, counts
+    out = onnx.ModelProto()
+    out.CopyFrom(model)
+    inits = {i.name: i for i in out.graph.initializer}
+    for name in convert:
+        codes = numpy_helper.to_array(inits[name]).astype(np.int16)
+        inits[name].CopyFrom(numpy_helper.from_array((codes + 128).astype(np.uint8), name))
+        zp = weights[name][1]
+        if zp is None:
+            raise DiffquantError(f"{where}: weight {name} has no zero point input; export it again with diffquant")
+        inits[zp.name].CopyFrom(numpy_helper.from_array(np.full(numpy_helper.to_array(zp).shape, 128, np.uint8), zp.name))
+    return out, counts
 
 
 class OrtEngine(Engine):

@@ -19,7 +19,7 @@ from pathlib import Path
 import numpy as np
 
 from diffquant._io import atomic_path
-from diffquant.engines.base import Engine
+from diffquant.engines.base import BatchProfile, Engine
 from diffquant.errors import DiffquantError
 
 __all__ = ["TrtBuildConfig", "TrtEngine", "build_trt_engine", "device_key", "import_tensorrt"]
@@ -65,28 +65,13 @@ def device_key() -> dict:
 
 
 @dataclass
-class TrtBuildConfig:
-    """Engine build settings: the profile's batch (``batch`` = opt; a dynamic profile spans
-    1..``max_batch``), builder optimization level, workspace, and the timing cache folder."""
+class TrtBuildConfig(BatchProfile):
+    """Engine build settings: the profile's batch (see `BatchProfile`), builder optimization
+    level, workspace, and the timing cache folder."""
 
-    batch: int = 2
-    dynamic: bool = False
-    max_batch: int = 0
     opt_level: int = 4
     workspace_gb: float = 4.0
     timing_cache_dir: str = ""
-
-    def shapes(self, spec_shape: list, example: list | None = None) -> tuple[tuple, tuple, tuple]:
-        """(min, opt, max) of one input: the batch axis from these settings, other dynamic
-        axes (the text length) at the exported example's size."""
-        example = example or spec_shape
-
-        def fill(b: int) -> tuple:
-            return tuple(b if d == "batch" else int(e) if isinstance(d, str) else int(d) for d, e in zip(spec_shape, example))
-
-        if not self.dynamic:
-            return fill(self.batch), fill(self.batch), fill(self.batch)
-        return fill(1), fill(self.batch), fill(max(self.max_batch, self.batch))
 
 
 def _cache_path(cfg: TrtBuildConfig, key: dict) -> Path:

@@ -5,6 +5,8 @@ Comparisons (each a pair of Polygraphy runners on the same inputs):
 - ``fp``: torch FP vs ONNX Runtime on ``unet.fp32.onnx`` (ladder step 1),
 - ``fake-quant``: torch fake-quant vs ONNX Runtime on the Q/DQ graph(s), fusion off (step 2),
 - ``fused``: that reference vs ONNX Runtime with its fused integer kernels (what the CPU runs),
+- ``openvino``: torch fake-quant vs an OpenVINO engine (its FakeQuantize kernels and bf16 or f32
+  float layers; only where OpenVINO imports),
 - ``tensorrt``: the reference vs a TensorRT engine (step 3; only where TensorRT imports).
 """
 
@@ -38,15 +40,19 @@ COMPARISONS = {
     "fp": ("torch-fp", "ort-fp32", 0.99999, 60.0),
     "fake-quant": ("torch-fake-quant", "ort-qdq", 0.99, 20.0),
     "fused": ("ort-qdq", "ort-qdq-fused", 0.99, 20.0),
+    # OpenVINO runs the float layers in bf16 by default: judged on cosine 0.99 and the SNR that
+    # cosine implies (1 - cos ~ err^2 / 2 signal^2 -> 17 dB), not the 20 dB of an FP32 graph
+    "openvino": ("torch-fake-quant", "openvino", 0.99, 17.0),
     "tensorrt": ("ort-qdq", "tensorrt", 0.99, 20.0),
 }
+ENGINE_BACKENDS = ("openvino", "tensorrt")  # comparisons that need an engine folder, skipped where the runtime is missing
 
 
 @dataclass
 class ValidateConfig:
     """Which comparisons, on how many recorded inputs (timesteps x samples, used by the caller
     that records them); ``thresholds`` overrides a comparison's ``{"cosine": c, "snr_db": s}``;
-    ``engine`` is a TensorRT engine folder (default: build one)."""
+    ``engine`` is an OpenVINO or TensorRT engine folder (default: build one in the run folder)."""
 
     against: list[str] = field(default_factory=lambda: ["fake-quant", "fp"])
     engine: str = ""
@@ -191,7 +197,8 @@ def validate(run_dir: str | Path, denoiser, inputs: list, cfg: ValidateConfig | 
         "ort-fp32": lambda: _engine_fn(_keep(opened, OrtEngine(run / "unet.fp32.onnx"))),
         "ort-qdq": lambda: _engine_fn(_keep(opened, GroupedEngine([OrtEngine(g) for g in graphs], ranges))),
         "ort-qdq-fused": lambda: _engine_fn(_keep(opened, GroupedEngine([OrtEngine(g, qdq_fusion=True) for g in graphs], ranges))),
-        "tensorrt": lambda: _engine_fn(_keep(opened, _trt_engine(run, cfg.engine))),
+        "openvino": lambda: _engine_fn(_keep(opened, _built_engine(run, cfg.engine, "openvino"))),
+        "tensorrt": lambda: _engine_fn(_keep(opened, _built_engine(run, cfg.engine, "tensorrt"))),
     }
     try:
         for name in cfg.against:
@@ -201,7 +208,7 @@ def validate(run_dir: str | Path, denoiser, inputs: list, cfg: ValidateConfig | 
             try:
                 runners = [_FnRunner(n, makers[n](), specs, [out_name]) for n in (ref_name, cand_name)]
             except DiffquantError as e:
-                if name != "tensorrt":
+                if name not in ENGINE_BACKENDS or "not installed" not in str(e):
                     raise
                 result.skipped[name] = str(e).split(". ")[0]
                 continue
@@ -213,7 +220,7 @@ def validate(run_dir: str | Path, denoiser, inputs: list, cfg: ValidateConfig | 
                 for out in r_it:
                     cos, snr, mx = _metrics(r_it[out], c_it[out])
                     ok = bool(cos_v[out]) and bool(snr_v[out])
-                    graph = graphs[group_index(ts, ranges)] if "qdq" in cand_name or cand_name == "tensorrt" else run / "unet.fp32.onnx"
+                    graph = graphs[group_index(ts, ranges)] if "qdq" in cand_name or cand_name in ENGINE_BACKENDS else run / "unet.fp32.onnx"
                     result.rows.append(OutputVerdict(name, ts, out, cos, snr, mx, cos_thr, snr_thr, ok, str(graph)))
     finally:
         for e in opened:
@@ -234,17 +241,20 @@ def _keep(opened: list, engine: Engine) -> Engine:
     return engine
 
 
-def _trt_engine(run: Path, folder: str) -> Engine:
-    """The TensorRT engines of ``folder``, or built into ``run/engine-trt`` from the run's graph."""
+def _built_engine(run: Path, folder: str, backend: str) -> Engine:
+    """The engines of ``folder``, or built into ``run/engine-<backend>`` from the run's graph
+    (dynamic batch, so every recorded batch fits)."""
     from diffquant.engines.bundle import BuildConfig, build
+    from diffquant.engines.openvino import OvBuildConfig, import_openvino
     from diffquant.engines.tensorrt import TrtBuildConfig, import_tensorrt
 
-    import_tensorrt()
+    (import_tensorrt if backend == "tensorrt" else import_openvino)()
     if not folder:
-        folder = str(run / "engine-trt")
+        folder = str(run / f"engine-{backend}")
         if not Path(folder).exists():
             report = json.loads((run / "report.json").read_text())
-            trt = TrtBuildConfig(batch=16, dynamic=True, max_batch=64)
-            build(run / Path(report["onnx"]).name, folder, BuildConfig(backend="tensorrt", tensorrt=trt))
+            shape = dict(batch=16, dynamic=True, max_batch=64)
+            cfg = BuildConfig(backend=backend, tensorrt=TrtBuildConfig(**shape), openvino=OvBuildConfig(**shape))
+            build(run / Path(report["onnx"]).name, folder, cfg)
     engine, _ = EnginesFromFolder(folder)
     return engine

@@ -13,12 +13,14 @@ n-bit codes shifted left by (K - k) per input channel with weight scale s_w / 2^
 A shortcut-split conv becomes two convs (one per concat input, each behind its own Q/DQ) + Add.
 
 ``tensorrt``: FP16 graph, INT8 activations with zero point 0.
-``onnxruntime``: FP32 graph, UINT8 activations and weights with zero point 128 (the same grids
-as symmetric INT8, shifted: ORT's x86 kernels want U8 activations, and U8S8 kernels saturate
-on full-range 8-bit weights), and a Q/DQ on every quantized
-conv's output (the plan's 8-bit output scale) so ONNX Runtime fuses DQ -> Conv -> Q into
-QLinearConv; DQ -> MatMul fuses into MatMulIntegerToFloat and blocked INT4 DQ -> MatMul into
-MatMulNBits without an output Q.
+``onnxruntime``: FP32 graph, UINT8 activations with zero point 128 (the symmetric INT8 grid
+shifted: ORT's x86 kernels want U8 activations), INT8 weights with zero point 0, and a Q/DQ on
+every quantized conv's output (the plan's 8-bit output scale) so ONNX Runtime fuses
+DQ -> Conv -> Q into QLinearConv; DQ -> MatMul fuses into MatMulIntegerToFloat and blocked INT4
+DQ -> MatMul into MatMulNBits without an output Q. U8S8 kernels are the fast ones, and exact
+wherever weight codes stay within +-64 or the CPU has VNNI; `diffquant build` checks the CPU
+that will run the engine and rewrites full-range weights to U8 (exact, slower) where it lacks
+VNNI (see `diffquant.engines.cpu`); `reduce_range` gives 7-bit weight grids instead.
 Graph edits use onnx-graphsurgeon; the result is a new ModelProto.
 """
 
@@ -62,9 +64,7 @@ class TargetProfile:
 
 TARGETS = {
     "tensorrt": TargetProfile("tensorrt", "float16", np.int8, 0, np.int8, 0, False),
-    # U8 weights too: x86 AVX2 U8S8 kernels sum pairs of u8*s8 products in saturating int16
-    # (vpmaddubsw), which full-range 8-bit weights overflow; U8U8 kernels widen first
-    "onnxruntime": TargetProfile("onnxruntime", "float32", np.uint8, 128, np.uint8, 128, True),
+    "onnxruntime": TargetProfile("onnxruntime", "float32", np.uint8, 128, np.int8, 0, True),
 }
 
 

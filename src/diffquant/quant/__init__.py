@@ -3,7 +3,7 @@
 from diffquant.quant.fake import fake_quant, round_scale, scale_from_amax
 from diffquant.quant.format import BitSetting, QuantFormat, parse_bits
 from diffquant.quant.modules import QuantConv2d, QuantLinear, apply_plan, quant_modules
-from diffquant.quant.plan import LayerPlan, QuantPlan, weights_digest
+from diffquant.quant.plan import LayerPlan, QuantPlan, reduce_range, weights_digest
 from diffquant.quant.targeting import Rule, resolve_targets
 
 __all__ = [
@@ -15,6 +15,7 @@ __all__ = [
     "QuantPlan",
     "Rule",
     "apply_plan",
+    "reduce_range",
     "fake_quant",
     "parse_bits",
     "quant_modules",

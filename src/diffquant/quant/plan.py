@@ -21,7 +21,7 @@ from diffquant._io import atomic_path, write_json
 from diffquant.errors import DiffquantError
 from diffquant.quant.format import QuantFormat
 
-__all__ = ["PLAN_VERSION", "STATES", "LayerPlan", "QuantPlan", "input_multiplier", "pts_at", "weights_digest"]
+__all__ = ["PLAN_VERSION", "STATES", "LayerPlan", "QuantPlan", "input_multiplier", "pts_at", "reduce_range", "weights_digest"]
 
 PLAN_VERSION = 1
 STATES = ("float", "calibrating", "frozen", "exported")
@@ -214,3 +214,25 @@ class QuantPlan:
             skipped=data.get("skipped", {}),
             timestep_groups=[list(map(float, r)) for r in data.get("timestep_groups", [])],
         )
+
+
+def reduce_range(plan: QuantPlan) -> QuantPlan:
+    """A copy of ``plan`` with every 8-bit per-channel weight grid re-quantized to 7 bits over the
+    same clipping range (scale x 127/63, rounded as plan scales are), so S8 weight codes stay
+    within +-64 and x86 CPUs without VNNI run them exactly (ONNX Runtime's ``reduce_range``).
+    Activations, block formats and lower-bit grids are unchanged; parity is judged against it."""
+    from dataclasses import replace
+
+    from diffquant.quant.fake import round_scale
+
+    out = QuantPlan(plan.model, plan.model_digest, plan.bits, dict(plan.recipe), {}, dict(plan.tensors), plan.state,
+                    plan.version, dict(plan.skipped), [list(g) for g in plan.timestep_groups])
+    out.recipe["reduce_range"] = True
+    for name, lp in plan.layers.items():
+        w = lp.weight
+        if w is not None and w.bits == 8 and w.granularity != "block":
+            new = replace(w, bits=7)
+            out.tensors[f"{name}.weight_scale"] = round_scale(plan.weight_scale(name) * (w.qmax / new.qmax))
+            lp = replace(lp, weight=new, notes=[*lp.notes, "weights re-quantized to 7 bits (reduce_range)"])
+        out.layers[name] = lp
+    return out
