@@ -100,16 +100,23 @@ class _Reader:
         return next(self.it, None)
 
 
-def _peers(fp32: Path, feeds: list[dict], work: Path) -> tuple[list[Graph], dict]:
-    """The peers' own W8A8 quantizers on the same FP32 graph and calibration inputs."""
+def _peers(fp32: Path, feeds: list[dict], work: Path, transformer: bool) -> tuple[list[Graph], dict]:
+    """The peers' own W8A8 quantizers on the same FP32 graph and calibration inputs (NNCF told
+    a transformer is one, as its docs ask)."""
     graphs, skipped = [], {}
     try:
         from onnxruntime.quantization import QuantFormat, QuantType, quantize_static
+        from onnxruntime.quantization.shape_inference import quant_pre_process
 
+        # as its docs ask: pre-process first (without it, the UNet's upsampler sizes break its
+        # graph), then its defaults (U8 activations, S8 per-tensor weights)
+        pre = work / "peer-ort-pre.onnx"
+        if not pre.exists():
+            quant_pre_process(str(fp32), str(pre))
         for fmt, label in ((QuantFormat.QDQ, "ONNX Runtime quantize_static QDQ (U8S8)"), (QuantFormat.QOperator, "ONNX Runtime quantize_static QOperator")):
             path = work / f"peer-ort-{fmt.name.lower()}.onnx"
             if not path.exists():
-                quantize_static(str(fp32), str(path), _Reader(feeds), quant_format=fmt, per_channel=True, activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8)
+                quantize_static(str(pre), str(path), _Reader(feeds), quant_format=fmt, activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8)
             graphs.append(Graph(label, "w8a8", path, ["ort", "ov"] if fmt == QuantFormat.QDQ else ["ort"]))
     except Exception as e:  # a peer that fails is reported, not fatal
         skipped["onnxruntime quantize_static"] = f"{type(e).__name__}: {e}"[:200]
@@ -117,11 +124,12 @@ def _peers(fp32: Path, feeds: list[dict], work: Path) -> tuple[list[Graph], dict
         import nncf
         import openvino as ov
 
-        path = work / "peer-nncf.xml"
+        path = work / f"peer-nncf{'-transformer' if transformer else ''}.xml"
         if not path.exists():
-            q = nncf.quantize(ov.Core().read_model(str(fp32)), nncf.Dataset(feeds), subset_size=len(feeds))
+            kind = {"model_type": nncf.ModelType.TRANSFORMER} if transformer else {}
+            q = nncf.quantize(ov.Core().read_model(str(fp32)), nncf.Dataset(feeds), subset_size=len(feeds), **kind)
             ov.save_model(q, str(path), compress_to_fp16=False)
-        graphs.append(Graph("OpenVINO NNCF quantize (default preset)", "w8a8", path, ["ov"]))
+        graphs.append(Graph(f"OpenVINO NNCF quantize ({'transformer' if transformer else 'default'} preset)", "w8a8", path, ["ov"]))
     except Exception as e:
         skipped["nncf"] = f"{type(e).__name__}: {e}"[:200]
     return graphs, skipped
@@ -159,7 +167,7 @@ def prepare(model: str, work: Path, bits: list[str], calib_samples: int) -> tupl
     for b in bits:
         graphs += _ours(d, calib, b, gdir, cpu)
     feeds = [calib.at(ts, 2).numpy() for ts in calib.timesteps]
-    peers, skipped = _peers(fp32, feeds, gdir)
+    peers, skipped = _peers(fp32, feeds, gdir, transformer=any(k in type(d.model).__name__ for k in ("Transformer", "DiT")))
     for g in peers:
         why = ov_survives(g.path, feeds[0]) if "ov" in g.runtimes and g.path.suffix == ".onnx" else ""
         if why:
@@ -235,13 +243,19 @@ def op_shares(prefix_dir: Path, top: int = 6) -> dict[str, float]:
     return {k: round(v / total, 3) for k, v in sorted(per.items(), key=lambda kv: -kv[1])[:top]}
 
 
-def time_batch(graphs: list[Graph], feeds: dict, a, profile_dir: Path | None, d=None, calib=None) -> list[dict]:
-    """Time every (graph, runtime) at this batch, interleaved; returns rows without ratios."""
+def time_batch(graphs: list[Graph], feeds: dict, a, profile_dir: Path | None, d=None, calib=None, failed: dict | None = None) -> list[dict]:
+    """Time every (graph, runtime) at this batch, interleaved; returns rows without ratios. A
+    graph a runtime cannot run is left out and said in ``failed``."""
     runners, shares = [], {}
     for g in graphs:
         for rt in g.runtimes:
-            r = Runner(g, rt, feeds, a.threads)
-            r()  # warm up (OpenVINO compiles lazily per shape)
+            try:
+                r = Runner(g, rt, feeds, a.threads)
+                r()  # warm up (OpenVINO compiles lazily per shape)
+            except Exception as e:  # a peer's graph the runtime rejects is a finding, not a crash
+                if failed is not None:
+                    failed[f"{g.name} on {rt}"] = f"{type(e).__name__}: {str(e).splitlines()[-1][:200]}"
+                continue
             if calib is not None:
                 cosines(d, calib, g, r)
             runners.append((g, r, []))
@@ -275,7 +289,7 @@ def bench_model(model: str, a, work: Path) -> tuple[list[dict], dict]:
         feeds = d.example_inputs(batch).numpy()
         with tempfile.TemporaryDirectory() as prof:
             first = i == 0  # cosines and profiles at the first batch
-            got = time_batch(graphs, feeds, a, Path(prof) if first else None, d if first else None, calib if first else None)
+            got = time_batch(graphs, feeds, a, Path(prof) if first else None, d if first else None, calib if first else None, skipped)
         base = next(r["step_ms_median"] for r in got if r["graph"] == "FP32" and r["runtime"] == "onnxruntime")
         for r in got:
             r = {"model": model, "batch": batch, **r, "ratio_vs_fp32": r["step_ms_median"] / base}
