@@ -4,7 +4,8 @@ timesteps, with per-output cosine / SNR verdicts (Polygraphy's comparators) and 
 Comparisons (each a pair of Polygraphy runners on the same inputs):
 - ``fp``: torch FP vs ONNX Runtime on ``unet.fp32.onnx`` (ladder step 1),
 - ``fake-quant``: torch fake-quant vs ONNX Runtime on the Q/DQ graph(s), fusion off (step 2),
-- ``fused``: that reference vs ONNX Runtime with its fused integer kernels (what the CPU runs),
+- ``fused``: that reference vs ONNX Runtime with its fused integer kernels (what the CPU runs,
+  with the weights `build` would give this CPU),
 - ``openvino``: torch fake-quant vs an OpenVINO engine (its FakeQuantize kernels and bf16 or f32
   float layers; only where OpenVINO imports),
 - ``tensorrt``: the reference vs a TensorRT engine (step 3; only where TensorRT imports).
@@ -19,6 +20,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import numpy as np
+import onnx
 import torch
 from polygraphy.backend.base import BaseRunner
 from polygraphy.common import TensorMetadata
@@ -30,6 +32,8 @@ from polygraphy.logger import G_LOGGER
 from diffquant._groups import group_index
 from diffquant._io import atomic_path, write_json, write_text
 from diffquant.engines import Engine, EnginesFromFolder, GroupedEngine, OrtEngine
+from diffquant.engines.cpu import cpu_info
+from diffquant.engines.ort import fit_weights
 from diffquant.errors import DiffquantError
 from diffquant.quant import QuantPlan, apply_plan
 
@@ -196,7 +200,7 @@ def validate(run_dir: str | Path, denoiser, inputs: list, cfg: ValidateConfig | 
         "torch-fake-quant": lambda: _torch_fn(_fq(denoiser, plan, report.get("target", "tensorrt")), out_name),
         "ort-fp32": lambda: _engine_fn(_keep(opened, OrtEngine(run / "unet.fp32.onnx"))),
         "ort-qdq": lambda: _engine_fn(_keep(opened, GroupedEngine([OrtEngine(g) for g in graphs], ranges))),
-        "ort-qdq-fused": lambda: _engine_fn(_keep(opened, GroupedEngine([OrtEngine(g, qdq_fusion=True) for g in graphs], ranges))),
+        "ort-qdq-fused": lambda: _engine_fn(_keep(opened, GroupedEngine([_fused(g) for g in graphs], ranges))),
         "openvino": lambda: _engine_fn(_keep(opened, _built_engine(run, cfg.engine, "openvino"))),
         "tensorrt": lambda: _engine_fn(_keep(opened, _built_engine(run, cfg.engine, "tensorrt"))),
     }
@@ -234,6 +238,11 @@ def _fq(denoiser, plan: QuantPlan, target: str):
     fq = copy.deepcopy(denoiser)
     apply_plan(fq.model, plan, target=target)
     return fq
+
+
+def _fused(graph: Path) -> Engine:
+    """ONNX Runtime's fused kernels on ``graph`` as `diffquant build` would deploy it on this CPU."""
+    return OrtEngine(fit_weights(onnx.load(str(graph)), cpu_info(), where=str(graph))[0], qdq_fusion=True)
 
 
 def _keep(opened: list, engine: Engine) -> Engine:
