@@ -17,7 +17,7 @@ from diffquant.engines.base import BatchProfile, Engine
 from diffquant.engines.cpu import cpu_info
 from diffquant.errors import DiffquantError
 
-__all__ = ["OvBuildConfig", "OvEngine", "build_ov_engine", "import_openvino"]
+__all__ = ["OvBuildConfig", "OvEngine", "build_ov_engine", "import_openvino", "machine_key"]
 
 PRECISIONS = ("", "f32", "bf16", "f16")
 
