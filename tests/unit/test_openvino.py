@@ -19,6 +19,7 @@ pytest.importorskip("openvino", reason="OpenVINO is not installed (pip install '
 from diffquant.cli import main  # noqa: E402
 from diffquant.engines import BuildConfig, EnginesFromFolder, build  # noqa: E402
 from diffquant.engines.openvino import OvBuildConfig, OvEngine  # noqa: E402
+from diffquant.errors import DiffquantError  # noqa: E402
 from diffquant.exporters import export  # noqa: E402
 from diffquant.pipeline import load_recipe, quantize  # noqa: E402
 from diffquant.quant import apply_plan  # noqa: E402
@@ -60,6 +61,12 @@ def test_openvino_engine_matches_fake_quant(make, calib_cache, tmp_path):
     with OvEngine(out / e["file"], dict(e, cpu="another CPU")) as again:
         assert "cpu" in again.recompiled
         assert _cos(again.run(inp.numpy())["noise_pred"], got) > 0.999
+    # changed weights are refused
+    bin_file = (out / e["file"]).with_suffix(".bin")
+    data = bin_file.read_bytes()
+    bin_file.write_bytes(data[:-1] + bytes([data[-1] ^ 0xFF]))
+    with pytest.raises(DiffquantError, match="changed since it was built"):
+        EnginesFromFolder(out)
 
 
 def test_openvino_dynamic_batch_generate_and_validate(calib_cache, tmp_path, capsys):

@@ -140,6 +140,7 @@ def _build_one(onnx_file: Path, g: dict, meta: dict, runtime: dict, cfg: BuildCo
 
         entry["file"] = Path(g["file"]).with_suffix(".xml").name
         entry.update(build_ov_engine(onnx_file, tmp / entry["file"], runtime["inputs"], cfg.openvino))
+        entry["file_sha256"] = file_sha256(tmp / Path(entry["file"]).with_suffix(".bin"))  # the weights
     else:
         import onnx
         import onnxruntime
@@ -210,12 +211,13 @@ def _load_one(path: Path, entry: dict, meta: dict, threads: int) -> Engine:
         from diffquant.engines.tensorrt import TrtEngine
 
         return TrtEngine(path, entry)
+    checked = path.with_suffix(".bin") if meta["backend"] == "openvino" else path
+    if file_sha256(checked) != entry.get("file_sha256", entry["onnx_sha256"]):
+        raise DiffquantError(f"{checked} changed since it was built (hash mismatch); build the folder again")
     if meta["backend"] == "openvino":
         from diffquant.engines.openvino import OvEngine
 
         return OvEngine(path, entry, threads=threads)
-    if file_sha256(path) != entry.get("file_sha256", entry["onnx_sha256"]):
-        raise DiffquantError(f"{path} changed since it was built (hash mismatch); build the folder again")
     here = cpu_info()
     if entry.get("weights", {}).get("full_range_s8") and not here.int32_dot:
         raise DiffquantError(
