@@ -49,7 +49,7 @@ def test_saturation_decision_follows_the_isa(tmp_path):
     wide = np.array([[127, -3]], np.int8)
     assert saturates(wide, AVX2) and not saturates(wide, VNNI)
     assert not saturates(np.array([[64, -64]], np.int8), AVX2)
-    assert CpuInfo("Arm", "aarch64", ["asimddp"]).int32_dot
+    assert CpuInfo("Arm", "aarch64", ["asimddp"]).int32_dot and CpuInfo("Arm without dot product", "aarch64", []).int32_dot
     info = tmp_path / "cpuinfo"
     info.write_text("processor\t: 0\nmodel name\t: Test CPU 9000\nflags\t\t: fpu sse2 avx2 avx512f avx512_vnni avx512_bf16\n")
     cpu = cpu_info(info)

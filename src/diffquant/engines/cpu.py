@@ -4,8 +4,9 @@ ONNX Runtime's x86 integer kernels multiply U8 activations by S8 weights. Withou
 AVX-512 without VNNI) they sum each adjacent pair of u8*s8 products in saturating int16
 (``vpmaddubsw``): 255 * (|w0| + |w1|) must stay within 32767, which holds for every weight
 code within +-64 (7-bit grids) and fails for full-range 8-bit codes. VNNI (``vpdpbusd``:
-AVX-512 VNNI, AVX-VNNI) and AMX accumulate in int32 and never saturate; neither do Arm's dot
-product kernels. Torch-free.
+AVX-512 VNNI, AVX-VNNI) and AMX accumulate in int32 and never saturate; Arm kernels widen each
+product before adding (and dot-product cores accumulate in int32), so they never saturate either.
+Torch-free.
 """
 
 from __future__ import annotations
@@ -34,8 +35,9 @@ class CpuInfo:
 
     @property
     def int32_dot(self) -> bool:
-        """True where u8*s8 products accumulate in int32 (VNNI, AMX, Arm dot product)."""
-        return any(f in self.flags for f in _VNNI + _ARM_DOT)
+        """True where u8*s8 products never pass through a saturating int16 pair sum: x86 with
+        VNNI or AMX, and any Arm CPU."""
+        return self.arch.lower() in ("aarch64", "arm64") or any(f in self.flags for f in _VNNI + _ARM_DOT)
 
     @property
     def bf16(self) -> bool:
