@@ -23,7 +23,7 @@ from diffquant.calib_data import CalibConfig, collect
 from diffquant.calib_data.collect import pick_inputs
 from diffquant.engines import Engine, GroupedEngine, OrtEngine
 from diffquant.engines.cpu import cpu_info
-from diffquant.engines.ort import fit_weights
+from diffquant.engines.ort import FusedEngineFromOnnx
 from diffquant.errors import DiffquantError
 from diffquant.eval import check_parity, merge_parity, noise_fidelity, save_grid, score_fidelity, score_samples, write_markdown
 from diffquant.eval.validate import ValidateConfig, validate
@@ -159,11 +159,9 @@ def _run(cfg: RunConfig, denoiser: Denoiser, recipe, bits: str, tmp: Path, out: 
     t0 = time.time()
     # the deployed form: ORT-target graphs run with their fused integer kernels; TensorRT-target
     # graphs run here with plain Q/DQ semantics (TensorRT itself is validated by `diffquant validate`)
-    # (with its S8 weights made exact for this CPU, as `diffquant build` does)
     fused = cfg.target == "onnxruntime"
-    cpu = cpu_info()
-    graphs = [fit_weights(onnx.load(str(p)), cpu, where=str(p))[0] if fused else p for p in exp.graphs]
-    with GroupedEngine([OrtEngine(g, qdq_fusion=fused) for g in graphs], exp.timestep_groups) as eng:
+    engines = [FusedEngineFromOnnx(p) if fused else OrtEngine(p) for p in exp.graphs]
+    with GroupedEngine(engines, exp.timestep_groups) as eng:
         deployed = engine_eps_fn(eng, 2 * cfg.batch_size, denoiser.output_names[0])
         samples = _sample_all(cfg, denoiser, fq, deployed)
         noise = noise_fidelity(denoiser, {"fake_quant": torch_eps_fn(fq), "quant": deployed}, [i for i in inputs])
@@ -178,7 +176,7 @@ def _run(cfg: RunConfig, denoiser: Denoiser, recipe, bits: str, tmp: Path, out: 
         "bits": bits,
         "target": cfg.target,
         "reduce_range": cfg.reduce_range,
-        "cpu": cpu.to_dict(),
+        "cpu": cpu_info().to_dict(),
         "onnx": str(out / exp.qdq_onnx.name),
         "graphs": [str(out / p.name) for p in exp.graphs],
         "timestep_groups": exp.timestep_groups,

@@ -4,7 +4,7 @@ engine folders, and the torch-free runtime sampler behind `diffquant generate`."
 from diffquant.engines.base import Engine
 from diffquant.engines.bundle import BuildConfig, EnginesFromFolder, GroupedEngine, build
 from diffquant.engines.openvino import OvBuildConfig, OvEngine
-from diffquant.engines.ort import EngineFromOnnx, OrtEngine, with_outputs
+from diffquant.engines.ort import EngineFromOnnx, FusedEngineFromOnnx, OrtEngine, with_outputs
 from diffquant.engines.runtime import GenerateConfig, PromptTable, generate
 
 __all__ = [
@@ -12,6 +12,7 @@ __all__ = [
     "Engine",
     "EngineFromOnnx",
     "EnginesFromFolder",
+    "FusedEngineFromOnnx",
     "GenerateConfig",
     "GroupedEngine",
     "OrtEngine",

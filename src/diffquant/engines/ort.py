@@ -11,10 +11,10 @@ import onnx
 from onnx import numpy_helper
 
 from diffquant.engines.base import Engine
-from diffquant.engines.cpu import CpuInfo, full_range
+from diffquant.engines.cpu import CpuInfo, cpu_info, full_range
 from diffquant.errors import DiffquantError
 
-__all__ = ["WEIGHT_MODES", "EngineFromOnnx", "OrtEngine", "fit_weights", "with_outputs"]
+__all__ = ["WEIGHT_MODES", "EngineFromOnnx", "FusedEngineFromOnnx", "OrtEngine", "fit_weights", "with_outputs"]
 
 WEIGHT_MODES = ("auto", "s8", "u8")
 
@@ -113,6 +113,13 @@ class OrtEngine(Engine):
         feeds = {k: np.asarray(v).astype(self._dtypes[k], copy=False) for k, v in feeds.items()}
         names = outputs or self.output_names
         return dict(zip(names, self.session.run(names, feeds), strict=True))
+
+
+def FusedEngineFromOnnx(path: str | Path, threads: int = 0) -> OrtEngine:  # noqa: N802
+    """Loader: ONNX Runtime's fused integer kernels on the graph at ``path``, with its weights as
+    `diffquant build` would deploy them on this CPU (what `run` samples with and `validate` checks)."""
+    model, _ = fit_weights(onnx.load(str(path)), cpu_info(), where=str(path))
+    return OrtEngine(model, qdq_fusion=True, threads=threads)
 
 
 def EngineFromOnnx(model: str | Path | onnx.ModelProto, backend: str = "onnxruntime", **kwargs) -> Engine:  # noqa: N802

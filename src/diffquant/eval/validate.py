@@ -20,7 +20,6 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import numpy as np
-import onnx
 import torch
 from polygraphy.backend.base import BaseRunner
 from polygraphy.common import TensorMetadata
@@ -32,8 +31,7 @@ from polygraphy.logger import G_LOGGER
 from diffquant._groups import group_index
 from diffquant._io import atomic_path, write_json, write_text
 from diffquant.engines import Engine, EnginesFromFolder, GroupedEngine, OrtEngine
-from diffquant.engines.cpu import cpu_info
-from diffquant.engines.ort import fit_weights
+from diffquant.engines.ort import FusedEngineFromOnnx
 from diffquant.errors import DiffquantError
 from diffquant.quant import QuantPlan, apply_plan
 
@@ -200,7 +198,7 @@ def validate(run_dir: str | Path, denoiser, inputs: list, cfg: ValidateConfig | 
         "torch-fake-quant": lambda: _torch_fn(_fq(denoiser, plan, report.get("target", "tensorrt")), out_name),
         "ort-fp32": lambda: _engine_fn(_keep(opened, OrtEngine(run / "unet.fp32.onnx"))),
         "ort-qdq": lambda: _engine_fn(_keep(opened, GroupedEngine([OrtEngine(g) for g in graphs], ranges))),
-        "ort-qdq-fused": lambda: _engine_fn(_keep(opened, GroupedEngine([_fused(g) for g in graphs], ranges))),
+        "ort-qdq-fused": lambda: _engine_fn(_keep(opened, GroupedEngine([FusedEngineFromOnnx(g) for g in graphs], ranges))),
         "openvino": lambda: _engine_fn(_keep(opened, _built_engine(run, cfg.engine, "openvino"))),
         "tensorrt": lambda: _engine_fn(_keep(opened, _built_engine(run, cfg.engine, "tensorrt"))),
     }
@@ -238,11 +236,6 @@ def _fq(denoiser, plan: QuantPlan, target: str):
     fq = copy.deepcopy(denoiser)
     apply_plan(fq.model, plan, target=target)
     return fq
-
-
-def _fused(graph: Path) -> Engine:
-    """ONNX Runtime's fused kernels on ``graph`` as `diffquant build` would deploy it on this CPU."""
-    return OrtEngine(fit_weights(onnx.load(str(graph)), cpu_info(), where=str(graph))[0], qdq_fusion=True)
 
 
 def _keep(opened: list, engine: Engine) -> Engine:

@@ -8,7 +8,7 @@ fresh FP model.
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import torch
@@ -19,6 +19,7 @@ from diffquant._digest import weights_digest
 from diffquant._groups import group_index
 from diffquant._io import atomic_path, write_json
 from diffquant.errors import DiffquantError
+from diffquant.quant.fake import round_scale
 from diffquant.quant.format import QuantFormat
 
 __all__ = ["PLAN_VERSION", "STATES", "LayerPlan", "QuantPlan", "input_multiplier", "pts_at", "reduce_range", "weights_digest"]
@@ -221,10 +222,6 @@ def reduce_range(plan: QuantPlan) -> QuantPlan:
     same clipping range (scale x 127/63, rounded as plan scales are), so S8 weight codes stay
     within +-64 and x86 CPUs without VNNI run them exactly (ONNX Runtime's ``reduce_range``).
     Activations, block formats and lower-bit grids are unchanged; parity is judged against it."""
-    from dataclasses import replace
-
-    from diffquant.quant.fake import round_scale
-
     out = QuantPlan(plan.model, plan.model_digest, plan.bits, dict(plan.recipe), {}, dict(plan.tensors), plan.state,
                     plan.version, dict(plan.skipped), [list(g) for g in plan.timestep_groups])
     out.recipe["reduce_range"] = True
