@@ -145,11 +145,11 @@ def cmd_plan(a: argparse.Namespace) -> int:
     else:
         recipe = load_recipe(a.recipe)
         setting = parse_bits(a.bits or recipe.bits)
-        rows = [
-            (n, dec.rule, setting.weight if dec.weights else None, setting.act if dec.activations else None)
-            for n, dec in decide_targets(d, recipe).items()
-        ]
-    fmt = lambda f, kind: "FP" if f is None else f"int{f.bits} per-{f.granularity}" if kind else f"int{f.bits}"  # noqa: E731
+        rows = []
+        for n, dec in decide_targets(d, recipe).items():
+            st = parse_bits(dec.bits) if dec.bits else setting
+            rows.append((n, dec.rule, st.weight if dec.weights else None, st.act if dec.activations else None))
+    fmt = lambda f, _kind: "FP" if f is None else f.label()  # noqa: E731
     width = max(len(r[0]) for r in rows)
     print(f"{'layer':{width}}  {'weights':18} {'activations':18} rule")
     for name, rule, wf, af in rows:

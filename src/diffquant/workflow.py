@@ -191,6 +191,8 @@ def _run(cfg: RunConfig, denoiser: Denoiser, recipe, bits: str, tmp: Path, out: 
         "settings": {**asdict(cfg), "resolution": list(denoiser.family.resolution)},
         "realized": exp.realized,
         "skipped": plan.skipped,
+        "plan_bits": plan.bits.to_dict(),
+        "pass_reports": [r.to_dict() for r in plan.reports],
         "lint": {"violations": len(exp.lint.violations), "q_nodes": exp.lint.n_q, "dq_nodes": exp.lint.n_dq},
     }
     write_json(tmp / "report.json", report)

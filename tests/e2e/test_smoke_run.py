@@ -42,7 +42,7 @@ def test_smoke_qdiffusion_run_digits_dit(tmp_path, monkeypatch, capsys):
     assert r["recipe"] == "qdiffusion" and r["parity"]["max_step_error"] <= 1.0
     plan = json.loads((out / "plan" / "plan.json").read_text())
     assert plan["recipe"]["passes"][-1]["config"]["iters"] == 20
-    assert all(any(n.startswith("reconstructed in unit") for n in lp["notes"]) for lp in plan["layers"] if lp["weight"] or lp["act"])
+    assert all(any(n.startswith("reconstructed in unit") for n in lp["notes"]) for lp in plan["layers"] if lp["sites"])
     assert not (tmp_path / "cache" / "reconstruct").exists() or not any((tmp_path / "cache" / "reconstruct").iterdir())
 
 

@@ -20,7 +20,7 @@ from diffquant.errors import DiffquantError
 from diffquant.eval import check_parity
 from diffquant.exporters import export
 from diffquant.pipeline import load_recipe, quantize
-from diffquant.quant import apply_plan, reduce_range
+from diffquant.quant import PerAxis, apply_plan, reduce_range
 from tests.conftest import make_tiny_unet, tiny_calib
 
 AVX2 = CpuInfo("an AVX2 CPU", "x86_64", ["avx2"])
@@ -114,7 +114,7 @@ def test_build_records_the_cpu_and_u8_mode_runs(tiny_ort, tmp_path, capsys):
 def test_reduce_range_plan_is_exact_in_s8_everywhere(tiny_ort, tmp_path):
     d, calib, plan, _ = tiny_ort
     small = reduce_range(plan)
-    assert all(lp.weight.bits == 7 for lp in small.quantized_layers() if lp.weight and lp.weight.granularity == "channel")
+    assert all(lp.weight.bits == 7 for lp in small.quantized_layers() if lp.weight and isinstance(lp.weight.granularity, PerAxis))
     assert all(lp.weight.bits == 8 for lp in plan.quantized_layers() if lp.weight)  # the original is untouched
     res = export(small, d, tmp_path, target="onnxruntime")
     model = onnx.load(str(res.qdq_onnx))

@@ -17,7 +17,7 @@ from diffquant.pipeline.pts import select_exponents
 from diffquant.pipeline.weighting import AdaptiveWeighting, LinearWeighting, make_weighting
 from diffquant.quant import QuantPlan, apply_plan
 from diffquant.quant.fake import fake_quant
-from diffquant.quant.format import QuantFormat, pts_budget
+from diffquant.quant.format import PerAxis, QuantFormat, pts_budget
 from tests.conftest import make_tiny_dit, make_tiny_unet, tiny_calib
 
 # small settings; min-max ranges instead of the recipe's MSE search keep the tests fast
@@ -66,7 +66,7 @@ def test_pts_voting_needs_agreement_and_mse_takes_the_summed_minimum():
     k_mse, _ = select_exponents(e, "mse", 0.85)
     assert k_mse.tolist() == [2.0, 3.0]  # summed error: k=1 gives 9.0, k=3 gives 6.0
     # the shift budget keeps shifted weight codes inside INT8
-    assert [pts_budget(QuantFormat(bits=b, granularity="channel")) for b in (4, 5, 6, 8)] == [3, 3, 2, 0]
+    assert [pts_budget(QuantFormat(bits=b, granularity=PerAxis(0))) for b in (4, 5, 6, 8)] == [3, 3, 2, 0]
 
 
 def test_les_scales_positive_shared_per_tensor_and_keep_the_fp_function(calib_cache):
@@ -75,7 +75,7 @@ def test_les_scales_positive_shared_per_tensor_and_keep_the_fp_function(calib_ca
     recipe = load_recipe("dmq", {"les": {"iters": 30, "samples": 16, "lr": 0.05}, "minmax": FAST["minmax"]})
     recipe.passes = [p for p in recipe.passes if p[0] in ("les", "minmax")]
     plan = quantize(d, recipe, calib, bits="w4a8", progress=False)
-    smooth = {lp.name: plan.tensors[f"{lp.name}.act_smooth"] for lp in plan.quantized_layers() if f"{lp.name}.act_smooth" in plan.tensors}
+    smooth = {lp.name: lp.sites["input"].multiplier for lp in plan.quantized_layers() if lp.act and lp.sites["input"].multiplier is not None}
     assert set(smooth) == {lp.name for lp in plan.quantized_layers() if lp.act and lp.weight}
     assert all(bool((m > 0).all()) for m in smooth.values())
     assert all(not torch.equal(m, torch.ones_like(m)) for m in smooth.values())  # training moved every tau
@@ -87,7 +87,7 @@ def test_les_scales_positive_shared_per_tensor_and_keep_the_fp_function(calib_ca
         mod = d.model.get_submodule(name)
         x = torch.randn(2, mod.weight.shape[1], 4, 4) if mod.weight.dim() == 4 else torch.randn(3, mod.weight.shape[1])
         shape = [1, -1, 1, 1] if x.dim() == 4 else [1, -1]
-        w = plan.tensors[f"{name}.weight"]
+        w = plan.weights[name]
         got = mod._conv_forward(x * smooth[name].reshape(shape), w, mod.bias) if x.dim() == 4 else torch.nn.functional.linear(x * smooth[name], w, mod.bias)
         assert torch.allclose(got, mod(x), atol=1e-4)
     notes = [n for lp in plan.quantized_layers() for n in lp.notes if n.startswith("LES")]
@@ -104,19 +104,19 @@ def test_reconstruct_with_fp_activations_learns_weights_only(calib_cache):
     rec.passes = [p for p in rec.passes if p[0] != "shortcut_split"]
     rec.passes[0] = ("minmax", load_recipe("minmax").passes[0][1])
     plan = quantize(d, rec, calib, bits="w4a8", progress=False)
-    acts = [k for k in base.tensors if k.endswith(".act_scale")]
-    assert acts and all(torch.equal(base.tensors[k], plan.tensors[k]) for k in acts)
-    assert any(not torch.equal(plan.tensors[f"{lp.name}.weight"], d.model.get_submodule(lp.name).weight) for lp in plan.quantized_layers())
+    acts = [k for k in base.sites if ":input" in k]
+    assert acts and all(torch.equal(base.sites[k].scale, plan.sites[k].scale) for k in acts)
+    assert any(not torch.equal(plan.weights[lp.name], d.model.get_submodule(lp.name).weight) for lp in plan.quantized_layers())
 
 
 @pytest.mark.parametrize("target", ["tensorrt", "onnxruntime"])
 def test_dmq_lowering_folds_multipliers_shifts_pts_codes_and_keeps_parity(target, dmq_unet, tmp_path):
     d, calib, plan = dmq_unet
-    pts = {lp.name: plan.tensors[f"{lp.name}.act_pts"] for lp in plan.quantized_layers() if f"{lp.name}.act_pts" in plan.tensors}
+    pts = {lp.name: plan.pts_exponents(lp.name) for lp in plan.quantized_layers() if plan.pts_exponents(lp.name) is not None}
     # DMQ's default: exactly the decoder ResBlocks' skip convs (input [h, skip]); some channels shifted
     assert pts and all(n.startswith("up_blocks.") and n.endswith("conv_shortcut") for n in pts)
     assert any(bool((k > 0).any()) for k in pts.values())
-    plan = QuantPlan.load(plan.save(tmp_path / "plan"))  # act_pts survives save/load
+    plan = QuantPlan.load(plan.save(tmp_path / "plan"))  # PTS exponents survive save/load
     res = export(plan, d, tmp_path / "out", target=target)
     model = onnx.load(str(res.qdq_onnx))
     assert lint(model, target=target).ok
@@ -126,7 +126,7 @@ def test_dmq_lowering_folds_multipliers_shifts_pts_codes_and_keeps_parity(target
         assert inits[f"{name}.weight_quantized"].dtype == np.int8
         big = int(k.max())
         assert codes.min() >= -128 and codes.max() <= 127
-        expect = fake_quant(plan.tensors[f"{name}.weight"], plan.weight_scale(name), plan.layers[name].weight) / plan.weight_scale(name)[:, None, None, None]
+        expect = fake_quant(plan.weights[name], plan.weight_scale(name), plan.layers[name].weight) / plan.weight_scale(name)[:, None, None, None]
         shifted = expect.round() * torch.exp2(big - k)[None, :, None, None]
         assert np.array_equal(codes, shifted.numpy().astype(np.int32))  # n-bit codes << (K - k)
         assert np.allclose(inits[f"{name}.weight_scale"].astype(np.float32), (plan.weight_scale(name) / 2**big).numpy())
@@ -150,7 +150,7 @@ def test_pts_is_skipped_where_shifted_codes_would_leave_int8(calib_cache):
     d = make_tiny_unet()
     calib = tiny_calib(d, calib_cache)
     plan = quantize(d, load_recipe("dmq", {**FAST, "les": {"iters": 0}}), calib, bits="w8a8", progress=False)
-    assert not any(k.endswith(".act_pts") for k in plan.tensors)
+    assert not any(k.endswith(".pts") for k in plan.tensors())
     assert any("PTS skipped: its weight codes leave no room" in n for lp in plan.quantized_layers() for n in lp.notes)
 
 

@@ -25,7 +25,7 @@ from diffquant.eval import check_parity
 from diffquant.exporters import export, lint
 from diffquant.models.builtin import scheduler_config
 from diffquant.pipeline import load_recipe, quantize
-from diffquant.quant import apply_plan
+from diffquant.quant import PerBlock, apply_plan
 from tests.conftest import make_tiny_dit, make_tiny_unet, tiny_calib
 
 
@@ -74,7 +74,7 @@ def test_onnxruntime_target_fuses_and_matches_fake_quant(make, calib_cache, tmp_
 
 def test_int4_block_weights_lower_to_matmulnbits(calib_cache, tmp_path):
     d, calib, plan, res = _export(make_tiny_unet, "w4g16a16", calib_cache, tmp_path)
-    blocked = [lp for lp in plan.quantized_layers() if lp.weight.granularity == "block"]
+    blocked = [lp for lp in plan.quantized_layers() if isinstance(lp.weight.granularity, PerBlock)]
     assert blocked and all(lp.op == "linear" for lp in blocked)
     assert any("not blocks" in n for lp in plan.quantized_layers() for n in lp.notes)  # convs fall back
     model = onnx.load(str(res.qdq_onnx))
@@ -113,8 +113,8 @@ def test_timestep_groups_export_one_graph_per_group(calib_cache, tmp_path):
     with torch.no_grad():
         fq(**calib.at(next(t for t in calib.timesteps if plan.group_of(t) == 0), 1))
         copied(**calib.at(ts1, 1))
-    assert {m.group for m in quant_modules(copied.model).values()} == {1}
-    assert {m.group for m in quant_modules(fq.model).values()} == {0}
+    assert {q.group for m in quant_modules(copied.model).values() for q in m.site_quantizers()} == {1}
+    assert {q.group for m in quant_modules(fq.model).values() for q in m.site_quantizers()} == {0}
     # the engine folder switches graph by timestep
     out = build(res.graphs[0], tmp_path / "eng")
     engine, runtime = EnginesFromFolder(out)

@@ -13,7 +13,7 @@ from torch import nn
 from diffquant.engines import OrtEngine
 from diffquant.errors import DiffquantError
 from diffquant.exporters import fp_onnx_proto, lint, lower_plan
-from diffquant.quant import LayerPlan, QuantFormat, QuantPlan
+from diffquant.quant import LayerPlan, PerAxis, QuantFormat, QuantPlan
 from diffquant.quant.fake import quantize_int, scale_from_amax
 
 
@@ -47,14 +47,15 @@ def _export(float_dtype=torch.float32):
 
 
 def _plan(m: Wrap, wbits=8, abits=8, scales=None) -> QuantPlan:
-    plan = QuantPlan(model="tiny", model_digest="x", bits=f"w{wbits}a{abits}", state="frozen")
-    wf = QuantFormat(bits=wbits, granularity="channel", axis=0)
+    plan = QuantPlan(model="tiny", model_digest="x", request=f"w{wbits}a{abits}", state="frozen")
+    wf = QuantFormat(bits=wbits, granularity=PerAxis(0))
     af = QuantFormat(bits=abits)
     for name, op in [("conv", "conv"), ("q", "linear"), ("k", "linear")]:
         w = getattr(m.model, name).weight.detach().float()
-        plan.layers[name] = LayerPlan(name, op, "test", wf, af, input_group="q" if name != "conv" else "conv")
-        plan.tensors[f"{name}.weight_scale"] = scale_from_amax(w.reshape(len(w), -1).abs().amax(1), wf)
-        plan.tensors[f"{name}.act_scale"] = torch.tensor((scales or {}).get(name, 0.05))
+        lp = plan.layers[name] = LayerPlan.new(name, op, "test", wf, af)
+        lp.weight_site.scale = scale_from_amax(w.reshape(len(w), -1).abs().amax(1), wf)
+        lp.sites["input"].scale = torch.tensor([(scales or {}).get(name, 0.05)])
+        lp.sites["input"].group = "q:input" if name != "conv" else ""
     return plan
 
 

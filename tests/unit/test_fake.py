@@ -3,7 +3,7 @@
 import torch
 
 from diffquant.quant.fake import MIN_SCALE, fake_quant, quantize_int, round_scale, scale_from_amax
-from diffquant.quant.format import QuantFormat
+from diffquant.quant.format import PerAxis, PerBlock, QuantFormat
 
 
 def test_round_half_to_even_and_saturation():
@@ -33,7 +33,7 @@ def test_scale_rounded_to_fp16_and_clamped():
 
 
 def test_per_channel_broadcast_uses_axis():
-    fmt = QuantFormat(bits=8, granularity="channel", axis=0)
+    fmt = QuantFormat(bits=8, granularity=PerAxis(0))
     w = torch.tensor([[1.0, 2.0], [1.0, 2.0]])
     out = fake_quant(w, torch.tensor([1.0, 0.5]), fmt)
     assert torch.equal(out, w)  # both representable
@@ -42,7 +42,7 @@ def test_per_channel_broadcast_uses_axis():
 
 
 def test_per_block_scales():
-    fmt = QuantFormat(bits=4, granularity="block", block_size=2)
+    fmt = QuantFormat(bits=4, granularity=PerBlock(2))
     w = torch.tensor([[1.0, 1.0, 1.0, 1.0]])
     scale = torch.tensor([[1.0, 0.25]])
     out = fake_quant(w, scale, fmt)

@@ -1,7 +1,7 @@
 import pytest
 
 from diffquant.errors import DiffquantError
-from diffquant.quant.format import QuantFormat, parse_bits
+from diffquant.quant.format import PerAxis, PerBlock, PerTensor, QuantFormat, parse_bits
 
 
 @pytest.mark.parametrize(
@@ -10,10 +10,10 @@ from diffquant.quant.format import QuantFormat, parse_bits
 )
 def test_parse_bits(text, wb, ab):
     s = parse_bits(text)
-    assert s.weight.bits == wb and s.weight.granularity == "channel" and s.weight.axis == 0
+    assert s.weight.bits == wb and s.weight.granularity == PerAxis(0)
     assert (s.act.bits if s.act else None) == ab
     if s.act:
-        assert s.act.granularity == "tensor"
+        assert s.act.granularity == PerTensor()
 
 
 @pytest.mark.parametrize("text", ["w9a8", "w8", "int8", "w1a8", "w8a12", ""])
@@ -25,7 +25,7 @@ def test_bad_bits(text):
 def test_format_validation():
     with pytest.raises(DiffquantError, match="symmetric"):
         QuantFormat(bits=8, symmetric=False)
-    with pytest.raises(DiffquantError, match="block_size"):
-        QuantFormat(bits=4, granularity="block")
+    with pytest.raises(DiffquantError, match="size > 0"):
+        PerBlock(0)
     with pytest.raises(DiffquantError, match="unknown"):
         QuantFormat.from_dict({"bits": 8, "zero_point": 3})

@@ -10,9 +10,9 @@ from diffquant.calib_data import CalibConfig, CalibSet
 from diffquant.errors import DiffquantError
 from diffquant.models.inputs import NamedInputs
 from diffquant.pipeline.context import PassContext
-from diffquant.pipeline.minmax import MinMaxConfig, minmax_pass
+from diffquant.pipeline.minmax import MinMaxConfig, minmax_pass, observe_plan_inputs
 from diffquant.pipeline.observers import weight_amax
-from diffquant.quant import LayerPlan, QuantFormat, QuantPlan
+from diffquant.quant import LayerPlan, PerAxis, QuantFormat, QuantPlan
 
 
 class Toy(nn.Module):
@@ -35,16 +35,16 @@ def _calib():
 
 
 def _plan(layers):
-    plan = QuantPlan(model="toy", model_digest="x", bits="w8a8", state="calibrating")
+    plan = QuantPlan(model="toy", model_digest="x", request="w8a8", state="calibrating")
     for n in layers:
-        plan.layers[n] = LayerPlan(n, "linear", "r", QuantFormat(8, granularity="channel"), QuantFormat(8))
+        plan.layers[n] = LayerPlan.new(n, "linear", "r", QuantFormat(8, granularity=PerAxis(0)), QuantFormat(8))
     return plan
 
 
 def test_activation_ranges_keyed_by_timestep():
     ctx = PassContext(denoiser=Toy(), plan=_plan(["fc1"]), calib=_calib(), progress=False)
+    assert observe_plan_inputs(ctx, False, 256).amax["fc1:input"] == {10.0: 10.0, 20.0: 20.0}
     minmax_pass(ctx, MinMaxConfig())
-    assert ctx.act_stats.amax["fc1"] == {10.0: 10.0, 20.0: 20.0}
     assert float(ctx.plan.act_scale("fc1")) == pytest.approx(20.0 / 127, rel=1e-3)
     ctx2 = PassContext(denoiser=Toy(), plan=_plan(["fc1"]), calib=_calib(), progress=False)
     minmax_pass(ctx2, MinMaxConfig(act_reduce="mean"))
@@ -61,7 +61,7 @@ def test_weight_range_methods():
     torch.manual_seed(0)
     w = torch.randn(8, 64)
     w[0, 0] = 40.0  # an outlier in channel 0
-    fmt = QuantFormat(4, granularity="channel")
+    fmt = QuantFormat(4, granularity=PerAxis(0))
     mm = weight_amax(w, fmt, "minmax")
     assert torch.equal(mm, w.abs().amax(1))
     mse = weight_amax(w, fmt, "mse")

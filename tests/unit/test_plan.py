@@ -23,10 +23,10 @@ def test_plan_round_trip(plan_and_model, tmp_path):
     plan.save(tmp_path / "p")
     back = QuantPlan.load(tmp_path / "p")
     assert back.to_json() == plan.to_json()
-    assert set(back.tensors) == set(plan.tensors)
-    for k, v in plan.tensors.items():
-        assert torch.equal(back.tensors[k], v)
-    assert back.state == "frozen" and back.bits == "w4a8"
+    assert set(back.tensors()) == set(plan.tensors())
+    for k, v in plan.tensors().items():
+        assert torch.equal(back.tensors()[k], v)
+    assert back.state == "frozen" and back.request == "w4a8" and back.bits == plan.bits
 
 
 def test_replay_on_fresh_model_matches(plan_and_model, tmp_path):

@@ -11,7 +11,7 @@ from diffquant.pipeline.reconstruct import AdaRound
 from diffquant.pipeline.weighting import TIMESTEP_WEIGHTINGS, UniformWeighting
 from diffquant.quant import apply_plan
 from diffquant.quant.fake import fake_quant
-from diffquant.quant.format import QuantFormat
+from diffquant.quant.format import PerAxis, QuantFormat
 from tests.conftest import make_tiny_dit, make_tiny_unet, tiny_calib
 
 FAST = {"iters": 40, "samples": 24, "batch_size": 8}
@@ -20,7 +20,7 @@ FAST = {"iters": 40, "samples": 24, "batch_size": 8}
 def test_adaround_starts_at_the_fp_weight_and_hardens_onto_the_grid():
     torch.manual_seed(0)
     w = torch.randn(6, 5)
-    fmt = QuantFormat(bits=4, granularity="channel")
+    fmt = QuantFormat(bits=4, granularity=PerAxis(0))
     scale = w.abs().amax(dim=1) / fmt.qmax
     r = AdaRound(w, scale, fmt)
     assert torch.allclose(r.soft(), w, atol=1e-5)  # h(V) = fractional part: soft weight is W
@@ -54,7 +54,7 @@ def test_reconstruction_beats_nearest_rounding(make, calib_cache, tmp_path):
     # the rounded weights are on the plan's grid and the notes say what each unit gained
     for lp in rec.quantized_layers():
         if lp.weight:
-            w = rec.tensors[f"{lp.name}.weight"]
+            w = rec.weights[lp.name]
             assert torch.equal(fake_quant(w, rec.weight_scale(lp.name), lp.weight), w)
         assert any(n.startswith("reconstructed in unit") for n in lp.notes)
     assert _output_error(d, rec, calib) < _output_error(d, base, calib)
@@ -100,9 +100,10 @@ def test_checkpoint_resume_gives_the_same_plan(tiny_unet, calib_cache, tmp_path,
     _Recorder.seen, _Recorder.stop_after = [], None
     resumed = quantize(tiny_unet, recipe, calib, bits="w4a8", progress=False)
     assert len(_Recorder.seen) == (n_units - 2) * 10  # two units came from the checkpoint
-    assert full.tensors.keys() == resumed.tensors.keys()
-    for k in full.tensors:
-        assert torch.equal(full.tensors[k], resumed.tensors[k]), k
+    a, b = full.tensors(), resumed.tensors()
+    assert a.keys() == b.keys()
+    for k in a:
+        assert torch.equal(a[k], b[k]), k
 
 
 def test_reconstruct_needs_scales_first(tiny_dit, calib_cache, tmp_path):

@@ -73,19 +73,20 @@ def test_split_half_shared_with_another_reader_gets_one_qdq(calib_cache, tmp_pat
 def test_smoothquant_shares_one_vector_per_tensor_and_keeps_the_fp_function(tiny_unet, calib_cache):
     calib = tiny_calib(tiny_unet, calib_cache)
     plan = quantize(tiny_unet, load_recipe("modelopt-int8"), calib, progress=False)
-    smoothed = {lp.name for lp in plan.quantized_layers() if f"{lp.name}.act_smooth" in plan.tensors}
+    smooth = {lp.name: lp.sites["input"].multiplier for lp in plan.quantized_layers() if lp.act and lp.sites["input"].multiplier is not None}
+    smoothed = set(smooth)
     assert smoothed and all(plan.layers[n].op == "linear" for n in smoothed)
     q = "down_blocks.0.attentions.0.transformer_blocks.0.attn1.to_q"
     for sib in ("to_k", "to_v"):
-        assert torch.equal(plan.tensors[f"{q}.act_smooth"], plan.tensors[q.replace("to_q", sib) + ".act_smooth"])
+        assert torch.equal(smooth[q], smooth[q.replace("to_q", sib)])
     # equivalent scaling alone (no rounding) leaves every smoothed layer's output unchanged
-    x = torch.randn(5, plan.tensors[f"{q}.act_smooth"].numel())
+    x = torch.randn(5, smooth[q].numel())
     for n in smoothed:
         lin = tiny_unet.model.get_submodule(n)
-        m = plan.tensors[f"{n}.act_smooth"]
+        m = smooth[n]
         if m.numel() != x.shape[1]:
             continue
-        y = torch.nn.functional.linear(x * m, plan.tensors[f"{n}.weight"], lin.bias)
+        y = torch.nn.functional.linear(x * m, plan.weights[n], lin.bias)
         assert torch.allclose(y, lin(x), atol=1e-4, rtol=1e-4)
     # their skip list: conv_shortcut and the time embedding stay FP
     assert all("conv_shortcut" in n or "time_emb" in n or n in ("conv_in", "conv_out") for n in plan.skipped if "conv_shortcut" in n or "time_emb" in n)

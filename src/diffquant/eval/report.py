@@ -8,6 +8,7 @@ import torch
 
 from diffquant._io import write_text
 from diffquant._png import save_grid_array
+from diffquant.quant.plan import PassReport
 
 __all__ = ["save_grid", "write_markdown"]
 
@@ -100,4 +101,17 @@ def write_markdown(report: dict, path: str | Path) -> Path:
         lines.append(f"| {name} | {info['op']} | {info['weight']} | {info['act']} |")
     for name, rule in report.get("skipped", {}).items():
         lines.append(f"| {name} | – | FP16 ({rule}) | FP16 |")
+    lines += _plan_section(report)
     return write_text(path, "\n".join(lines) + "\n")
+
+
+def _plan_section(report: dict) -> list[str]:
+    """What the plan's weights cost, and the tables the recipe's passes left."""
+    b = report.get("plan_bits")
+    out = ["", "## Plan", ""]
+    if b:
+        out.append(f"Average weight bits {b['weight_bits']:.3f} ({b['weight_bits_with_scales']:.3f} with the FP16 scales); "
+                   f"activation widths {', '.join(map(str, b['act_bits'])) or 'FP'}; asked {b['request']}.")
+    for r in report.get("pass_reports", []):
+        out += ["", PassReport.from_dict(r).markdown()]
+    return out

@@ -5,7 +5,7 @@ per-output-channel DequantizeLinear, or INT4 initializers with a blocked Dequant
 block formats on MatMul (weight-only); each quantized layer's input gets one per-tensor
 QuantizeLinear/DequantizeLinear pair, shared by every quantized reader of that tensor; grids
 under 8 bits add a Clip to the k-bit range before Q. Scales have the graph's float dtype.
-Equivalent scaling (``<layer>.act_smooth``) and power-of-two scaling (``<layer>.act_pts``) make
+Equivalent scaling (an input site's multiplier) and power-of-two scaling (its PTS exponents) make
 one per-channel multiplier before the shared Q: folded into the producer where that is exact
 (a LayerNormalization's scale and bias, or a constant Mul -> Add affine such as a GroupNorm's,
 whose output only the layers of this input group read), else one Mul. PTS weights are the
@@ -39,10 +39,10 @@ from onnx import numpy_helper
 from diffquant.errors import DiffquantError
 from diffquant.exporters.onnx_fp import MODULE_PREFIX
 from diffquant.quant.fake import MIN_SCALE, quantize_int
-from diffquant.quant.format import QuantFormat
-from diffquant.quant.plan import LayerPlan, QuantPlan
+from diffquant.quant.format import PerAxis, PerBlock, QuantFormat
+from diffquant.quant.plan import OUT_FORMAT, LayerPlan, QuantPlan
 
-__all__ = ["TARGETS", "LoweringResult", "TargetProfile", "lower_plan", "graph_float_dtype"]
+__all__ = ["TARGETS", "LoweringResult", "TargetProfile", "code_range", "graph_float_dtype", "lower_plan"]
 
 NP_FLOAT = {onnx.TensorProto.FLOAT: np.float32, onnx.TensorProto.FLOAT16: np.float16}
 
@@ -100,6 +100,12 @@ def _find_weight_consumer(graph: gs.Graph, weight_name: str, layer: str) -> tupl
     raise DiffquantError(f"layer {layer}: no Conv/MatMul/Gemm reads {weight_name!r} in the exported graph")
 
 
+def code_range(fmt: QuantFormat) -> tuple[int, int]:
+    """The lowest and highest integer code of a format (over all channels of a mixed one)."""
+    lo, hi = fmt.qmin, fmt.qmax
+    return (int(lo.min()), int(hi.max())) if fmt.mixed else (lo, hi)
+
+
 def _weight_dq(lp: LayerPlan, w: torch.Tensor, scale: torch.Tensor, node: gs.Node, how: str, fdtype, prof: TargetProfile, pts: torch.Tensor | None = None) -> tuple[gs.Variable, dict]:
     fmt: QuantFormat = lp.weight
     q = quantize_int(w.float(), scale.float(), fmt)
@@ -107,7 +113,8 @@ def _weight_dq(lp: LayerPlan, w: torch.Tensor, scale: torch.Tensor, node: gs.Nod
     shift = ""
     if pts is not None:  # power-of-two scaling: codes * 2^(K - k) per input channel, scale s_w / 2^K
         big = int(pts.max())
-        if fmt.granularity != "channel" or fmt.qmin * 2**big < -128 or fmt.qmax * 2**big > 127:
+        lo, hi = code_range(fmt)
+        if not isinstance(fmt.granularity, PerAxis) or lo * 2**big < -128 or hi * 2**big > 127:
             raise DiffquantError(f"layer {name}: power-of-two exponents up to {big} do not fit {fmt.bits}-bit weight codes inside INT8")
         q = q * torch.exp2(big - pts).reshape([1, -1] + [1] * (q.dim() - 2))
         scale = scale.float() / 2**big
@@ -115,8 +122,8 @@ def _weight_dq(lp: LayerPlan, w: torch.Tensor, scale: torch.Tensor, node: gs.Nod
             raise DiffquantError(f"layer {name}: weight scale / 2^{big} underflows FP16; re-run the pts pass")
         shift = f", codes shifted left by {big} - k per input channel (power-of-two scaling)"
     q = q.to(torch.int8)
-    if fmt.granularity == "block":
-        if how != "transposed" or fmt.bits > 4 or lp.act is not None:
+    if isinstance(fmt.granularity, PerBlock):
+        if how != "transposed" or fmt.max_bits > 4 or lp.act is not None:
             raise DiffquantError(
                 f"layer {name}: block formats lower only to INT4 weight-only MatMul weights (bits like w4g64a16); "
                 f"got {fmt.bits}-bit blocks on a {node.op}{' with quantized activations' if lp.act else ''}"
@@ -125,9 +132,9 @@ def _weight_dq(lp: LayerPlan, w: torch.Tensor, scale: torch.Tensor, node: gs.Nod
         wq = gs.Constant(f"{name}.weight_quantized", qk)
         ws = gs.Constant(f"{name}.weight_scale", scale.t().contiguous().numpy().astype(fdtype))
         out = gs.Variable(f"{name}.weight_dq", dtype=fdtype)
-        attrs = {"axis": 0, "block_size": fmt.block_size}
+        attrs = {"axis": 0, "block_size": fmt.granularity.size}
         dq = gs.Node("DequantizeLinear", f"{name}.weight_DequantizeLinear", attrs, [wq, ws], [out])
-        return out, {"node": dq, "axis": 0, "desc": f"INT4 blocks of {fmt.block_size} along K", "int4": wq.name}
+        return out, {"node": dq, "axis": 0, "desc": f"INT4 blocks of {fmt.granularity.size} along K", "int4": wq.name}
     if how == "transposed":  # Linear as MatMul(x, W^T): weight [K, N], output channels on axis 1
         q, axis = q.t().contiguous(), 1
     elif node.op == "Gemm":
@@ -140,7 +147,7 @@ def _weight_dq(lp: LayerPlan, w: torch.Tensor, scale: torch.Tensor, node: gs.Nod
     wz = gs.Constant(f"{name}.weight_zero_point", np.full(scale.shape, zp, wdt))
     out = gs.Variable(f"{name}.weight_dq", dtype=fdtype)
     dq = gs.Node("DequantizeLinear", f"{name}.weight_DequantizeLinear", {"axis": axis}, [wq, ws, wz], [out])
-    grid = "" if fmt.bits == 8 else f" ({fmt.bits}-bit grid)"
+    grid = f" (per-channel {min(fmt.bits)}..{max(fmt.bits)}-bit grids)" if fmt.mixed else "" if fmt.bits == 8 else f" ({fmt.bits}-bit grid)"
     return out, {"node": dq, "axis": axis, "desc": f"{wdt.name.upper()}{grid} per-channel axis {axis}{shift}"}
 
 
@@ -165,6 +172,9 @@ def lower_plan(
         raise DiffquantError(f"plan for {plan.model} is {plan.state!r}: export needs a frozen plan (finish `diffquant quantize`)")
     if not 0 <= group < plan.n_groups:
         raise DiffquantError(f"timestep group {group} does not exist; the plan has {plan.n_groups}")
+    research = [str(s.key) for s in plan.sites.values() if s.format.research_only]
+    if research:
+        raise DiffquantError(f"site {research[0]} has a {plan.sites[research[0]].format.kind} grid, which is research only (no Q/DQ form): evaluate it in fake-quant, or re-quantize with a uniform recipe")
     fdtype = graph_float_dtype(fp_model)
     graph = gs.import_onnx(fp_model)
     tensors = graph.tensors()
@@ -225,7 +235,7 @@ def lower_plan(
     meta.update(
         {
             "diffquant.target": target,
-            "diffquant.bits": plan.bits,
+            "diffquant.bits": plan.request,
             "diffquant.recipe": str(plan.recipe.get("name", "")),
             "diffquant.plan_model_digest": plan.model_digest,
             "diffquant.timestep_group": str(group),
@@ -351,7 +361,7 @@ def _fold_multiplier(x: gs.Variable, mult: np.ndarray, channels_last: bool, key:
 
 
 def _plan_weight(lp: LayerPlan, plan: QuantPlan, weights, init) -> torch.Tensor:
-    w = plan.tensors.get(f"{lp.name}.weight")
+    w = plan.weights.get(lp.name)
     if w is None and weights is not None and f"{lp.name}.weight" in weights:
         w = weights[f"{lp.name}.weight"]
     if w is None:
@@ -369,12 +379,12 @@ def _split_conv(graph, node: gs.Node, lp: LayerPlan, w: torch.Tensor, plan: Quan
     if cat is None or cat.op != "Concat" or len(cat.inputs) != 2 or cat.attrs.get("axis") not in (1, -3):
         raise DiffquantError(f"layer {lp.name}: the plan splits its input, but the graph does not feed it a two-input channel Concat")
     c, scale = lp.split, plan.weight_scale(lp.name)
-    half1 = LayerPlan(name=f"{lp.name}.half1", op=lp.op, rule=lp.rule, weight=lp.weight, act=lp.act)
+    half1 = LayerPlan.new(f"{lp.name}.half1", lp.op, lp.rule, lp.weight, lp.act)
     w0, wi = _weight_dq(lp, w[:, :c], scale, node, "direct", fdtype, prof)
     w1, wi1 = _weight_dq(half1, w[:, c:], scale, node, "direct", fdtype, prof)
     graph.nodes += [wi["node"], wi1["node"]]
     dqs = [
-        _shared_qdq(graph, piece, LayerPlan(name=lp.name, op=lp.op, rule=lp.rule, act=lp.act), float(plan.act_scale(lp.name, group, half)), None, "Conv", act_q, result, prof, fdtype, kind=f"act{half}")
+        _shared_qdq(graph, piece, LayerPlan.new(lp.name, lp.op, lp.rule, None, lp.act), float(plan.act_scale(lp.name, group, half)), None, "Conv", act_q, result, prof, fdtype, kind=f"act{half}")
         for half, piece in enumerate(cat.inputs)
     ]
     y = node.outputs[0]
@@ -398,7 +408,7 @@ def _requantize_output(graph: gs.Graph, node: gs.Node, lp: LayerPlan, scale: flo
     y = node.outputs[0]
     raw = gs.Variable(f"{lp.name}.out_raw", dtype=fdtype)
     node.outputs = [raw]
-    dq_out = _qdq(graph, raw, lp.name, "out", scale, QuantFormat(bits=8), prof, fdtype, out=y)
+    dq_out = _qdq(graph, raw, lp.name, "out", scale, OUT_FORMAT, prof, fdtype, out=y)
     result.act_dq[dq_out.name] = {"input": raw.name, "layers": [lp.name], "scale": scale, "bits": 8, "kind": "output"}
     return f"{np.dtype(prof.act_dtype).name.upper()} Q/DQ on the output (fuses to QLinearConv)"
 

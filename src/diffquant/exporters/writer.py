@@ -73,7 +73,7 @@ def export(plan: QuantPlan, denoiser: Denoiser, out_dir: str | Path, target: str
         save_onnx(low.model, graphs[-1])
     groups = plan.timestep_groups or [[]]
     write_json(out / "realized.json", {"target": target, "float_dtype": fdtype, "layers": lowered[0].realized, "skipped": plan.skipped, "timestep_groups": plan.timestep_groups})
-    write_runtime_bundle(denoiser, out, target, plan.bits, [{"file": p.name, "timestep_range": r} for p, r in zip(graphs, groups)])
+    write_runtime_bundle(denoiser, out, target, plan.request, [{"file": p.name, "timestep_range": r} for p, r in zip(graphs, groups)])
     plan.state = "exported"
     return ExportResult(out / "unet.fp32.onnx", graphs[0], lowered[0].realized, lowered[0].act_dq, reports[0], graphs, plan.timestep_groups)
 

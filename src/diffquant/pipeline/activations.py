@@ -4,7 +4,7 @@ the output range (for targets that requantize layer outputs).
 
 Layers that read the very same tensor (Q/K/V, cross-attention K/V) are grouped: the deployed
 graph has one Q/DQ per tensor, so a group gets one scale. A shortcut-split layer (input is a
-channel concat [h, skip]) is observed as two quantizers, ``<layer>#0`` and ``<layer>#1``, each
+channel concat [h, skip]) is observed as two quantizers, ``<layer>:input`` and ``<layer>:input#1``, each
 grouped with the other readers of its half (the skip tensor also feeds the next down layer).
 """
 
@@ -28,7 +28,8 @@ SAMPLE_PER_BATCH = 4096
 
 @dataclass
 class ActStats:
-    """Per-layer input and output statistics keyed by calibration timestep, plus the input groups."""
+    """Input statistics per input-site key (``<layer>:input``) and output statistics per layer,
+    keyed by calibration timestep, plus the input groups (site key -> the site leading its tensor)."""
 
     amax: dict[str, dict[float, float]] = field(default_factory=lambda: defaultdict(dict))
     out_amax: dict[str, dict[float, float]] = field(default_factory=lambda: defaultdict(dict))
@@ -36,6 +37,10 @@ class ActStats:
     sample_amax: dict[str, dict[float, list[float]]] = field(default_factory=lambda: defaultdict(lambda: defaultdict(list)))
     channel_amax: dict[str, torch.Tensor] = field(default_factory=dict)
     groups: dict[str, str] = field(default_factory=dict)
+
+    def lead(self, layer: str) -> str:
+        """The layer whose input site leads the tensor ``layer``'s (unsplit) input reads."""
+        return self.groups[quantizer_keys(layer, 0)[0]].rpartition(":")[0]
 
     def min_mean_amax(self, key: str, timesteps: list[float] | None = None) -> float:
         """NVIDIA's diffusion reduction: per timestep the mean over samples of each sample's
@@ -110,8 +115,9 @@ def concat_inputs(model: nn.Module, layers: list[str], inputs: dict) -> dict[str
 
 
 def quantizer_keys(name: str, split: int) -> list[str]:
-    """Stats keys of a layer's activation quantizers: the layer, or ``#0``/``#1`` halves."""
-    return [f"{name}#0", f"{name}#1"] if split else [name]
+    """Stats keys of a layer's activation quantizers: its input sites' keys (two halves for a
+    shortcut split)."""
+    return [f"{name}:input", f"{name}:input#1"] if split else [f"{name}:input"]
 
 
 def _tensor_key(x: torch.Tensor) -> tuple:
@@ -171,8 +177,9 @@ def observe_activations(
                 stats.channel_amax[name] = cur if prev is None else torch.maximum(prev, cur)
             split = splits.get(name, 0)
             if not split:
-                first_inputs.setdefault(name, args[0])
-                record(name, x)
+                key = quantizer_keys(name, 0)[0]
+                first_inputs.setdefault(key, args[0])
+                record(key, x)
                 return
             pieces = rec.pieces.get(id(args[0]))
             halves = (x[:, :split], x[:, split:])

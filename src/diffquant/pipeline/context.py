@@ -1,9 +1,9 @@
-"""What a pass sees: the FP denoiser, the plan being decided, and the calibration data."""
+"""What a pass sees: the FP denoiser, the plan being decided, and the calibration data. Passes
+talk to each other only through the plan (its sites, weights and reports)."""
 
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any
 
 from diffquant.calib_data import CalibSet
 from diffquant.models.denoiser import Denoiser
@@ -18,4 +18,3 @@ class PassContext:
     plan: QuantPlan
     calib: CalibSet
     progress: bool = True
-    act_stats: Any = None

@@ -10,8 +10,8 @@ The per-sample loss is weighted by calibration timestep (DMQ's ``adaptive`` weig
 input group; ``uniform`` / ``linear`` for the ablation). ``init: smoothquant`` starts from
 SmoothQuant's heuristic (alpha ``alpha``); with ``iters: 0`` that heuristic is used as is.
 
-The result is written like SmoothQuant's: ``<layer>.act_smooth`` = 1/tau (FP16) and
-``<layer>.weight`` = tau * W, which later passes (weight ranges, AdaRound) quantize.
+The result is written like SmoothQuant's: the input site's multiplier 1/tau (FP16) and the
+replacement weight tau * W, which later passes (weight ranges, AdaRound) quantize.
 """
 
 from __future__ import annotations
@@ -33,7 +33,9 @@ from diffquant.pipeline.registry import register_pass
 from diffquant.pipeline.smoothquant import input_channel_amax, smoothing_factors, write_smoothing
 from diffquant.pipeline.weighting import make_weighting
 from diffquant.quant.fake import MIN_SCALE, fake_quant
+from diffquant.quant.format import PerAxis
 from diffquant.quant.modules import smooth_input
+from diffquant.quant.plan import PassReport
 
 __all__ = ["LESConfig", "les_pass"]
 
@@ -85,17 +87,17 @@ def les_pass(ctx: PassContext, cfg: LESConfig) -> None:
     plan = ctx.plan
     layers = [lp.name for lp in plan.quantized_layers() if lp.act and lp.weight and lp.op in cfg.ops and not lp.split]
     for n in layers:
-        if f"{n}.act_smooth" in plan.tensors:
+        if plan.layers[n].sites["input"].multiplier is not None:
             raise DiffquantError(f"les: layer {n} is already smoothed by an earlier pass; use one equivalent-scaling pass per recipe")
-        if plan.layers[n].weight.granularity != "channel":
-            raise DiffquantError(f"les: layer {n} has {plan.layers[n].weight.granularity} weight scales; LES needs per-channel weights")
+        if not isinstance(plan.layers[n].weight.granularity, PerAxis):
+            raise DiffquantError(f"les: layer {n} has {type(plan.layers[n].weight.granularity).__name__} weight scales; LES needs per-channel weights")
     if not layers:
         return
     readers = [lp.name for lp in plan.quantized_layers() if lp.act and not lp.split]
     stats = observe_activations(ctx.denoiser, readers, ctx.calib, progress=ctx.progress, channel_amax=set(layers) if cfg.init == "smoothquant" else None)
     members: dict[str, list[str]] = {}
     for n in readers:
-        members.setdefault(stats.groups[n], []).append(n)
+        members.setdefault(stats.lead(n), []).append(n)
     for lead in [g for g, names in members.items() if not set(names) <= set(layers)]:
         # a tensor also read by a layer LES does not scale keeps one Q/DQ without scaling
         for n in set(members.pop(lead)) & set(layers):
@@ -103,6 +105,9 @@ def les_pass(ctx: PassContext, cfg: LESConfig) -> None:
     data = pick_samples(ctx, cfg.samples)
     modules = dict(ctx.denoiser.model.named_modules())
     gen = torch.Generator().manual_seed(cfg.seed)
+    report = PassReport("les", f"Learned equivalent scaling ({cfg.iters} iterations, init {cfg.init}, {cfg.timestep_weighting} weighting)",
+                        ["input group", "layers", "loss before", "after", "tau min", "tau max", "s"])
+    plan.reports.append(report)
     bar = tqdm(members.items(), desc="les", disable=not ctx.progress)
     for lead, names in bar:
         t0 = time.time()
@@ -113,7 +118,7 @@ def les_pass(ctx: PassContext, cfg: LESConfig) -> None:
             tau0 = smoothing_factors(x_amax, w_amax, cfg.alpha)
         else:
             tau0 = torch.ones(weights[names[0]].shape[1])
-        tau = tau0
+        tau, before, after = tau0, None, None
         if cfg.iters:
             tau, before, after = _train(ctx, cfg, modules, names, weights, tau0, data, gen)
             how = f"LES ({cfg.iters} iters, init {cfg.init}, {cfg.timestep_weighting} weighting): dynamic-quant output loss {before:.4g} -> {after:.4g} ({time.time() - t0:.0f} s)"
@@ -122,6 +127,7 @@ def les_pass(ctx: PassContext, cfg: LESConfig) -> None:
         if len(names) > 1:
             how += f"; vector shared with {', '.join(n for n in names if n != lead) if len(names) < 4 else f'{len(names) - 1} layers reading the same tensor'}"
         write_smoothing(ctx, names, tau, how)
+        report.rows.append([lead, len(names), before, after, float(tau.min()), float(tau.max()), round(time.time() - t0, 1)])
 
 
 def _train(ctx: PassContext, cfg: LESConfig, modules: dict, names: list[str], weights: dict, tau0: torch.Tensor, data, gen) -> tuple[torch.Tensor, float, float]:

@@ -8,12 +8,12 @@ from dataclasses import dataclass
 import torch
 
 from diffquant.errors import DiffquantError
-from diffquant.pipeline.activations import ActStats, observe_activations, quantizer_keys
+from diffquant.pipeline.activations import ActStats, observe_activations
 from diffquant.pipeline.context import PassContext
 from diffquant.pipeline.observers import RANGE_METHODS, mse_amax, percentile_amax, weight_amax
 from diffquant.pipeline.registry import register_pass
 from diffquant.quant.fake import MIN_SCALE, scale_from_amax
-from diffquant.quant.modules import OUT_FORMAT
+from diffquant.quant.plan import OUT_FORMAT
 
 __all__ = ["MinMaxConfig", "minmax_pass", "observe_plan_inputs", "plan_weight", "smoothing_multipliers"]
 
@@ -50,7 +50,7 @@ REDUCTIONS = ("max", "mean", "min-mean")
 
 def plan_weight(ctx: PassContext, name: str) -> torch.Tensor:
     """The FP weight the plan quantizes: a replacement from an earlier pass, else the model's."""
-    w = ctx.plan.tensors.get(f"{name}.weight")
+    w = ctx.plan.weights.get(name)
     return w if w is not None else ctx.denoiser.model.get_submodule(name).weight.detach()
 
 
@@ -63,12 +63,12 @@ def calibrate_weights(ctx: PassContext, cfg: MinMaxConfig) -> None:
         zero = int((amax <= 0).sum())
         if zero:
             lp.notes.append(f"{zero} all-zero output channel(s): scale clamped to {MIN_SCALE:g}")
-        ctx.plan.tensors[f"{lp.name}.weight_scale"] = scale_from_amax(amax, lp.weight)
+        lp.weight_site.scale = scale_from_amax(amax, lp.weight)
 
 
 def smoothing_multipliers(plan) -> dict[str, torch.Tensor]:
     """Per-input-channel multipliers already decided (equivalent scaling), by layer."""
-    return {lp.name: plan.tensors[f"{lp.name}.act_smooth"] for lp in plan.quantized_layers() if f"{lp.name}.act_smooth" in plan.tensors}
+    return {lp.name: s.multiplier for lp in plan.quantized_layers() if (s := lp.sites.get("input")) is not None and s.multiplier is not None}
 
 
 def observe_plan_inputs(ctx: PassContext, keep_samples: bool, batch_size: int) -> ActStats:
@@ -87,23 +87,17 @@ def calibrate_activations(ctx: PassContext, cfg: MinMaxConfig) -> None:
     if not qlayers:
         return
     stats = observe_plan_inputs(ctx, cfg.act_range != "minmax", cfg.batch_size)
-    ctx.act_stats = stats
-    # quantizer key -> (layer, plan tensor key); grouped by the tensor they read
-    where = {}
-    for lp in qlayers:
-        for half, key in enumerate(quantizer_keys(lp.name, lp.split)):
-            where[key] = (lp, f"{lp.name}.act_scale" + ("_split" if half else ""))
+    sites = {str(s.key): (lp, s) for lp in qlayers for s in lp.input_sites}  # stats keys are site keys
     members: dict[str, list[str]] = {}
-    for key in where:
+    for key in sites:
         members.setdefault(stats.groups[key], []).append(key)
     ranges = ctx.plan.timestep_groups
     per_group = [[t for t in ctx.calib.timesteps if ctx.plan.group_of(t) == g] for g in range(ctx.plan.n_groups)]
     for g, ts in enumerate(per_group):
         if not ts:
             raise DiffquantError(f"timestep group {g} {ranges[g]} holds no calibration timestep; use fewer groups")
-    shape = () if ctx.plan.n_groups == 1 else (-1,)
     for group, keys in members.items():
-        lead = where[group][0]
+        lead = sites[group][0]
         how = cfg.conv_act_reduce if cfg.conv_act_reduce and lead.op == "conv" else cfg.act_reduce
         scales = []
         for ts in per_group:
@@ -122,13 +116,12 @@ def calibrate_activations(ctx: PassContext, cfg: MinMaxConfig) -> None:
                 )
             scales.append(float(amax))
         for k in keys:
-            lp, tkey = where[k]
-            if not lp.input_group:
-                lp.input_group = where[group][0].name
-            ctx.plan.tensors[tkey] = scale_from_amax(torch.tensor(scales), lp.act).reshape(shape)
+            site = sites[k][1]
+            site.group = group
+            site.scale = scale_from_amax(torch.tensor(scales), site.format)
     for lp in qlayers:
         outs = [stats.reduced_out_amax(lp.name, ts) for ts in per_group]
-        ctx.plan.tensors[f"{lp.name}.out_scale"] = scale_from_amax(torch.tensor(outs), OUT_FORMAT).reshape(shape)
+        lp.output_site.scale = scale_from_amax(torch.tensor(outs), OUT_FORMAT)
 
 
 @register_pass("minmax", MinMaxConfig)

@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 
 from diffquant.quant.fake import fake_quant, round_scale
-from diffquant.quant.format import QuantFormat
+from diffquant.quant.format import PerAxis, PerBlock, QuantFormat
 
 __all__ = ["RANGE_METHODS", "mse_amax", "percentile_amax", "weight_amax"]
 
@@ -31,7 +31,7 @@ def mse_amax(values: torch.Tensor, amax: torch.Tensor, fmt: QuantFormat, candida
     base = amax.float().reshape(-1)
     best_err = torch.full_like(base, float("inf"))
     best = base.clone()
-    flat_fmt = QuantFormat(bits=fmt.bits, granularity="channel", axis=0)
+    flat_fmt = QuantFormat(bits=fmt.bits, granularity=PerAxis(0))
     for i in range(candidates):
         cand = base * (1 - step * i)
         scale = round_scale(cand / fmt.qmax)
@@ -45,10 +45,10 @@ def mse_amax(values: torch.Tensor, amax: torch.Tensor, fmt: QuantFormat, candida
 def weight_amax(weight: torch.Tensor, fmt: QuantFormat, method: str = "minmax", pct: float = 99.99, candidates: int = 80, step: float = 0.01, p: float = 2.4) -> torch.Tensor:
     """Per-output-channel range of a Conv/Linear weight by ``method``; for a block format, one
     range per block of ``block_size`` input elements (shape [out, in // block])."""
-    if fmt.granularity == "block":
-        o, k = weight.shape[0], weight.shape[1]
-        rows = weight.detach().float().reshape(o * (k // fmt.block_size), fmt.block_size)
-        return weight_amax(rows, QuantFormat(bits=fmt.bits, granularity="channel"), method, pct, candidates, step, p).reshape(o, -1)
+    if isinstance(fmt.granularity, PerBlock):
+        o, k, size = weight.shape[0], weight.shape[1], fmt.granularity.size
+        rows = weight.detach().float().reshape(o * (k // size), size)
+        return weight_amax(rows, QuantFormat(bits=fmt.bits, granularity=PerAxis(0)), method, pct, candidates, step, p).reshape(o, -1)
     w = weight.detach().float().reshape(weight.shape[0], -1)
     amax = w.abs().amax(dim=1)
     if method == "percentile":

@@ -30,6 +30,7 @@ from diffquant.pipeline.registry import register_pass
 from diffquant.quant.fake import MIN_SCALE, fake_quant
 from diffquant.quant.format import pts_budget
 from diffquant.quant.modules import smooth_input
+from diffquant.quant.plan import PassReport
 
 __all__ = ["PTSConfig", "pts_pass", "select_exponents"]
 
@@ -98,7 +99,7 @@ def pts_pass(ctx: PassContext, cfg: PTSConfig) -> None:
     plan = ctx.plan
     names = _candidates(ctx, cfg)
     for n in names:
-        if f"{n}.act_scale" not in plan.tensors or f"{n}.weight_scale" not in plan.tensors:
+        if plan.layers[n].sites["input"].scale is None or plan.layers[n].weight_site.scale is None:
             raise DiffquantError(f"pts: layer {n} has no scales yet; run a range pass (minmax) before pts in the recipe")
     groups: dict[str, list[str]] = {}
     for n in names:
@@ -113,6 +114,9 @@ def pts_pass(ctx: PassContext, cfg: PTSConfig) -> None:
     data = pick_samples(ctx, cfg.samples)
     modules = dict(ctx.denoiser.model.named_modules())
     ranges = [[i for i, t in enumerate(data[1]) if plan.group_of(t) == g] for g in range(plan.n_groups)]
+    report = PassReport("pts", f"Power-of-two scaling ({cfg.select}, agreement {cfg.agreement:g})",
+                        ["input group", "layers", "timestep group", "k budget", "channels per k (0, 1, ...)", "median agreement"])
+    plan.reports.append(report)
     for lead, members in groups.items():
         budget = min([cfg.max_k] + [pts_budget(plan.layers[n].weight) for n in members])
         why = "max_k is 0" if cfg.max_k == 0 else "its weight codes leave no room to shift inside INT8" if budget == 0 else ""
@@ -127,7 +131,7 @@ def pts_pass(ctx: PassContext, cfg: PTSConfig) -> None:
         stored, _ = capture(ctx.denoiser, modules[lead], data, 256, True, False)
         x = stored[0][0][1]
         conv = isinstance(modules[lead], nn.Conv2d)
-        smooth = plan.tensors.get(f"{lead}.act_smooth")
+        smooth = plan.layers[lead].sites["input"].multiplier
         if smooth is not None:
             x = smooth_input(x, smooth.float(), conv)
         fmt = plan.layers[lead].act
@@ -139,7 +143,8 @@ def pts_pass(ctx: PassContext, cfg: PTSConfig) -> None:
             ks.append(k)
             hist = {int(v): int((k == v).sum()) for v in range(budget + 1)}
             notes.append(f"group {g}: k histogram {hist}" + (f", median agreement {float(share.median()):.2f}" if cfg.select == "vote" else ""))
-        k = ks[0] if plan.n_groups == 1 else torch.stack(ks)
+            report.rows.append([lead, len(members), g, budget, " / ".join(str(c) for c in hist.values()), float(share.median())])
+        k = torch.stack(ks)
         for n in members:
-            plan.tensors[f"{n}.act_pts"] = k.clone()
+            plan.layers[n].sites["input"].pts = k.clone()
             plan.layers[n].notes.append(f"PTS ({cfg.select}, k <= {budget}): " + "; ".join(notes))

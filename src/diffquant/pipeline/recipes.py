@@ -15,7 +15,7 @@ from diffquant.errors import DiffquantError
 from diffquant.models.denoiser import Denoiser
 from diffquant.pipeline.context import PassContext
 from diffquant.pipeline.registry import get_pass, make_config
-from diffquant.quant.format import QuantFormat, parse_bits
+from diffquant.quant.format import PerAxis, PerBlock, QuantFormat, parse_bits
 from diffquant.quant.plan import LayerPlan, QuantPlan, weights_digest
 from diffquant.quant.targeting import Rule, TargetDecision, resolve_targets, rule_to_dict, rules_from_dicts
 
@@ -124,7 +124,7 @@ def quantize(
     ``timestep_groups`` > 1 gives each contiguous group of timesteps its own activation scales."""
     setting = parse_bits(bits or recipe.bits)
     targets = decide_targets(denoiser, recipe, extra_rules)
-    plan = QuantPlan(model=denoiser.name, model_digest=weights_digest(denoiser.model), bits=setting.text, recipe=recipe.to_dict())
+    plan = QuantPlan(model=denoiser.name, model_digest=weights_digest(denoiser.model), request=setting.text, recipe=recipe.to_dict())
     if timestep_groups > 1:
         try:
             plan.timestep_groups = split_groups(calib.timesteps, timestep_groups, denoiser.scheduler["num_train_timesteps"])
@@ -132,17 +132,19 @@ def quantize(
             raise DiffquantError(f"--timestep-groups: {e}") from None
     modules = dict(denoiser.model.named_modules())
     for name, dec in targets.items():
-        wf = setting.weight if dec.weights else None
-        af = setting.act if dec.activations else None
-        notes = []
-        if wf is not None and wf.granularity == "block":
-            k = modules[name].weight.shape[1]
-            if dec.op != "linear" or k % wf.block_size:
-                why = "convolutions have no block format" if dec.op != "linear" else f"K = {k} is not a multiple of {wf.block_size}"
-                wf = QuantFormat(bits=wf.bits, granularity="channel", axis=0)
+        layer_setting = parse_bits(dec.bits) if dec.bits else setting
+        wf = layer_setting.weight if dec.weights else None
+        af = layer_setting.act if dec.activations else None
+        notes = [f"bits {dec.bits} from rule {dec.rule}"] if dec.bits else []
+        weight = modules[name].weight
+        if wf is not None and isinstance(wf.granularity, PerBlock):
+            k = weight.shape[1]
+            if dec.op != "linear" or k % wf.granularity.size:
+                why = "convolutions have no block format" if dec.op != "linear" else f"K = {k} is not a multiple of {wf.granularity.size}"
+                wf = QuantFormat(bits=wf.bits, granularity=PerAxis(0))
                 notes.append(f"weights per output channel, not blocks: {why}")
         if wf or af:
-            plan.layers[name] = LayerPlan(name=name, op=dec.op, rule=dec.rule, weight=wf, act=af, notes=notes)
+            plan.layers[name] = LayerPlan.new(name, dec.op, dec.rule, wf, af, weight_numel=weight.numel(), notes=notes)
         else:
             plan.skipped[name] = dec.rule
     if not plan.layers:

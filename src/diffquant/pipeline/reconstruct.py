@@ -41,13 +41,14 @@ from tqdm.auto import tqdm
 from diffquant._io import atomic_path, write_json
 from diffquant.calib_data.collect import default_cache_dir
 from diffquant.errors import DiffquantError
-from diffquant.pipeline.activations import quantizer_keys
 from diffquant.pipeline.capture import capture, out_tensor, per_sample_loss, pick_samples, select
 from diffquant.pipeline.context import PassContext
 from diffquant.pipeline.registry import register_pass
 from diffquant.pipeline.weighting import make_weighting
 from diffquant.quant.fake import MIN_SCALE, broadcast_scale, round_scale
-from diffquant.quant.modules import apply_plan, quant_modules
+from diffquant.quant.modules import SiteQuantizer, apply_plan, quant_modules
+from diffquant.quant.plan import PassReport
+from diffquant.quant.site import SiteKey
 
 __all__ = ["AdaRound", "ReconstructConfig", "reconstruct_pass"]
 
@@ -140,18 +141,22 @@ def _units(ctx: PassContext, granularity: str) -> list[tuple[str, list[str]]]:
     return sorted((u for u in units if u[0] in rank), key=lambda u: rank[u[0]])
 
 
-def _set(m: nn.Module, attr: str, value) -> None:
-    """Put ``value`` on wrapper ``m`` as ``attr``: a (possibly shared) Parameter while
-    training, a buffer / plain tensor otherwise."""
-    m._parameters.pop(attr, None)
-    m._buffers.pop(attr, None)
-    m.__dict__.pop(attr, None)
+def _set_scale(q: SiteQuantizer, value: torch.Tensor) -> None:
+    """Put ``value`` on site quantizer ``q`` as its scale: a (possibly shared) Parameter while
+    training, a buffer otherwise."""
+    q._parameters.pop("scale", None)
+    q._buffers.pop("scale", None)
     if isinstance(value, nn.Parameter):
-        m._parameters[attr] = value
-    elif attr == "act_scale":
-        m._buffers[attr] = value
+        q._parameters["scale"] = value
     else:
-        m.__dict__[attr] = value
+        q._buffers["scale"] = value
+
+
+def _quantizer(qmods: dict, key: str) -> SiteQuantizer:
+    """The fake-quant model's quantizer of site ``key``."""
+    sk = SiteKey.parse(key)
+    m = qmods[sk.module]
+    return m.weight_quantizer if sk.role == "weight" else m.input_quantizers[sk.index]
 
 
 def _ckpt_key(ctx: PassContext, cfg: ReconstructConfig) -> str:
@@ -159,37 +164,39 @@ def _ckpt_key(ctx: PassContext, cfg: ReconstructConfig) -> str:
     plan = ctx.plan.to_json()
     plan.pop("state", None)
     h.update(json.dumps({"plan": plan, "cfg": asdict(cfg), "calib": ctx.calib.folder.name}, sort_keys=True, default=str).encode())
-    for k in sorted(ctx.plan.tensors):
+    tensors = ctx.plan.tensors()
+    for k in sorted(tensors):
         h.update(k.encode())
-        h.update(ctx.plan.tensors[k].detach().float().contiguous().numpy().tobytes())
+        h.update(tensors[k].detach().float().contiguous().numpy().tobytes())
     return h.hexdigest()
 
 
-def _load_tensors(qmods: dict, tensors: dict[str, torch.Tensor]) -> None:
-    """Make the fake-quant wrappers use hardened plan tensors (``<layer>.weight`` /
-    ``<layer>.act_scale`` / ``<layer>.act_scale_split``)."""
+def _restore(plan, qmods: dict, tensors: dict[str, torch.Tensor]) -> None:
+    """Put checkpointed tensors (``<layer>.weight``, ``<site>.scale``) into the plan and make
+    the fake-quant wrappers use them."""
     for key, value in tensors.items():
-        layer, _, attr = key.rpartition(".")
-        m = qmods[layer]
+        owner, _, attr = key.rpartition(".")
         if attr == "weight":
+            plan.weights[owner] = value.clone()
             with torch.no_grad():
-                m.weight.data.copy_(value)
+                qmods[owner].weight.data.copy_(value)
         else:
-            _set(m, attr, value.float().clone())
+            plan.sites[owner].scale = value.clone()
+            _set_scale(_quantizer(qmods, owner), value.float().clone())
 
 
 @dataclass
 class _Unit:
     name: str
     layers: list[str]
-    act_groups: dict[str, list[tuple[str, str]]]  # groups this unit learns -> all their members
+    act_groups: dict[str, list[str]]  # input groups this unit learns -> all their member site keys
 
 
 @register_pass("reconstruct", ReconstructConfig)
 def reconstruct_pass(ctx: PassContext, cfg: ReconstructConfig) -> None:
     """Reconstruct every unit in forward order (see the module docstring)."""
     for lp in ctx.plan.quantized_layers():
-        if (lp.weight and f"{lp.name}.weight_scale" not in ctx.plan.tensors) or (lp.act and f"{lp.name}.act_scale" not in ctx.plan.tensors):
+        if any(site.scale is None for key, site in lp.sites.items() if key != "output"):
             raise DiffquantError(f"reconstruct: layer {lp.name} has no scales yet; run a range pass (minmax) before reconstruct in the recipe")
     key = _ckpt_key(ctx, cfg)
     ckpt = Path(cfg.checkpoint_dir) if cfg.checkpoint_dir else default_cache_dir().parent / "reconstruct" / key[:16]
@@ -205,41 +212,44 @@ def reconstruct_pass(ctx: PassContext, cfg: ReconstructConfig) -> None:
     qmods = quant_modules(qd.model)
     if not cfg.quantize_acts:
         for m in qmods.values():
-            m.act_format, m.out_scale = None, None
+            for q in m.input_quantizers:
+                q.enabled = False
+            m.output_quantizer = None
     units = _units(ctx, cfg.granularity)
     data = pick_samples(ctx, cfg.samples)
-    groups = getattr(ctx.act_stats, "groups", {}) or {}
-    # each activation-quantizer group (layers reading one tensor) is learned by the first unit
-    # holding a member and shared with every member: name -> [(layer, attribute)]
-    members: dict[str, list[tuple[str, str]]] = {}
+    # each input group (sites reading one tensor) is learned by the first unit holding a
+    # member and shared with every member: lead site key -> member site keys
+    members: dict[str, list[str]] = {}
     owner: dict[str, str] = {}
     for unit, names in units:
         for n in names:
-            lp = ctx.plan.layers[n]
-            for half, k in enumerate(quantizer_keys(n, lp.split) if lp.act else []):
-                g = groups.get(k, k)
-                members.setdefault(g, []).append((n, "act_scale_split" if half else "act_scale"))
+            for site in ctx.plan.layers[n].input_sites:
+                g = site.group or str(site.key)
+                members.setdefault(g, []).append(str(site.key))
                 owner.setdefault(g, unit)
     if done:
         tqdm.write(f"reconstruct: resuming from {ckpt}: {len(done)}/{len(units)} units done")
+    report = PassReport("reconstruct", f"Reconstruction ({cfg.iters} iterations per unit, {cfg.granularity}s, inputs {cfg.inputs})",
+                        ["unit", "layers", "output loss before", "after", "s"])
+    ctx.plan.reports.append(report)
     bar = tqdm(units, desc="reconstruct", disable=not ctx.progress)
     for i, (unit, names) in enumerate(bar):
         if unit in done:
-            saved = load_file(str(ckpt / f"{i:03d}.safetensors"))
-            ctx.plan.tensors.update(saved)
-            _load_tensors(qmods, saved)
+            _restore(ctx.plan, qmods, load_file(str(ckpt / f"{i:03d}.safetensors")))
             for n in names:
                 ctx.plan.layers[n].notes.append(f"reconstructed in unit {unit}: restored from checkpoint {ckpt}")
+            report.rows.append([unit, len(names), "checkpoint", "checkpoint", 0])
             continue
         t0 = time.time()
         learn = cfg.learn_act_scales and cfg.quantize_acts
         job = _Unit(unit, names, {g: m for g, m in members.items() if owner[g] == unit} if learn else {})
-        before, after, touched = _train_unit(ctx, cfg, fp, qd, qmods, job, data, groups)
+        before, after, touched = _train_unit(ctx, cfg, fp, qd, qmods, job, data)
         for n in names:
             ctx.plan.layers[n].notes.append(f"reconstructed in unit {unit}: output loss {before:.4g} -> {after:.4g} ({time.time() - t0:.0f} s)")
+        report.rows.append([unit, len(names), before, after, round(time.time() - t0, 1)])
         ckpt.mkdir(parents=True, exist_ok=True)
         with atomic_path(ckpt / f"{i:03d}.safetensors") as tmp:
-            save_file({k: ctx.plan.tensors[k].contiguous() for k in touched}, str(tmp))
+            save_file({k: v.contiguous() for k, v in touched.items()}, str(tmp))
         done.append(unit)
         write_json(ckpt / "state.json", {"key": key, "done": done})
     if ckpt.exists() and not cfg.checkpoint_dir:
@@ -254,9 +264,9 @@ def _fake_quant_copy(ctx: PassContext):
     return qd
 
 
-def _train_unit(ctx, cfg: ReconstructConfig, fp, qd, qmods, job: _Unit, data, groups: dict) -> tuple[float, float, list[str]]:
+def _train_unit(ctx, cfg: ReconstructConfig, fp, qd, qmods, job: _Unit, data) -> tuple[float, float, dict[str, torch.Tensor]]:
     """Train one unit; writes its hardened tensors into the plan. Returns (loss before, after,
-    the plan keys it changed)."""
+    the plan tensors it changed by file key)."""
     unit, names = job.name, job.layers
     fp_unit = fp.model.get_submodule(unit)
     q_unit = qd.model.get_submodule(unit)
@@ -274,7 +284,7 @@ def _train_unit(ctx, cfg: ReconstructConfig, fp, qd, qmods, job: _Unit, data, gr
 
     def run(idx: torch.Tensor, g: int) -> torch.Tensor:
         for m in quant_modules(q_unit).values():
-            m.group = g
+            m.set_group(g)
         args, kwargs = select(stored, idx)
         return per_sample_loss(out_tensor(q_unit(*args, **kwargs)), target[idx])
 
@@ -293,15 +303,13 @@ def _train_unit(ctx, cfg: ReconstructConfig, fp, qd, qmods, job: _Unit, data, gr
         if lp.weight:
             rounders[name] = AdaRound(m.weight, m.weight_scale, lp.weight)
             m.weight_fn = rounders[name].soft
-        m.ste = True
+        m.set_ste(True)
     act_params: dict[str, nn.Parameter] = {}
-    if job.act_groups:
-        for g, mems in job.act_groups.items():
-            layer, attr = mems[0]
-            act_params[g] = nn.Parameter(getattr(qmods[layer], attr).detach().clone())
-            for layer, attr in mems:
-                if layer in names:
-                    _set(qmods[layer], attr, act_params[g])
+    for g, mems in job.act_groups.items():
+        act_params[g] = nn.Parameter(_quantizer(qmods, mems[0]).scale.detach().clone())
+        for key in mems:
+            if SiteKey.parse(key).module in names:
+                _set_scale(_quantizer(qmods, key), act_params[g])
     opt_w = torch.optim.Adam([r.v for r in rounders.values()], lr=cfg.lr) if rounders else None
     opt_a = torch.optim.Adam(list(act_params.values()), lr=cfg.act_lr) if act_params else None
     pbar = tqdm(range(cfg.iters), desc=unit, leave=False, disable=not ctx.progress)
@@ -332,21 +340,21 @@ def _train_unit(ctx, cfg: ReconstructConfig, fp, qd, qmods, job: _Unit, data, gr
     # harden into the plan and the fake-quant model
     for name in names:
         m, lp = qmods[name], plan.layers[name]
-        m.ste = False
+        m.set_ste(False)
         m.weight_fn = None
         if lp.weight:
             hard = rounders[name].hard().detach()
             with torch.no_grad():
                 m.weight.data.copy_(hard)
-            plan.tensors[f"{name}.weight"] = hard.clone()
-    touched = [f"{k}.weight" for k in rounders]
+            plan.weights[name] = hard.clone()
+    touched = {f"{k}.weight": plan.weights[k] for k in rounders}
     for g, param in act_params.items():
         value = round_scale(param.detach().clone())
-        for layer, attr in job.act_groups[g]:
-            key = f"{layer}.{attr}"
-            plan.tensors[key] = value.reshape(plan.tensors[key].shape).clone()
-            _set(qmods[layer], attr, value.clone())
-            touched.append(key)
+        for key in job.act_groups[g]:
+            site = plan.sites[key]
+            site.scale = value.reshape(site.scale.shape).clone()
+            _set_scale(_quantizer(qmods, key), value.clone())
+            touched[f"{key}.scale"] = site.scale
     after = eval_loss()
     if not math.isfinite(after):
         raise DiffquantError(f"reconstruct: unit {unit} diverged (loss {after}); lower lr / act_lr")

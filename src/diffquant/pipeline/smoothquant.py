@@ -5,7 +5,7 @@ Per input channel j of a linear: s_j = max|X_j|^alpha / max|W_:,j|^(1 - alpha); 
 then computes Q(X / s) . Q(W * s). Layers that read one tensor (Q/K/V, all cross-attention
 K/V readers of the conditioning) share one vector, taking the max of their weight ranges, so
 the deployed graph keeps one Mul + Q/DQ per tensor. The plan stores the multiplier 1/s (rounded
-to FP16, as the graph holds it) as ``<layer>.act_smooth`` and W * s as ``<layer>.weight``.
+to FP16, as the graph holds it) on the layer's input site and W * s as its replacement weight.
 """
 
 from __future__ import annotations
@@ -59,7 +59,7 @@ def smoothquant_pass(ctx: PassContext, cfg: SmoothQuantConfig) -> None:
     stats = observe_activations(ctx.denoiser, layers, ctx.calib, batch_size=cfg.batch_size, progress=ctx.progress, channel_amax=set(layers))
     members: dict[str, list[str]] = {}
     for name in layers:
-        members.setdefault(stats.groups[name], []).append(name)
+        members.setdefault(stats.lead(name), []).append(name)
     for lead, names in members.items():
         x_amax = torch.stack([stats.channel_amax[n] for n in names]).amax(dim=0)
         w_amax = torch.stack([input_channel_amax(plan_weight(ctx, n)) for n in names]).amax(dim=0)
@@ -69,13 +69,13 @@ def smoothquant_pass(ctx: PassContext, cfg: SmoothQuantConfig) -> None:
 
 def write_smoothing(ctx: PassContext, names: list[str], s: torch.Tensor, note: str) -> None:
     """Record equivalent scaling by ``s`` (the input is divided by it, the weight multiplied)
-    for layers ``names`` reading one tensor: ``<layer>.act_smooth`` = 1/s rounded to FP16 (what
+    for layers ``names`` reading one tensor: the multiplier 1/s rounded to FP16 (what
     the graph holds; kept within [2^-10, 2^12] so that 2^k of power-of-two scaling still fits
-    FP16) and ``<layer>.weight`` = W / (1/s)."""
+    FP16) as the input site's multiplier, and the replacement weight W / (1/s)."""
     mult = round_scale((1.0 / s.float()).clamp(min=2.0**-10, max=2.0**12))
     for n in names:
         w = plan_weight(ctx, n).float()
         shape = [1, -1] + [1] * (w.dim() - 2)
-        ctx.plan.tensors[f"{n}.weight"] = (w / mult.reshape(shape)).contiguous()
-        ctx.plan.tensors[f"{n}.act_smooth"] = mult.clone()
+        ctx.plan.weights[n] = (w / mult.reshape(shape)).contiguous()
+        ctx.plan.layers[n].sites["input"].multiplier = mult.clone()
         ctx.plan.layers[n].notes.append(note)

@@ -36,5 +36,5 @@ def shortcut_split_pass(ctx: PassContext, cfg: ShortcutSplitConfig) -> None:
     for name, split in found.items():
         if any(fnmatch.fnmatchcase(name, p) for p in cfg.patterns):
             lp = ctx.plan.layers[name]
-            lp.split = split
+            lp.set_split(split)
             lp.notes.append(f"shortcut split: input channels [:{split}] and [{split}:] quantized separately")

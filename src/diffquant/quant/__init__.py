@@ -1,19 +1,28 @@
 """Numerics: formats, fake-quant with ONNX semantics, quantized layers, targeting, the plan."""
 
 from diffquant.quant.fake import fake_quant, round_scale, scale_from_amax
-from diffquant.quant.format import BitSetting, QuantFormat, parse_bits
-from diffquant.quant.modules import QuantConv2d, QuantLinear, apply_plan, quant_modules
-from diffquant.quant.plan import LayerPlan, QuantPlan, reduce_range, weights_digest
+from diffquant.quant.format import BitSetting, PerAxis, PerBlock, PerTensor, QuantFormat, parse_bits
+from diffquant.quant.modules import QuantConv2d, QuantLinear, SiteQuantizer, apply_plan, quant_modules
+from diffquant.quant.plan import BitsSummary, LayerPlan, PassReport, QuantPlan, reduce_range, weights_digest
+from diffquant.quant.site import Site, SiteKey
 from diffquant.quant.targeting import Rule, resolve_targets
 
 __all__ = [
     "BitSetting",
+    "BitsSummary",
     "LayerPlan",
+    "PassReport",
+    "PerAxis",
+    "PerBlock",
+    "PerTensor",
     "QuantConv2d",
     "QuantFormat",
     "QuantLinear",
     "QuantPlan",
     "Rule",
+    "Site",
+    "SiteKey",
+    "SiteQuantizer",
     "apply_plan",
     "fake_quant",
     "parse_bits",

@@ -8,9 +8,9 @@ from __future__ import annotations
 
 import torch
 
-from diffquant.quant.format import QuantFormat
+from diffquant.quant.format import PerAxis, PerTensor, QuantFormat
 
-__all__ = ["MIN_SCALE", "broadcast_scale", "fake_quant", "quantize_int", "round_scale", "scale_from_amax"]
+__all__ = ["MIN_SCALE", "broadcast_scale", "code_limits", "fake_quant", "quantize_int", "round_scale", "scale_from_amax"]
 
 # Smallest normal FP16 value: scales below it would be subnormal or round to 0 in an FP16 graph.
 MIN_SCALE = 2.0**-14
@@ -27,32 +27,64 @@ def scale_from_amax(amax: torch.Tensor, fmt: QuantFormat, dtype: torch.dtype = t
     return round_scale(amax.float() / fmt.qmax, dtype)
 
 
+def _along(v: torch.Tensor, x: torch.Tensor, axis: int) -> torch.Tensor:
+    shape = [1] * x.dim()
+    shape[axis] = -1
+    return v.reshape(shape)
+
+
 def broadcast_scale(scale: torch.Tensor, x: torch.Tensor, fmt: QuantFormat) -> torch.Tensor:
     """Reshape a scale so it broadcasts against ``x`` for the format's granularity."""
-    if fmt.granularity == "tensor":
+    g = fmt.granularity
+    if isinstance(g, PerTensor):
         return scale.reshape(())
-    if fmt.granularity == "channel":
-        shape = [1] * x.dim()
-        shape[fmt.axis] = -1
-        return scale.reshape(shape)
-    # block: scale [C_out, K // block] over a weight [C_out, K, ...]; blocks along dim 1
-    return scale.repeat_interleave(fmt.block_size, dim=1).reshape(
-        scale.shape[0], -1, *([1] * (x.dim() - 2))
-    )
+    if isinstance(g, PerAxis):
+        return _along(scale, x, g.axis)
+    # block: scale [C_out, K // size] over a weight [C_out, K, ...]; blocks along dim 1
+    return scale.repeat_interleave(g.size, dim=1).reshape(scale.shape[0], -1, *([1] * (x.dim() - 2)))
+
+
+def code_limits(fmt: QuantFormat, x: torch.Tensor) -> tuple:
+    """(lowest, highest) code of the grid, broadcastable against ``x`` (per channel for mixed widths)."""
+    if not fmt.mixed:
+        return fmt.qmin, fmt.qmax
+    axis = fmt.granularity.axis
+    return _along(fmt.qmin.to(x.device), x, axis), _along(fmt.qmax.to(x.device), x, axis)
+
+
+def _binary(fmt: QuantFormat, x: torch.Tensor) -> torch.Tensor | None:
+    """Where the grid has one bit (two levels, the sign): a mask broadcastable against ``x``."""
+    if not fmt.mixed:
+        return torch.tensor(True) if fmt.bits == 1 else None
+    mask = torch.tensor([b == 1 for b in fmt.bits])
+    return _along(mask.to(x.device), x, fmt.granularity.axis) if bool(mask.any()) else None
+
+
+def _round(v: torch.Tensor, fmt: QuantFormat) -> torch.Tensor:
+    """Round half to even (the sign on one-bit channels), not yet clamped."""
+    one = _binary(fmt, v)
+    q = torch.round(v)
+    return q if one is None else torch.where(one, torch.where(v >= 0, 1.0, -1.0), q)
+
+
+def _codes(v: torch.Tensor, fmt: QuantFormat) -> torch.Tensor:
+    lo, hi = code_limits(fmt, v)
+    return torch.clamp(_round(v, fmt), lo, hi)
 
 
 def quantize_int(x: torch.Tensor, scale: torch.Tensor, fmt: QuantFormat) -> torch.Tensor:
     """Integer codes (as float) of ``x`` on the format's grid; no gradient."""
-    s = broadcast_scale(scale, x, fmt)
-    return torch.clamp(torch.round(x / s), fmt.qmin, fmt.qmax)
+    return _codes(x / broadcast_scale(scale, x, fmt), fmt)
 
 
 def fake_quant(x: torch.Tensor, scale: torch.Tensor, fmt: QuantFormat, ste: bool = False) -> torch.Tensor:
     """Quantize-dequantize ``x``. With ``ste`` the rounding passes gradients straight through
-    (clipped elements get none), so the function can sit inside a training loop."""
+    (clipped elements get none), so the function can sit inside a training loop; the step
+    sizes get LSQ's gradient either way."""
     s = broadcast_scale(scale, x, fmt)
     if not ste:
-        return torch.clamp(torch.round(x / s), fmt.qmin, fmt.qmax) * s
+        return _codes(x / s, fmt) * s
     v = x / s
-    v = v + (torch.round(v) - v).detach()
-    return torch.clamp(v, fmt.qmin, fmt.qmax) * s
+    lo, hi = code_limits(fmt, v)
+    q = v + (_round(v, fmt) - v).detach()
+    return torch.clamp(q, lo, hi) * s

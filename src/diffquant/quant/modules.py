@@ -1,7 +1,9 @@
 """Fake-quant Conv2d / Linear wrappers and `apply_plan`, which builds the fake-quant model.
 
 The wrappers subclass the torch layers, so module and parameter names stay those of the FP
-model (the plan and the ONNX graph refer to layers by these names).
+model (the plan and the ONNX graph refer to layers by these names). Each plan site becomes a
+`SiteQuantizer` child holding that site's format and tensors as buffers (they move with the
+model to any device).
 """
 
 from __future__ import annotations
@@ -13,12 +15,10 @@ from torch import nn
 from diffquant.errors import DiffquantError
 from diffquant.quant.fake import fake_quant
 from diffquant.quant.format import QuantFormat
-from diffquant.quant.plan import QuantPlan, input_multiplier, pts_at, weights_digest
+from diffquant.quant.plan import OUT_FORMAT, LayerPlan, QuantPlan, weights_digest
+from diffquant.quant.site import Site, SiteKey, input_multiplier, pts_at
 
-__all__ = ["OUT_FORMAT", "QuantConv2d", "QuantLinear", "apply_plan", "quant_modules", "smooth_input"]
-
-# layer outputs are requantized (onnxruntime target) per tensor on the 8-bit grid
-OUT_FORMAT = QuantFormat(bits=8)
+__all__ = ["OUT_FORMAT", "QuantConv2d", "QuantLinear", "SiteQuantizer", "apply_plan", "quant_modules", "smooth_input"]
 
 
 def smooth_input(x: torch.Tensor, multiplier: torch.Tensor, conv: bool) -> torch.Tensor:
@@ -29,104 +29,151 @@ def smooth_input(x: torch.Tensor, multiplier: torch.Tensor, conv: bool) -> torch
     return x * multiplier.reshape(shape)
 
 
+class SiteQuantizer(nn.Module):
+    """One plan site in the fake-quant model: its format, its scale (a buffer, or a Parameter
+    while a pass trains it), and for input sites the smoothing multiplier and PTS exponents.
+    ``group`` picks the timestep group's step; ``ste`` passes rounding gradients straight
+    through; ``enabled`` False lets values pass unquantized (weights-only training)."""
+
+    def __init__(self, site: Site) -> None:
+        super().__init__()
+        self.key: SiteKey = site.key
+        self.format: QuantFormat = site.format
+        self.register_buffer("scale", site.scale.float().clone() if site.scale is not None else torch.ones(1))
+        self.register_buffer("multiplier", None if site.multiplier is None else site.multiplier.float().clone())
+        self.register_buffer("pts", None if site.pts is None else site.pts.float().clone())
+        self.group = 0
+        self.ste = False
+        self.enabled = True
+
+    def step(self) -> torch.Tensor:
+        """The step in use: a weight site's whole scale, an activation site's current group's."""
+        if self.key.role == "weight":
+            return self.scale
+        s = self.scale.reshape(-1)
+        return s[self.group if len(s) > 1 else 0]
+
+    def exponents(self) -> torch.Tensor | None:
+        return pts_at(self.pts, self.group)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return fake_quant(x, self.step(), self.format, ste=self.ste) if self.enabled else x
+
+    def extra_repr(self) -> str:
+        return f"{self.key}, bits={self.format.bits}"
+
+
 class _QuantMixin:
-    """Input (activation) and weight fake-quant around the FP op. ``capture`` keeps the last
-    quantized input so parity checks can compare it with the graph's DequantizeLinear output.
+    """Input (activation) and weight fake-quant around the FP op, from the layer's sites.
+    ``capture`` keeps the last quantized input so parity checks can compare it with the
+    graph's DequantizeLinear output.
 
-    Optional parts, all set from the plan: ``act_smooth`` multiplies the input per channel
-    before its quantizer (equivalent scaling); ``act_pts`` (exponents k per input channel, [C]
-    or [G, C]) multiplies it by 2^k there too and the quantized weight by 2^-k (DMQ's
-    power-of-two scaling: a finer activation step for small channels); ``split`` > 0 quantizes input channels
-    ``[:split]`` with ``act_scale`` and ``[split:]`` with ``act_scale_split`` (shortcut split).
-    For training passes, ``ste`` passes rounding gradients straight through and ``weight_fn``
-    (if set) supplies the quantized weight (AdaRound's soft rounding)."""
+    The input site's multiplier (equivalent scaling) and 2^k of its PTS exponents multiply the
+    input per channel before its quantizer, and 2^-k the quantized weight (DMQ's power-of-two
+    scaling). With two input sites (a shortcut split) channels ``[:split]`` and ``[split:]``
+    are quantized separately. For training passes ``weight_fn`` (if set) supplies the
+    quantized weight (AdaRound's soft rounding, LoRA-merged weights)."""
 
-    weight_format: QuantFormat | None
-    act_format: QuantFormat | None
+    weight_quantizer: SiteQuantizer | None
+    input_quantizers: nn.ModuleList
+    output_quantizer: SiteQuantizer | None
     capture: bool
     captured: torch.Tensor | None
 
-    def _init_quant(self, weight_format, act_format) -> None:
-        self.weight_format = weight_format
-        self.act_format = act_format
-        self.register_buffer("weight_scale", torch.ones(self.weight.shape[0]))
-        self.register_buffer("act_scale", torch.ones(()))
-        self.act_scale_split: torch.Tensor | None = None
-        self.act_smooth: torch.Tensor | None = None
-        self.act_pts: torch.Tensor | None = None
-        self.split = 0
-        self.out_scale: torch.Tensor | None = None  # set: requantize the output (onnxruntime target)
+    def _init_quant(self, lp: LayerPlan, with_output: bool) -> None:
+        self.weight_quantizer = SiteQuantizer(lp.weight_site) if lp.weight_site is not None else None
+        self.input_quantizers = nn.ModuleList([SiteQuantizer(s) for s in lp.input_sites])
+        out = lp.output_site
+        self.output_quantizer = SiteQuantizer(out) if with_output and out is not None and out.scale is not None else None
+        self.split = lp.split
         self.capture = False
         self.captured = None
-        self.ste = False
         self.weight_fn = None
+
+    # read-only views used by evaluation code
+    @property
+    def weight_format(self) -> QuantFormat | None:
+        return None if self.weight_quantizer is None else self.weight_quantizer.format
+
+    @property
+    def weight_scale(self) -> torch.Tensor:
+        return self.weight_quantizer.scale
+
+    @property
+    def act_format(self) -> QuantFormat | None:
+        return self.input_quantizers[0].format if len(self.input_quantizers) else None
+
+    def set_group(self, group: int) -> None:
+        for q in self.site_quantizers():
+            q.group = group
+
+    def set_ste(self, on: bool) -> None:
+        for q in self.site_quantizers():
+            q.ste = on
+
+    def site_quantizers(self) -> list[SiteQuantizer]:
+        return [q for q in (self.weight_quantizer, *self.input_quantizers, self.output_quantizer) if q is not None]
 
     def quant_weight(self) -> torch.Tensor:
         if self.weight_fn is not None:
             w = self.weight_fn()
-        elif self.weight_format is None:
+        elif self.weight_quantizer is None:
             w = self.weight
         else:
-            w = fake_quant(self.weight, self.weight_scale, self.weight_format, ste=self.ste)
+            w = self.weight_quantizer(self.weight)
         k = self._pts()
         if k is not None:
             w = w * torch.exp2(-k).reshape([1, -1] + [1] * (w.dim() - 2))
         return w
 
-    group: int = 0  # current timestep group (set by apply_plan's hook when the plan has several)
-
     def _pts(self) -> torch.Tensor | None:
-        return pts_at(self.act_pts, self.group)
+        return self.input_quantizers[0].exponents() if len(self.input_quantizers) else None
 
     def input_multiplier(self) -> torch.Tensor | None:
         """The per-input-channel factor before the activation quantizer (smoothing x 2^k)."""
-        return input_multiplier(self.act_smooth, self._pts())
-
-    def _at_group(self, s: torch.Tensor) -> torch.Tensor:
-        """A scalar scale, or the current group's entry of a per-group one."""
-        return s if s.dim() == 0 else s[self.group]
+        if not len(self.input_quantizers):
+            return None
+        return input_multiplier(self.input_quantizers[0].multiplier, self._pts())
 
     def quant_output(self, y: torch.Tensor) -> torch.Tensor:
-        return y if self.out_scale is None else fake_quant(y, self._at_group(self.out_scale), OUT_FORMAT)
+        return y if self.output_quantizer is None else self.output_quantizer(y)
 
     def quant_input(self, x: torch.Tensor) -> torch.Tensor:
         mult = self.input_multiplier()
         if mult is not None:
             x = smooth_input(x, mult, isinstance(self, nn.Conv2d))
-        if self.act_format is not None:
-            if self.split:
-                a = fake_quant(x[:, : self.split], self._at_group(self.act_scale), self.act_format, ste=self.ste)
-                b = fake_quant(x[:, self.split :], self._at_group(self.act_scale_split), self.act_format, ste=self.ste)
-                x = torch.cat([a, b], dim=1)
-            else:
-                x = fake_quant(x, self._at_group(self.act_scale), self.act_format, ste=self.ste)
+        qs = self.input_quantizers
+        if len(qs) == 2:
+            x = torch.cat([qs[0](x[:, : self.split]), qs[1](x[:, self.split :])], dim=1)
+        elif len(qs) == 1:
+            x = qs[0](x)
         if self.capture:
             self.captured = x.detach()
         return x
 
 
 class QuantConv2d(_QuantMixin, nn.Conv2d):
-    """nn.Conv2d with per-output-channel weight and per-tensor input fake-quant."""
+    """nn.Conv2d with its plan sites' fake-quant on input, weight and (optionally) output."""
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.quant_output(self._conv_forward(self.quant_input(x), self.quant_weight(), self.bias))
 
 
 class QuantLinear(_QuantMixin, nn.Linear):
-    """nn.Linear with per-output-channel weight and per-tensor input fake-quant."""
+    """nn.Linear with its plan sites' fake-quant on input and weight."""
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return F.linear(self.quant_input(x), self.quant_weight(), self.bias)
 
 
-def _wrap(module: nn.Module, wf: QuantFormat | None, af: QuantFormat | None) -> nn.Module:
+def _wrap(module: nn.Module, lp: LayerPlan, with_output: bool) -> nn.Module:
     cls = QuantConv2d if isinstance(module, nn.Conv2d) else QuantLinear
     new = cls.__new__(cls)
     new.__dict__ = module.__dict__.copy()
     new._parameters = dict(module._parameters)
     new._buffers = dict(module._buffers)
     new._modules = dict(module._modules)
-    new._init_quant(wf, af)
+    new._init_quant(lp, with_output)
     return new
 
 
@@ -138,10 +185,10 @@ def _set_submodule(root: nn.Module, name: str, module: nn.Module) -> None:
 
 def apply_plan(model: nn.Module, plan: QuantPlan, check_digest: bool = True, target: str = "tensorrt", require_frozen: bool = True) -> nn.Module:
     """Replace every quantized layer of ``model`` (in place) by its fake-quant wrapper, loaded
-    with the plan's scales and any replacement weights. Returns ``model``.
+    with the plan's sites and any replacement weights. Returns ``model``.
 
     ``target="onnxruntime"`` also requantizes the outputs of quantized convs with the plan's
-    8-bit output scales, as that target's graph does (so QLinearConv fuses).
+    8-bit output sites, as that target's graph does (so QLinearConv fuses).
     ``require_frozen=False`` lets passes build the fake-quant model of a plan being decided."""
     if require_frozen and plan.state not in ("frozen", "exported"):
         raise DiffquantError(f"plan for {plan.model} is {plan.state!r}, not frozen: finish `diffquant quantize` first")
@@ -154,23 +201,10 @@ def apply_plan(model: nn.Module, plan: QuantPlan, check_digest: bool = True, tar
     for lp in plan.quantized_layers():
         if lp.name not in modules:
             raise DiffquantError(f"plan names layer {lp.name!r}, which this model does not have")
-        q = _wrap(modules[lp.name], lp.weight, lp.act)
-        with torch.no_grad():
-            if f"{lp.name}.weight" in plan.tensors:
-                q.weight.copy_(plan.tensors[f"{lp.name}.weight"])
-            if lp.weight:
-                q.weight_scale = plan.weight_scale(lp.name).float().clone()
-            if lp.act:
-                q.act_scale = plan.act_scale(lp.name).float().clone()
-                if lp.split:
-                    q.split = lp.split
-                    q.act_scale_split = plan.act_scale(lp.name, half=1).float().clone()
-            if f"{lp.name}.act_smooth" in plan.tensors:
-                q.act_smooth = plan.tensors[f"{lp.name}.act_smooth"].float().clone()
-            if f"{lp.name}.act_pts" in plan.tensors:
-                q.act_pts = plan.tensors[f"{lp.name}.act_pts"].float().clone()
-            if target == "onnxruntime" and lp.op == "conv" and lp.act and f"{lp.name}.out_scale" in plan.tensors:
-                q.out_scale = plan.tensors[f"{lp.name}.out_scale"].float().clone()
+        q = _wrap(modules[lp.name], lp, target == "onnxruntime" and lp.op == "conv" and lp.act is not None)
+        if lp.name in plan.weights:
+            with torch.no_grad():
+                q.weight.copy_(plan.weights[lp.name])
         _set_submodule(model, lp.name, q)
     if plan.n_groups > 1:
         _install_group_hook(model, plan)
@@ -178,9 +212,9 @@ def apply_plan(model: nn.Module, plan: QuantPlan, check_digest: bool = True, tar
 
 
 def _install_group_hook(model: nn.Module, plan: QuantPlan) -> None:
-    """Before every forward, point each wrapper at the timestep group of the batch's timestep
-    (the diffusers ``timestep`` argument); a batch mixing groups is refused. The wrappers are
-    looked up on the module the hook runs on, so a deep copy of the model switches its own."""
+    """Before every forward, point each site quantizer at the timestep group of the batch's
+    timestep (the diffusers ``timestep`` argument); a batch mixing groups is refused. The
+    quantizers are looked up on the module the hook runs on, so a deep copy switches its own."""
 
     def hook(root: nn.Module, args: tuple, kwargs: dict) -> None:
         t = kwargs.get("timestep", args[1] if len(args) > 1 else None)
@@ -191,7 +225,7 @@ def _install_group_hook(model: nn.Module, plan: QuantPlan) -> None:
             raise DiffquantError(f"one batch mixes timestep groups {sorted(groups)}; run each group's timesteps separately")
         g = groups.pop()
         for m in quant_modules(root).values():
-            m.group = g
+            m.set_group(g)
 
     old = getattr(model, "_diffquant_group_hook", None)
     if old is not None:

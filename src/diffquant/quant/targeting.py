@@ -12,6 +12,7 @@ from dataclasses import asdict, dataclass, field
 from torch import nn
 
 from diffquant.errors import DiffquantError
+from diffquant.quant.format import parse_bits
 
 __all__ = ["QUANTIZABLE", "Rule", "TargetDecision", "resolve_targets", "rule_to_dict", "rules_from_dicts"]
 
@@ -21,14 +22,21 @@ QUANTIZABLE: tuple[type[nn.Module], ...] = (nn.Conv2d, nn.Linear)
 @dataclass(frozen=True)
 class Rule:
     """``quantize`` layers whose name matches ``pattern`` (and whose class is in ``classes``,
-    if given); ``weights``/``activations`` switch off one side (weight-only, say)."""
+    if given); ``weights``/``activations`` switch off one side (weight-only, say); ``bits``
+    (a bit string such as ``w8a8``) gives the matched layers their own formats instead of the
+    plan's (MPQ-DM keeps the time embedding, first and last layer at W8A8)."""
 
     pattern: str = "*"
     classes: tuple[str, ...] = ()
     quantize: bool = True
     weights: bool = True
     activations: bool = True
+    bits: str = ""
     name: str = ""
+
+    def __post_init__(self) -> None:
+        if self.bits:
+            parse_bits(self.bits)
 
     def matches(self, layer: str, module: nn.Module) -> bool:
         if self.classes and type(module).__name__ not in self.classes and not any(
@@ -51,6 +59,7 @@ class TargetDecision:
     quantize: bool
     weights: bool = False
     activations: bool = False
+    bits: str = ""
     history: list[str] = field(default_factory=list)
 
 
@@ -88,6 +97,7 @@ def resolve_targets(model: nn.Module, rules: list[Rule]) -> dict[str, TargetDeci
                 dec.quantize = rule.quantize and (rule.weights or rule.activations)
                 dec.weights = rule.quantize and rule.weights
                 dec.activations = rule.quantize and rule.activations
+                dec.bits = rule.bits if rule.quantize else ""
                 dec.history.append(dec.rule)
         out[name] = dec
     return out
