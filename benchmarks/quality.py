@@ -6,9 +6,13 @@ fake-quant numbers beside them.
     python benchmarks/quality.py                       # N = 1000, both models, every row
     python benchmarks/quality.py --samples 100 --only minmax:w8a8,qdiffusion:w4a8
 
+Rows: the recipes at W8A8 / W4A8 / W4A6, and minmax, qdiffusion, dmq, efficientdm and mpqdm at
+MPQ-DM's low-bit settings (W2A4, W3A4, W4A4, W2A6); ablations of dmq (W4A8) and mpqdm (W2A4), one
+component changed at a time. FD to the FP samples of the same seeds is the leading column.
+
 Writes benchmarks/results/quality.json (a list of rows; rows already there for the same model,
-recipe, bits, graph and N are kept and skipped, so a stopped run continues), quality.md, and a
-sample grid per row under benchmarks/results/quality/. Where ``nvidia-modelopt`` is installed
+recipe, bits, graph and N are kept and skipped, so a stopped run continues), quality.md,
+<recipe>_ablation.md, and a sample grid per row under benchmarks/results/quality/. Where ``nvidia-modelopt`` is installed
 (``pip install .[peers]``) ModelOpt's own INT8 SmoothQuant fake-quant runs on the same model
 and calibration data as a peer row (graph ``fake_quant``: ModelOpt's simulation, not exported).
 """
@@ -22,6 +26,7 @@ import re
 import sys
 import tempfile
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import onnx
@@ -56,19 +61,41 @@ CONFIGS = [
     ("dmq", "w4a8"),
     ("dmq", "w4a6"),
 ]
-# DMQ ablation (W4A8, one component changed from the full recipe; the full recipe is the
-# ``dmq`` row): (component, variant label, overrides)
-ABLATION_BITS = "w4a8"
-ABLATIONS = [
-    ("equivalent scaling", "none (tau = 1)", {"les": {"iters": 0, "init": "one"}}),
-    ("equivalent scaling", "SmoothQuant heuristic (alpha 0.5)", {"les": {"iters": 0, "init": "smoothquant"}}),
-    ("timestep weighting", "uniform", {"les": {"timestep_weighting": "uniform"}, "reconstruct": {"timestep_weighting": "uniform"}}),
-    ("timestep weighting", "linear", {"les": {"timestep_weighting": "linear"}, "reconstruct": {"timestep_weighting": "linear"}}),
-    ("PTS", "none", {"pts": {"max_k": 0}}),
-    ("PTS", "MSE-selected", {"pts": {"select": "mse"}}),
-    ("PTS layers", "all layers (voted)", {"pts": {"layers": ["all"]}}),
-]
-FULL = {"equivalent scaling": "LES", "timestep weighting": "adaptive", "PTS": "voted", "PTS layers": "skip convs only"}
+# the low-bit settings of MPQ-DM's tables, for every recipe
+LOW_BITS = ("w2a4", "w3a4", "w4a4", "w2a6")
+CONFIGS += [(r, b) for b in LOW_BITS for r in ("minmax", "qdiffusion", "dmq", "efficientdm", "mpqdm")]
+
+
+@dataclass(frozen=True)
+class AblationSet:
+    """One component changed at a time from a full recipe (whose own row is the reference): the
+    bits, the full recipe's choice per component, (component, variant, overrides), and the
+    baseline row shown above them (recipe, label)."""
+
+    bits: str
+    full: dict
+    variants: list
+    reference: tuple
+
+
+ABLATIONS = {
+    "dmq": AblationSet("w4a8", {"equivalent scaling": "LES", "timestep weighting": "adaptive", "PTS": "voted", "PTS layers": "skip convs only"}, [
+        ("equivalent scaling", "none (tau = 1)", {"les": {"iters": 0, "init": "one"}}),
+        ("equivalent scaling", "SmoothQuant heuristic (alpha 0.5)", {"les": {"iters": 0, "init": "smoothquant"}}),
+        ("timestep weighting", "uniform", {"les": {"timestep_weighting": "uniform"}, "reconstruct": {"timestep_weighting": "uniform"}}),
+        ("timestep weighting", "linear", {"les": {"timestep_weighting": "linear"}, "reconstruct": {"timestep_weighting": "linear"}}),
+        ("PTS", "none", {"pts": {"max_k": 0}}),
+        ("PTS", "MSE-selected", {"pts": {"select": "mse"}}),
+        ("PTS layers", "all layers (voted)", {"pts": {"layers": ["all"]}}),
+    ], ("qdiffusion", "qdiffusion W4A8")),
+    "mpqdm": AblationSet("w2a4", {"OMQ": "g in 0..5 by output MSE", "OMQ channels": "by kurtosis", "TRD": "on, graph kept"}, [
+        ("OMQ", "off (uniform N bits)", {"omq": {"max_g": 0}}),
+        ("OMQ", "g in {0, 1} (released code)", {"omq": {"search": "official"}}),
+        ("OMQ channels", "random", {"omq": {"select": "random"}}),
+        ("TRD", "off", {"efficientdm": {"trd": "off"}}),
+        ("TRD", "detached (released code)", {"efficientdm": {"trd": "detached"}}),
+    ], ("efficientdm", "efficientdm W2A4 (OMQ and TRD off)")),
+}
 KEYS = ("model", "recipe", "bits", "graph", "n_samples")
 PEER = "ModelOpt int8-smoothquant (peer)"
 
@@ -197,17 +224,17 @@ def write_markdown(rows: list[dict], path: Path) -> None:
         "of equal N (the fake-quant rows use N = 250, the deployed rows N = 1000). `quantize s` is wall time on the",
         "benchmark machine, including whatever else ran beside it.",
         "",
-        "`FD to FP` is the Frechet distance between a row's samples and the FP samples of the same seeds (same",
-        "classifier features; measured where the column is filled): unlike FD to the real digits it grows with every",
-        "departure from the FP model.",
+        "`FD to FP` (the leading quality column) is the Frechet distance between a row's samples and the FP samples of",
+        "the same seeds (same classifier features; measured where the column is filled): unlike FD to the real digits,",
+        "which on digits-sd rewards drifting away from FP, it grows with every departure from the FP model.",
         "",
-        "| model | recipe | bits | graph | N | FD | FD to FP | acc | PSNR | SSIM | parity steps | quantize s |",
+        "| model | recipe | bits | graph | N | FD to FP | FD | acc | PSNR | SSIM | parity steps | quantize s |",
         "|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     f = lambda v, p=2: "-" if v is None else f"{v:.{p}f}"  # noqa: E731
     for r in rows:
         lines.append(
-            f"| {r['model']} | {r['recipe']} | {r['bits']} | {r['graph']} | {r['n_samples']} | {f(r['fd'], 1)} | {f(r.get('fd_fp'), 1)} | {f(r['accuracy'], 3)} | "
+            f"| {r['model']} | {r['recipe']} | {r['bits']} | {r['graph']} | {r['n_samples']} | {f(r.get('fd_fp'), 1)} | {f(r['fd'], 1)} | {f(r['accuracy'], 3)} | "
             f"{f(r['psnr'])} | {f(r['ssim'], 3)} | {f(r['parity_max_step_error'], 0)} | {f(r.get('quantize_s'), 0)} |"
         )
     lines += ["", "## Sample grids", "", "First 50 samples of each deployed row (same seeds in every grid).", ""]
@@ -220,44 +247,51 @@ def write_markdown(rows: list[dict], path: Path) -> None:
     write_text_atomic(path, "\n".join(lines))
 
 
-def write_ablation_markdown(rows: list[dict], path: Path) -> None:
-    """dmq_ablation.md: per model, the full DMQ W4A8 row, then each variant (one component
-    changed), deployed and fake-quant side by side; FP and qdiffusion W4A8 for reference."""
+def write_ablation_markdown(rows: list[dict], recipe: str, path: Path) -> None:
+    """<recipe>_ablation.md: per model, the baseline and the full recipe's row, then each variant
+    (one component changed), deployed and fake-quant side by side, FD to FP first."""
+    ab = ABLATIONS[recipe]
+    bits = ab.bits.upper()
     lines = [
-        "# DMQ ablation (W4A8)",
+        f"# {recipe} ablation ({bits})",
         "",
         "Generated by `python benchmarks/quality.py` (rows in quality.json with an `ablation` key). Each variant",
-        "changes one component of the full `dmq` recipe: " + "; ".join(f"{k} = {v}" for k, v in FULL.items()) + ".",
+        f"changes one component of the full `{recipe}` recipe: " + "; ".join(f"{k} = {v}" for k, v in ab.full.items()) + ".",
         "**deployed**: the onnxruntime-target graph run by ONNX Runtime (fused kernels), N as in the quality table;",
         "**fake-quant**: the torch model of the same plan (smaller N: compare FD only within a column).",
-        "PSNR/SSIM and FD to FP are against the FP samples of the same seeds.",
+        "FD to FP, PSNR and SSIM are against the FP samples of the same seeds.",
         "",
     ]
     f = lambda v, p=2: "-" if v is None else f"{v:.{p}f}"  # noqa: E731
     by = {(r["model"], r["recipe"], r["bits"], r["graph"]): r for r in rows}
-    for model in sorted({r["model"] for r in rows if r.get("ablation")}):
+    prefix = f"{recipe} ablation: "
+    for model in sorted({r["model"] for r in rows if r.get("ablation") and r["recipe"].startswith(prefix)}):
         lines += [
             f"## {model}",
             "",
-            "| component | variant | FD | FD to FP | PSNR | SSIM | fake-quant FD | fake-quant PSNR | parity steps |",
-            "|---|---|---|---|---|---|---|---|---|",
+            "| component | variant | FD to FP | FD | PSNR | SSIM | fake-quant FD to FP | fake-quant PSNR | parity steps | quantize s |",
+            "|---|---|---|---|---|---|---|---|---|---|",
         ]
-        fp = by.get((model, "fp", "-", "deployed"))
-        if fp:
-            lines.append(f"| FP | - | {f(fp['fd'], 1)} | - | - | - | - | - | - |")
-        refs = [("reference", "qdiffusion W4A8", "qdiffusion"), ("full DMQ", "LES, adaptive, voted PTS on skip convs", "dmq")]
-        refs += [(r["ablation"].split(": ")[0], r["ablation"].split(": ", 1)[1], r["recipe"]) for r in rows if r["model"] == model and r.get("ablation") and r["graph"] == "deployed"]
-        for comp, variant, recipe in refs:
-            d, q = by.get((model, recipe, ABLATION_BITS, "deployed")), by.get((model, recipe, ABLATION_BITS, "fake_quant"))
+        refs = [("reference", ab.reference[1], ab.reference[0]), (f"full {recipe}", "; ".join(ab.full.values()), recipe)]
+        refs += [(r["ablation"].split(": ")[0], r["ablation"].split(": ", 1)[1], r["recipe"]) for r in rows
+                 if r["model"] == model and r["recipe"].startswith(prefix) and r["graph"] == "deployed"]
+        for comp, variant, name in refs:
+            d, q = by.get((model, name, ab.bits, "deployed")), by.get((model, name, ab.bits, "fake_quant"))
             if d is None:
                 continue
             lines.append(
-                f"| {comp} | {variant} | {f(d['fd'], 1)} | {f(d.get('fd_fp'), 1)} | {f(d['psnr'])} | {f(d['ssim'], 3)} | "
-                f"{f(q['fd'], 1) if q else '-'} | {f(q['psnr']) if q else '-'} | {f(d['parity_max_step_error'], 0)} |"
+                f"| {comp} | {variant} | {f(d.get('fd_fp'), 1)} | {f(d['fd'], 1)} | {f(d['psnr'])} | {f(d['ssim'], 3)} | "
+                f"{f(q.get('fd_fp'), 1) if q else '-'} | {f(q['psnr']) if q else '-'} | {f(d['parity_max_step_error'], 0)} | {f(d.get('quantize_s'), 0)} |"
             )
         lines.append("")
     if len(lines) > 8:
         write_text_atomic(path, "\n".join(lines))
+
+
+def write_all_markdown(rows: list[dict], out: Path) -> None:
+    write_markdown(rows, out / "quality.md")
+    for recipe in ABLATIONS:
+        write_ablation_markdown(rows, recipe, out / f"{recipe}_ablation.md")
 
 
 def write_text_atomic(path: Path, text: str) -> None:
@@ -278,7 +312,8 @@ def main() -> int:
     ap.add_argument("--label", default="", help="with --only and --set: the recipe name the rows get (a variant)")
     ap.add_argument("--markdown-only", action="store_true", help="rewrite quality.md from quality.json and stop")
     ap.add_argument("--force", action="store_true", help="with --only: recompute rows that exist already")
-    ap.add_argument("--ablations", default=None, help="models that get the DMQ ablation rows (default: digits-sd, none with --only; '' for none)")
+    ap.add_argument("--ablations", default=None, help="models that get the ablation rows (default: both models, none with --only; '' for none)")
+    ap.add_argument("--ablation-recipes", default=",".join(ABLATIONS), help=f"which recipes' ablations run (default: {','.join(ABLATIONS)})")
     ap.add_argument("--quiet", action="store_true")
     a = ap.parse_args()
     overrides = parse_overrides(a.overrides)
@@ -289,10 +324,10 @@ def main() -> int:
     rows = json.loads(jpath.read_text()) if jpath.exists() else []
     have = {tuple(r[k] for k in KEYS) for r in rows}
     if a.markdown_only:
-        write_markdown(rows, out / "quality.md")
-        write_ablation_markdown(rows, out / "dmq_ablation.md")
+        write_all_markdown(rows, out)
         return 0
-    ablate = set(filter(None, (a.ablations if a.ablations is not None else ("" if a.only else "digits-sd")).split(",")))
+    ablate = set(filter(None, (a.ablations if a.ablations is not None else ("" if a.only else a.models)).split(",")))
+    ablation_recipes = set(filter(None, a.ablation_recipes.split(",")))
     configs = [tuple(c.split(":")) for c in a.only.split(",")] if a.only else CONFIGS
     torch.manual_seed(0)
 
@@ -301,8 +336,7 @@ def main() -> int:
             rows[:] = [x for x in rows if tuple(x[k] for k in KEYS) != tuple(r[k] for k in KEYS)] + [r]
             print(f"{r['model']:10s} {r['recipe']:14s} {r['bits']:5s} {r['graph']:10s} N={r['n_samples']:4d} FD {r['fd']:7.1f} acc {r['accuracy']:.3f} PSNR {r['psnr'] or 0:6.2f}", flush=True)
         write_json(jpath, rows)
-        write_markdown(rows, out / "quality.md")
-        write_ablation_markdown(rows, out / "dmq_ablation.md")
+        write_all_markdown(rows, out)
 
     for model in a.models.split(","):
         b = Bench(model, a.samples, a.fq_samples, not a.quiet)
@@ -313,11 +347,13 @@ def main() -> int:
             if (model, a.label or recipe, bits, "deployed", a.samples) in have and not a.force:
                 continue
             add(run_recipe(b, recipe, bits, grids, overrides, a.label))
-        for component, variant, ov in ABLATIONS if model in ablate else []:
-            label = f"dmq ablation: {component} = {variant}"
-            if (model, label, ABLATION_BITS, "deployed", a.samples) not in have or a.force:
-                merged = {k: {**ov.get(k, {}), **overrides.get(k, {})} for k in {*ov, *overrides}}
-                add(run_recipe(b, "dmq", ABLATION_BITS, grids, merged, label, ablation=f"{component}: {variant}"))
+        for recipe in [r for r in ABLATIONS if r in ablation_recipes] if model in ablate else []:
+            ab = ABLATIONS[recipe]
+            for component, variant, ov in ab.variants:
+                label = f"{recipe} ablation: {component} = {variant}"
+                if (model, label, ab.bits, "deployed", a.samples) not in have or a.force:
+                    merged = {k: {**ov.get(k, {}), **overrides.get(k, {})} for k in {*ov, *overrides}}
+                    add(run_recipe(b, recipe, ab.bits, grids, merged, label, ablation=f"{component}: {variant}"))
         if (a.peers or not a.only) and (model, PEER, "w8a8", "fake_quant", a.fq_samples) not in have:
             add(run_modelopt_peer(b))
     return 0

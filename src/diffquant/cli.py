@@ -102,7 +102,7 @@ def cmd_run(a: argparse.Namespace) -> int:
 def cmd_demo(a: argparse.Namespace) -> int:
     a.out = a.out or f"runs/demo-{time.strftime('%Y%m%d-%H%M%S')}"
     a.model, a.recipe, a.bits, a.target, a.prompts, a.resolution = "builtin:digits-sd", "minmax", "w8a8", "tensorrt", "", None
-    a.steps, a.seed, a.guidance, a.calib_samples, a.parity_cosine, a.timestep_groups = 25, 0, 3.0, 32, 0.99, 1
+    a.steps, a.seed, a.guidance, a.calib_samples, a.parity_cosine, a.timestep_groups = 25, 0, 3.0, 32, 0.99, None
     a.overrides = []
     print(f"diffquant demo: quantizing builtin:digits-sd to W8A8 (minmax), exporting a TensorRT-ready Q/DQ graph, "
           f"and checking it with ONNX Runtime ({a.samples} samples) -> {a.out}")
@@ -292,7 +292,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     def run_args(p: argparse.ArgumentParser, samples: int) -> None:
         p.add_argument("--target", default="tensorrt", choices=TARGET_CHOICES, help="graph form: tensorrt (FP16, INT8 Q/DQ) or onnxruntime (FP32, fusable U8 Q/DQ)")
-        p.add_argument("--timestep-groups", type=int, default=1, help="G graphs with per-group activation scales (default 1)")
+        p.add_argument("--timestep-groups", type=int, default=None, help="G graphs with per-group activation scales (default: the recipe's, 1 for most)")
         p.add_argument("--samples", type=int, default=samples, help="samples for the quality metrics (equal per class)")
         p.add_argument("--steps", type=int, default=25, help="sampler steps (DDIM, or flow-matching Euler for SD3 / Flux)")
         p.add_argument("--seed", type=int, default=0)
@@ -331,7 +331,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--calib", default=None, help="calibration folder from `diffquant calibrate` (default: collect)")
     p.add_argument("--calib-samples", type=int, default=64)
     p.add_argument("--out", required=True, help="plan folder")
-    p.add_argument("--timestep-groups", type=int, default=1, help="activation scales per group of timesteps (export writes one graph per group)")
+    p.add_argument("--timestep-groups", type=int, default=None, help="activation scales per group of timesteps (export writes one graph per group; default: the recipe's, 1 for most)")
     p.set_defaults(fn=cmd_quantize)
 
     p = sub.add_parser("plan", help="print which targeting rule hit each layer and the decided format")

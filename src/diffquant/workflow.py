@@ -54,7 +54,7 @@ class RunConfig:
     bits: str | None = None
     target: str = "tensorrt"
     reduce_range: bool = False  # 7-bit weight grids (S8 weights exact on CPUs without VNNI)
-    timestep_groups: int = 1
+    timestep_groups: int | None = None
     out: str = "runs/sd-w8a8"
     samples: int = 256
     steps: int = 25

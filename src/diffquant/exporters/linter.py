@@ -4,6 +4,7 @@ U8 activations (zero point 128, the symmetric grid shifted) and Q/DQ on conv out
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -13,7 +14,7 @@ from onnx import numpy_helper
 
 from diffquant.errors import DiffquantError
 
-__all__ = ["LintReport", "Violation", "lint", "load_onnx"]
+__all__ = ["LintReport", "Violation", "declared_limits", "lint", "load_onnx"]
 
 WEIGHT_CONSUMERS = {"Conv", "ConvTranspose", "MatMul", "Gemm"}
 ACT_CONSUMERS = WEIGHT_CONSUMERS | {"Add"}
@@ -203,6 +204,41 @@ def lint(model: onnx.ModelProto, path: str = "<memory>", target: str | None = No
         if len(qs) > 1 and not g.is_const(tensor):
             for q in qs[1:]:
                 add("shared-tensor", q, f"tensor {tensor!r} has {len(qs)} QuantizeLinear nodes; shared tensors need one Q/DQ for all readers")
+    _check_weight_grids(model, g, add)
     if uses_int4_or_blocks and opset < 21:
         rep.violations.append(Violation("opset", "<model>", f"INT4 or block_size needs opset >= 21, model has {opset}"))
     return rep
+
+
+def declared_limits(bits: int | str, shift: int = 0) -> tuple[np.ndarray, np.ndarray]:
+    """Lowest and highest code per channel of a declared grid: ``bits`` one width or a string
+    of per-channel widths (one digit each); one bit is the sign (-1 / +1); ``shift`` is the
+    power-of-two left shift of the codes (PTS)."""
+    b = np.array([int(c) for c in bits] if isinstance(bits, str) else [int(bits)])
+    lo = np.where(b == 1, -1, -(2 ** (b - 1)))
+    hi = np.where(b == 1, 1, 2 ** (b - 1) - 1)
+    return lo * 2**shift, hi * 2**shift
+
+
+def _check_weight_grids(model: onnx.ModelProto, g, add) -> None:
+    """Every weight's integer codes stay inside the grid the exporter declared for it
+    (``diffquant.weight_grids``), per output channel: an n-bit grid in an INT8 container, or
+    MPQ-DM's per-channel N-1 / N / N+1-bit grids."""
+    meta = {p.key: p.value for p in model.metadata_props}
+    grids = json.loads(meta.get("diffquant.weight_grids", "{}"))
+    dq_of = {n.input[0]: n for n in model.graph.node if n.op_type == "DequantizeLinear"}
+    for name, d in grids.items():
+        dq = dq_of.get(name)
+        if name not in g.consts or dq is None:
+            continue
+        codes = g.consts[name].astype(np.int64) - int(d.get("zero_point", 0))
+        codes = np.moveaxis(codes, int(d["axis"]) % codes.ndim, 0).reshape(codes.shape[int(d["axis"]) % codes.ndim], -1)
+        lo, hi = declared_limits(d["bits"], int(d.get("shift", 0)))
+        if len(lo) not in (1, len(codes)):
+            add("weight-code-range", dq, f"{name}: {len(lo)} declared channel widths for {len(codes)} channels")
+            continue
+        bad = np.nonzero((codes.min(axis=1) < lo) | (codes.max(axis=1) > hi))[0]
+        if len(bad):
+            c = int(bad[0])
+            add("weight-code-range", dq, f"{name}: channel {c} has codes in [{codes[c].min()}, {codes[c].max()}] outside its declared "
+                f"[{lo[c % len(lo)]}, {hi[c % len(hi)]}] ({len(bad)} channel(s) out of range)")

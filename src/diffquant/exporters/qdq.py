@@ -76,6 +76,7 @@ class LoweringResult:
     model: onnx.ModelProto
     realized: dict[str, dict] = field(default_factory=dict)
     act_dq: dict[str, dict] = field(default_factory=dict)
+    weight_grids: dict[str, dict] = field(default_factory=dict)
 
 
 def graph_float_dtype(model: onnx.ModelProto) -> type:
@@ -110,7 +111,7 @@ def _weight_dq(lp: LayerPlan, w: torch.Tensor, scale: torch.Tensor, node: gs.Nod
     fmt: QuantFormat = lp.weight
     q = quantize_int(w.float(), scale.float(), fmt)
     name = lp.name
-    shift = ""
+    shift, big = "", 0
     if pts is not None:  # power-of-two scaling: codes * 2^(K - k) per input channel, scale s_w / 2^K
         big = int(pts.max())
         lo, hi = code_range(fmt)
@@ -148,7 +149,9 @@ def _weight_dq(lp: LayerPlan, w: torch.Tensor, scale: torch.Tensor, node: gs.Nod
     out = gs.Variable(f"{name}.weight_dq", dtype=fdtype)
     dq = gs.Node("DequantizeLinear", f"{name}.weight_DequantizeLinear", {"axis": axis}, [wq, ws, wz], [out])
     grid = f" (per-channel {min(fmt.bits)}..{max(fmt.bits)}-bit grids)" if fmt.mixed else "" if fmt.bits == 8 else f" ({fmt.bits}-bit grid)"
-    return out, {"node": dq, "axis": axis, "desc": f"{wdt.name.upper()}{grid} per-channel axis {axis}{shift}"}
+    bits = "".join(map(str, fmt.bits)) if fmt.mixed else fmt.bits
+    declared = {"axis": axis, "bits": bits, "shift": big, "zero_point": zp}
+    return out, {"node": dq, "axis": axis, "desc": f"{wdt.name.upper()}{grid} per-channel axis {axis}{shift}", "grid": (wq.name, declared)}
 
 
 def lower_plan(
@@ -207,6 +210,8 @@ def lower_plan(
             node.inputs[1] = dq_out
             if "int4" in wi:
                 int4.add(wi["int4"])
+            if "grid" in wi:
+                result.weight_grids[wi["grid"][0]] = wi["grid"][1]
             info["weight"] = wi["desc"]
         else:
             info["weight"] = "FP"
@@ -242,6 +247,7 @@ def lower_plan(
             "diffquant.timestep_range": json.dumps(plan.timestep_groups[group] if plan.timestep_groups else []),
             "diffquant.act_dq": json.dumps(result.act_dq),
             "diffquant.realized": json.dumps(result.realized),
+            "diffquant.weight_grids": json.dumps(result.weight_grids),
         }
     )
     del model.metadata_props[:]
@@ -383,6 +389,7 @@ def _split_conv(graph, node: gs.Node, lp: LayerPlan, w: torch.Tensor, plan: Quan
     w0, wi = _weight_dq(lp, w[:, :c], scale, node, "direct", fdtype, prof)
     w1, wi1 = _weight_dq(half1, w[:, c:], scale, node, "direct", fdtype, prof)
     graph.nodes += [wi["node"], wi1["node"]]
+    result.weight_grids.update(dict([wi["grid"], wi1["grid"]]))
     dqs = [
         _shared_qdq(graph, piece, LayerPlan.new(lp.name, lp.op, lp.rule, None, lp.act), float(plan.act_scale(lp.name, group, half)), None, "Conv", act_q, result, prof, fdtype, kind=f"act{half}")
         for half, piece in enumerate(cat.inputs)

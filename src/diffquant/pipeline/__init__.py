@@ -1,7 +1,9 @@
 """Passes that decide a QuantPlan, and recipes that compose them."""
 
-from diffquant.pipeline import les as _les  # noqa: F401  (registers the passes)
+from diffquant.pipeline import distill as _distill  # noqa: F401  (registers the passes)
+from diffquant.pipeline import les as _les  # noqa: F401
 from diffquant.pipeline import minmax as _minmax  # noqa: F401
+from diffquant.pipeline import omq as _omq  # noqa: F401
 from diffquant.pipeline import pts as _pts  # noqa: F401
 from diffquant.pipeline import reconstruct as _reconstruct  # noqa: F401
 from diffquant.pipeline import smoothquant as _smoothquant  # noqa: F401

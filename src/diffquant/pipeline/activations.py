@@ -211,10 +211,29 @@ def observe_activations(
     finally:
         for h in handles:
             h.remove()
-    # group quantizers whose first-batch input was the same tensor (kept alive in first_inputs)
+    stats.groups = _group_inputs(layers, splits, first_inputs)
+    return stats
+
+
+def _group_inputs(layers: list[str], splits: dict[str, int], first_inputs: dict[str, torch.Tensor]) -> dict[str, str]:
+    """Quantizer key -> the key leading its group: quantizers whose first-batch input was the
+    same tensor (kept alive in first_inputs), or an equal one computed twice by the same ops
+    (each ResBlock applies SiLU to the one time embedding; the exported graph computes it once,
+    so its readers share one Q/DQ)."""
     by_key: dict[tuple, str] = {}
+    by_value: dict[tuple, list[str]] = {}
+    groups: dict[str, str] = {}
     for name in layers:
         for key in quantizer_keys(name, splits.get(name, 0)):
             x = first_inputs.get(key)
-            stats.groups[key] = key if x is None else by_key.setdefault(_tensor_key(x), key)
-    return stats
+            if x is None:
+                groups[key] = key
+                continue
+            lead = by_key.setdefault(_tensor_key(x), key)
+            if lead == key:  # a new tensor: is it equal to one seen before?
+                cands = by_value.setdefault((tuple(x.shape), float(x.detach().float().sum())), [])
+                lead = next((c for c in cands if torch.equal(first_inputs[c], x)), key)
+                if lead == key:
+                    cands.append(key)
+            groups[key] = groups.get(lead, lead)
+    return groups

@@ -21,7 +21,7 @@ from diffquant.quant.targeting import Rule, TargetDecision, resolve_targets, rul
 
 __all__ = ["Recipe", "available_recipes", "decide_targets", "load_recipe", "quantize", "recipes_dir"]
 
-RECIPE_KEYS = {"name", "version", "description", "bits", "targeting", "use_default_skip", "passes"}
+RECIPE_KEYS = {"name", "version", "description", "bits", "targeting", "use_default_skip", "default_skip_bits", "timestep_groups", "passes"}
 
 
 def recipes_dir() -> Path:
@@ -34,7 +34,10 @@ def available_recipes() -> list[str]:
 
 @dataclass
 class Recipe:
-    """A resolved recipe: default bits, targeting rules, and (pass name, config) in order."""
+    """A resolved recipe: default bits, targeting rules, and (pass name, config) in order.
+    ``use_default_skip`` keeps the family's sensitive layers (first / last layer, time
+    embedding) in FP, or with ``default_skip_bits`` (``w8a8``) quantizes them at those bits;
+    ``timestep_groups`` is the default number of activation-step groups (TALSQ)."""
 
     name: str
     bits: str = "w8a8"
@@ -42,6 +45,8 @@ class Recipe:
     version: int = 1
     targeting: list[Rule] = field(default_factory=list)
     use_default_skip: bool = True
+    default_skip_bits: str = ""
+    timestep_groups: int = 1
     passes: list[tuple[str, Any]] = field(default_factory=list)
 
     def to_dict(self) -> dict:
@@ -53,6 +58,8 @@ class Recipe:
             "description": self.description,
             "bits": self.bits,
             "use_default_skip": self.use_default_skip,
+            "default_skip_bits": self.default_skip_bits,
+            "timestep_groups": self.timestep_groups,
             "targeting": [rule_to_dict(r) for r in self.targeting],
             "passes": [{"name": n, "config": asdict(c)} for n, c in self.passes],
         }
@@ -93,15 +100,23 @@ def load_recipe(name_or_path: str | Path, overrides: dict[str, dict] | None = No
         version=int(data.get("version", 1)),
         targeting=rules_from_dicts(data.get("targeting", []), str(path)),
         use_default_skip=bool(data.get("use_default_skip", True)),
+        default_skip_bits=str(data.get("default_skip_bits", "")),
+        timestep_groups=int(data.get("timestep_groups", 1)),
         passes=passes,
     )
     parse_bits(recipe.bits)
+    if recipe.default_skip_bits:
+        parse_bits(recipe.default_skip_bits)
+    if recipe.timestep_groups < 1:
+        raise DiffquantError(f"{path}: timestep_groups must be >= 1, got {recipe.timestep_groups}")
     return recipe
 
 
 def _rules(denoiser: Denoiser, recipe: Recipe, extra: list[Rule] | None) -> list[Rule]:
     rules = list(recipe.targeting)
-    if recipe.use_default_skip:
+    if recipe.use_default_skip and recipe.default_skip_bits:
+        rules += [Rule(pattern=p, bits=recipe.default_skip_bits, name=f"default-{recipe.default_skip_bits} {p}") for p in denoiser.skip]
+    elif recipe.use_default_skip:
         rules += [Rule(pattern=p, quantize=False, name=f"default-skip {p}") for p in denoiser.skip]
     return rules + list(extra or [])
 
@@ -118,10 +133,12 @@ def quantize(
     bits: str | None = None,
     extra_rules: list[Rule] | None = None,
     progress: bool = True,
-    timestep_groups: int = 1,
+    timestep_groups: int | None = None,
 ) -> QuantPlan:
     """Decide a frozen QuantPlan for ``denoiser`` by running ``recipe``'s passes on ``calib``;
-    ``timestep_groups`` > 1 gives each contiguous group of timesteps its own activation scales."""
+    ``timestep_groups`` > 1 gives each contiguous group of timesteps its own activation scales
+    (None: the recipe's default)."""
+    timestep_groups = recipe.timestep_groups if timestep_groups is None else timestep_groups
     setting = parse_bits(bits or recipe.bits)
     targets = decide_targets(denoiser, recipe, extra_rules)
     plan = QuantPlan(model=denoiser.name, model_digest=weights_digest(denoiser.model), request=setting.text, recipe=recipe.to_dict())

@@ -141,17 +141,6 @@ def _units(ctx: PassContext, granularity: str) -> list[tuple[str, list[str]]]:
     return sorted((u for u in units if u[0] in rank), key=lambda u: rank[u[0]])
 
 
-def _set_scale(q: SiteQuantizer, value: torch.Tensor) -> None:
-    """Put ``value`` on site quantizer ``q`` as its scale: a (possibly shared) Parameter while
-    training, a buffer otherwise."""
-    q._parameters.pop("scale", None)
-    q._buffers.pop("scale", None)
-    if isinstance(value, nn.Parameter):
-        q._parameters["scale"] = value
-    else:
-        q._buffers["scale"] = value
-
-
 def _quantizer(qmods: dict, key: str) -> SiteQuantizer:
     """The fake-quant model's quantizer of site ``key``."""
     sk = SiteKey.parse(key)
@@ -182,7 +171,7 @@ def _restore(plan, qmods: dict, tensors: dict[str, torch.Tensor]) -> None:
                 qmods[owner].weight.data.copy_(value)
         else:
             plan.sites[owner].scale = value.clone()
-            _set_scale(_quantizer(qmods, owner), value.float().clone())
+            _quantizer(qmods, owner).set_scale(value.float().clone())
 
 
 @dataclass
@@ -309,7 +298,7 @@ def _train_unit(ctx, cfg: ReconstructConfig, fp, qd, qmods, job: _Unit, data) ->
         act_params[g] = nn.Parameter(_quantizer(qmods, mems[0]).scale.detach().clone())
         for key in mems:
             if SiteKey.parse(key).module in names:
-                _set_scale(_quantizer(qmods, key), act_params[g])
+                _quantizer(qmods, key).set_scale(act_params[g])
     opt_w = torch.optim.Adam([r.v for r in rounders.values()], lr=cfg.lr) if rounders else None
     opt_a = torch.optim.Adam(list(act_params.values()), lr=cfg.act_lr) if act_params else None
     pbar = tqdm(range(cfg.iters), desc=unit, leave=False, disable=not ctx.progress)
@@ -353,7 +342,7 @@ def _train_unit(ctx, cfg: ReconstructConfig, fp, qd, qmods, job: _Unit, data) ->
         for key in job.act_groups[g]:
             site = plan.sites[key]
             site.scale = value.reshape(site.scale.shape).clone()
-            _set_scale(_quantizer(qmods, key), value.clone())
+            _quantizer(qmods, key).set_scale(value.clone())
             touched[f"{key}.scale"] = site.scale
     after = eval_loss()
     if not math.isfinite(after):

@@ -46,6 +46,22 @@ class SiteQuantizer(nn.Module):
         self.ste = False
         self.enabled = True
 
+    def set_scale(self, value: torch.Tensor) -> None:
+        """Use ``value`` as the scale: a (possibly shared) Parameter while a pass trains it,
+        a buffer otherwise."""
+        self._parameters.pop("scale", None)
+        self._buffers.pop("scale", None)
+        if isinstance(value, nn.Parameter):
+            self._parameters["scale"] = value
+        else:
+            self._buffers["scale"] = value
+
+    def train_scale(self) -> nn.Parameter:
+        """Turn the scale into a trainable Parameter (returned)."""
+        p = nn.Parameter(self.scale.detach().clone())
+        self.set_scale(p)
+        return p
+
     def step(self) -> torch.Tensor:
         """The step in use: a weight site's whole scale, an activation site's current group's."""
         if self.key.role == "weight":
