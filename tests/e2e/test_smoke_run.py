@@ -60,3 +60,21 @@ def test_smoke_dmq_run_digits_sd(tmp_path, monkeypatch, capsys):
     realized = json.loads((out / "realized.json").read_text())["layers"]
     assert any(v.get("act_multiplier", "").startswith("folded into") for v in realized.values())
     assert any("power-of-two" in v["weight"] for v in realized.values())
+
+
+@pytest.mark.e2e
+def test_smoke_mpqdm_run_digits_sd(tmp_path, monkeypatch, capsys):
+    # MPQ-DM end to end at its default W2A4: OMQ's mixed grids and the merged LoRA deploy as
+    # four timestep-group graphs that keep parity; the report renders the passes' tables
+    monkeypatch.setenv("DIFFQUANT_CACHE", str(tmp_path / "cache"))
+    out = tmp_path / "run"
+    rc = main(["run", "--model", "builtin:digits-sd", "--recipe", "mpqdm", "--target", "onnxruntime",
+               "--set", "omq.samples=32", "--set", "efficientdm.iters=10", "--set", "efficientdm.steps=5",
+               "--out", str(out), "--samples", "20", "--steps", "10", "--calib-samples", "8", "--quiet"])
+    assert rc == 0, capsys.readouterr()
+    r = json.loads((out / "report.json").read_text())
+    assert r["recipe"] == "mpqdm" and r["bits"] == "w2a4" and r["parity"]["max_step_error"] <= 1.0
+    assert len(r["graphs"]) == 4 and r["plan_bits"]["act_bits"] == [4, 8]
+    md = (out / "report.md").read_text()
+    assert "Outlier-driven mixed quantization" in md and "Low-rank distillation" in md
+    assert main(["lint", r["graphs"][0]]) == 0

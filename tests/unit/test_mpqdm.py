@@ -129,3 +129,16 @@ def test_trd_loss_is_zero_for_equal_relations_and_positive_otherwise():
     assert float(trd_loss(f, f)) == pytest.approx(0.0, abs=1e-5)
     assert float(trd_loss(f, torch.randn(2, 8, 4, 4))) > 0
     assert float(trd_loss(f, 3 * f)) == pytest.approx(0.0, abs=1e-5)  # channel scale does not matter
+
+
+def test_recipe_sets_timestep_groups_and_8bit_sensitive_layers(calib_cache):
+    d = make_tiny_unet()
+    calib = tiny_calib(d, calib_cache)
+    recipe = load_recipe("efficientdm", {"efficientdm": {"iters": 0}})
+    assert recipe.timestep_groups == 4 and recipe.default_skip_bits == "w8a8"
+    recipe.timestep_groups = len(calib.timesteps)
+    plan = quantize(d, recipe, calib, progress=False)  # no explicit groups: the recipe's
+    assert plan.n_groups == len(calib.timesteps)
+    assert all(s.scale.numel() == plan.n_groups for lp in plan.quantized_layers() for s in lp.input_sites)
+    assert plan.layers["conv_in"].rule.startswith("default-w8a8") and plan.layers["conv_in"].weight.bits == 8
+    assert plan.bits.act_bits == (4, 8) and 2 < plan.bits.weight_bits < 8

@@ -4,12 +4,13 @@ the training passes (reconstruction, LES, PTS)."""
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from diffquant.models.inputs import NamedInputs
 from diffquant.pipeline.context import PassContext
 
-__all__ = ["capture", "out_tensor", "per_sample_loss", "pick_samples", "select"]
+__all__ = ["capture", "layer_output", "out_tensor", "per_sample_loss", "pick_samples", "select"]
 
 
 class _StopForwardError(Exception):
@@ -103,3 +104,8 @@ def per_sample_loss(out: torch.Tensor, tgt: torch.Tensor) -> torch.Tensor:
     return err.reshape(len(err), -1).mean(dim=1) * channels
 
 
+
+
+def layer_output(mod: nn.Module, x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+    """A Conv2d's or Linear's output on input ``x`` with weight ``w`` in place of its own."""
+    return mod._conv_forward(x, w, mod.bias) if isinstance(mod, nn.Conv2d) else F.linear(x, w, mod.bias)

@@ -20,13 +20,12 @@ import time
 from dataclasses import dataclass, field
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 from tqdm.auto import tqdm
 
 from diffquant.errors import DiffquantError
 from diffquant.pipeline.activations import observe_activations
-from diffquant.pipeline.capture import capture, per_sample_loss, pick_samples
+from diffquant.pipeline.capture import capture, layer_output, per_sample_loss, pick_samples
 from diffquant.pipeline.context import PassContext
 from diffquant.pipeline.minmax import plan_weight
 from diffquant.pipeline.registry import register_pass
@@ -67,9 +66,6 @@ class LESConfig:
             raise ValueError(f"alpha must be in [0, 1], got {self.alpha}")
 
 
-def _layer_out(mod: nn.Module, x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
-    return mod._conv_forward(x, w, mod.bias) if isinstance(mod, nn.Conv2d) else F.linear(x, w, mod.bias)
-
 
 def _quant_out(mod: nn.Module, lp, x: torch.Tensor, w: torch.Tensor, tau: torch.Tensor) -> torch.Tensor:
     """The layer on Q(X / tau) and Q(tau * W), with dynamic ranges and straight-through rounding."""
@@ -78,7 +74,7 @@ def _quant_out(mod: nn.Module, lp, x: torch.Tensor, w: torch.Tensor, tau: torch.
     xq = fake_quant(xs, (xs.abs().amax() / lp.act.qmax).clamp(min=MIN_SCALE), lp.act, ste=True)
     ws = w * tau.reshape([1, -1] + [1] * (w.dim() - 2))
     wscale = (ws.abs().reshape(len(ws), -1).amax(dim=1) / lp.weight.qmax).clamp(min=MIN_SCALE)
-    return _layer_out(mod, xq, fake_quant(ws, wscale, lp.weight, ste=True))
+    return layer_output(mod, xq, fake_quant(ws, wscale, lp.weight, ste=True))
 
 
 @register_pass("les", LESConfig)
@@ -139,7 +135,7 @@ def _train(ctx: PassContext, cfg: LESConfig, modules: dict, names: list[str], we
     tl = torch.tensor(data[1])
     chunks = [torch.arange(i, min(i + 256, len(x))) for i in range(0, len(x), 256)]
     with torch.no_grad():
-        targets = {n: torch.cat([_layer_out(modules[n], x[i], weights[n]) for i in chunks]) for n in names}
+        targets = {n: torch.cat([layer_output(modules[n], x[i], weights[n]) for i in chunks]) for n in names}
 
     def loss_at(idx: torch.Tensor, tau: torch.Tensor) -> torch.Tensor:
         return sum(per_sample_loss(_quant_out(modules[n], plan.layers[n], x[idx], weights[n], tau), targets[n][idx]) for n in names)

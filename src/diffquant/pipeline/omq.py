@@ -23,12 +23,11 @@ import time
 from dataclasses import dataclass
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 from tqdm.auto import tqdm
 
 from diffquant.pipeline.activations import observe_activations
-from diffquant.pipeline.capture import capture, pick_samples
+from diffquant.pipeline.capture import capture, layer_output, pick_samples
 from diffquant.pipeline.context import PassContext
 from diffquant.pipeline.minmax import plan_weight
 from diffquant.pipeline.observers import weight_amax
@@ -85,9 +84,6 @@ def channel_bits(order: torch.Tensor, n_bits: int, g: int, k: int) -> tuple[int,
     return tuple(int(b) for b in bits)
 
 
-def _layer_out(mod: nn.Module, x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
-    return mod._conv_forward(x, w, mod.bias) if isinstance(mod, nn.Conv2d) else F.linear(x, w, mod.bias)
-
 
 def _order(w: torch.Tensor, x_amax: torch.Tensor, cfg: OMQConfig, gen: torch.Generator) -> torch.Tensor:
     """Output channels, most outlier-prone first."""
@@ -106,13 +102,13 @@ def _search(mod: nn.Module, w: torch.Tensor, x: torch.Tensor, n_bits: int, order
     top = 1 if cfg.search == "official" else cfg.max_g
     top = min(top, w.shape[0] // (2 * k)) if k else 0
     with torch.no_grad():
-        ref = torch.cat([_layer_out(mod, x[i : i + 256], w) for i in range(0, len(x), 256)])
+        ref = torch.cat([layer_output(mod, x[i : i + 256], w) for i in range(0, len(x), 256)])
         out = []
         for g in range(top + 1):
             fmt = QuantFormat(bits=channel_bits(order, n_bits, g, k) if g else n_bits, granularity=PerAxis(0))
             scale = scale_from_amax(weight_amax(w, fmt, "mse", candidates=cfg.mse_candidates, step=cfg.mse_step, p=cfg.mse_p), fmt)
             wq = fake_quant(w, scale, fmt)
-            got = torch.cat([_layer_out(mod, x[i : i + 256], wq) for i in range(0, len(x), 256)])
+            got = torch.cat([layer_output(mod, x[i : i + 256], wq) for i in range(0, len(x), 256)])
             out.append((g, fmt, scale, float((got - ref).pow(2).mean())))
     return out
 
