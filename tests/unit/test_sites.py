@@ -67,6 +67,15 @@ def test_rule_formats_set_bits_per_layer_and_bits_is_derived(mixed_plan, tmp_pat
     assert back.bits == b and set(back.sites) == set(plan.sites)
 
 
+def test_log2_grid_is_powers_of_two_in_fake_quant_only():
+    fmt = QuantFormat(bits=3, kind="log2")
+    x = torch.tensor([1.0, 0.6, 0.26, -0.13, 0.001, 0.0])
+    y = fake_quant(x, torch.tensor(1.0), fmt)
+    assert y.tolist() == pytest.approx([1.0, 0.5, 0.25, -0.125, 0.0, 0.0])
+    with pytest.raises(DiffquantError, match="research only"):
+        quantize_int(x, torch.tensor(1.0), fmt)
+
+
 def test_research_only_sites_do_not_lower(mixed_plan, tmp_path):
     d, plan = mixed_plan
     bad = plan.copy()

@@ -151,7 +151,10 @@ def _quantizer(qmods: dict, key: str) -> SiteQuantizer:
 def _ckpt_key(ctx: PassContext, cfg: ReconstructConfig) -> str:
     h = hashlib.sha256()
     plan = ctx.plan.to_json()
-    plan.pop("state", None)
+    for k in ("state", "reports", "bits"):  # reports and notes hold wall times: not part of the decisions
+        plan.pop(k, None)
+    for lp in plan["layers"]:
+        lp.pop("notes", None)
     h.update(json.dumps({"plan": plan, "cfg": asdict(cfg), "calib": ctx.calib.folder.name}, sort_keys=True, default=str).encode())
     tensors = ctx.plan.tensors()
     for k in sorted(tensors):

@@ -8,9 +8,10 @@ from __future__ import annotations
 
 import torch
 
+from diffquant.errors import DiffquantError
 from diffquant.quant.format import PerAxis, PerTensor, QuantFormat
 
-__all__ = ["MIN_SCALE", "broadcast_scale", "code_limits", "fake_quant", "quantize_int", "round_scale", "scale_from_amax"]
+__all__ = ["MIN_SCALE", "broadcast_scale", "code_limits", "fake_quant", "log2_fake_quant", "quantize_int", "round_scale", "scale_from_amax"]
 
 # Smallest normal FP16 value: scales below it would be subnormal or round to 0 in an FP16 graph.
 MIN_SCALE = 2.0**-14
@@ -74,7 +75,17 @@ def _codes(v: torch.Tensor, fmt: QuantFormat) -> torch.Tensor:
 
 def quantize_int(x: torch.Tensor, scale: torch.Tensor, fmt: QuantFormat) -> torch.Tensor:
     """Integer codes (as float) of ``x`` on the format's grid; no gradient."""
+    if fmt.research_only:
+        raise DiffquantError(f"a {fmt.kind} grid has no integer codes in a Q/DQ graph (research only)")
     return _codes(x / broadcast_scale(scale, x, fmt), fmt)
+
+
+def log2_fake_quant(x: torch.Tensor, s: torch.Tensor, fmt: QuantFormat) -> torch.Tensor:
+    """Research-only log2 grid: |x| -> s * 2^-q, q = round(-log2(|x| / s)) in 0 .. 2^b - 2, the
+    last code meaning 0; the sign is kept. No Q/DQ form exists (the exporter refuses it)."""
+    top = 2**fmt.max_bits - 1
+    q = torch.clamp(torch.round(-torch.log2((x.abs() / s).clamp(min=1e-30))), 0, top)
+    return torch.sign(x) * torch.where(q >= top, torch.zeros_like(x), s * torch.exp2(-q))
 
 
 def fake_quant(x: torch.Tensor, scale: torch.Tensor, fmt: QuantFormat, ste: bool = False) -> torch.Tensor:
@@ -82,6 +93,9 @@ def fake_quant(x: torch.Tensor, scale: torch.Tensor, fmt: QuantFormat, ste: bool
     (clipped elements get none), so the function can sit inside a training loop; the step
     sizes get LSQ's gradient either way."""
     s = broadcast_scale(scale, x, fmt)
+    if fmt.research_only:
+        y = log2_fake_quant(x, s, fmt)
+        return x + (y - x).detach() if ste else y
     if not ste:
         return _codes(x / s, fmt) * s
     v = x / s
