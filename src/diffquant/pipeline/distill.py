@@ -171,6 +171,7 @@ class Distiller:
         return torch.optim.AdamW([g for g in groups if g["params"]], weight_decay=self.cfg.weight_decay)
 
     def guided(self, model, inputs, use_cfg: bool, guidance: float) -> torch.Tensor:
+        """``model``'s noise prediction, guidance-combined when the batch holds both CFG halves."""
         eps = model(**inputs).float()
         if not use_cfg:
             return eps
@@ -187,6 +188,7 @@ class Distiller:
         return trd_loss(f_fp, f_q, self.cfg.trd_weight)
 
     def close(self) -> None:
+        """Remove the feature hooks (the FP teacher is the caller's model)."""
         for h in self.handles:
             h.remove()
         self.handles = []
