@@ -16,7 +16,7 @@ from diffquant.errors import DiffquantError
 from diffquant.quant.fake import fake_quant
 from diffquant.quant.format import QuantFormat
 from diffquant.quant.plan import OUT_FORMAT, LayerPlan, QuantPlan, weights_digest
-from diffquant.quant.site import Site, SiteKey, input_multiplier, pts_at
+from diffquant.quant.site import Site, SiteKey, input_multiplier, pts_at, step_at
 
 __all__ = ["OUT_FORMAT", "QuantConv2d", "QuantLinear", "SiteQuantizer", "apply_plan", "quant_modules", "smooth_input"]
 
@@ -64,10 +64,7 @@ class SiteQuantizer(nn.Module):
 
     def step(self) -> torch.Tensor:
         """The step in use: a weight site's whole scale, an activation site's current group's."""
-        if self.key.role == "weight":
-            return self.scale
-        s = self.scale.reshape(-1)
-        return s[self.group if len(s) > 1 else 0]
+        return step_at(self.scale, self.key.role, self.group)
 
     def exponents(self) -> torch.Tensor | None:
         return pts_at(self.pts, self.group)

@@ -15,7 +15,7 @@ import torch
 from diffquant.errors import DiffquantError
 from diffquant.quant.format import QuantFormat
 
-__all__ = ["ROLES", "Site", "SiteKey", "input_multiplier", "pts_at"]
+__all__ = ["ROLES", "Site", "SiteKey", "input_multiplier", "pts_at", "step_at"]
 
 ROLES = ("input", "weight", "output", "operand")
 
@@ -48,6 +48,15 @@ class SiteKey:
         if not sep or not module:
             raise DiffquantError(f"bad site key {text!r}: expected module:role or module:role#i")
         return cls(module, role, int(idx or 0))
+
+
+def step_at(scale: torch.Tensor, role: str, group: int) -> torch.Tensor:
+    """The step a quantizer uses: a weight site's whole scale, an activation site's entry for
+    timestep ``group`` (its only entry without groups)."""
+    if role == "weight":
+        return scale
+    s = scale.reshape(-1)
+    return s[group if len(s) > 1 else 0]
 
 
 def pts_at(k: torch.Tensor | None, group: int) -> torch.Tensor | None:
@@ -87,10 +96,7 @@ class Site:
 
     def step(self, group: int = 0) -> torch.Tensor:
         """An activation site's step in timestep ``group`` (a weight site's whole scale)."""
-        if self.key.role == "weight":
-            return self.scale
-        s = self.scale.reshape(-1)
-        return s[group if len(s) > 1 else 0]
+        return step_at(self.scale, self.key.role, group)
 
     def input_multiplier(self, group: int = 0) -> torch.Tensor | None:
         """Smoothing x 2^k before this input's quantizer in ``group`` (None: neither)."""
