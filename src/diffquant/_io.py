@@ -4,13 +4,14 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import tempfile
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
-__all__ = ["atomic_path", "write_json", "write_text"]
+__all__ = ["atomic_folder", "atomic_path", "write_json", "write_text"]
 
 
 @contextmanager
@@ -30,6 +31,26 @@ def atomic_path(path: str | os.PathLike, suffix: str = "") -> Iterator[Path]:
     finally:
         if tmp_path.exists():
             tmp_path.unlink()
+
+
+@contextmanager
+def atomic_folder(path: str | os.PathLike, what: str = "output folder") -> Iterator[Path]:
+    """Yield a hidden temp folder beside ``path`` and rename it onto ``path`` only if the block
+    succeeds; an error, Ctrl-C or SIGTERM (raised as KeyboardInterrupt by the CLI) leaves
+    nothing. An existing ``path`` is refused before any work."""
+    from diffquant.errors import DiffquantError
+
+    path = Path(path)
+    if path.exists():
+        raise DiffquantError(f"{what} {path} already exists; pass another --out or delete it")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", dir=path.parent))
+    try:
+        yield tmp
+        tmp.rename(path)
+    finally:
+        if tmp.exists():
+            shutil.rmtree(tmp)
 
 
 def _write(path: str | os.PathLike, writer: Callable[[Path], None]) -> Path:

@@ -3,9 +3,12 @@
 from __future__ import annotations
 
 import argparse
+import functools
 import json
+import signal
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 from diffquant.errors import DiffquantError
@@ -14,6 +17,35 @@ __all__ = ["main"]
 
 
 TARGET_CHOICES = ["tensorrt", "onnxruntime"]
+
+
+class _Help(argparse.RawDescriptionHelpFormatter):
+    """Every option's help ends with its default (unless the help already says it)."""
+
+    def _get_help_string(self, action: argparse.Action) -> str:
+        text = action.help or ""
+        if not action.option_strings or "default" in text or any(action.default is v for v in (None, False, argparse.SUPPRESS)) or action.default in ("", []):
+            return text
+        return f"{text} (default: %(default)s)".strip()
+
+
+def _count(low: int) -> Callable[[str], int]:
+    """argparse type: a whole number >= ``low`` (a bad value exits 2 with usage, before any work)."""
+
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{text!r} is not a whole number") from None
+        if value < low:
+            raise argparse.ArgumentTypeError(f"{value} is too small: it must be at least {low}")
+        return value
+
+    parse.__name__ = f"whole number >= {low}"
+    return parse
+
+
+POSITIVE, NONNEGATIVE = _count(1), _count(0)
 
 
 def _add_model(p: argparse.ArgumentParser) -> None:
@@ -40,7 +72,7 @@ def _load(a: argparse.Namespace):
 
 
 def _add_recipe(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--recipe", default="minmax", help="recipe name (see recipes/) or a YAML path")
+    p.add_argument("--recipe", default="minmax", help="a shipped recipe's name (list them: `diffquant recipes`) or a recipe file's path ending in .yaml")
     p.add_argument("--bits", default=None, help="wNaK, e.g. w8a8, w4a8, w4a6 (default: the recipe's)")
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="PASS.OPTION=VALUE",
                    help="override a pass option of the recipe, e.g. --set reconstruct.iters=2000 (repeatable)")
@@ -56,12 +88,18 @@ def parse_overrides(items: list[str]) -> dict[str, dict]:
         pass_name, dot, option = key.partition(".")
         if not eq or not dot or not pass_name or not option:
             raise DiffquantError(f"--set {item!r}: expected PASS.OPTION=VALUE, e.g. reconstruct.iters=2000")
-        out.setdefault(pass_name, {})[option] = yaml.safe_load(value)
+        try:
+            out.setdefault(pass_name, {})[option] = yaml.safe_load(value)
+        except yaml.YAMLError as e:
+            raise DiffquantError(f"--set {item!r}: the value is not valid YAML ({str(e).splitlines()[0]}); quote strings, write lists as [1, 2]") from None
     return out
 
 
 def _print_summary(report: dict, out: str) -> None:
+    from diffquant.eval.report import collapse_note
+
     q, p = report["quality"], report["parity"]
+    collapsed = collapse_note(q)
     print(f"\n{report['model']} ({report['family']['family']}) {report['recipe']} {report['bits']} -> {report['onnx']}")
     names = {"fd": "FD", "accuracy": "acc", "psnr": "PSNR", "ssim": "SSIM", "latent_cosine": "latent cos"}
     for label, key in (("FP", "fp"), ("fake-quant", "fake_quant"), ("deployed", "quant")):
@@ -79,11 +117,27 @@ def _print_summary(report: dict, out: str) -> None:
             if t["cosine"] < p["cosine_threshold"]:
                 cause = "FP16 rounding" if report.get("target", "tensorrt") == "tensorrt" else "last-bit kernel differences"
                 why.append(
-                    f"end-to-end cosine {t['cosine']:.6f} < {p['cosine_threshold']:g} (flip rate {t['flip_rate']:.2e}: {cause} "
-                    f"moving inputs across rounding boundaries, propagated; see report.md)"
+                    f"end-to-end cosine {t['cosine']:.6f} < {p['cosine_threshold']:g} (flip rate {t['flip_rate']:.2e}: "
+                    + (collapsed if collapsed else f"{cause} moving inputs across rounding boundaries, propagated; see report.md") + ")"
                 )
             print(f"  parity fails at timestep {t['timestep']:g}: " + "; ".join(why))
-    print(f"report: {Path(out) / 'report.md'}")
+    if collapsed and p["passed"]:
+        print(f"  note: {collapsed}")
+    _print_next(report, Path(out))
+
+
+def _print_next(report: dict, out: Path) -> None:
+    """The files a run wrote and the command that comes next."""
+    graphs = report.get("graphs") or [report["onnx"]]
+    print(f"wrote {out}/: report.md, report.json, {', '.join(Path(g).name for g in graphs)}, unet.fp32.onnx, plan/, samples_compare.png")
+    if report["parity"]["passed"]:
+        cmd = f"diffquant build {out / Path(graphs[0]).name} --out {out / 'engine'}"
+        if report.get("target") == "onnxruntime":
+            print(f"next: {cmd}   (ONNX Runtime on this CPU), then: diffquant generate {out / 'engine'} -n 16")
+        else:
+            print(f"next: {cmd} --backend tensorrt   (on the NVIDIA GPU that serves it; --backend openvino on an Intel CPU)")
+    else:
+        print(f"next: read {out / 'report.md'} (parity section); the folder is kept so the failure can be inspected")
 
 
 def cmd_run(a: argparse.Namespace) -> int:
@@ -113,23 +167,26 @@ def cmd_calibrate(a: argparse.Namespace) -> int:
     from diffquant.calib_data import CalibConfig, collect
 
     d = _load(a)
-    cs = collect(d, CalibConfig(samples=a.samples, steps=a.steps, timesteps=a.timesteps, guidance=a.guidance, seed=a.seed), cache_dir=a.cache)
+    cs = collect(d, CalibConfig(samples=a.samples, steps=a.steps, timesteps=a.timesteps, guidance=a.guidance, seed=a.seed), cache_dir=a.cache,
+                 progress=not a.quiet)
     print(f"{len(cs)} calibration inputs at {len(cs.timesteps)} timesteps: {cs.folder}")
     return 0
 
 
 def cmd_quantize(a: argparse.Namespace) -> int:
+    from diffquant._io import atomic_folder
     from diffquant.calib_data import CalibConfig, collect, load_calib
     from diffquant.pipeline import load_recipe, quantize
 
     d = _load(a)
     recipe = load_recipe(a.recipe, parse_overrides(a.overrides))
-    calib = load_calib(a.calib) if a.calib else collect(d, CalibConfig(samples=a.calib_samples))
+    calib = load_calib(a.calib) if a.calib else collect(d, CalibConfig(samples=a.calib_samples), progress=not a.quiet)
     out = Path(a.out)
     if out.exists():
         raise DiffquantError(f"plan folder {out} already exists; pass another --out or delete it")
-    plan = quantize(d, recipe, calib, bits=a.bits, timestep_groups=a.timestep_groups)
-    plan.save(out)
+    plan = quantize(d, recipe, calib, bits=a.bits, timestep_groups=a.timestep_groups, progress=not a.quiet)
+    with atomic_folder(out, "plan folder") as tmp:
+        plan.save(tmp)
     print(f"plan with {len(plan.quantized_layers())} quantized layers ({plan.bits}, {recipe.name}): {out / 'plan.json'}")
     return 0
 
@@ -143,7 +200,7 @@ def cmd_plan(a: argparse.Namespace) -> int:
         plan = QuantPlan.load(a.plan)
         rows = [(n, lp.rule, lp.weight, lp.act) for n, lp in plan.layers.items()] + [(n, r, None, None) for n, r in plan.skipped.items()]
     else:
-        recipe = load_recipe(a.recipe)
+        recipe = load_recipe(a.recipe, parse_overrides(a.overrides))
         setting = parse_bits(a.bits or recipe.bits)
         rows = []
         for n, dec in decide_targets(d, recipe).items():
@@ -160,17 +217,21 @@ def cmd_plan(a: argparse.Namespace) -> int:
 
 
 def cmd_export(a: argparse.Namespace) -> int:
+    from diffquant._io import atomic_folder
     from diffquant.exporters import export
     from diffquant.quant import QuantPlan, reduce_range
 
-    d = _load(a)
+    if Path(a.out).exists():
+        raise DiffquantError(f"export folder {a.out} already exists; pass another --out or delete it (an export never overwrites one)")
     plan = QuantPlan.load(a.plan)
-    if a.reduce_range:  # the re-quantized plan is what parity is judged against: keep it with the graphs
-        plan = reduce_range(plan)
-        plan.save(Path(a.out) / "plan")
-    res = export(plan, d, a.out, target=a.target)
-    graphs = ", ".join(str(p) for p in res.graphs)
-    print(f"{graphs} ({a.target}; {res.lint.n_q} Q / {res.lint.n_dq} DQ nodes per graph, linter clean); FP reference {res.fp_onnx}")
+    d = _load(a)
+    with atomic_folder(a.out, "export folder") as tmp:
+        if a.reduce_range:  # the re-quantized plan is what parity is judged against: keep it with the graphs
+            plan = reduce_range(plan)
+            plan.save(tmp / "plan")
+        res = export(plan, d, tmp, target=a.target)
+    graphs = ", ".join(str(Path(a.out) / p.name) for p in res.graphs)
+    print(f"{graphs} ({a.target}; {res.lint.n_q} Q / {res.lint.n_dq} DQ nodes per graph, linter clean); FP reference {Path(a.out) / res.fp_onnx.name}")
     return 0
 
 
@@ -184,7 +245,7 @@ def cmd_build(a: argparse.Namespace) -> int:
     ov = OvBuildConfig(**shape, device=a.device, hint=a.hint, threads=a.threads, precision=a.precision)
     out = build(a.onnx, a.out, BuildConfig(backend=a.backend, ort_weights=a.weights, openvino=ov, tensorrt=trt))
     meta = json.loads((out / "engine.json").read_text())
-    print(f"{a.backend} engine folder {out}: {len(meta['engines'])} engine(s) ({', '.join(e['file'] for e in meta['engines'])})")
+    print(f"{meta['backend']} engine folder {out}: {len(meta['engines'])} engine(s) ({', '.join(e['file'] for e in meta['engines'])})")
     if "cpu" in meta:
         print(f"  CPU: {meta['cpu']['model']}; flags: {' '.join(meta['cpu']['flags']) or '-'}")
     for e in meta["engines"]:
@@ -204,8 +265,8 @@ def cmd_generate(a: argparse.Namespace) -> int:
     from diffquant.engines.bundle import EnginesFromFolder
     from diffquant.engines.runtime import GenerateConfig, PromptTable, generate
 
-    if a.n < 1:
-        raise DiffquantError(f"-n must be at least 1, got {a.n}")
+    if Path(a.out).is_dir():
+        raise DiffquantError(f"--out {a.out} is a folder; name the image file to write, e.g. {Path(a.out) / 'samples.png'}")
     engine, runtime = EnginesFromFolder(a.engine, threads=a.threads)
     with engine:
         table = PromptTable.from_runtime(a.engine, runtime)
@@ -241,7 +302,9 @@ def cmd_validate(a: argparse.Namespace) -> int:
     against = [x.strip() for x in a.against.split(",") if x.strip()]
     res = validate_run(a.run, ValidateConfig(against=against, engine=a.engine or "", timesteps=a.timesteps, samples=a.samples))
     print(res.table())
-    print(f"validation {'PASS' if res.passed else 'FAIL'}: {a.run}/validate.json, {a.run}/validate.md")
+    print(f"validation {res.verdict}: {a.run}/validate.json, {a.run}/validate.md")
+    for name, why in res.not_run.items():
+        print(f"{name}: not run ({why}); it was asked for, so the validation does not pass")
     for hint in res.hints():
         print(hint)
     return 0 if res.passed else 1
@@ -253,7 +316,8 @@ def cmd_lint(a: argparse.Namespace) -> int:
     rep = lint(load_onnx(a.file), a.file, target=a.target)
     for v in rep.violations:
         print(v)
-    print(f"{a.file}: {rep.n_q} Q / {rep.n_dq} DQ nodes, {len(rep.violations)} {a.target or 'target'} rule violation(s)")
+    how = "as asked" if a.target else "the target it was lowered for"
+    print(f"{a.file}: {rep.n_q} Q / {rep.n_dq} DQ nodes, {len(rep.violations)} violation(s) of the {rep.target} rules ({how})")
     return 0 if rep.ok else 1
 
 
@@ -282,56 +346,85 @@ def cmd_zoo(a: argparse.Namespace) -> int:
     return 0
 
 
+DESCRIPTION = """Quantize diffusion denoisers after training, export deployable Q/DQ graphs, and prove parity.
+
+The stages, each a command (`run` does the first four and checks parity and quality):
+  calibrate -> quantize -> export -> build -> generate / validate
+
+  diffquant run --model builtin:digits-sd --recipe dmq --bits w4a8 --target onnxruntime --out runs/dmq
+  diffquant build runs/dmq/unet.qdq.onnx --out runs/dmq/engine
+  diffquant generate runs/dmq/engine --prompt seven -n 16 --out seven.png
+
+`diffquant COMMAND --help` shows a command's options with their defaults."""
+
+
+def cmd_recipes(a: argparse.Namespace) -> int:
+    from diffquant.pipeline import load_recipe
+    from diffquant.pipeline.recipes import available_recipes
+
+    for name in available_recipes():
+        r = load_recipe(name)
+        groups = f", {r.timestep_groups} timestep groups" if r.timestep_groups > 1 else ""
+        print(f"{name:14} {r.bits:6} passes: {' -> '.join(n for n, _ in r.passes) or '-'}{groups}\n{'':21}{r.description}")
+    return 0
+
+
 REDUCE_RANGE_HELP = ("7-bit weight grids (the plan re-quantized; parity judged against it): S8 weights then run exactly and fast on "
                      "x86 CPUs without VNNI, where full 8-bit grids need slower U8 weights")
 
 
 def build_parser() -> argparse.ArgumentParser:
-    ap = argparse.ArgumentParser(prog="diffquant", description="Quantize diffusion denoisers, export deployable Q/DQ graphs, and prove parity.")
-    sub = ap.add_subparsers(dest="cmd", required=True)
+    from diffquant import __version__
+
+    ap = argparse.ArgumentParser(prog="diffquant", description=DESCRIPTION, formatter_class=_Help)
+    ap.add_argument("--version", action="version", version=f"diffquant {__version__}")
+    ap.add_argument("--debug", action="store_true", help="show the Python traceback of an error instead of one line")
+    sub = ap.add_subparsers(dest="cmd", required=True, metavar="COMMAND", parser_class=functools.partial(argparse.ArgumentParser, formatter_class=_Help))
 
     def run_args(p: argparse.ArgumentParser, samples: int) -> None:
         p.add_argument("--target", default="tensorrt", choices=TARGET_CHOICES, help="graph form: tensorrt (FP16, INT8 Q/DQ) or onnxruntime (FP32, fusable U8 Q/DQ)")
-        p.add_argument("--timestep-groups", type=int, default=None, help="G graphs with per-group activation scales (default: the recipe's, 1 for most)")
-        p.add_argument("--samples", type=int, default=samples, help="samples for the quality metrics (equal per class)")
-        p.add_argument("--steps", type=int, default=25, help="sampler steps (DDIM, or flow-matching Euler for SD3 / Flux)")
-        p.add_argument("--seed", type=int, default=0)
+        p.add_argument("--timestep-groups", type=POSITIVE, default=None, help="G graphs with per-group activation scales (default: the recipe's, 1 for most)")
+        p.add_argument("--samples", type=POSITIVE, default=samples, help="samples for the quality metrics (equal per class)")
+        p.add_argument("--steps", type=POSITIVE, default=25, help="sampler steps (DDIM, or flow-matching Euler for SD3 / Flux)")
+        p.add_argument("--seed", type=int, default=0, help="seed of every sampled noise (same seed: byte-identical outputs)")
         p.add_argument("--guidance", type=float, default=None, help="guidance scale: CFG, or the input of guidance-distilled models (default: the family's; 3 for the digits models)")
-        p.add_argument("--calib-samples", type=int, default=64)
+        p.add_argument("--calib-samples", type=POSITIVE, default=64, help="calibration samples collected along the FP sampler")
         p.add_argument("--parity-cosine", type=float, default=0.99, help="end-to-end cosine a timestep must reach (noise prediction)")
         p.add_argument("--reduce-range", action="store_true", help=REDUCE_RANGE_HELP)
         p.add_argument("--quiet", action="store_true", help="no progress bars")
 
     p = sub.add_parser("demo", help="run the main job on the builtin model and print where the report is")
-    p.add_argument("--out", default=None)
-    p.add_argument("--samples", type=int, default=100)
-    p.add_argument("--quiet", action="store_true")
+    p.add_argument("--out", default=None, help="run folder to create (default: runs/demo-DATE-TIME)")
+    p.add_argument("--samples", type=POSITIVE, default=100, help="samples for the quality metrics (equal per class)")
+    p.add_argument("--quiet", action="store_true", help="no progress bars")
     p.set_defaults(fn=cmd_demo)
 
     p = sub.add_parser("run", help="calibrate, quantize, export, run with ONNX Runtime, check parity and quality")
     _add_model(p)
     _add_recipe(p)
-    p.add_argument("--out", required=True)
+    p.add_argument("--out", required=True, help="run folder to create (it must not exist)")
     run_args(p, 256)
     p.set_defaults(fn=cmd_run)
 
     p = sub.add_parser("calibrate", help="collect calibration data along the FP sampler")
     _add_model(p)
-    p.add_argument("--samples", type=int, default=64)
-    p.add_argument("--steps", type=int, default=25)
-    p.add_argument("--timesteps", type=int, default=25, help="how many evenly spaced sampler steps to keep")
+    p.add_argument("--samples", type=POSITIVE, default=64, help="calibration samples (sampler trajectories)")
+    p.add_argument("--steps", type=POSITIVE, default=25, help="sampler steps of each trajectory")
+    p.add_argument("--timesteps", type=POSITIVE, default=25, help="how many evenly spaced sampler steps to keep")
     p.add_argument("--guidance", type=float, default=None, help="guidance scale (default: the family's; 3 for the digits models)")
-    p.add_argument("--seed", type=int, default=1234)
+    p.add_argument("--seed", type=int, default=1234, help="seed of the calibration noise")
     p.add_argument("--cache", default=None, help="cache folder (default ~/.cache/diffquant/calib or $DIFFQUANT_CACHE)")
+    p.add_argument("--quiet", action="store_true", help="no progress bars")
     p.set_defaults(fn=cmd_calibrate)
 
     p = sub.add_parser("quantize", help="decide a QuantPlan")
     _add_model(p)
     _add_recipe(p)
     p.add_argument("--calib", default=None, help="calibration folder from `diffquant calibrate` (default: collect)")
-    p.add_argument("--calib-samples", type=int, default=64)
+    p.add_argument("--calib-samples", type=POSITIVE, default=64, help="calibration samples collected when --calib is not given")
     p.add_argument("--out", required=True, help="plan folder")
-    p.add_argument("--timestep-groups", type=int, default=None, help="activation scales per group of timesteps (export writes one graph per group; default: the recipe's, 1 for most)")
+    p.add_argument("--timestep-groups", type=POSITIVE, default=None, help="activation scales per group of timesteps (export writes one graph per group; default: the recipe's, 1 for most)")
+    p.add_argument("--quiet", action="store_true", help="no progress bars")
     p.set_defaults(fn=cmd_quantize)
 
     p = sub.add_parser("plan", help="print which targeting rule hit each layer and the decided format")
@@ -342,9 +435,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("export", help="export the FP graph and the Q/DQ graph of a plan")
     _add_model(p)
-    p.add_argument("--plan", required=True)
-    p.add_argument("--out", required=True)
-    p.add_argument("--target", default="tensorrt", choices=TARGET_CHOICES)
+    p.add_argument("--plan", required=True, help="plan folder from `diffquant quantize`")
+    p.add_argument("--out", required=True, help="folder for the graphs, runtime.json and the conditioning (it must not exist)")
+    p.add_argument("--target", default="tensorrt", choices=TARGET_CHOICES, help="graph form: tensorrt (FP16, INT8 Q/DQ) or onnxruntime (FP32, fusable U8 Q/DQ)")
     p.add_argument("--reduce-range", action="store_true", help=REDUCE_RANGE_HELP)
     p.set_defaults(fn=cmd_export)
 
@@ -352,70 +445,97 @@ def build_parser() -> argparse.ArgumentParser:
                        description="Build on the machine that will run the engine: it records that machine (GPU, or CPU model and ISA flags) "
                                    "and makes the integer weights exact for it.")
     p.add_argument("onnx", help="unet.qdq.onnx from `run` / `export` (its timestep-group siblings are built too)")
-    p.add_argument("--backend", default="onnxruntime", choices=["onnxruntime", "openvino", "tensorrt"],
-                   help="onnxruntime: the onnxruntime-target graph on CPU; openvino: Intel CPUs/GPUs/NPUs, fastest from the tensorrt-target "
+    p.add_argument("--backend", default="auto", choices=["auto", "onnxruntime", "openvino", "tensorrt"],
+                   help="auto: the backend the graph was lowered for (--target of run/export: tensorrt or onnxruntime); "
+                        "onnxruntime: the onnxruntime-target graph on CPU; openvino: Intel CPUs/GPUs/NPUs, fastest from the tensorrt-target "
                         "graph; tensorrt: NVIDIA GPUs")
     p.add_argument("--out", required=True, help="engine folder to create")
-    p.add_argument("--batch", type=int, default=2, help="profile batch (2 = one image with CFG)")
+    p.add_argument("--batch", type=POSITIVE, default=2, help="profile batch (2 = one image with CFG)")
     p.add_argument("--dynamic", action="store_true", help="dynamic batch 1..--max-batch (TensorRT, OpenVINO)")
-    p.add_argument("--max-batch", type=int, default=32)
+    p.add_argument("--max-batch", type=POSITIVE, default=32, help="largest batch of a --dynamic profile")
     p.add_argument("--weights", default="auto", choices=["auto", "s8", "u8"],
                    help="ONNX Runtime weights: auto keeps S8 (fast U8S8 kernels) and rewrites to U8 (exact, slower) only the full-range "
                         "weights this CPU would saturate (x86 without VNNI); s8 refuses such a CPU instead; u8 rewrites all")
-    p.add_argument("--threads", type=int, default=0, help="CPU threads (OpenVINO; default: the runtime's choice)")
+    p.add_argument("--threads", type=NONNEGATIVE, default=0, help="CPU threads (OpenVINO; default: the runtime's choice)")
     p.add_argument("--precision", default="", choices=["", "f32", "bf16", "f16"],
                    help="OpenVINO precision of the layers left in floating point (default: the plugin's, bf16 where the CPU has it)")
     p.add_argument("--hint", default="LATENCY", choices=["LATENCY", "THROUGHPUT"], help="OpenVINO performance hint")
     p.add_argument("--device", default="CPU", help="OpenVINO device: CPU (tested), GPU, NPU")
-    p.add_argument("--opt-level", type=int, default=4, help="TensorRT builder optimization level (0-5)")
+    p.add_argument("--opt-level", type=int, default=4, choices=range(6), metavar="0-5", help="TensorRT builder optimization level (0-5)")
     p.add_argument("--timing-cache", default=None, help="timing cache folder (default ~/.cache/diffquant/trt_timing)")
     p.set_defaults(fn=cmd_build)
 
     p = sub.add_parser("generate", help="sample images with an engine folder (numpy DDIM + CFG; no torch needed)")
     p.add_argument("engine", help="engine folder from `diffquant build`")
     p.add_argument("--prompt", default="", help="an exported prompt (digits models: class word(s), e.g. seven or zero,one,two); unconditional models need none")
-    p.add_argument("-n", type=int, default=16, help="number of images")
-    p.add_argument("--out", default="samples.png")
-    p.add_argument("--steps", type=int, default=25)
+    p.add_argument("-n", type=POSITIVE, default=16, help="number of images")
+    p.add_argument("--out", default="samples.png", help="PNG grid to write (latent models: a .npy of the latents)")
+    p.add_argument("--steps", type=POSITIVE, default=25, help="sampler steps")
     p.add_argument("--guidance", type=float, default=None, help="guidance scale (default: the model's)")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--batch", type=int, default=16, help="images per engine call")
-    p.add_argument("--threads", type=int, default=0, help="CPU threads (ONNX Runtime, OpenVINO; default: the runtime's choice)")
-    p.add_argument("--quiet", action="store_true")
+    p.add_argument("--seed", type=int, default=0, help="seed of every sampled noise (same seed: byte-identical outputs)")
+    p.add_argument("--batch", type=POSITIVE, default=16, help="images per engine call")
+    p.add_argument("--threads", type=NONNEGATIVE, default=0, help="CPU threads (ONNX Runtime, OpenVINO; default: the runtime's choice)")
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.set_defaults(fn=cmd_generate)
 
     p = sub.add_parser("validate", help="Polygraphy parity report of a run: fake-quant vs ORT Q/DQ, FP torch vs FP ONNX, ORT vs TensorRT")
     p.add_argument("run", help="run folder from `diffquant run`")
     p.add_argument("--against", default="fake-quant,fp", help="comparisons: fake-quant, fp, fused, openvino, tensorrt")
     p.add_argument("--engine", default=None, help="engine folder for the openvino / tensorrt comparison (default: build one in the run folder)")
-    p.add_argument("--timesteps", type=int, default=6)
-    p.add_argument("--samples", type=int, default=8, help="recorded inputs per timestep")
+    p.add_argument("--timesteps", type=POSITIVE, default=6, help="timesteps compared")
+    p.add_argument("--samples", type=POSITIVE, default=8, help="recorded inputs per timestep")
     p.set_defaults(fn=cmd_validate)
 
     p = sub.add_parser("lint", help="check an ONNX graph against the TensorRT (or ONNX Runtime) Q/DQ rules")
-    p.add_argument("file")
+    p.add_argument("file", help="an ONNX graph (unet.qdq.onnx from `run` / `export`)")
     p.add_argument("--target", default=None, choices=TARGET_CHOICES, help="rules to apply (default: the target the graph was lowered for)")
     p.set_defaults(fn=cmd_lint)
 
     p = sub.add_parser("zoo", help="builtin models: list, card, train")
-    p.add_argument("action", choices=["list", "card", "train"])
-    p.add_argument("name", nargs="?")
-    p.add_argument("--steps", type=int, default=None, help="training steps (default: the model's)")
-    p.add_argument("--samples", type=int, default=1000, help="samples for the card's FP metrics")
+    p.add_argument("action", choices=["list", "card", "train"], help="list the builtin models, print one's card, or train one")
+    p.add_argument("name", nargs="?", help="builtin model name (card, train)")
+    p.add_argument("--steps", type=POSITIVE, default=None, help="training steps (default: the model's)")
+    p.add_argument("--samples", type=POSITIVE, default=1000, help="samples for the card's FP metrics")
     p.set_defaults(fn=cmd_zoo)
+
+    p = sub.add_parser("recipes", help="list the shipped recipes with their default bits and passes")
+    p.set_defaults(fn=cmd_recipes)
+    for p in sub.choices.values():
+        p.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help="show the Python traceback of an error instead of one line")
     return ap
+
+
+class Terminated(KeyboardInterrupt):
+    """SIGTERM, raised like Ctrl-C so every temp folder is cleaned up on the way out."""
+
+
+def _on_sigterm(signum: int, frame: object) -> None:
+    raise Terminated()
 
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    previous = signal.signal(signal.SIGTERM, _on_sigterm)
     try:
         return args.fn(args)
     except DiffquantError as e:
+        if args.debug:
+            raise
         print(f"diffquant: error: {e}", file=sys.stderr)
         return e.exit_code
+    except Terminated:
+        print("diffquant: terminated (SIGTERM); nothing half-written was left", file=sys.stderr)
+        return 143
     except KeyboardInterrupt:
-        print("diffquant: interrupted", file=sys.stderr)
+        print("diffquant: interrupted; nothing half-written was left", file=sys.stderr)
         return 130
+    except Exception as e:  # a bug, not bad input: one line, the traceback with --debug
+        if args.debug:
+            raise
+        print(f"diffquant: internal error: {type(e).__name__}: {e} (rerun with --debug for the traceback and report it)", file=sys.stderr)
+        return 1
+    finally:
+        signal.signal(signal.SIGTERM, previous)
 
 
 if __name__ == "__main__":

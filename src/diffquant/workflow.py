@@ -7,9 +7,7 @@ the whole job succeeded, so a failed run leaves nothing half-written.
 from __future__ import annotations
 
 import copy
-import json
-import shutil
-import tempfile
+import sys
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -18,7 +16,8 @@ import numpy as np
 import onnx
 import torch
 
-from diffquant._io import write_json
+from diffquant._check import check_value, read_json
+from diffquant._io import atomic_folder, write_json
 from diffquant.calib_data import CalibConfig, collect
 from diffquant.calib_data.collect import pick_inputs
 from diffquant.engines import Engine, GroupedEngine, OrtEngine
@@ -42,7 +41,7 @@ __all__ = ["RunConfig", "engine_eps_fn", "run_job", "validate_run"]
 
 @dataclass
 class RunConfig:
-    """Settings of one `diffquant run` (defaults: the BENCHMARK.md protocol at N = 256).
+    """Settings of one `diffquant run` (defaults: the quality protocol of docs/ARCHITECTURE.md at N = 256).
     ``prompts``: a prompts file for text-to-image pipelines (default: the shipped list);
     ``resolution``: image size in pixels (default: the pipeline's); ``guidance``: None takes
     the family's default (3 for the digits models)."""
@@ -114,27 +113,31 @@ def run_job(cfg: RunConfig) -> dict:
     denoiser = load_run_model(cfg)
     if cfg.model.startswith("builtin:") and cfg.samples < 10:
         raise DiffquantError(f"--samples must be at least 10 (one per class), got {cfg.samples}")
+    if denoiser.null_id > 1 and cfg.samples % denoiser.null_id:
+        print(f"diffquant: warning: --samples {cfg.samples} is not a multiple of the {denoiser.null_id} prompts, so they get unequal "
+              f"counts; use a multiple (e.g. {cfg.samples - cfg.samples % denoiser.null_id or denoiser.null_id}) for comparable FD", file=sys.stderr)
     if cfg.guidance is None:
         cfg = copy.copy(cfg)
         cfg.guidance = denoiser.family.default_guidance
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
-    try:
+    with atomic_folder(out) as tmp:
         report = _run(cfg, denoiser, recipe, bits, tmp, out)
-        tmp.rename(out)
-    finally:
-        if tmp.exists():
-            shutil.rmtree(tmp)
     return report
+
+
+def _stage(cfg: RunConfig, i: int, what: str) -> None:
+    if cfg.progress:
+        print(f"[{i}/5] {what}", file=sys.stderr, flush=True)
 
 
 def _run(cfg: RunConfig, denoiser: Denoiser, recipe, bits: str, tmp: Path, out: Path) -> dict:
     timings: dict[str, float] = {}
     torch.manual_seed(cfg.seed)
+    _stage(cfg, 1, "calibrate: the FP sampler's inputs")
     t0 = time.time()
     calib = collect(denoiser, CalibConfig(samples=cfg.calib_samples, steps=cfg.steps, timesteps=cfg.calib_timesteps, guidance=cfg.guidance), progress=cfg.progress)
     timings["calibrate_s"] = time.time() - t0
 
+    _stage(cfg, 2, f"quantize: recipe {recipe.name}, {bits}")
     t0 = time.time()
     plan = quantize(denoiser, recipe, calib, bits=bits, progress=cfg.progress, timestep_groups=cfg.timestep_groups)
     if cfg.reduce_range:
@@ -142,10 +145,12 @@ def _run(cfg: RunConfig, denoiser: Denoiser, recipe, bits: str, tmp: Path, out: 
     plan.save(tmp / "plan")
     timings["quantize_s"] = time.time() - t0
 
+    _stage(cfg, 3, f"export: the {cfg.target}-target Q/DQ graph, linted")
     t0 = time.time()
     exp = export(plan, denoiser, tmp, target=cfg.target)
     timings["export_s"] = time.time() - t0
 
+    _stage(cfg, 4, "parity: the graph vs the fake-quant model, node by node")
     t0 = time.time()
     fq = copy.deepcopy(denoiser)
     apply_plan(fq.model, plan, target=cfg.target)
@@ -156,6 +161,7 @@ def _run(cfg: RunConfig, denoiser: Denoiser, recipe, bits: str, tmp: Path, out: 
     ladder_fp = _fp_ladder(denoiser, exp.fp_onnx, inputs)
     timings["parity_s"] = time.time() - t0
 
+    _stage(cfg, 5, f"evaluate: {cfg.samples} samples each from FP, fake-quant and the deployed graph")
     t0 = time.time()
     # the deployed form: ORT-target graphs run with their fused integer kernels; TensorRT-target
     # graphs run here with plain Q/DQ semantics (TensorRT itself is validated by `diffquant validate`)
@@ -229,17 +235,26 @@ def _quality(denoiser: Denoiser, samples: dict) -> dict:
 
 
 def _grids(denoiser: Denoiser, samples: dict, tmp: Path) -> None:
-    """PNG grids: FP, fake-quant, deployed, and the three side by side (decoded images)."""
+    """PNG grids, each saying what it shows: FP, fake-quant, deployed, and the three side by side
+    (FP | fake-quant | deployed per cell; one prompt per row)."""
     imgs = {k: samples[k][1] for k in ("fp", "fake_quant", "quant")}
     n = len(imgs["fp"])
     show = min(n, 50)
     ncol = denoiser.null_id if denoiser.family.feature_model else min(show, 8)  # digits: one column per class
-    save_grid(imgs["fp"][:show], tmp / "samples_fp.png", ncol=ncol)
-    save_grid(imgs["fake_quant"][:show], tmp / "samples_fake_quant.png", ncol=ncol)
-    save_grid(imgs["quant"][:show], tmp / "samples_quant.png", ncol=ncol)
-    fp = imgs["fp"][:show]
-    gap = torch.ones(show, fp.shape[1], fp.shape[2], 4)
-    save_grid(torch.cat([fp, gap, imgs["fake_quant"][:show], gap, imgs["quant"][:show]], dim=3), tmp / "samples_compare.png", ncol=5)
+    for key, label in (("fp", "FP"), ("fake_quant", "fake-quant"), ("quant", "deployed")):
+        save_grid(imgs[key][:show], tmp / f"samples_{key}.png", ncol=ncol, title=f"{label}: first {show} of {n} samples")
+    ids = samples["ids"]
+    prompts = list(denoiser.prompts) or ["(unconditional)"]
+    per = 4
+    rows = [[i for i in range(n) if int(ids[i]) == p][:per] for p in sorted({int(v) for v in ids.tolist()})][:10]
+    rows = [r + r[-1:] * (per - len(r)) for r in rows if r]  # short rows repeat their last sample
+    order = torch.tensor([i for r in rows for i in r])
+    fp = imgs["fp"][order]
+    gap = torch.ones(len(order), fp.shape[1], fp.shape[2], 4)
+    triples = torch.cat([fp, gap, imgs["fake_quant"][order], gap, imgs["quant"][order]], dim=3)
+    labels = [prompts[int(ids[r[0]])][:24] if int(ids[r[0]]) < len(prompts) else str(int(ids[r[0]])) for r in rows]
+    save_grid(triples, tmp / "samples_compare.png", ncol=per, title=f"each cell: FP | fake-quant | deployed (same seed)\n"
+              f"{len(rows)} prompts x {per} of {n} samples", row_labels=labels)
 
 
 def validate_run(run_dir: str | Path, cfg: ValidateConfig | None = None):
@@ -247,11 +262,14 @@ def validate_run(run_dir: str | Path, cfg: ValidateConfig | None = None):
     data at ``cfg.timesteps`` timesteps (each timestep group covered), then `eval.validate`."""
     cfg = cfg or ValidateConfig()
     run = Path(run_dir)
-    rpath = run / "report.json"
-    if not rpath.exists():
+    if not (run / "report.json").exists():
         raise DiffquantError(f"{run} is not a run folder (no report.json); make one with `diffquant run`")
-    report = json.loads(rpath.read_text())
-    st = report["settings"]
+    report = read_json(run / "report.json", "make the run folder again with `diffquant run`", required=("model", "settings", "onnx"))
+    st = check_value(report["settings"], dict, f"{run / 'report.json'}: settings")
+    for key, tp in {"calib_samples": int, "steps": int, "calib_timesteps": int, "guidance": float | None, "prompts": str}.items():
+        if key not in st:
+            raise DiffquantError(f"{run / 'report.json'}: settings lacks {key!r}; make the run folder again with `diffquant run`")
+        check_value(st[key], tp, f"{run / 'report.json'}: settings.{key}")
     denoiser = load_run_model(RunConfig(model=report["model"], prompts=st.get("prompts", ""), resolution=st.get("resolution") if not report["model"].startswith("builtin:") else None))
     plan = QuantPlan.load(run / "plan")
     calib = collect(denoiser, CalibConfig(samples=st["calib_samples"], steps=st["steps"], timesteps=st["calib_timesteps"], guidance=st["guidance"]), progress=cfg.progress)

@@ -14,7 +14,7 @@ __all__ = ["fp_metrics", "train_and_card"]
 
 
 def fp_metrics(name: str, samples: int = 1000, steps: int = 25, guidance: float = 3.0, seed: int = 0) -> dict:
-    """BENCHMARK.md protocol on the FP model: FD and accuracy of ``samples`` DDIM samples."""
+    """The quality protocol (docs/ARCHITECTURE.md, "Measuring quality") on the FP model: FD and accuracy of ``samples`` DDIM samples."""
     from diffquant.eval import score_samples
     from diffquant.models.data import load_digits_tensor
     from diffquant.models.loading import load_classifier, load_denoiser

@@ -49,3 +49,42 @@ def test_plan_prints_rule_per_layer(capsys):
     assert "default-skip conv_in" in out and "all-conv-linear" in out
     line = next(ln for ln in out.splitlines() if ln.startswith("down_blocks.0.resnets.0.conv1 "))
     assert "int4 per-channel" in line and "int8 per-tensor" in line
+
+
+def test_help_shows_every_default_and_version(capsys):
+    with pytest.raises(SystemExit):
+        main(["run", "--help"])
+    out = " ".join(capsys.readouterr().out.split())
+    for text in ("(default: 25)", "(default: tensorrt)", "(default: 0.99)", "(default: minmax)", "--debug"):
+        assert text in out, text
+    with pytest.raises(SystemExit) as e:
+        main(["--version"])
+    assert e.value.code == 0 and capsys.readouterr().out.startswith("diffquant ")
+
+
+def test_recipes_lists_bits_and_passes(capsys):
+    assert main(["recipes"]) == 0
+    out = capsys.readouterr().out
+    line = next(ln for ln in out.splitlines() if ln.startswith("mpqdm "))
+    assert "w2a4" in line and "minmax -> omq -> efficientdm" in line and "4 timestep groups" in line
+
+
+def test_plan_set_applies_or_rejects(capsys):
+    assert main(["plan", "--model", "builtin:digits-sd", "--recipe", "minmax", "--set", "minmax.act_range=mse"]) == 0
+    capsys.readouterr()
+    assert main(["plan", "--model", "builtin:digits-sd", "--recipe", "minmax", "--set", "minmax.act_range=nope"]) == 2
+    assert "act_range" in capsys.readouterr().err
+
+
+def test_unexpected_errors_are_one_line_unless_debug(tmp_path, capsys, monkeypatch):
+    import diffquant.cli as cli
+
+    def boom(a):
+        raise RuntimeError("kaboom")
+
+    monkeypatch.setattr(cli, "cmd_recipes", boom)
+    assert main(["recipes"]) == 1
+    err = capsys.readouterr().err
+    assert "internal error: RuntimeError: kaboom" in err and "--debug" in err and "Traceback" not in err
+    with pytest.raises(RuntimeError):
+        main(["recipes", "--debug"])

@@ -127,5 +127,5 @@ def test_set_overrides_parse_and_reach_the_recipe():
     assert (cfg.iters, cfg.inputs) == (7, "fp")
     with pytest.raises(DiffquantError, match="PASS.OPTION=VALUE"):
         parse_overrides(["iters=7"])
-    with pytest.raises(DiffquantError, match="no option"):
+    with pytest.raises(DiffquantError, match="unknown option"):
         load_recipe("qdiffusion", {"reconstruct": {"itres": 3}})

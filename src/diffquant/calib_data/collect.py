@@ -21,6 +21,7 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
+from diffquant._check import check_value, contained, read_json, typed_fields
 from diffquant._digest import weights_digest
 from diffquant._io import write_json
 from diffquant.errors import DiffquantError
@@ -28,7 +29,7 @@ from diffquant.models.denoiser import Denoiser
 from diffquant.models.inputs import NamedInputs
 from diffquant.models.sampler import SamplerConfig, prompt_batch, sample
 
-__all__ = ["CalibConfig", "CalibSet", "collect", "default_cache_dir", "load_calib", "pick_inputs", "pick_steps"]
+__all__ = ["CalibConfig", "CalibSet", "check_calib", "collect", "default_cache_dir", "load_calib", "pick_inputs", "pick_steps"]
 
 INDEX_VERSION = 2
 
@@ -144,35 +145,82 @@ def collect(denoiser: Denoiser, cfg: CalibConfig | None = None, cache_dir: str |
     return load_calib(folder)
 
 
+def _read_index(folder: Path) -> tuple[dict, CalibConfig]:
+    again = f"delete {folder} and collect again"
+    if not (folder / "index.json").exists():
+        raise DiffquantError(f"{folder} is not a calibration folder: index.json is missing; make one with `diffquant calibrate`")
+    index = read_json(folder / "index.json", again, required=("version", "config", "shards", "batched"))
+    where = f"{folder / 'index.json'}"
+    if index["version"] != INDEX_VERSION:
+        raise DiffquantError(f"{where}: calibration index version {index['version']!r}; this diffquant reads version {INDEX_VERSION}: {again}")
+    cfg = CalibConfig(**typed_fields(CalibConfig, index["config"], f"{where}: config"))
+    check_value(index["batched"], list[str], f"{where}: batched")
+    for i, e in enumerate(check_value(index["shards"], list[dict], f"{where}: shards")):
+        contained(folder, e.get("file"), f"{where}: shards[{i}].file")
+        check_value(e.get("timestep"), float, f"{where}: shards[{i}].timestep")
+        check_value(e.get("count"), int, f"{where}: shards[{i}].count")
+    if not index["shards"]:
+        raise DiffquantError(f"{where}: shards: the list is empty; {again}")
+    return index, cfg
+
+
+def _check_shard(path: Path, tensors: dict, entry: dict, first: dict | None, batched: set[str], again: str) -> None:
+    """A shard's tensors: finite, the keys and per-sample shapes of the first shard, ``count``
+    rows in every batched input, and the timestep the index names."""
+    for k, v in tensors.items():
+        if v.is_floating_point() and not torch.isfinite(v).all():
+            bad = int((~torch.isfinite(v)).sum())
+            raise DiffquantError(
+                f"calibration shard {path} (timestep {entry['timestep']:g}) has {bad} NaN/Inf values in {k!r}; "
+                f"the FP model diverged or the file is damaged: {again}"
+            )
+        if k in batched and (v.ndim == 0 or len(v) != entry["count"]):
+            raise DiffquantError(f"calibration shard {path}: {k!r} has shape {list(v.shape)}, the index says {entry['count']} rows; {again}")
+    if "timestep" not in tensors or not torch.all(tensors["timestep"].float() == float(tensors["timestep"].reshape(-1)[0])):
+        raise DiffquantError(f"calibration shard {path}: 'timestep' is missing or not one value per shard; {again}")
+    if first is not None:
+        if set(tensors) != set(first):
+            raise DiffquantError(f"calibration shard {path} holds {sorted(tensors)}, the first shard {sorted(first)}; {again}")
+        for k, v in tensors.items():
+            if k in batched and v.shape[1:] != first[k].shape[1:]:
+                raise DiffquantError(f"calibration shard {path}: {k!r} has per-sample shape {list(v.shape[1:])}, "
+                                     f"the first shard {list(first[k].shape[1:])}; {again}")
+
+
 def load_calib(folder: str | Path) -> CalibSet:
-    """Load a calibration folder written by `collect`, checking every shard for NaN/Inf."""
+    """Load a calibration folder written by `collect`, checking the index against its schema and
+    every shard for keys, shapes, dtype and NaN/Inf before any of it is used."""
     folder = Path(folder)
-    index_path = folder / "index.json"
-    if not index_path.exists():
-        raise DiffquantError(f"{folder} is not a calibration folder: index.json is missing")
-    try:
-        index = json.loads(index_path.read_text())
-        cfg = CalibConfig(**index["config"])
-        entries = index["shards"]
-        batched = index["batched"]
-    except (json.JSONDecodeError, KeyError, TypeError) as e:
-        raise DiffquantError(f"{index_path} is corrupt or from an older diffquant ({e}); delete {folder} and collect again") from None
+    index, cfg = _read_index(folder)
+    again = f"delete {folder} and collect again"
+    batched = set(index["batched"])
     shards: dict[float, NamedInputs] = {}
-    for e in entries:
+    first = None
+    for e in index["shards"]:
         path = folder / e["file"]
         try:
             tensors = load_file(str(path))
-        except (SafetensorError, OSError, FileNotFoundError) as err:
-            raise DiffquantError(f"calibration shard {path} is unreadable ({err}); delete {folder} and collect again") from None
-        for k, v in tensors.items():
-            if v.is_floating_point() and not torch.isfinite(v).all():
-                bad = int((~torch.isfinite(v)).sum())
-                raise DiffquantError(
-                    f"calibration shard {path} (timestep {e['timestep']:g}) has {bad} NaN/Inf values in {k!r}; "
-                    f"the FP model diverged or the file is damaged: delete {folder} and collect again"
-                )
+        except (SafetensorError, OSError) as err:
+            raise DiffquantError(f"calibration shard {path} is unreadable ({err}); {again}") from None
+        _check_shard(path, tensors, e, first, batched, again)
+        first = first or tensors
         shards[float(e["timestep"])] = NamedInputs(tensors, batched)
     return CalibSet(folder=folder, config=cfg, timesteps=list(shards), shards=shards)
+
+
+def check_calib(calib: CalibSet, denoiser: Denoiser) -> None:
+    """Refuse calibration data recorded for another model: the input names and per-sample shapes
+    must be the denoiser's own (what `quantize` would otherwise train on silently)."""
+    ex = denoiser.example_inputs(1)
+    got = next(iter(calib.shards.values())) if calib.shards else {}
+    where = f"calibration folder {calib.folder}" if calib.folder else "calibration data"
+    missing = sorted(set(ex) - set(got))
+    if missing:
+        raise DiffquantError(f"{where} lacks the input(s) {missing} that {denoiser.name} takes; collect it for this model with `diffquant calibrate`")
+    for k, v in ex.items():
+        if k in ex.batched and tuple(got[k].shape[1:]) != tuple(v.shape[1:]):
+            raise DiffquantError(f"{where}: {k!r} has per-sample shape {list(got[k].shape[1:])}, {denoiser.name} takes "
+                                 f"{list(v.shape[1:])}; collect it for this model (and resolution) with `diffquant calibrate`")
 
 
 def pick_inputs(calib: CalibSet, n_timesteps: int, n_samples: int, group_of=None, n_groups: int = 1) -> list[tuple[float, NamedInputs]]:

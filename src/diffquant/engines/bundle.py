@@ -10,17 +10,17 @@ profile), and the export's ``runtime.json`` + ``conditioning.safetensors``.
 from __future__ import annotations
 
 import hashlib
-import json
 import shutil
-import tempfile
 import time
-from dataclasses import asdict, dataclass, field
+import typing
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 import numpy as np
 
+from diffquant._check import check_value, contained, read_json
 from diffquant._groups import group_index
-from diffquant._io import write_json
+from diffquant._io import atomic_folder, write_json
 from diffquant.engines.base import Engine
 from diffquant.engines.cpu import cpu_info
 from diffquant.engines.openvino import OvBuildConfig  # the module imports openvino lazily
@@ -31,17 +31,19 @@ from diffquant.errors import DiffquantError
 __all__ = ["BACKENDS", "ENGINE_FILE", "BuildConfig", "GroupedEngine", "EnginesFromFolder", "build", "file_sha256"]
 
 ENGINE_FILE = "engine.json"
+ENGINE_VERSION = 2  # 2: engine.json records the hashes of runtime.json and the conditioning
 RUNTIME_FILE = "runtime.json"
 BACKENDS = ("onnxruntime", "openvino", "tensorrt")
 
 
 @dataclass
 class BuildConfig:
-    """Backend plus its settings: ONNX Runtime's weight mode (``auto``: S8 weights, rewritten to
+    """Backend (``auto``: the one the graph was lowered for: ``tensorrt`` for the tensorrt
+    target, ``onnxruntime`` for the onnxruntime target) plus its settings: ONNX Runtime's weight mode (``auto``: S8 weights, rewritten to
     U8 where this CPU would saturate them; ``s8``: refuse instead; ``u8``: all U8), and the
     OpenVINO and TensorRT build settings."""
 
-    backend: str = "onnxruntime"
+    backend: str = "auto"
     ort_weights: str = "auto"
     openvino: OvBuildConfig = field(default_factory=OvBuildConfig)
     tensorrt: TrtBuildConfig = field(default_factory=TrtBuildConfig)
@@ -56,13 +58,23 @@ def file_sha256(path: Path) -> str:
 
 
 def _read_runtime(folder: Path, what: str) -> dict:
-    path = folder / RUNTIME_FILE
-    if not path.exists():
-        raise DiffquantError(f"no {RUNTIME_FILE} in {folder}: {what}")
-    try:
-        return json.loads(path.read_text())
-    except json.JSONDecodeError as e:
-        raise DiffquantError(f"{path} is not valid JSON ({e})") from None
+    """runtime.json of an export or engine folder, its graph and conditioning files checked to
+    name files inside ``folder``."""
+    runtime = read_json(folder / RUNTIME_FILE, what, required=("inputs",))
+    graphs = check_value(runtime.get("graphs", []), list, f"{folder / RUNTIME_FILE}: graphs")
+    for i, g in enumerate(graphs):
+        check_value(g, dict, f"{folder / RUNTIME_FILE}: graphs[{i}]")
+        contained(folder, g.get("file"), f"{folder / RUNTIME_FILE}: graphs[{i}].file")
+    cond = check_value(runtime.get("conditioning", {}), dict, f"{folder / RUNTIME_FILE}: conditioning")
+    if "file" in cond:
+        contained(folder, cond["file"], f"{folder / RUNTIME_FILE}: conditioning.file")
+    return runtime
+
+
+def _side_files(folder: Path, runtime: dict) -> list[str]:
+    """The files an engine folder carries beside its engines: runtime.json and the conditioning."""
+    cond = runtime.get("conditioning", {}).get("file", "")
+    return [RUNTIME_FILE] + ([cond] if cond and (folder / cond).is_file() else [])
 
 
 def _lint_or_refuse(onnx_path: Path, backend: str) -> dict:
@@ -85,45 +97,57 @@ def _lint_or_refuse(onnx_path: Path, backend: str) -> dict:
     return meta
 
 
+def _lowered_for(onnx_path: Path) -> str:
+    """The backend a graph was lowered for (its ``diffquant.target`` metadata; tensorrt if none)."""
+    from diffquant.exporters.linter import load_onnx  # onnx only; no torch
+
+    meta = {p.key: p.value for p in load_onnx(onnx_path).metadata_props}
+    return "onnxruntime" if meta.get("diffquant.target") == "onnxruntime" else "tensorrt"
+
+
 def build(onnx_path: str | Path, out: str | Path, config: BuildConfig | None = None) -> Path:
     """Build the engine folder ``out`` from ``onnx_path``: every graph of its timestep groups
     (listed in the sibling ``runtime.json``) is linted, then built for ``config.backend``."""
     cfg = config or BuildConfig()
-    if cfg.backend not in BACKENDS:
-        raise DiffquantError(f"unknown backend {cfg.backend!r}; available: {', '.join(BACKENDS)}")
+    if cfg.backend not in ("auto", *BACKENDS):
+        raise DiffquantError(f"unknown backend {cfg.backend!r}; available: auto, {', '.join(BACKENDS)}")
     src = Path(onnx_path)
     if not src.exists():
         raise DiffquantError(f"ONNX file {src} does not exist")
+    auto = cfg.backend == "auto"
+    if auto:
+        cfg = replace(cfg, backend=_lowered_for(src))
     out = Path(out)
     if out.exists():
         raise DiffquantError(f"output folder {out} already exists; pass another --out or delete it")
     runtime = _read_runtime(src.parent, "build needs the folder `diffquant export` / `run` wrote (it lists the graphs and the conditioning)")
     graphs = runtime.get("graphs") or [{"file": src.name, "timestep_range": []}]
-    if src.name not in {g["file"] for g in graphs}:
+    if src.name not in {g.get("file") for g in graphs}:
         raise DiffquantError(f"{src.name} is not one of the exported graphs in {src.parent / RUNTIME_FILE}: {[g['file'] for g in graphs]}")
     metas = [_lint_or_refuse(src.parent / g["file"], cfg.backend) for g in graphs]
     if cfg.backend == "tensorrt":
         from diffquant.engines.tensorrt import import_tensorrt
 
-        import_tensorrt()  # fail before any work with the install hint
+        try:
+            import_tensorrt()  # fail before any work with the install hint
+        except DiffquantError as e:
+            if not auto:
+                raise
+            raise DiffquantError(f"{e} (--backend auto picked tensorrt: {src.name} was lowered for it; "
+                                 "--backend openvino also builds it, for a CPU)") from None
     elif cfg.backend == "openvino":
         from diffquant.engines.openvino import import_openvino
 
         import_openvino()
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
-    try:
+    with atomic_folder(out) as tmp:
         entries = [_build_one(src.parent / g["file"], g, meta, runtime, cfg, tmp) for g, meta in zip(graphs, metas)]
-        for name in (RUNTIME_FILE, Path(runtime.get("conditioning", {}).get("file", "")).name):
-            if name and (src.parent / name).is_file():
-                shutil.copy2(src.parent / name, tmp / name)
+        side = {}
+        for name in _side_files(src.parent, runtime):
+            shutil.copy2(src.parent / name, tmp / name)
+            side[name] = file_sha256(tmp / name)
         machine = {"cpu": cpu_info().to_dict()} if cfg.backend != "tensorrt" else {}
-        write_json(tmp / ENGINE_FILE, {"version": 1, "backend": cfg.backend, "built": time.strftime("%Y-%m-%dT%H:%M:%S"), "config": asdict(cfg),
-                                       **machine, "engines": entries, "source": str(src.parent)})
-        tmp.rename(out)
-    finally:
-        if tmp.exists():
-            shutil.rmtree(tmp)
+        write_json(tmp / ENGINE_FILE, {"version": ENGINE_VERSION, "backend": cfg.backend, "built": time.strftime("%Y-%m-%dT%H:%M:%S"),
+                                       "config": asdict(cfg), **machine, "engines": entries, "files_sha256": side, "source": str(src.parent)})
     return out
 
 
@@ -182,19 +206,48 @@ class GroupedEngine(Engine):
         super().close()
 
 
+def _engine_meta(folder: Path) -> dict:
+    """engine.json checked against its schema (version, backend, one entry per engine naming a
+    file inside the folder), and the folder's side files against the hashes it recorded."""
+    path, again = folder / ENGINE_FILE, "build the engine folder again with `diffquant build`"
+    if not path.exists():
+        raise DiffquantError(f"{folder} is not an engine folder (no {ENGINE_FILE}); make one with `diffquant build`")
+    meta = read_json(path, again, required=("version", "backend", "engines"))
+    if meta["version"] != ENGINE_VERSION:
+        raise DiffquantError(f"{path}: engine folder version {meta['version']!r}; this diffquant reads version {ENGINE_VERSION}: {again}")
+    check_value(meta["backend"], typing.Literal[BACKENDS], f"{path}: backend")
+    engines = check_value(meta["engines"], list, f"{path}: engines")
+    if not engines:
+        raise DiffquantError(f"{path}: engines: the list is empty; {again}")
+    for i, e in enumerate(engines):
+        check_value(e, dict, f"{path}: engines[{i}]")
+        for key in ("file", "onnx_sha256", "timestep_range"):
+            if key not in e:
+                raise DiffquantError(f"{path}: engines[{i}]: missing key {key!r}; {again}")
+        contained(folder, e["file"], f"{path}: engines[{i}].file")
+        check_value(e["timestep_range"], list[float], f"{path}: engines[{i}].timestep_range")
+    hashes = check_value(meta.get("files_sha256", {}), dict, f"{path}: files_sha256")
+    for name, digest in hashes.items():
+        side = contained(folder, name, f"{path}: files_sha256")
+        if not side.is_file() or file_sha256(side) != digest:
+            raise DiffquantError(f"{side} {'is missing' if not side.is_file() else 'changed since the folder was built (hash mismatch)'}; {again}")
+    return meta
+
+
 def EnginesFromFolder(folder: str | Path, threads: int = 0) -> tuple[GroupedEngine, dict]:  # noqa: N802
     """Loader: the engines of a built folder as one `GroupedEngine`, plus its runtime.json.
-    Checks every file exists and (ONNX Runtime) still has the hash it was built from."""
+    Checks engine.json's schema, that every file it names lies inside the folder and still has
+    the hash it was built with (engines, runtime.json, conditioning)."""
     folder = Path(folder)
-    meta_path = folder / ENGINE_FILE
-    if not meta_path.exists():
-        raise DiffquantError(f"{folder} is not an engine folder (no {ENGINE_FILE}); make one with `diffquant build`")
-    meta = json.loads(meta_path.read_text())
+    meta = _engine_meta(folder)
     runtime = _read_runtime(folder, "the engine folder is incomplete; build it again")
+    missing = [n for n in _side_files(folder, runtime) if n not in meta.get("files_sha256", {})]
+    if missing:
+        raise DiffquantError(f"{folder / ENGINE_FILE}: {missing} carry no recorded hash; build the engine folder again with `diffquant build`")
     engines: list[Engine] = []
     try:
         for e in meta["engines"]:
-            path = folder / Path(e["file"]).name  # engine.json names files inside its own folder
+            path = contained(folder, e["file"], f"{folder / ENGINE_FILE}: file")
             if not path.exists():
                 raise DiffquantError(f"engine file {path} is missing; build the folder again with `diffquant build`")
             engines.append(_load_one(path, e, meta, threads))

@@ -8,6 +8,7 @@ from pathlib import Path
 
 import numpy as np
 
+from diffquant._check import check_value, contained
 from diffquant.engines.base import Engine
 from diffquant.errors import DiffquantError
 
@@ -28,17 +29,24 @@ class PromptTable:
         from safetensors import SafetensorError
         from safetensors.numpy import load_file
 
-        info = runtime["conditioning"]
-        path = Path(folder) / Path(info["file"]).name
+        where, again = f"{Path(folder) / 'runtime.json'}: conditioning", "export and build the engine folder again"
+        info = check_value(runtime.get("conditioning"), dict, where)
+        path = contained(folder, info.get("file"), f"{where}.file")
+        null_id = check_value(info.get("null_id"), int, f"{where}.null_id")
+        prompts = check_value(info.get("prompts", []), list[str], f"{where}.prompts")
         if not path.exists():
-            raise DiffquantError(f"conditioning file {path} is missing; export and build the engine folder again")
+            raise DiffquantError(f"conditioning file {path} is missing; {again}")
         try:
             data = load_file(str(path))
-        except (SafetensorError, OSError) as e:
-            raise DiffquantError(f"conditioning file {path} is unreadable ({e}); export and build the engine folder again") from None
+        except (SafetensorError, OSError, ValueError) as e:
+            raise DiffquantError(f"conditioning file {path} is unreadable ({e}); {again}") from None
         tables = {k[5:]: v for k, v in data.items() if k.startswith("cond.")}
         static = {k[7:]: v for k, v in data.items() if k.startswith("static.")}
-        return cls(tables, info.get("prompts", []), info["null_id"], static)
+        for name, table in tables.items():
+            if table.ndim < 1 or table.shape[0] != null_id + 1:
+                raise DiffquantError(f"{path}: cond.{name} has {table.shape[0] if table.ndim else 0} rows, runtime.json expects {null_id + 1} "
+                                     f"(null_id {null_id} + 1); {again}")
+        return cls(tables, prompts, null_id, static)
 
     def prompt_id(self, prompt: str) -> int:
         """The id of a calibrated prompt (or a class word such as ``seven``), or an index."""

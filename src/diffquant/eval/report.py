@@ -10,12 +10,16 @@ from diffquant._io import write_text
 from diffquant._png import save_grid_array
 from diffquant.quant.plan import PassReport
 
-__all__ = ["save_grid", "write_markdown"]
+__all__ = ["SMALL_N", "collapse_note", "save_grid", "write_markdown"]
+
+SMALL_N = 500  # below this FD is dominated by its small-sample bias (published tables use N = 1000)
 
 
-def save_grid(images: torch.Tensor, path: str | Path, ncol: int = 10, zoom: int = 3, pad: int = 2) -> Path:
-    """Save images in [-1, 1] [N, C, H, W] (C = 1 or 3) as a grid PNG (``ncol`` per row)."""
-    return save_grid_array(images.detach().float().numpy(), path, ncol=ncol, zoom=zoom, pad=pad)
+def save_grid(images: torch.Tensor, path: str | Path, ncol: int = 10, zoom: int = 3, pad: int = 2, title: str = "",
+              row_labels: list[str] | None = None) -> Path:
+    """Save images in [-1, 1] [N, C, H, W] (C = 1 or 3) as a grid PNG (``ncol`` per row), with an
+    optional title and row labels."""
+    return save_grid_array(images.detach().float().numpy(), path, ncol=ncol, zoom=zoom, pad=pad, title=title, row_labels=row_labels)
 
 
 def _fmt(v) -> str:
@@ -24,6 +28,19 @@ def _fmt(v) -> str:
     if isinstance(v, float):
         return f"{v:.4g}"
     return str(v)
+
+
+def collapse_note(quality: dict) -> str:
+    """A sentence when the fake-quant model itself has collapsed (accuracy near chance, or
+    images unrelated to FP): then end-to-end parity fails because the quantized model is
+    chaotic, not because of the deployment."""
+    fq = quality.get("fake_quant", {})
+    acc, psnr = fq.get("accuracy"), fq.get("psnr")
+    if (acc is not None and acc < 0.5) or (psnr is not None and psnr < 10.0):
+        shown = ", ".join(f"{k} {v:.3g}" for k, v in (("accuracy", acc), ("PSNR vs FP dB", psnr)) if v is not None)
+        return (f"the fake-quant model itself has collapsed ({shown}): at these bits the quantized model no longer follows the FP one, "
+                "and tiny rounding differences send its trajectory elsewhere; give it more bits or a stronger recipe")
+    return ""
 
 
 def write_markdown(report: dict, path: str | Path) -> Path:
@@ -47,10 +64,14 @@ def write_markdown(report: dict, path: str | Path) -> Path:
     for label, key in (("FP32 (torch)", "fp"), ("fake-quant (torch)", "fake_quant"), ("**deployed graph (ORT)**", "quant")):
         r = q[key]
         lines.append(f"| {label} | {_fmt(r.get('fd'))} | {_fmt(r.get('accuracy'))} | {_fmt(r.get('psnr'))} | {_fmt(r.get('ssim'))} | {_fmt(r.get('latent_cosine'))} |")
+    n_note = (f" **N = {st['samples']} is too small for FD to mean much**: FD is biased upward and noisy at small N; compare FD "
+              f"only between runs of equal N (published tables use N = 1000)." if st["samples"] < SMALL_N else "")
+    collapsed = collapse_note(q)
     lines += [
         "",
-        "FD and accuracy need a feature model (the digits classifier, builtin models only); PSNR / SSIM compare decoded "
-        "images with the FP pipeline's from the same seeds and prompts.",
+        *([f"**Collapsed**: {collapsed}.", ""] if collapsed else []),
+        f"FD and accuracy need a feature model (the digits classifier, builtin models only); PSNR / SSIM compare decoded "
+        f"images with the FP pipeline's from the same seeds and prompts.{n_note}",
         "",
         "| timestep | fake-quant noise SNR dB | fake-quant cosine | deployed noise SNR dB | deployed cosine |",
         "|---|---|---|---|---|",

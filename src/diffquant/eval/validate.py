@@ -14,7 +14,6 @@ Comparisons (each a pair of Polygraphy runners on the same inputs):
 from __future__ import annotations
 
 import copy
-import json
 from collections import OrderedDict
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -28,6 +27,7 @@ from polygraphy.comparator.compare import CosineSimilarityCompareFunc, SnrCompar
 from polygraphy.json import save_json
 from polygraphy.logger import G_LOGGER
 
+from diffquant._check import read_json
 from diffquant._groups import group_index
 from diffquant._io import atomic_path, write_json, write_text
 from diffquant.engines import Engine, EnginesFromFolder, GroupedEngine, OrtEngine
@@ -82,23 +82,31 @@ class OutputVerdict:
 class ValidationResult:
     run: str
     rows: list[OutputVerdict] = field(default_factory=list)
-    skipped: dict[str, str] = field(default_factory=dict)
+    not_run: dict[str, str] = field(default_factory=dict)
     inputs_file: str = ""
 
     @property
     def passed(self) -> bool:
-        return bool(self.rows) and all(r.passed for r in self.rows)
+        """Every requested comparison ran and passed: one that could not run is not a pass."""
+        return bool(self.rows) and all(r.passed for r in self.rows) and not self.not_run
+
+    @property
+    def verdict(self) -> str:
+        if any(not r.passed for r in self.rows):
+            return "FAIL"
+        return "NOT RUN" if self.not_run or not self.rows else "PASS"
 
     def to_dict(self) -> dict:
-        return {"run": self.run, "passed": self.passed, "rows": [asdict(r) for r in self.rows], "skipped": self.skipped, "inputs_file": self.inputs_file}
+        return {"run": self.run, "passed": self.passed, "verdict": self.verdict, "rows": [asdict(r) for r in self.rows],
+                "not_run": self.not_run, "inputs_file": self.inputs_file}
 
     def table(self) -> str:
         lines = ["| comparison | timestep | output | cosine | SNR dB | max abs | verdict |", "|---|---|---|---|---|---|---|"]
         for r in self.rows:
             verdict = "PASS" if r.passed else f"**FAIL** (needs cosine >= {r.cosine_threshold:g}, SNR >= {r.snr_threshold:g} dB)"
             lines.append(f"| {r.comparison} | {r.timestep:g} | {r.output} | {r.cosine:.6f} | {r.snr_db:.1f} | {r.max_abs:.3g} | {verdict} |")
-        for name, why in self.skipped.items():
-            lines.append(f"| {name} | – | – | – | – | – | skipped: {why} |")
+        for name, why in self.not_run.items():
+            lines.append(f"| {name} | – | – | – | – | – | not run: {why} |")
         return "\n".join(lines)
 
     def hints(self) -> list[str]:
@@ -176,10 +184,9 @@ def validate(run_dir: str | Path, denoiser, inputs: list, cfg: ValidateConfig | 
     unknown = [a for a in cfg.against if a not in COMPARISONS]
     if unknown:
         raise DiffquantError(f"unknown comparison(s) {unknown}; choose from {', '.join(COMPARISONS)}")
-    rpath = run / "report.json"
-    if not rpath.exists():
+    if not (run / "report.json").exists():
         raise DiffquantError(f"{run} is not a run folder (no report.json); make one with `diffquant run`")
-    report = json.loads(rpath.read_text())
+    report = read_json(run / "report.json", "make the run folder again with `diffquant run`", required=("onnx",))
     plan = QuantPlan.load(run / "plan")
     feeds = [OrderedDict((s.name, named[s.name].numpy()) for s in denoiser.input_specs()) for _, named in inputs]
     timesteps = [float(ts) for ts, _ in inputs]
@@ -212,7 +219,7 @@ def validate(run_dir: str | Path, denoiser, inputs: list, cfg: ValidateConfig | 
             except DiffquantError as e:
                 if name not in ENGINE_BACKENDS or "not installed" not in str(e):
                     raise
-                result.skipped[name] = str(e).split(". ")[0]
+                result.not_run[name] = str(e).split(". ")[0]
                 continue
             results = Comparator.run(runners, data_loader=feeds)
             (_, ref_iters), (_, cand_iters) = results[0], results[1]
@@ -254,7 +261,7 @@ def _built_engine(run: Path, folder: str, backend: str) -> Engine:
     if not folder:
         folder = str(run / f"engine-{backend}")
         if not Path(folder).exists():
-            report = json.loads((run / "report.json").read_text())
+            report = read_json(run / "report.json", "make the run folder again with `diffquant run`", required=("onnx",))
             shape = dict(batch=16, dynamic=True, max_batch=64)
             cfg = BuildConfig(backend=backend, tensorrt=TrtBuildConfig(**shape), openvino=OvBuildConfig(**shape))
             build(run / Path(report["onnx"]).name, folder, cfg)

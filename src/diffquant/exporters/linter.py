@@ -1,4 +1,4 @@
-"""The rules linter: checks a Q/DQ graph against DEPLOY_RULES.md and names the offending node
+"""The rules linter: checks a Q/DQ graph against the TensorRT / ONNX Runtime Q/DQ rules (docs/ARCHITECTURE.md) and names the offending node
 of every violation. TensorRT rules by default; the ``onnxruntime`` profile also accepts its
 U8 activations (zero point 128, the symmetric grid shifted) and Q/DQ on conv outputs."""
 
@@ -39,6 +39,7 @@ class LintReport:
     violations: list[Violation] = field(default_factory=list)
     n_q: int = 0
     n_dq: int = 0
+    target: str = ""  # the rule set that was applied
 
     @property
     def ok(self) -> bool:
@@ -54,9 +55,12 @@ def load_onnx(path: str | Path) -> onnx.ModelProto:
     if not path.exists():
         raise DiffquantError(f"ONNX file {path} does not exist")
     try:
-        return onnx.load(str(path))
+        model = onnx.load(str(path))
     except Exception as e:  # protobuf raises DecodeError and friends
         raise DiffquantError(f"{path} is not a readable ONNX model ({type(e).__name__}: {e})") from None
+    if not model.graph.node:
+        raise DiffquantError(f"{path} holds no graph ({path.stat().st_size} bytes: empty or truncated); export it again")
+    return model
 
 
 class _Graph:
@@ -116,7 +120,7 @@ def lint(model: onnx.ModelProto, path: str = "<memory>", target: str | None = No
         raise DiffquantError(f"no lint rules for target {target!r}; known: {', '.join(ALLOWED_Q_TYPES)}")
     allowed = ALLOWED_Q_TYPES[target]
     g = _Graph(model)
-    rep = LintReport(path=path)
+    rep = LintReport(path=path, target=target)
     add = lambda rule, node, msg: rep.violations.append(Violation(rule, node.name or node.op_type, msg))  # noqa: E731
     opset = max((o.version for o in model.opset_import if o.domain in ("", "ai.onnx")), default=0)
     uses_int4_or_blocks = False

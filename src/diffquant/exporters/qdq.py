@@ -1,6 +1,6 @@
 """Lowering a QuantPlan into Q/DQ nodes on the FP ONNX graph, for a target profile.
 
-Per DESIGN.md: weights become INT8 initializers (values on the plan's n-bit grid) behind a
+See docs/ARCHITECTURE.md (targets and backends): weights become INT8 initializers (values on the plan's n-bit grid) behind a
 per-output-channel DequantizeLinear, or INT4 initializers with a blocked DequantizeLinear for
 block formats on MatMul (weight-only); each quantized layer's input gets one per-tensor
 QuantizeLinear/DequantizeLinear pair, shared by every quantized reader of that tensor; grids

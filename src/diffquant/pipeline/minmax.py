@@ -43,6 +43,10 @@ class MinMaxConfig:
         for f in ("act_reduce", "conv_act_reduce"):
             if getattr(self, f) not in REDUCTIONS + (("",) if f == "conv_act_reduce" else ()):
                 raise ValueError(f"{f} must be one of {REDUCTIONS}, got {getattr(self, f)!r}")
+        if self.batch_size < 1 or self.mse_candidates < 1:
+            raise ValueError(f"batch_size and mse_candidates must be >= 1, got {self.batch_size} and {self.mse_candidates}")
+        if not 0.0 < self.percentile <= 100.0 or not 0.0 < self.mse_step <= 1.0 or self.mse_p <= 0.0:
+            raise ValueError(f"percentile must be in (0, 100], mse_step in (0, 1], mse_p > 0; got {self.percentile}, {self.mse_step}, {self.mse_p}")
 
 
 REDUCTIONS = ("max", "mean", "min-mean")

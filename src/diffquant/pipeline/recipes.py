@@ -9,8 +9,9 @@ from typing import Any
 
 import yaml
 
+from diffquant._check import check_value
 from diffquant._groups import split_groups
-from diffquant.calib_data import CalibSet
+from diffquant.calib_data import CalibSet, check_calib
 from diffquant.errors import DiffquantError
 from diffquant.models.denoiser import Denoiser
 from diffquant.pipeline.context import PassContext
@@ -20,9 +21,6 @@ from diffquant.quant.plan import LayerPlan, QuantPlan, weights_digest
 from diffquant.quant.targeting import Rule, TargetDecision, resolve_targets, rule_to_dict, rules_from_dicts
 
 __all__ = ["Recipe", "available_recipes", "decide_targets", "load_recipe", "quantize", "recipes_dir"]
-
-RECIPE_KEYS = {"name", "version", "description", "bits", "targeting", "use_default_skip", "default_skip_bits", "timestep_groups", "passes"}
-
 
 def recipes_dir() -> Path:
     return Path(str(resources.files("diffquant") / "recipes"))
@@ -65,51 +63,84 @@ class Recipe:
         }
 
 
-def load_recipe(name_or_path: str | Path, overrides: dict[str, dict] | None = None) -> Recipe:
-    """Load a recipe by name (from the shipped recipes) or path; ``overrides`` maps a pass name
-    to option values that replace the recipe's."""
-    path = Path(name_or_path)
-    if not path.suffix:
-        path = recipes_dir() / f"{name_or_path}.yaml"
-        if not path.exists():
-            raise DiffquantError(f"unknown recipe {str(name_or_path)!r}; available: {', '.join(available_recipes())}")
-    if not path.exists():
-        raise DiffquantError(f"recipe file {path} does not exist")
+RECIPE_TYPES: dict[str, Any] = {
+    "name": str, "version": int, "description": str, "bits": str, "targeting": list, "use_default_skip": bool,
+    "default_skip_bits": str, "timestep_groups": int, "passes": list,
+}
+RECIPE_VERSION = 1
+
+
+def _recipe_path(name_or_path: str | Path) -> Path:
+    """A shipped recipe by bare name (nothing outside the recipes folder), or a YAML path."""
+    text = str(name_or_path)
+    if Path(text).suffix in (".yaml", ".yml"):
+        if not Path(text).is_file():
+            raise DiffquantError(f"recipe file {text} does not exist")
+        return Path(text)
+    if text not in available_recipes():
+        raise DiffquantError(
+            f"unknown recipe {text!r}; available: {', '.join(available_recipes())} (a recipe file must be given as a path ending in .yaml)"
+        )
+    return recipes_dir() / f"{text}.yaml"
+
+
+def _read_recipe(path: Path) -> dict:
     try:
         data = yaml.safe_load(path.read_text()) or {}
-    except yaml.YAMLError as e:
-        raise DiffquantError(f"{path} is not valid YAML: {e}") from None
+    except (yaml.YAMLError, UnicodeDecodeError) as e:
+        raise DiffquantError(f"{path} is not valid YAML: {str(e).splitlines()[0]}") from None
     if not isinstance(data, dict):
-        raise DiffquantError(f"{path}: a recipe must be a mapping")
-    unknown = set(data) - RECIPE_KEYS
+        raise DiffquantError(f"{path}: a recipe must be a mapping of {sorted(RECIPE_TYPES)}")
+    unknown = set(data) - set(RECIPE_TYPES)
     if unknown:
-        raise DiffquantError(f"{path}: unknown recipe keys {sorted(unknown)}; allowed: {sorted(RECIPE_KEYS)}")
-    overrides = dict(overrides or {})
+        raise DiffquantError(f"{path}: unknown recipe keys {sorted(unknown)}; allowed: {sorted(RECIPE_TYPES)}")
+    data = {k: check_value(v, RECIPE_TYPES[k], f"{path}: {k}") for k, v in data.items()}
+    if data.get("version", RECIPE_VERSION) != RECIPE_VERSION:
+        raise DiffquantError(f"{path}: version {data['version']} is not a recipe version this diffquant reads ({RECIPE_VERSION})")
+    if data.get("timestep_groups", 1) < 1:
+        raise DiffquantError(f"{path}: timestep_groups must be >= 1, got {data['timestep_groups']}")
+    for key in ("bits", "default_skip_bits"):
+        if data.get(key):
+            _check_bits(data[key], f"{path}: {key}")
+    return data
+
+
+def _check_bits(text: str, where: str) -> None:
+    try:
+        parse_bits(text)
+    except DiffquantError as e:
+        raise DiffquantError(f"{where}: {e}") from None
+
+
+def _passes(data: dict, path: Path, overrides: dict[str, dict]) -> list[tuple[str, Any]]:
     passes = []
     for i, p in enumerate(data.get("passes", [])):
-        if not isinstance(p, dict) or "name" not in p:
-            raise DiffquantError(f"{path}: passes[{i}] must be a mapping with a 'name'")
-        values = {**(p.get("config") or {}), **overrides.pop(p["name"], {})}
-        passes.append((p["name"], make_config(p["name"], values, f"{path} passes[{i}]")))
+        where = f"{path}: passes[{i}]"
+        if not isinstance(p, dict) or not isinstance(p.get("name"), str) or set(p) - {"name", "config"}:
+            raise DiffquantError(f"{where}: expected a mapping with a 'name' (a pass name) and an optional 'config' mapping, got {p!r}")
+        config = check_value(p.get("config") or {}, dict, f"{where}: config")
+        passes.append((p["name"], make_config(p["name"], {**config, **overrides.pop(p["name"], {})}, where)))
     if overrides:
-        raise DiffquantError(f"overrides name passes that recipe {path.stem!r} does not run: {sorted(overrides)}")
-    recipe = Recipe(
-        name=str(data.get("name", path.stem)),
-        bits=str(data.get("bits", "w8a8")),
-        description=str(data.get("description", "")),
-        version=int(data.get("version", 1)),
+        raise DiffquantError(f"--set names passes that recipe {path.stem!r} does not run: {sorted(overrides)}; it runs {[n for n, _ in passes]}")
+    return passes
+
+
+def load_recipe(name_or_path: str | Path, overrides: dict[str, dict] | None = None) -> Recipe:
+    """Load a recipe by name (one of the shipped recipes) or by a ``.yaml`` path; ``overrides``
+    maps a pass name to option values that replace the recipe's. Every value is type-checked."""
+    path = _recipe_path(name_or_path)
+    data = _read_recipe(path)
+    return Recipe(
+        name=data.get("name", path.stem),
+        bits=data.get("bits", "w8a8"),
+        description=data.get("description", ""),
+        version=data.get("version", RECIPE_VERSION),
         targeting=rules_from_dicts(data.get("targeting", []), str(path)),
-        use_default_skip=bool(data.get("use_default_skip", True)),
-        default_skip_bits=str(data.get("default_skip_bits", "")),
-        timestep_groups=int(data.get("timestep_groups", 1)),
-        passes=passes,
+        use_default_skip=data.get("use_default_skip", True),
+        default_skip_bits=data.get("default_skip_bits", ""),
+        timestep_groups=data.get("timestep_groups", 1),
+        passes=_passes(data, path, dict(overrides or {})),
     )
-    parse_bits(recipe.bits)
-    if recipe.default_skip_bits:
-        parse_bits(recipe.default_skip_bits)
-    if recipe.timestep_groups < 1:
-        raise DiffquantError(f"{path}: timestep_groups must be >= 1, got {recipe.timestep_groups}")
-    return recipe
 
 
 def _rules(denoiser: Denoiser, recipe: Recipe, extra: list[Rule] | None) -> list[Rule]:
@@ -126,6 +157,39 @@ def decide_targets(denoiser: Denoiser, recipe: Recipe, extra: list[Rule] | None 
     return resolve_targets(denoiser.model, _rules(denoiser, recipe, extra))
 
 
+def _decide_formats(plan: QuantPlan, denoiser: Denoiser, targets: dict, setting) -> None:
+    """Each targeted layer's weight / activation formats into ``plan`` (a block format falls back
+    to per-channel where the layer cannot take it; a block size no layer can take is refused)."""
+    modules = dict(denoiser.model.named_modules())
+    blocked, widths = 0, set()
+    for name, dec in targets.items():
+        layer_setting = parse_bits(dec.bits) if dec.bits else setting
+        wf = layer_setting.weight if dec.weights else None
+        af = layer_setting.act if dec.activations else None
+        notes = [f"bits {dec.bits} from rule {dec.rule}"] if dec.bits else []
+        weight = modules[name].weight
+        if wf is not None and isinstance(wf.granularity, PerBlock):
+            k = weight.shape[1]
+            if dec.op == "linear":
+                widths.add(k)
+            if dec.op != "linear" or k % wf.granularity.size:
+                why = "convolutions have no block format" if dec.op != "linear" else f"K = {k} is not a multiple of {wf.granularity.size}"
+                wf = QuantFormat(bits=wf.bits, granularity=PerAxis(0))
+                notes.append(f"weights per output channel, not blocks: {why}")
+            else:
+                blocked += 1
+        if wf or af:
+            plan.layers[name] = LayerPlan.new(name, dec.op, dec.rule, wf, af, weight_numel=weight.numel(), notes=notes)
+        else:
+            plan.skipped[name] = dec.rule
+    if isinstance(setting.weight.granularity, PerBlock) and plan.layers and not blocked:
+        size = setting.weight.granularity.size
+        raise DiffquantError(
+            f"bits {setting.text}: block size {size} divides the input width of no quantized Linear of {denoiser.name} "
+            f"(widths {sorted(widths) or 'none: no Linear is quantized'}); pick a block size that divides them, e.g. 16 or 32"
+        )
+
+
 def quantize(
     denoiser: Denoiser,
     recipe: Recipe,
@@ -139,7 +203,10 @@ def quantize(
     ``timestep_groups`` > 1 gives each contiguous group of timesteps its own activation scales
     (None: the recipe's default)."""
     timestep_groups = recipe.timestep_groups if timestep_groups is None else timestep_groups
+    if not isinstance(timestep_groups, int) or timestep_groups < 1:
+        raise DiffquantError(f"--timestep-groups must be a whole number >= 1, got {timestep_groups!r}")
     setting = parse_bits(bits or recipe.bits)
+    check_calib(calib, denoiser)
     targets = decide_targets(denoiser, recipe, extra_rules)
     plan = QuantPlan(model=denoiser.name, model_digest=weights_digest(denoiser.model), request=setting.text, recipe=recipe.to_dict())
     if timestep_groups > 1:
@@ -147,23 +214,7 @@ def quantize(
             plan.timestep_groups = split_groups(calib.timesteps, timestep_groups, denoiser.scheduler["num_train_timesteps"])
         except ValueError as e:
             raise DiffquantError(f"--timestep-groups: {e}") from None
-    modules = dict(denoiser.model.named_modules())
-    for name, dec in targets.items():
-        layer_setting = parse_bits(dec.bits) if dec.bits else setting
-        wf = layer_setting.weight if dec.weights else None
-        af = layer_setting.act if dec.activations else None
-        notes = [f"bits {dec.bits} from rule {dec.rule}"] if dec.bits else []
-        weight = modules[name].weight
-        if wf is not None and isinstance(wf.granularity, PerBlock):
-            k = weight.shape[1]
-            if dec.op != "linear" or k % wf.granularity.size:
-                why = "convolutions have no block format" if dec.op != "linear" else f"K = {k} is not a multiple of {wf.granularity.size}"
-                wf = QuantFormat(bits=wf.bits, granularity=PerAxis(0))
-                notes.append(f"weights per output channel, not blocks: {why}")
-        if wf or af:
-            plan.layers[name] = LayerPlan.new(name, dec.op, dec.rule, wf, af, weight_numel=weight.numel(), notes=notes)
-        else:
-            plan.skipped[name] = dec.rule
+    _decide_formats(plan, denoiser, targets, setting)
     if not plan.layers:
         raise DiffquantError(f"recipe {recipe.name!r} targets no layer of {denoiser.name}; check its targeting rules")
     plan.state = "calibrating"

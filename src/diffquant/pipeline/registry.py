@@ -3,10 +3,10 @@ field defaulted, a ``version``)."""
 
 from __future__ import annotations
 
-import dataclasses
 from collections.abc import Callable
 from typing import Any
 
+from diffquant._check import typed_fields
 from diffquant.errors import DiffquantError
 
 __all__ = ["PASSES", "get_pass", "make_config", "register_pass"]
@@ -31,14 +31,11 @@ def get_pass(name: str) -> tuple[type, Callable[..., None]]:
 
 
 def make_config(name: str, values: dict[str, Any] | None, where: str) -> Any:
-    """Build pass ``name``'s config from ``values``; unknown keys raise naming ``where``."""
+    """Build pass ``name``'s config from ``values``: unknown keys, wrong types, an unknown
+    ``version`` and out-of-range values raise naming ``where`` and the option."""
     cls, _ = get_pass(name)
-    values = dict(values or {})
-    fields = {f.name for f in dataclasses.fields(cls)}
-    unknown = set(values) - fields
-    if unknown:
-        raise DiffquantError(f"{where}: pass {name!r} has no option(s) {sorted(unknown)}; options: {sorted(fields)}")
+    checked = typed_fields(cls, dict(values or {}), f"{where} (pass {name!r})")
     try:
-        return cls(**values)
+        return cls(**checked)
     except (TypeError, ValueError) as e:
         raise DiffquantError(f"{where}: bad options for pass {name!r}: {e}") from None

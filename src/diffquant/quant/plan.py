@@ -16,6 +16,7 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
+from diffquant._check import read_json
 from diffquant._digest import weights_digest
 from diffquant._groups import group_index
 from diffquant._io import atomic_path, write_json
@@ -234,7 +235,16 @@ class QuantPlan:
 
     def freeze(self) -> None:
         """Check every site has its tensors, then mark the plan frozen."""
+        self._check_sites()
+        self.state = "frozen"
+
+    def _check_sites(self) -> None:
+        """Every weight / input site has its scale; activation scales and PTS exponents have one
+        row per timestep group."""
         for lp in self.quantized_layers():
+            for site in lp.input_sites:
+                if site.pts is not None and site.pts.shape[0] != self.n_groups:
+                    raise DiffquantError(f"plan: site {site.key} has PTS exponents for {site.pts.shape[0]} timestep groups, the plan has {self.n_groups}")
             for key, site in lp.sites.items():
                 if key == "output":
                     continue
@@ -245,7 +255,6 @@ class QuantPlan:
                     raise DiffquantError(f"plan: layer {lp.name} needs {self.n_groups} activation scales (one per timestep group), has {site.scale.numel()}")
             if lp.split and "input#1" not in lp.sites:
                 raise DiffquantError(f"plan: layer {lp.name} has a shortcut split but no site for its second half")
-        self.state = "frozen"
 
     def tensors(self) -> dict[str, torch.Tensor]:
         """Every tensor of the plan by its file key: ``<site key>.<tensor>`` and ``<layer>.weight``."""
@@ -268,6 +277,7 @@ class QuantPlan:
             "reports": [r.to_dict() for r in self.reports],
             "skipped": self.skipped,
             "timestep_groups": self.timestep_groups,
+            "tensors": {k: list(v.shape) for k, v in sorted(self.tensors().items())},
         }
 
     @classmethod
@@ -304,10 +314,7 @@ class QuantPlan:
         tpath = folder / "plan.safetensors"
         if not jpath.exists() or not tpath.exists():
             raise DiffquantError(f"no plan at {folder}: expected plan.json and plan.safetensors there")
-        try:
-            data = json.loads(jpath.read_text())
-        except json.JSONDecodeError as e:
-            raise DiffquantError(f"{jpath} is not valid JSON ({e}); re-run `diffquant quantize`") from None
+        data = read_json(jpath, "re-run `diffquant quantize`", required=("version",))
         if data.get("version") != PLAN_VERSION:
             raise DiffquantError(f"{jpath}: plan version {data.get('version')} is not supported (expected {PLAN_VERSION}); re-run `diffquant quantize`")
         try:
@@ -315,9 +322,27 @@ class QuantPlan:
         except (SafetensorError, OSError) as e:
             raise DiffquantError(f"{tpath} is not a readable safetensors file ({e}); re-run `diffquant quantize`") from None
         try:
-            return cls.from_json(data, tensors)
-        except (KeyError, TypeError, ValueError) as e:
+            plan = cls.from_json(data, tensors)
+        except (KeyError, TypeError, ValueError, AttributeError) as e:
             raise DiffquantError(f"{jpath}: malformed plan ({type(e).__name__}: {e}); re-run `diffquant quantize`") from None
+        plan._check_loaded(data.get("tensors"), tensors, jpath)
+        return plan
+
+    def _check_loaded(self, index: dict | None, tensors: dict[str, torch.Tensor], jpath: Path) -> None:
+        """A loaded plan is whole: frozen, every tensor plan.json lists present with its shape (a
+        deleted scale or replacement weight, or a scale of another shape, is refused), every site complete."""
+        again = "re-run `diffquant quantize`"
+        if self.state not in ("frozen", "exported"):
+            raise DiffquantError(f"{jpath}: the plan is {self.state!r}, not frozen; {again}")
+        for key, shape in (index or {}).items():
+            if key not in tensors:
+                raise DiffquantError(f"{jpath}: tensor {key!r} is missing from plan.safetensors; {again}")
+            if list(tensors[key].shape) != list(shape):
+                raise DiffquantError(f"{jpath}: tensor {key!r} has shape {list(tensors[key].shape)} in plan.safetensors, plan.json says {shape}; {again}")
+        try:
+            self._check_sites()
+        except DiffquantError as e:
+            raise DiffquantError(f"{jpath}: {str(e).removeprefix('plan: ')}; {again}") from None
 
 
 def reduce_range(plan: QuantPlan) -> QuantPlan:

@@ -11,6 +11,7 @@ from dataclasses import asdict, dataclass, field
 
 from torch import nn
 
+from diffquant._check import typed_fields
 from diffquant.errors import DiffquantError
 from diffquant.quant.format import parse_bits
 
@@ -65,18 +66,15 @@ class TargetDecision:
 
 def rules_from_dicts(items: list[dict], where: str) -> list[Rule]:
     """Build rules from recipe YAML entries; unknown keys are rejected with their location."""
-    allowed = set(Rule.__dataclass_fields__)
+    if not isinstance(items, list):
+        raise DiffquantError(f"{where}: targeting: expected a list of rules, got {items!r}")
     rules = []
     for i, item in enumerate(items):
-        if not isinstance(item, dict):
-            raise DiffquantError(f"{where}: targeting[{i}] must be a mapping, got {item!r}")
-        unknown = set(item) - allowed
-        if unknown:
-            raise DiffquantError(f"{where}: targeting[{i}] has unknown keys {sorted(unknown)}; allowed: {sorted(allowed)}")
-        d = dict(item)
-        if "classes" in d:
-            d["classes"] = tuple(d["classes"])
-        rules.append(Rule(**d))
+        fields = typed_fields(Rule, item, f"{where}: targeting[{i}]")
+        try:
+            rules.append(Rule(**fields))
+        except DiffquantError as e:
+            raise DiffquantError(f"{where}: targeting[{i}]: {e}") from None
     return rules
 
 
