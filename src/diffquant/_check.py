@@ -25,7 +25,8 @@ def _describe(tp: Any) -> str:
         return " or ".join(_describe(a) for a in typing.get_args(tp))
     if origin in (list, tuple):
         args = [a for a in typing.get_args(tp) if a is not Ellipsis]
-        return f"a list of {_describe(args[0])}" if args else "a list"
+        plural = {str: "strings", int: "integers", float: "numbers", bool: "true/false values", dict: "mappings"}
+        return (f"a list of {plural.get(args[0], _describe(args[0]))}") if args else "a list"
     if origin is dict:
         return "a mapping"
     if tp is type(None):
@@ -73,12 +74,12 @@ def _matches(value: Any, tp: Any) -> tuple[bool, Any]:
     return isinstance(value, tp) if isinstance(tp, type) else True, value
 
 
-def check_value(value: Any, tp: Any, where: str) -> Any:
+def check_value(value: Any, tp: Any, where: str, hint: str = "") -> Any:
     """``value`` if it has type ``tp`` (containers converted to the annotated kind), else a
-    DiffquantError: ``WHERE: expected ..., got ...``."""
+    DiffquantError: ``WHERE: expected ..., got ...[; HINT]``."""
     ok, v = _matches(value, tp)
     if not ok:
-        raise DiffquantError(f"{where}: expected {_describe(tp)}, got {value!r}")
+        raise DiffquantError(f"{where}: expected {_describe(tp)}, got {value!r}" + (f"; {hint}" if hint else ""))
     return v
 
 

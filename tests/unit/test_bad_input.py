@@ -99,7 +99,7 @@ RECIPE = "name: r\nbits: w8a8\ntargeting:\n  - {pattern: '*', classes: [Linear]}
 
 @pytest.mark.parametrize(("text", "needles"), [
     (RECIPE + "use_default_skip: 'false'\n", ["use_default_skip", "expected true or false", "'false'"]),
-    (RECIPE.replace("classes: [Linear]", "classes: Linear"), ["targeting[0]: classes", "expected a list of a string"]),
+    (RECIPE.replace("classes: [Linear]", "classes: Linear"), ["targeting[0]: classes", "expected a list of strings"]),
     (RECIPE + "version: one\n", ["version", "expected an integer"]),
     (RECIPE + "version: 7\n", ["version 7"]),
     (RECIPE.replace("- name: minmax\n", "- name: minmax\n    config: {percentile: high}\n"), ["percentile", "expected a number"]),

@@ -215,18 +215,18 @@ def _engine_meta(folder: Path) -> dict:
     meta = read_json(path, again, required=("version", "backend", "engines"))
     if meta["version"] != ENGINE_VERSION:
         raise DiffquantError(f"{path}: engine folder version {meta['version']!r}; this diffquant reads version {ENGINE_VERSION}: {again}")
-    check_value(meta["backend"], typing.Literal[BACKENDS], f"{path}: backend")
-    engines = check_value(meta["engines"], list, f"{path}: engines")
+    check_value(meta["backend"], typing.Literal[BACKENDS], f"{path}: backend", again)
+    engines = check_value(meta["engines"], list, f"{path}: engines", again)
     if not engines:
         raise DiffquantError(f"{path}: engines: the list is empty; {again}")
     for i, e in enumerate(engines):
-        check_value(e, dict, f"{path}: engines[{i}]")
+        check_value(e, dict, f"{path}: engines[{i}]", again)
         for key in ("file", "onnx_sha256", "timestep_range"):
             if key not in e:
                 raise DiffquantError(f"{path}: engines[{i}]: missing key {key!r}; {again}")
         contained(folder, e["file"], f"{path}: engines[{i}].file")
-        check_value(e["timestep_range"], list[float], f"{path}: engines[{i}].timestep_range")
-    hashes = check_value(meta.get("files_sha256", {}), dict, f"{path}: files_sha256")
+        check_value(e["timestep_range"], list[float], f"{path}: engines[{i}].timestep_range", again)
+    hashes = check_value(meta.get("files_sha256", {}), dict, f"{path}: files_sha256", again)
     for name, digest in hashes.items():
         side = contained(folder, name, f"{path}: files_sha256")
         if not side.is_file() or file_sha256(side) != digest:
