@@ -37,6 +37,9 @@ CASES = [
     ("builtin:digits-dit", "qdiffusion", "w4a8", {"reconstruct": {"iters": 10, "samples": 64}}),
     ("builtin:digits-sd", "dmq", "w4a8", {"les": {"iters": 5, "samples": 32}, "reconstruct": {"iters": 5, "samples": 32}, "pts": {"samples": 64}}),
     ("builtin:digits-dit", "dmq", "w4a8", {"les": {"iters": 5, "samples": 32}, "reconstruct": {"iters": 5, "samples": 32}, "pts": {"samples": 64}}),
+    # the sub-8-bit activation path (Clip before Q, narrowed U8 range, LSQ steps on a 6-bit grid)
+    ("builtin:digits-sd", "qdiffusion", "w4a6", {"reconstruct": {"iters": 10, "samples": 64}}),
+    ("builtin:digits-dit", "minmax", "w4a6", {}),
 ]
 
 

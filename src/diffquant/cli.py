@@ -348,7 +348,7 @@ def cmd_zoo(a: argparse.Namespace) -> int:
 
 DESCRIPTION = """Quantize diffusion denoisers after training, export deployable Q/DQ graphs, and prove parity.
 
-The stages, each a command (`run` does the first four and checks parity and quality):
+The stages, each a command (`run` does the first three, then checks parity and quality):
   calibrate -> quantize -> export -> build -> generate / validate
 
   diffquant run --model builtin:digits-sd --recipe dmq --bits w4a8 --target onnxruntime --out runs/dmq
