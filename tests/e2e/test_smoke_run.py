@@ -26,6 +26,7 @@ def test_smoke_run_digits_sd(tmp_path, monkeypatch, capsys):
     assert set(r["timings"]) == {"calibrate_s", "quantize_s", "export_s", "parity_s", "evaluate_s"}
     for f in ("unet.qdq.onnx", "unet.fp32.onnx", "report.md", "samples_compare.png", "plan/plan.json"):
         assert (out / f).exists(), f
+    assert "N = 20 is too small for FD to mean much" in (out / "report.md").read_text()
     assert main(["lint", str(out / "unet.qdq.onnx")]) == 0
 
 
