@@ -22,11 +22,14 @@ from diffquant.quant.targeting import Rule, TargetDecision, resolve_targets, rul
 
 __all__ = ["Recipe", "available_recipes", "decide_targets", "load_recipe", "quantize", "recipes_dir"]
 
+
 def recipes_dir() -> Path:
+    """The folder of the shipped recipes (the only place a bare recipe name resolves)."""
     return Path(str(resources.files("diffquant") / "recipes"))
 
 
 def available_recipes() -> list[str]:
+    """The shipped recipes' names."""
     return sorted(p.stem for p in recipes_dir().glob("*.yaml"))
 
 

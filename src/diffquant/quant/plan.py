@@ -16,7 +16,7 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
-from diffquant._check import read_json
+from diffquant._check import check_value, read_json
 from diffquant._digest import weights_digest
 from diffquant._groups import group_index
 from diffquant._io import atomic_path, write_json
@@ -334,7 +334,7 @@ class QuantPlan:
         again = "re-run `diffquant quantize`"
         if self.state not in ("frozen", "exported"):
             raise DiffquantError(f"{jpath}: the plan is {self.state!r}, not frozen; {again}")
-        for key, shape in (index or {}).items():
+        for key, shape in check_value(index or {}, dict[str, list], f"{jpath}: tensors", again).items():
             if key not in tensors:
                 raise DiffquantError(f"{jpath}: tensor {key!r} is missing from plan.safetensors; {again}")
             if list(tensors[key].shape) != list(shape):
