@@ -1,0 +1,83 @@
+"""Qua2SeDiMo's raw material: random weight configurations over every Conv/Linear layer and a
+cheap fidelity score of each against the FP model, from which the predictor and the importance
+scores are learned. A configuration maps each layer to a `WeightOption`; applying it replaces
+the weights by their dequantized option (activations stay FP: the search is over weights).
+"""
+
+from __future__ import annotations
+
+import copy
+import random
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from diffquant.calib_data import CalibSet
+from diffquant.models.denoiser import Denoiser
+from diffquant.quant.weight_options import METHODS, OptionCache, WeightOption
+
+__all__ = ["ConfigScore", "apply_config", "config_bits", "sample_configs", "score_config", "weight_layers"]
+
+
+def weight_layers(model: nn.Module) -> dict[str, nn.Module]:
+    """Every Conv2d / Linear of the denoiser, the time embedding and final projection included."""
+    return {n: m for n, m in model.named_modules() if isinstance(m, (nn.Conv2d, nn.Linear))}
+
+
+def sample_configs(layers: list[str], m: int, seed: int = 0, bits: tuple[int, int] = (3, 4), methods: tuple[str, ...] = METHODS) -> list[dict[str, WeightOption]]:
+    """``m`` random configurations as the paper draws them: per configuration p ~ U(0, 1); each
+    layer takes the low bit width with probability p, and a method uniformly."""
+    rng = random.Random(seed)
+    out = []
+    for _ in range(m):
+        p = rng.random()
+        out.append({n: WeightOption(rng.choice(methods), bits[0] if rng.random() < p else bits[1]) for n in layers})
+    return out
+
+
+def config_bits(model: nn.Module, config: dict[str, WeightOption], cache: OptionCache) -> float:
+    """Average weight bits over the configured layers, scales / zero points / codebooks in FP16 counted."""
+    layers = weight_layers(model)
+    total = n = 0
+    for name, opt in config.items():
+        w = layers[name].weight
+        total += cache.get(w, opt).avg_bits() * w.numel()
+        n += w.numel()
+    return total / n if n else 16.0
+
+
+def apply_config(denoiser: Denoiser, config: dict[str, WeightOption], cache: OptionCache) -> Denoiser:
+    """A copy of ``denoiser`` whose configured layers hold their dequantized option weights."""
+    out = copy.deepcopy(denoiser)
+    src, dst = weight_layers(denoiser.model), weight_layers(out.model)
+    with torch.no_grad():
+        for name, opt in config.items():
+            dst[name].weight.copy_(cache.get(src[name].weight, opt).dequantize().to(dst[name].weight.dtype))
+    return out
+
+
+@dataclass
+class ConfigScore:
+    """A configuration's fidelity to FP: noise-prediction SNR in dB over fixed recorded inputs
+    (higher is better), and its average weight bits."""
+
+    snr_db: float
+    avg_bits: float
+
+
+def score_config(denoiser: Denoiser, config: dict[str, WeightOption], cache: OptionCache, calib: CalibSet, per_step: int = 4,
+                 reference: dict[float, torch.Tensor] | None = None) -> ConfigScore:
+    """Score ``config`` on ``per_step`` recorded inputs at every calibration timestep; pass the FP
+    predictions as ``reference`` (timestep -> tensor) to reuse them across configurations."""
+    q = apply_config(denoiser, config, cache)
+    sig = err = 0.0
+    with torch.no_grad():
+        for ts in calib.timesteps:
+            named = calib.at(ts, per_step)
+            ref = reference[ts] if reference is not None else denoiser(**named)
+            got = q(**named)
+            sig += float((ref.double() ** 2).sum())
+            err += float(((got.double() - ref.double()) ** 2).sum())
+    snr = 10.0 * torch.log10(torch.tensor(sig / max(err, 1e-30))).item()
+    return ConfigScore(snr, config_bits(denoiser.model, config, cache))
