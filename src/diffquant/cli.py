@@ -154,13 +154,12 @@ def cmd_run(a: argparse.Namespace) -> int:
 
 
 def cmd_demo(a: argparse.Namespace) -> int:
-    a.out = a.out or f"runs/demo-{time.strftime('%Y%m%d-%H%M%S')}"
-    a.model, a.recipe, a.bits, a.target, a.prompts, a.resolution = "builtin:digits-sd", "minmax", "w8a8", "tensorrt", "", None
-    a.steps, a.seed, a.guidance, a.calib_samples, a.parity_cosine, a.timestep_groups = 25, 0, 3.0, 32, 0.99, None
-    a.overrides = []
+    out = a.out or f"runs/demo-{time.strftime('%Y%m%d-%H%M%S')}"
+    argv = ["run", "--model", "builtin:digits-sd", "--recipe", "minmax", "--bits", "w8a8", "--target", "tensorrt", "--guidance", "3",
+            "--calib-samples", "32", "--samples", str(a.samples), "--out", out] + (["--quiet"] if a.quiet else [])
     print(f"diffquant demo: quantizing builtin:digits-sd to W8A8 (minmax), exporting a TensorRT-ready Q/DQ graph, "
-          f"and checking it with ONNX Runtime ({a.samples} samples) -> {a.out}")
-    return cmd_run(a)
+          f"and checking it with ONNX Runtime ({a.samples} samples) -> {out}\n  (the same as: diffquant {' '.join(argv)})")
+    return cmd_run(build_parser().parse_args(argv))  # every other option at run's own default
 
 
 def cmd_calibrate(a: argparse.Namespace) -> int:

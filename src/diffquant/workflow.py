@@ -245,15 +245,14 @@ def _grids(denoiser: Denoiser, samples: dict, tmp: Path) -> None:
         save_grid(imgs[key][:show], tmp / f"samples_{key}.png", ncol=ncol, title=f"{label}: first {show} of {n} samples")
     ids = samples["ids"]
     prompts = list(denoiser.prompts) or ["(unconditional)"]
-    per = 4
-    rows = [[i for i in range(n) if int(ids[i]) == p][:per] for p in sorted({int(v) for v in ids.tolist()})][:10]
-    rows = [r + r[-1:] * (per - len(r)) for r in rows if r]  # short rows repeat their last sample
-    order = torch.tensor([i for r in rows for i in r])
+    rows = [[i for i in range(n) if int(ids[i]) == p] for p in sorted({int(v) for v in ids.tolist()})][:10]
+    per = min(4, min(len(r) for r in rows))
+    order = torch.tensor([i for r in rows for i in r[:per]])
     fp = imgs["fp"][order]
-    gap = torch.ones(len(order), fp.shape[1], fp.shape[2], 4)
+    gap = torch.zeros(len(order), fp.shape[1], fp.shape[2], 1)  # a thin grey line inside a cell; white between cells
     triples = torch.cat([fp, gap, imgs["fake_quant"][order], gap, imgs["quant"][order]], dim=3)
     labels = [prompts[int(ids[r[0]])][:24] if int(ids[r[0]]) < len(prompts) else str(int(ids[r[0]])) for r in rows]
-    save_grid(triples, tmp / "samples_compare.png", ncol=per, title=f"each cell: FP | fake-quant | deployed (same seed)\n"
+    save_grid(triples, tmp / "samples_compare.png", ncol=per, pad=4, title=f"each cell: FP | fake-quant | deployed (same seed)\n"
               f"{len(rows)} prompts x {per} of {n} samples", row_labels=labels)
 
 

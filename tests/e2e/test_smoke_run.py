@@ -79,3 +79,16 @@ def test_smoke_mpqdm_run_digits_sd(tmp_path, monkeypatch, capsys):
     md = (out / "report.md").read_text()
     assert "Outlier-driven mixed quantization" in md and "Low-rank distillation" in md
     assert main(["lint", r["graphs"][0]]) == 0
+
+
+@pytest.mark.e2e
+def test_demo_is_the_run_it_says_it_is(tmp_path, monkeypatch, capsys):
+    # the README's first command: every run option at its default, labelled grids, the next step printed
+    monkeypatch.setenv("DIFFQUANT_CACHE", str(tmp_path / "cache"))
+    out = tmp_path / "demo"
+    assert main(["demo", "--samples", "10", "--out", str(out), "--quiet"]) == 0
+    printed = capsys.readouterr().out
+    assert "(the same as: diffquant run --model builtin:digits-sd" in printed and f"next: diffquant build {out}/unet.qdq.onnx" in printed
+    r = json.loads((out / "report.json").read_text())
+    assert r["recipe"] == "minmax" and r["bits"] == "w8a8" and r["parity"]["passed"] and r["reduce_range"] is False
+    assert (out / "samples_compare.png").exists()
