@@ -32,3 +32,22 @@ def test_fewer_bits_score_lower_and_the_original_is_untouched(tiny_unet, calib_c
     q = apply_config(tiny_unet, w3, cache)
     name = layers[0]
     assert torch.equal(weight_layers(q.model)[name].weight, cache.get(before[name], w3[name]).dequantize())
+
+
+def test_every_layer_of_both_builtin_models_has_an_op_type_and_a_block():
+    from diffquant.models.loading import load_denoiser
+    from diffquant.pipeline.sensitivity import aggregate, block_of, layer_importance, op_type
+
+    sd, dit = (list(weight_layers(load_denoiser(f"builtin:{m}").model)) for m in ("digits-sd", "digits-dit"))
+    assert "other" not in {op_type(n) for n in sd + dit}
+    assert op_type("time_embedding.linear_1") == op_type("transformer_blocks.0.norm1.emb.timestep_embedder.linear_2") == "time embedding"
+    assert op_type("proj_out_2") == op_type("conv_out") == "final projection"
+    assert op_type("down_blocks.1.attentions.0.proj_out") == "transformer proj in/out"
+    assert op_type("transformer_blocks.0.norm1.linear") == "adaLN" and op_type("pos_embed.proj") == op_type("conv_in") == "patchify"
+    assert op_type("up_blocks.1.attentions.0.transformer_blocks.0.attn2.to_k") == "cross-attention"
+    assert op_type("down_blocks.0.resnets.0.conv1") == "conv (ResBlock)"
+    assert block_of("up_blocks.1.attentions.0.transformer_blocks.0.attn1.to_q") == "up_blocks.1"
+    assert block_of("transformer_blocks.3.ff.net.2") == "transformer_blocks.3" and block_of("conv_in") == "stem" and block_of("proj_out_1") == "head"
+    imp = layer_importance({"a.to_q": {"x": 0.0, "y": -2.0}, "b.to_k": {"x": -1.0, "y": -1.5}, "conv_out": {"x": 0.0, "y": -5.0}})
+    agg = aggregate(imp)
+    assert list(agg) == ["final projection", "attention Q/K/V"] and agg["attention Q/K/V"] == {"sum": 2.5, "mean": 1.25, "layers": 2.0}

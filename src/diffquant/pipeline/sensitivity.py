@@ -17,7 +17,10 @@ from diffquant.calib_data import CalibSet
 from diffquant.models.denoiser import Denoiser
 from diffquant.quant.weight_options import METHODS, OptionCache, WeightOption
 
-__all__ = ["ConfigScore", "apply_config", "config_bits", "sample_configs", "score_config", "weight_layers"]
+__all__ = [
+    "ConfigScore", "aggregate", "apply_config", "block_of", "config_bits", "layer_importance", "op_type", "sample_configs", "score_config",
+    "weight_layers",
+]
 
 
 def weight_layers(model: nn.Module) -> dict[str, nn.Module]:
@@ -81,3 +84,56 @@ def score_config(denoiser: Denoiser, config: dict[str, WeightOption], cache: Opt
             err += float(((got.double() - ref.double()) ** 2).sum())
     snr = 10.0 * torch.log10(torch.tensor(sig / max(err, 1e-30))).item()
     return ConfigScore(snr, config_bits(denoiser.model, config, cache))
+
+
+OP_TYPES: list[tuple[str, tuple[str, ...]]] = [  # first match wins; patterns are substrings of the layer name
+    ("time embedding", ("time_embedding", "timestep_embedder", "time_emb_proj", "time_text_embed")),
+    ("adaLN", ("norm1.linear", "norm1_context.linear", "adaLN", "norm.linear")),
+    ("caption embedding", ("add_embedding", "context_embedder", "caption_projection", "text_embedder")),
+    ("patchify", ("pos_embed.proj", "x_embedder", "patch_embed")),
+    ("cross-attention", ("attn2.",)),
+    ("attention Q/K/V", ("to_q", "to_k", "to_v", "add_q_proj", "add_k_proj", "add_v_proj")),
+    ("attention out", ("to_out", "to_add_out")),
+    ("FF", ("ff.", "ff_context.")),
+    ("transformer proj in/out", ("proj_in", "attentions.")),
+    ("conv (resample)", ("downsamplers", "upsamplers")),
+    ("conv (ResBlock)", ("resnets",)),
+]
+FINAL = ("conv_out", "proj_out", "proj_out_1", "proj_out_2", "norm_out.linear")
+FIRST = ("conv_in",)
+
+
+def op_type(layer: str) -> str:
+    """The operation type a layer's importance is aggregated under (Qua2SeDiMo's findings are
+    stated per type: time embedding, final projection, attention, ResBlock convs, ...)."""
+    if layer in FINAL:
+        return "final projection"
+    if layer in FIRST:
+        return "patchify"
+    return next((t for t, pats in OP_TYPES if any(p in layer for p in pats)), "other")
+
+
+def block_of(layer: str) -> str:
+    """The block a layer belongs to (``down_blocks.1``, ``mid_block``, ``transformer_blocks.3``),
+    or ``stem`` / ``head`` for what runs before / after them."""
+    parts = layer.split(".")
+    for i, p in enumerate(parts):
+        if p in ("down_blocks", "up_blocks", "transformer_blocks", "single_transformer_blocks") and i + 1 < len(parts):
+            return f"{p}.{parts[i + 1]}"
+        if p == "mid_block":
+            return p
+    return "head" if layer in FINAL or layer.startswith("norm_out") else "stem"
+
+
+def layer_importance(effects: dict[str, dict[str, float]]) -> dict[str, float]:
+    """A layer's importance: how far the predicted score moves between its best and worst option."""
+    return {n: max(e.values()) - min(e.values()) for n, e in effects.items()}
+
+
+def aggregate(importance: dict[str, float], key=op_type) -> dict[str, dict[str, float]]:
+    """Importance summed and averaged per group (``key``: `op_type` or `block_of`), largest sum first."""
+    groups: dict[str, list[float]] = {}
+    for n, v in importance.items():
+        groups.setdefault(key(n), []).append(v)
+    rows = {g: {"sum": sum(v), "mean": sum(v) / len(v), "layers": float(len(v))} for g, v in groups.items()}
+    return dict(sorted(rows.items(), key=lambda kv: -kv[1]["sum"]))
