@@ -4,7 +4,6 @@ or a hub id (local cache only; nothing is ever downloaded)."""
 
 from __future__ import annotations
 
-import json
 import logging
 import warnings
 from dataclasses import dataclass
@@ -15,6 +14,7 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file
 
+from diffquant._check import read_json
 from diffquant.errors import DiffquantError
 from diffquant.models.builtin import PromptTable, build_classifier, build_denoiser_module, scheduler_config, weights_dir
 from diffquant.models.data import CLASS_WORDS
@@ -94,13 +94,7 @@ def _builtin(name: str) -> Denoiser:
 
 
 def _json(path: Path) -> dict:
-    try:
-        data = json.loads(path.read_text())
-    except (OSError, json.JSONDecodeError) as e:
-        raise DiffquantError(f"{path} is not valid JSON ({e})") from None
-    if not isinstance(data, dict):
-        raise DiffquantError(f"{path} must hold a JSON object, not {type(data).__name__}")
-    return data
+    return read_json(path, "a diffusers folder's config files are JSON objects (save it again with save_pretrained)")
 
 
 def _scheduler(folder: Path, denoiser_dir: str) -> dict:

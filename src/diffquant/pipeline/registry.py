@@ -34,7 +34,7 @@ def make_config(name: str, values: dict[str, Any] | None, where: str) -> Any:
     """Build pass ``name``'s config from ``values``: unknown keys, wrong types, an unknown
     ``version`` and out-of-range values raise naming ``where`` and the option."""
     cls, _ = get_pass(name)
-    checked = typed_fields(cls, dict(values or {}), f"{where} (pass {name!r})")
+    checked = typed_fields(cls, values or {}, f"{where} (pass {name!r})")
     try:
         return cls(**checked)
     except (TypeError, ValueError) as e:

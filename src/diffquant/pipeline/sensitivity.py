@@ -15,6 +15,7 @@ from torch import nn
 
 from diffquant.calib_data import CalibSet
 from diffquant.models.denoiser import Denoiser
+from diffquant.quant.targeting import QUANTIZABLE
 from diffquant.quant.weight_options import METHODS, OptionCache, WeightOption
 
 __all__ = [
@@ -25,7 +26,7 @@ __all__ = [
 
 def weight_layers(model: nn.Module) -> dict[str, nn.Module]:
     """Every Conv2d / Linear of the denoiser, the time embedding and final projection included."""
-    return {n: m for n, m in model.named_modules() if isinstance(m, (nn.Conv2d, nn.Linear))}
+    return {n: m for n, m in model.named_modules() if isinstance(m, QUANTIZABLE)}
 
 
 def sample_configs(layers: list[str], m: int, seed: int = 0, bits: tuple[int, int] = (3, 4), methods: tuple[str, ...] = METHODS) -> list[dict[str, WeightOption]]:
