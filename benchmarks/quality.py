@@ -175,6 +175,8 @@ def run_recipe(b: Bench, recipe_name: str, bits: str, grids: Path, overrides: di
     name = label or recipe_name
     save_grid(deployed[:50], grids / f"{b.model}-{re.sub(r'[^A-Za-z0-9_.-]+', '_', name)}-{bits}.png")
     common = dict(parity=parity.max_step_error, quantize_s=round(quantize_s, 1), parity_cosine_min=parity.cosine_min, onnx_mb=round(size_mb, 2), **extra)
+    if "qua2sedimo" in plan.recipe:  # the searched assignment's bits, predictor fit and search time
+        common["qua2sedimo"] = {k: v for k, v in plan.recipe["qua2sedimo"].items() if k != "assignment"}
     if overrides:
         common["overrides"] = overrides
     return [

@@ -5,6 +5,7 @@ from diffquant.pipeline import les as _les  # noqa: F401
 from diffquant.pipeline import minmax as _minmax  # noqa: F401
 from diffquant.pipeline import omq as _omq  # noqa: F401
 from diffquant.pipeline import pts as _pts  # noqa: F401
+from diffquant.pipeline import qua2sedimo as _qua2sedimo  # noqa: F401
 from diffquant.pipeline import reconstruct as _reconstruct  # noqa: F401
 from diffquant.pipeline import smoothquant as _smoothquant  # noqa: F401
 from diffquant.pipeline import split as _split  # noqa: F401

@@ -3,7 +3,7 @@ points and codebooks in FP16 counted) stay within a budget, from per-layer optio
 score (a predictor's `layer_effects`) and per-layer option costs. Two searches, both reported:
 (a) the paper's top-1 per unit with a bits penalty (lambda bisected to meet the budget) and
 (b) a greedy knapsack that, while over budget, takes the step down with the least predicted
-loss per bit saved."""
+loss per bit saved, then spends what is left on the best gains per bit that still fit."""
 
 from __future__ import annotations
 
@@ -61,4 +61,22 @@ def greedy_knapsack(effects: dict[str, dict[str, float]], costs: Costs, budget: 
         if best is None:
             return None
         config[best[1]] = best[2]
-    return config
+    return _refill(effects, costs, budget, config)
+
+
+def _refill(effects: dict[str, dict[str, float]], costs: Costs, budget: float, config: dict[str, str]) -> dict[str, str]:
+    """Spend what the last step down left: while some layer's move to a better option still fits
+    ``budget``, take the one with the most predicted gain per bit added."""
+    while True:
+        best = None
+        for n, e in effects.items():
+            cur = config[n]
+            for o in e:
+                added, gain = costs.bits[n][o] - costs.bits[n][cur], e[o] - e[cur]
+                if gain > 0 and costs.avg_bits({**config, n: o}) <= budget:
+                    ratio = gain / max(added, 1e-9)
+                    if best is None or ratio > best[0]:
+                        best = (ratio, n, o)
+        if best is None:
+            return config
+        config[best[1]] = best[2]

@@ -29,14 +29,15 @@ def weight_layers(model: nn.Module) -> dict[str, nn.Module]:
     return {n: m for n, m in model.named_modules() if isinstance(m, QUANTIZABLE)}
 
 
-def sample_configs(layers: list[str], m: int, seed: int = 0, bits: tuple[int, int] = (3, 4), methods: tuple[str, ...] = METHODS) -> list[dict[str, WeightOption]]:
+def sample_configs(layers: list[str], m: int, seed: int = 0, bits: tuple[int, ...] = (3, 4), methods: tuple[str, ...] = METHODS) -> list[dict[str, WeightOption]]:
     """``m`` random configurations as the paper draws them: per configuration p ~ U(0, 1); each
-    layer takes the low bit width with probability p, and a method uniformly."""
+    layer takes the low bit width with probability p (else one of the others, uniformly: the
+    paper has only two), and a method uniformly."""
     rng = random.Random(seed)
     out = []
     for _ in range(m):
         p = rng.random()
-        out.append({n: WeightOption(rng.choice(methods), bits[0] if rng.random() < p else bits[1]) for n in layers})
+        out.append({n: WeightOption(rng.choice(methods), bits[0] if rng.random() < p else rng.choice(bits[1:])) for n in layers})
     return out
 
 
