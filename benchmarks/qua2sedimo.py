@@ -37,6 +37,9 @@ ROWS: list[tuple[str, str, dict]] = [
     ("qua2sedimo research (6 options) B=3.7", "w4a8", {"budget": 3.7, **RESEARCH}),
 ]
 
+# run order: what the done-when compares first, so a stopped run has those rows
+FIRST = ("uaq uniform W4", "qua2sedimo B=3.7", "uaq uniform W3", "largest-first B=3.7", "random B=3.7")
+
 
 def _fmt(v, nd=1) -> str:
     return "-" if v is None else f"{v:.{nd}f}" if isinstance(v, float) else str(v)
@@ -91,7 +94,7 @@ def main() -> int:
         if (model, "fp", "-", "deployed", a.samples) not in have:
             rows.append(_row(model, "fp", "-", "deployed", b.score(b.fp, reference=False), a.samples))
             save_grid(b.fp[:50], grids / f"{model}-fp.png")
-        for label, bits, ov in ROWS:
+        for label, bits, ov in sorted(ROWS, key=lambda r: FIRST.index(r[0]) if r[0] in FIRST else len(FIRST)):
             if (only and label not in only) or ((model, label, bits, "deployed", a.samples) in have and not a.force):
                 continue
             new = run_recipe(b, "qua2sedimo", bits, grids, {"qua2sedimo": ov}, label)

@@ -368,6 +368,49 @@ def cmd_recipes(a: argparse.Namespace) -> int:
     return 0
 
 
+def _csv(kind: type, allowed: tuple = ()):
+    """An argparse type: a comma list of ``kind`` values (from ``allowed`` if given)."""
+
+    def parse(text: str) -> list:
+        try:
+            values = [kind(v.strip()) for v in text.split(",") if v.strip()]
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{text!r}: expected a comma list of {kind.__name__} values") from None
+        bad = [v for v in values if allowed and v not in allowed]
+        if not values or bad:
+            raise argparse.ArgumentTypeError(f"{text!r}: expected a comma list" + (f" of {', '.join(map(str, allowed))}" if allowed else ""))
+        return values
+
+    parse.__name__ = f"comma list of {kind.__name__}"
+    return parse
+
+
+def cmd_sensitivity(a: argparse.Namespace) -> int:
+    from diffquant._io import atomic_folder
+    from diffquant.calib_data import CalibConfig, collect
+    from diffquant.eval.sensitivity import SensitivityConfig, analyze, write_report
+
+    out = Path(a.out)
+    if out.exists():
+        raise DiffquantError(f"output folder {out} already exists; pass another --out or delete it")
+    if a.holdout >= a.configs - 5:
+        raise DiffquantError(f"--holdout {a.holdout} leaves fewer than 5 of --configs {a.configs} to train the predictors; lower it")
+    cfg = SensitivityConfig(configs=a.configs, holdout=a.holdout, bits=sorted(set(a.bits)), methods=a.methods, per_step=a.per_step,
+                            predictors=a.predictors, budgets=a.budgets, seed=a.seed)
+    if len(cfg.bits) < 2 or not all(2 <= b <= 7 for b in cfg.bits):
+        raise DiffquantError(f"--bits {a.bits}: give two or more widths within 2..7, e.g. 3,4")
+    d = _load(a)
+    calib = collect(d, CalibConfig(samples=a.calib_samples, timesteps=a.timesteps, seed=a.seed), progress=not a.quiet)
+    rep = analyze(d, calib, cfg, progress=not a.quiet)
+    with atomic_folder(out, "output folder") as tmp:
+        write_report(rep, tmp)
+    for f in rep.findings:
+        print(f"{'held' if f.held else 'not held' if f.held is not None else 'n/a':>8}: {f.claim} ({f.evidence})")
+    best = ", ".join(f"{k} Spearman {v['spearman']:.3f} NDCG@10 {v['ndcg10']:.3f}" for k, v in rep.predictors.items())
+    print(f"{rep.configs} configurations in {rep.seconds:.0f} s; held-out: {best}\nwrote {out}/sensitivity.md (+ sensitivity.json, 5 PNG plots)")
+    return 0
+
+
 REDUCE_RANGE_HELP = ("7-bit weight grids (the plan re-quantized; parity judged against it): S8 weights then run exactly and fast on "
                      "x86 CPUs without VNNI, where full 8-bit grids need slower U8 weights")
 
@@ -496,6 +539,25 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--steps", type=POSITIVE, default=None, help="training steps (default: the model's)")
     p.add_argument("--samples", type=POSITIVE, default=1000, help="samples for the card's FP metrics")
     p.set_defaults(fn=cmd_zoo)
+
+    p = sub.add_parser("sensitivity", help="Qua2SeDiMo sensitivity report: per layer, op type and block, predictors, budgeted searches, findings",
+                       description="Score random weight configurations (every conv / linear at one option: UAQ or k-means, at each bit width) "
+                                   "against the FP model, fit predictors of the score, read each layer's importance off them, and search "
+                                   "assignments for average-bit budgets. Writes sensitivity.md, sensitivity.json and PNG plots.")
+    _add_model(p)
+    p.add_argument("--out", required=True, help="report folder to create")
+    p.add_argument("--configs", type=_count(20), default=200, help="random configurations scored (M; the paper uses ~500)")
+    p.add_argument("--holdout", type=POSITIVE, default=50, help="of them, held out to measure the predictors' rank correlation")
+    p.add_argument("--bits", type=_csv(int), default=[3, 4], help="weight bit widths of the options")
+    p.add_argument("--methods", type=_csv(str, ("uaq", "kmeans-c", "kmeans-a")), default=["uaq", "kmeans-c", "kmeans-a"], help="quantizer methods of the options")
+    p.add_argument("--predictors", type=_csv(str, ("ridge", "gnn")), default=["ridge", "gnn"], help="predictors fitted and compared (the best gives the importance)")
+    p.add_argument("--budgets", type=_csv(float), default=[3.5, 3.7, 3.9], help="average weight bits (overhead counted) to search for")
+    p.add_argument("--per-step", type=POSITIVE, default=4, help="recorded inputs per calibration timestep in each score")
+    p.add_argument("--calib-samples", type=POSITIVE, default=16, help="calibration samples collected along the FP sampler")
+    p.add_argument("--timesteps", type=POSITIVE, default=10, help="calibration timesteps kept")
+    p.add_argument("--seed", type=int, default=0, help="seed of the configurations, the calibration noise and the GNN")
+    p.add_argument("--quiet", action="store_true", help="no progress bars")
+    p.set_defaults(fn=cmd_sensitivity)
 
     p = sub.add_parser("recipes", help="list the shipped recipes with their default bits and passes")
     p.set_defaults(fn=cmd_recipes)

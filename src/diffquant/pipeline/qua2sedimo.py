@@ -33,18 +33,20 @@ from dataclasses import dataclass, field
 import torch
 from tqdm.auto import tqdm
 
+from diffquant.calib_data import CalibSet
 from diffquant.errors import DiffquantError
+from diffquant.models.denoiser import Denoiser
 from diffquant.pipeline.budget import Costs, greedy_knapsack, penalized_top1
 from diffquant.pipeline.context import PassContext
 from diffquant.pipeline.predictor import RidgePredictor, ndcg_at_k, spearman
 from diffquant.pipeline.registry import register_pass
-from diffquant.pipeline.sensitivity import block_of, op_type, sample_configs, score_config
+from diffquant.pipeline.sensitivity import block_of, layer_importance, op_type, sample_configs, score_config
 from diffquant.quant.fake import round_scale
 from diffquant.quant.format import PerAxis, QuantFormat
 from diffquant.quant.plan import PassReport
 from diffquant.quant.weight_options import METHODS, OptionCache, WeightOption, uaq
 
-__all__ = ["Qua2SeDiMoConfig", "Sensitivity", "lower_codebook", "lower_uaq", "measure_sensitivity", "qua2sedimo_pass"]
+__all__ = ["Qua2SeDiMoConfig", "Sensitivity", "lower_codebook", "lower_uaq", "marginal_effects", "measure_sensitivity", "qua2sedimo_pass", "score_configs"]
 
 SEARCHES = ("best", "penalized", "greedy", "random", "largest-first", "uniform")
 PREDICTORS = ("ridge", "gnn")
@@ -100,34 +102,40 @@ class Sensitivity:
     layers: list[str]
     configs: list[dict[str, WeightOption]]
     scores: list[float]
-    bits: list[float]
     effects: dict[str, dict[str, float]]
     spearman: float
     ndcg10: float
     seconds: float
     predictor: object = None
+    held_out: list[tuple[float, float]] = field(default_factory=list)  # (predicted, measured)
 
 
-def measure_sensitivity(ctx: PassContext, layers: list[str], cfg: Qua2SeDiMoConfig, cache: OptionCache) -> Sensitivity:
+def measure_sensitivity(denoiser: Denoiser, calib: CalibSet, layers: list[str], cfg: Qua2SeDiMoConfig, cache: OptionCache, progress: bool = True) -> Sensitivity:
     """Sample and score ``cfg.configs`` configurations, fit the predictor on all but the last
     ``holdout``, measure its rank correlation on those, then refit on all of them."""
     from diffquant.pipeline.gnn import fit_predictor
 
     t0 = time.time()
     configs = sample_configs(layers, cfg.configs, cfg.seed, tuple(cfg.bits), tuple(cfg.methods))
-    with torch.no_grad():
-        reference = {ts: ctx.denoiser(**ctx.calib.at(ts, cfg.per_step)) for ts in ctx.calib.timesteps}
-    scored = [score_config(ctx.denoiser, c, cache, ctx.calib, cfg.per_step, reference) for c in tqdm(configs, desc="qua2sedimo configs", disable=not ctx.progress)]
-    scores, bits = [s.snr_db for s in scored], [s.avg_bits for s in scored]
+    scores = score_configs(denoiser, calib, configs, cache, cfg.per_step, progress)
     n_train = cfg.configs - cfg.holdout
     rho = ndcg = float("nan")
+    held: list[tuple[float, float]] = []
     if cfg.holdout:
-        pred = fit_predictor(cfg.predictor, ctx.denoiser, layers, cfg.options, cache, configs[:n_train], scores[:n_train], cfg.seed)
-        got = pred.predict(configs[n_train:])
-        rho, ndcg = spearman(got, torch.tensor(scores[n_train:])), ndcg_at_k(got, torch.tensor(scores[n_train:]), 10)
-    pred = fit_predictor(cfg.predictor, ctx.denoiser, layers, cfg.options, cache, configs, scores, cfg.seed)
+        pred = fit_predictor(cfg.predictor, denoiser, layers, cfg.options, cache, configs[:n_train], scores[:n_train], cfg.seed)
+        got, true = pred.predict(configs[n_train:]), torch.tensor(scores[n_train:])
+        rho, ndcg = spearman(got, true), ndcg_at_k(got, true, 10)
+        held = [(float(a), float(b)) for a, b in zip(got, true)]
+    pred = fit_predictor(cfg.predictor, denoiser, layers, cfg.options, cache, configs, scores, cfg.seed)
     effects = marginal_effects(pred, layers, cfg.options)
-    return Sensitivity(layers, configs, scores, bits, effects, rho, ndcg, time.time() - t0, pred)
+    return Sensitivity(layers, configs, scores, effects, rho, ndcg, time.time() - t0, pred, held)
+
+
+def score_configs(denoiser: Denoiser, calib: CalibSet, configs: list[dict[str, WeightOption]], cache: OptionCache, per_step: int, progress: bool = True) -> list[float]:
+    """Each configuration's noise SNR vs FP (dB) on ``per_step`` inputs per calibration timestep."""
+    with torch.no_grad():
+        reference = {ts: denoiser(**calib.at(ts, per_step)) for ts in calib.timesteps}
+    return [score_config(denoiser, c, cache, calib, per_step, reference).snr_db for c in tqdm(configs, desc="scoring configurations", disable=not progress)]
 
 
 def marginal_effects(pred, layers: list[str], options: list[WeightOption]) -> dict[str, dict[str, float]]:
@@ -161,7 +169,7 @@ def _search(ctx: PassContext, layers: list[str], weights: dict, cache: OptionCac
         order = list(layers)
         random.Random(cfg.seed).shuffle(order) if cfg.search == "random" else order.sort(key=lambda n: -weights[n].numel())
         return _fallback(layers, weights, costs, cfg, order)
-    sens = measure_sensitivity(ctx, layers, cfg, cache)
+    sens = measure_sensitivity(ctx.denoiser, ctx.calib, layers, cfg, cache, ctx.progress)
     report.notes.append(f"predictor {cfg.predictor}: {cfg.configs} configurations scored (noise SNR vs FP, {cfg.per_step} inputs per calibration "
                         f"timestep), held-out {cfg.holdout}: Spearman {sens.spearman:.3f}, NDCG@10 {sens.ndcg10:.3f}; {sens.seconds:.1f} s")
     found = {"penalized": penalized_top1(sens.effects, costs, cfg.budget), "greedy": greedy_knapsack(sens.effects, costs, cfg.budget)}
@@ -179,7 +187,9 @@ def _search(ctx: PassContext, layers: list[str], weights: dict, cache: OptionCac
     if found.get(pick) is None:
         raise DiffquantError(f"qua2sedimo.search={pick}: no assignment within budget {cfg.budget}; raise the budget or use search: greedy")
     report.notes.append(f"used: {pick}")
-    ctx.plan.recipe.setdefault("qua2sedimo", {}).update(spearman=sens.spearman, ndcg10=sens.ndcg10, configs=cfg.configs, search_s=round(sens.seconds, 1))
+    ctx.plan.recipe.setdefault("qua2sedimo", {}).update(
+        spearman=sens.spearman, ndcg10=sens.ndcg10, configs=cfg.configs, search_s=round(sens.seconds, 1), held_out=sens.held_out,
+        importance=layer_importance(sens.effects), effects=sens.effects, searches=dict(measured), used=pick, predictor=cfg.predictor)
     return found[pick]
 
 
@@ -191,6 +201,7 @@ def lower_uaq(weight: torch.Tensor, bits: int) -> tuple[torch.Tensor, torch.Tens
     scale = round_scale(qw.scale)
     rows = qw.codes.reshape(len(scale), -1).float() - qw.zero[:, None]
     widths = tuple(bits if (r.min() >= -(2 ** (bits - 1)) and r.max() <= 2 ** (bits - 1) - 1) else bits + 1 for r in rows)
+    assert all(r.abs().max() <= 2**bits for r in rows), "UAQ zero points lie on the grid, so b + 1 bits hold every shifted row"
     w = (rows * scale[:, None]).reshape(weight.shape).to(weight.dtype)
     return w, scale, widths, qw.avg_bits()
 

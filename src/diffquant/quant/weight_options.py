@@ -87,11 +87,12 @@ class QuantizedWeight:
 
 
 def uaq(weight: torch.Tensor, bits: int, p: float = 2.4) -> QuantizedWeight:
-    """Per-output-channel asymmetric uniform quantization; each row's range [min, max] is shrunk
-    by the clip ratio (of ``CLIP_RATIOS``) with the lowest L``p`` error of that row."""
+    """Per-output-channel asymmetric uniform quantization; each row's range [min, max] (widened to
+    hold 0, so the integer zero point lies on the grid) is shrunk by the clip ratio (of
+    ``CLIP_RATIOS``) with the lowest L``p`` error of that row."""
     w = weight.detach().float().reshape(weight.shape[0], -1)
     levels = 2**bits - 1
-    lo0, hi0 = w.min(dim=1).values, w.max(dim=1).values
+    lo0, hi0 = w.min(dim=1).values.clamp(max=0.0), w.max(dim=1).values.clamp(min=0.0)  # the grid holds 0: zero points in [0, 2^b - 1]
     best_err = torch.full((w.shape[0],), float("inf"))
     best = (torch.ones_like(lo0), torch.zeros_like(lo0))
     for r in CLIP_RATIOS:
