@@ -388,7 +388,8 @@ def _csv(kind: type, allowed: tuple = ()):
 def cmd_sensitivity(a: argparse.Namespace) -> int:
     from diffquant._io import atomic_folder
     from diffquant.calib_data import CalibConfig, collect
-    from diffquant.eval.sensitivity import SensitivityConfig, analyze, write_report
+    from diffquant.eval.sensitivity import write_report
+    from diffquant.sensitivity_job import SensitivityConfig, analyze
 
     out = Path(a.out)
     if out.exists():

@@ -25,6 +25,7 @@ from diffquant.engines.cpu import cpu_info
 from diffquant.engines.ort import FusedEngineFromOnnx
 from diffquant.errors import DiffquantError
 from diffquant.eval import check_parity, merge_parity, noise_fidelity, save_grid, score_fidelity, score_samples, write_markdown
+from diffquant.eval.sensitivity import write_report
 from diffquant.eval.validate import ValidateConfig, validate
 from diffquant.exporters import export
 from diffquant.models.data import load_digits_tensor
@@ -35,6 +36,7 @@ from diffquant.models.sampler import SamplerConfig, prompt_batch, sample
 from diffquant.pipeline import load_recipe, quantize
 from diffquant.quant import QuantPlan, apply_plan, reduce_range
 from diffquant.quant.format import parse_bits
+from diffquant.sensitivity_job import report_from_plan
 
 __all__ = ["RunConfig", "engine_eps_fn", "run_job", "validate_run"]
 
@@ -144,6 +146,9 @@ def _run(cfg: RunConfig, denoiser: Denoiser, recipe, bits: str, tmp: Path, out: 
         plan = reduce_range(plan)
     plan.save(tmp / "plan")
     timings["quantize_s"] = time.time() - t0
+    sensitivity = report_from_plan(plan)  # a qua2sedimo search: its explainable report beside report.md
+    if sensitivity is not None:
+        write_report(sensitivity, tmp)
 
     _stage(cfg, 3, f"export: the {cfg.target}-target Q/DQ graph, linted")
     t0 = time.time()

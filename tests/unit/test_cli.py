@@ -88,3 +88,19 @@ def test_unexpected_errors_are_one_line_unless_debug(tmp_path, capsys, monkeypat
     assert "internal error: RuntimeError: kaboom" in err and "--debug" in err and "Traceback" not in err
     with pytest.raises(RuntimeError):
         main(["recipes", "--debug"])
+
+
+def test_sensitivity_writes_its_report_and_refuses_bad_options(tmp_path, capsys):
+    out = tmp_path / "sens"
+    argv = ["sensitivity", "--model", "builtin:digits-dit", "--configs", "24", "--holdout", "6", "--predictors", "ridge", "--methods", "uaq,kmeans-a",
+            "--calib-samples", "4", "--timesteps", "2", "--per-step", "2", "--budgets", "3.7", "--quiet", "--out", str(out)]
+    assert main(argv) == 0
+    printed = capsys.readouterr().out
+    assert "DiTs prefer k-means" in printed and "ridge Spearman" in printed
+    assert {"sensitivity.md", "sensitivity.json", "sensitivity_layers.png"} <= {p.name for p in out.iterdir()}
+    assert main(argv) == 2 and "already exists" in _err(capsys)
+    assert main(argv[:-1] + [str(tmp_path / "o2"), "--holdout", "22"]) == 2 and "--holdout 22" in _err(capsys)
+    assert not (tmp_path / "o2").exists()
+    with pytest.raises(SystemExit):
+        main(argv[:-1] + [str(tmp_path / "o3"), "--methods", "gptq"])
+    assert "comma list of uaq, kmeans-c, kmeans-a" in _err(capsys)

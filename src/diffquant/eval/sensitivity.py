@@ -1,46 +1,18 @@
 """Qua2SeDiMo's explainable report: how sensitive every weight layer, operation type and block is,
 how well the predictors rank configurations, what the budgeted searches chose, and the paper's
-findings checked on this model. `analyze` measures it (`diffquant sensitivity`); a `qua2sedimo`
-run builds the same report from its plan (`report_from_plan`); `write_report` writes
-``sensitivity.md``, ``sensitivity.json`` and the PNG plots.
+findings checked on the model. The numbers come from `diffquant.sensitivity_job` (the
+`diffquant sensitivity` command, or a `qua2sedimo` run's plan); this module checks the findings
+and writes ``sensitivity.md``, ``sensitivity.json`` and the PNG plots.
 """
 
 from __future__ import annotations
 
-import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-import torch
-
 from diffquant._io import write_json, write_text
-from diffquant.calib_data import CalibSet
-from diffquant.models.denoiser import Denoiser
-from diffquant.pipeline.budget import Costs, greedy_knapsack, penalized_top1
-from diffquant.pipeline.predictor import ndcg_at_k, spearman
-from diffquant.pipeline.qua2sedimo import marginal_effects, score_configs
-from diffquant.pipeline.sensitivity import aggregate, block_of, layer_importance, op_type, sample_configs, score_config, weight_layers
-from diffquant.quant.weight_options import METHODS, OptionCache, WeightOption
 
-__all__ = ["Finding", "SensitivityConfig", "SensitivityReport", "analyze", "check_findings", "report_from_plan", "write_report"]
-
-
-@dataclass
-class SensitivityConfig:
-    """M configurations (``holdout`` of them test the predictors), the options, the budgets searched."""
-
-    configs: int = 200
-    holdout: int = 50
-    bits: list[int] = field(default_factory=lambda: [3, 4])
-    methods: list[str] = field(default_factory=lambda: list(METHODS))
-    per_step: int = 4
-    predictors: list[str] = field(default_factory=lambda: ["ridge", "gnn"])
-    budgets: list[float] = field(default_factory=lambda: [3.5, 3.7, 3.9])
-    seed: int = 0
-
-    @property
-    def options(self) -> list[WeightOption]:
-        return [WeightOption(m, b) for m in self.methods for b in self.bits]
+__all__ = ["Finding", "SensitivityReport", "check_findings", "group", "write_report"]
 
 
 @dataclass
@@ -70,74 +42,13 @@ class SensitivityReport:
         return asdict(self)
 
 
-def _fit_all(denoiser: Denoiser, layers: list[str], cfg: SensitivityConfig, cache: OptionCache, configs: list, scores: list[float]) -> tuple[dict, object]:
-    """Each predictor's held-out fit; the best one (by Spearman) refitted on every configuration."""
-    from diffquant.pipeline.gnn import fit_predictor
-
-    n_train, out = cfg.configs - cfg.holdout, {}
-    true = torch.tensor(scores[n_train:])
-    for kind in cfg.predictors:
-        t0 = time.time()
-        pred = fit_predictor(kind, denoiser, layers, cfg.options, cache, configs[:n_train], scores[:n_train], cfg.seed)
-        got = pred.predict(configs[n_train:])
-        out[kind] = {"spearman": spearman(got, true), "ndcg10": ndcg_at_k(got, true, 10), "seconds": round(time.time() - t0, 1),
-                     "held_out": [(float(a), float(b)) for a, b in zip(got, true)]}
-    best = max(out, key=lambda k: out[k]["spearman"])
-    return out, fit_predictor(best, denoiser, layers, cfg.options, cache, configs, scores, cfg.seed)
-
-
-def _searches(denoiser: Denoiser, calib: CalibSet, effects: dict, cache: OptionCache, cfg: SensitivityConfig) -> tuple[list[dict], dict[str, str]]:
-    """Both searches at every budget, each measured; the assignment at the middle budget (the better one)."""
-    mods = weight_layers(denoiser.model)
-    opts = {o.label: o for o in cfg.options}
-    costs = Costs({n: mods[n].weight.numel() for n in effects}, {n: {o.label: cache.get(mods[n].weight, o).avg_bits() * mods[n].weight.numel() for o in cfg.options} for n in effects})
-    rows, chosen = [], {}
-    for budget in cfg.budgets:
-        found = {"penalized top-1": penalized_top1(effects, costs, budget), "greedy knapsack": greedy_knapsack(effects, costs, budget)}
-        measured = {k: score_config(denoiser, {n: opts[o] for n, o in c.items()}, cache, calib, cfg.per_step).snr_db for k, c in found.items() if c is not None}
-        for k, c in found.items():
-            rows.append({"budget": budget, "search": k, "bits": None if c is None else round(costs.avg_bits(c), 3), "measured_snr_db": measured.get(k),
-                         "used": bool(measured) and k == max(measured, key=measured.get)})
-        if measured and budget == cfg.budgets[len(cfg.budgets) // 2]:
-            chosen = found[max(measured, key=measured.get)]
-    return rows, chosen
-
-
-def analyze(denoiser: Denoiser, calib: CalibSet, cfg: SensitivityConfig, progress: bool = True) -> SensitivityReport:
-    """Score ``cfg.configs`` random configurations against FP, fit and test the predictors, read the
-    importance off the best one, search every budget, and check the paper's findings."""
-    t0 = time.time()
-    mods = weight_layers(denoiser.model)
-    layers, cache = list(mods), OptionCache(None)
-    configs = sample_configs(layers, cfg.configs, cfg.seed, tuple(cfg.bits), tuple(cfg.methods))
-    scores = score_configs(denoiser, calib, configs, cache, cfg.per_step, progress)
-    predictors, best = _fit_all(denoiser, layers, cfg, cache, configs, scores)
-    effects = marginal_effects(best, layers, cfg.options)
-    importance = layer_importance(effects)
-    searches, chosen = _searches(denoiser, calib, effects, cache, cfg)
-    rows = [{"name": n, "op_type": op_type(n), "block": block_of(n), "weights": mods[n].weight.numel(), "importance": importance[n], "effects": effects[n]}
-            for n in layers]
-    rep = SensitivityReport(denoiser.name, rows, predictors, searches, chosen, configs=cfg.configs, seconds=round(time.time() - t0, 1))
-    rep.notes.append(f"score: noise-prediction SNR vs FP (dB) on {cfg.per_step} recorded inputs at each of {len(calib.timesteps)} calibration timesteps, "
-                     f"weights only (activations FP); importance from the {max(predictors, key=lambda k: predictors[k]['spearman'])} predictor")
-    rep.findings = check_findings(rep)
-    return rep
-
-
-def report_from_plan(plan) -> SensitivityReport | None:
-    """The report of a `qua2sedimo` run, from what the pass left in its plan (None: a baseline
-    search that measured no sensitivity)."""
-    q = plan.recipe.get("qua2sedimo", {})
-    if "importance" not in q:
-        return None
-    sizes = {lp.name: lp.weight_numel for lp in plan.layers.values()}
-    rows = [{"name": n, "op_type": op_type(n), "block": block_of(n), "weights": sizes.get(n, 0), "importance": v, "effects": q["effects"][n]}
-            for n, v in q["importance"].items()]
-    predictors = {q.get("predictor", "ridge"): {"spearman": q["spearman"], "ndcg10": q["ndcg10"], "seconds": q["search_s"], "held_out": q["held_out"]}}
-    searches = [{"budget": q["budget"], "search": k, "bits": None, "measured_snr_db": v, "used": k == q["used"]} for k, v in q["searches"].items()]
-    rep = SensitivityReport(plan.model, rows, predictors, searches, q["assignment"], configs=q["configs"], seconds=q["search_s"])
-    rep.findings = check_findings(rep)
-    return rep
+def group(rows: list[dict], key: str) -> dict[str, dict[str, float]]:
+    """Importance summed and averaged per ``rows[i][key]`` (``op_type`` or ``block``), largest sum first."""
+    groups: dict[str, list[float]] = {}
+    for r in rows:
+        groups.setdefault(r[key], []).append(r["importance"])
+    out = {g: {"sum": sum(v), "mean": sum(v) / len(v), "layers": float(len(v))} for g, v in groups.items()}
+    return dict(sorted(out.items(), key=lambda kv: -kv[1]["sum"]))
 
 
 ATTENTION = ("attention Q/K/V", "attention out", "cross-attention", "transformer proj in/out")
@@ -167,7 +78,7 @@ def _preferred(rows: list[dict]) -> tuple[float, int] | None:
 def check_findings(rep: SensitivityReport) -> list[Finding]:
     """The paper's four findings on this model (METHODS.md, Qua2SeDiMo), each held / not held / not testable."""
     rows = rep.layers
-    types = aggregate({r["name"]: r["importance"] for r in rows}, op_type)
+    types = group(rows, "op_type")
     ranked = sorted(types, key=lambda t: -types[t]["mean"])
     out = []
     have = [t for t in ("time embedding", "final projection") if t in types]
@@ -199,14 +110,15 @@ def _plots(rep: SensitivityReport, out: Path) -> list[tuple[str, str]]:
     kinds = list(dict.fromkeys(r["op_type"] for r in rows))
     bar_chart([r["name"] for r in rows], [r["importance"] for r in rows], out / "sensitivity_layers.png", f"{rep.model}: importance per layer (dB of noise SNR)",
               colors=[kinds.index(r["op_type"]) for r in rows])
-    agg = {k: aggregate({r["name"]: r["importance"] for r in rows}, key) for k, key in (("op", op_type), ("block", block_of))}
+    agg = {k: group(rows, key) for k, key in (("op", "op_type"), ("block", "block"))}
     bar_chart(list(agg["op"]), [v["mean"] for v in agg["op"].values()], out / "sensitivity_op_types.png", f"{rep.model}: mean importance per layer, by operation type")
     bar_chart(list(agg["block"]), [v["sum"] for v in agg["block"].values()], out / "sensitivity_blocks.png", f"{rep.model}: summed importance per block")
     scatter({f"{k} (Spearman {v['spearman']:.2f})": v["held_out"] for k, v in rep.predictors.items()}, out / "sensitivity_predictor.png",
             f"{rep.model}: held-out configurations", "predicted SNR (dB)", "measured SNR (dB)")
     labels = sorted(set(rep.assignment.values()))
     order = [r["name"] for r in rows if r["name"] in rep.assignment]
-    marks = [(i, block_of(n)) for i, n in enumerate(order) if i == 0 or block_of(order[i - 1]) != block_of(n)]
+    block = {r["name"]: r["block"] for r in rows}
+    marks = [(i, block[n]) for i, n in enumerate(order) if i == 0 or block[order[i - 1]] != block[n]]
     strip([labels.index(rep.assignment[n]) for n in order], labels, out / "sensitivity_assignment.png", f"{rep.model}: chosen option per layer, in network order",
           marks=marks[:: max(1, len(marks) // 12)])
     return [("sensitivity_layers.png", "importance per layer"), ("sensitivity_op_types.png", "per operation type"), ("sensitivity_blocks.png", "per block"),
@@ -223,7 +135,6 @@ def write_report(rep: SensitivityReport, out: str | Path) -> Path:
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     plots = _plots(rep, out)
-    imp = {r["name"]: r["importance"] for r in rep.layers}
     md = [f"# Sensitivity of {rep.model} (Qua2SeDiMo)", "", f"{rep.configs} random weight configurations scored; {rep.seconds:.1f} s on this machine.", ""]
     md += [f"- {n}" for n in rep.notes] + ["", "## The paper's findings, checked", ""]
     md += [f"- **{'held' if f.held else 'not held' if f.held is not None else 'not testable'}**: {f.claim}. {f.evidence}" for f in rep.findings] + [""]
@@ -231,8 +142,8 @@ def write_report(rep: SensitivityReport, out: str | Path) -> Path:
                                                                     [[k, v["spearman"], v["ndcg10"], v["seconds"]] for k, v in rep.predictors.items()])
     md += ["## Budgeted searches", ""] + _table(["budget", "search", "avg bits", "measured SNR dB", "used"],
                                                 [[s["budget"], s["search"], s["bits"], s["measured_snr_db"], "yes" if s["used"] else ""] for s in rep.searches])
-    for title, key in (("operation type", op_type), ("block", block_of)):
-        agg = aggregate(imp, key)
+    for title, key in (("operation type", "op_type"), ("block", "block")):
+        agg = group(rep.layers, key)
         md += [f"## Importance per {title}", ""] + _table([title, "sum", "mean per layer", "layers"], [[k, v["sum"], v["mean"], int(v["layers"])] for k, v in agg.items()])
     md += ["## Per layer (and the chosen assignment)", ""] + _table(
         ["layer", "op type", "block", "weights", "importance", "chosen"],

@@ -1,10 +1,11 @@
 """Qua2SeDiMo's graph predictor: a GATv2 network (plain torch) over the denoiser's graph that
 predicts a weight configuration's score, trained with MSE plus a pairwise ranking loss.
 
-The graph comes from the FP ONNX export: nodes are the weight layers (Conv / MatMul reading a
-``model.<layer>.weight``) and the combine nodes between them (Add and MatMul of two activations,
-normalizations); every other op is contracted away, an edge joining each kept node to its
-nearest kept producers. Node features: method (one-hot), bits, the option's relative weight
+The graph comes from one forward pass followed through every torch function (a
+``TorchFunctionMode``; torch only, no export): nodes are the weight layers (``linear`` /
+``conv2d`` on their weight) and the combine nodes between them (adds and matmuls of two traced
+tensors, normalizations); every other op is contracted away, an edge joining each kept node to
+its nearest kept producers. Node features: method (one-hot), bits, the option's relative weight
 error, the layer's share of all weights, its block index and op type (one-hot), the combine
 kind. The paper's hop-level ranking loss is read here as a RankNet loss over all pairs of a
 batch (a smooth surrogate of the order the search needs); the readout is mean + max pooling.
@@ -16,6 +17,7 @@ from dataclasses import dataclass
 
 import torch
 from torch import nn
+from torch.overrides import TorchFunctionMode
 
 from diffquant.models.denoiser import Denoiser
 from diffquant.pipeline.predictor import RidgePredictor
@@ -24,8 +26,10 @@ from diffquant.quant.weight_options import METHODS, OptionCache, WeightOption
 
 __all__ = ["GATv2Layer", "GNNPredictor", "GNNTraining", "LayerGraph", "denoiser_graph", "fit_predictor", "static_features", "train_gnn"]
 
-COMBINE = {"Add": "add", "MatMul": "matmul", "LayerNormalization": "norm", "GroupNormalization": "norm", "InstanceNormalization": "norm"}
 KINDS = ("add", "matmul", "norm")
+COMBINE = {"add": "add", "__add__": "add", "__radd__": "add", "add_": "add", "__iadd__": "add",
+           "matmul": "matmul", "__matmul__": "matmul", "bmm": "matmul", "baddbmm": "matmul", "einsum": "matmul", "scaled_dot_product_attention": "matmul",
+           "layer_norm": "norm", "group_norm": "norm", "instance_norm": "norm", "rms_norm": "norm"}
 TYPES = [t for t, _ in OP_TYPES] + ["final projection", "patchify", "other"]
 
 
@@ -39,47 +43,64 @@ class LayerGraph:
     edges: torch.Tensor
 
 
-def _weight_nodes(model, layers: set[str]) -> dict[str, str]:
-    """ONNX node name -> layer, for the Conv / MatMul that consumes each layer's weight."""
-    consumers: dict[str, list] = {}
-    for node in model.graph.node:
-        for i in node.input:
-            consumers.setdefault(i, []).append(node)
-    out = {}
-    for layer in layers:
-        for node in consumers.get(f"model.{layer}.weight", []):
-            if node.op_type == "Transpose":
-                node = next((c for c in consumers.get(node.output[0], []) if c.op_type in ("MatMul", "Gemm")), node)
-            out[node.name] = layer
+class _Tracer(TorchFunctionMode):
+    """Follows one forward pass through every torch function: a weight layer (``linear`` /
+    ``conv2d`` on a known weight) or a combine op (two traced operands) becomes a node fed by
+    the nearest nodes upstream; any other op passes its inputs' nodes on."""
+
+    def __init__(self, weights: dict[int, int], n_layers: int) -> None:
+        super().__init__()
+        self.weights, self.n_layers = weights, n_layers
+        self.reach: dict[int, frozenset[int]] = {}
+        self.keep: list = []  # tensors seen, kept alive so their ids stay unique
+        self.combine: list[str] = []
+        self.pairs: set[tuple[int, int]] = set()
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        out = func(*args, **kwargs)
+        inputs = [t for t in _tensors(args) + _tensors(list(kwargs.values())) if id(t) in self.reach]
+        parents = frozenset().union(*(self.reach[id(t)] for t in inputs))
+        name = getattr(func, "__name__", "")
+        weight = next((self.weights[id(a)] for a in args[1:2] if id(a) in self.weights), None) if name in ("linear", "conv2d") else None
+        kind = COMBINE.get(name)
+        if weight is not None or (kind and (kind == "norm" or len({id(t) for t in inputs}) >= 2)):
+            me = weight if weight is not None else self.n_layers + len(self.combine)
+            if weight is None:
+                self.combine.append(kind)
+            self.pairs.update((p, me) for p in parents if p != me)
+            parents = frozenset([me])
+        for t in _tensors([out]):
+            self.reach[id(t)] = parents
+            self.keep.append(t)
+        return out
+
+
+def _tensors(values) -> list[torch.Tensor]:
+    out = []
+    for v in values:
+        if isinstance(v, torch.Tensor):
+            out.append(v)
+        elif isinstance(v, (list, tuple)):
+            out += _tensors(v)
     return out
 
 
 def denoiser_graph(denoiser: Denoiser, layers: list[str]) -> LayerGraph:
-    """The contracted layer graph of ``denoiser`` (see the module docstring)."""
-    from diffquant.exporters.onnx_fp import fp_onnx_proto
-
-    model = fp_onnx_proto(denoiser)
-    consts = {i.name for i in model.graph.initializer} | {o for n in model.graph.node if n.op_type == "Constant" for o in n.output}
-    wnodes = _weight_nodes(model, set(layers))
-    index = {n: i for i, n in enumerate(layers)}
-    combine: list[str] = []
-    reach: dict[str, frozenset[int]] = {}
-    pairs: set[tuple[int, int]] = set()
-    for node in model.graph.node:
-        parents = frozenset().union(*(reach.get(i, frozenset()) for i in node.input))
-        kind = COMBINE.get(node.op_type)
-        if node.name in wnodes or (kind and not (set(node.input) & consts and kind != "norm")):
-            me = index[wnodes[node.name]] if node.name in wnodes else len(layers) + len(combine)
-            if node.name not in wnodes:
-                combine.append(kind)
-            pairs.update((p, me) for p in parents)
-            parents = frozenset([me])
-        for o in node.output:
-            reach[o] = parents
-    n = len(layers) + len(combine)
+    """The contracted layer graph of ``denoiser`` from one traced forward pass (see `_Tracer`)."""
+    mods = weight_layers(denoiser.model)
+    tracer = _Tracer({id(mods[n].weight): i for i, n in enumerate(layers)}, len(layers))
+    inputs = denoiser.example_inputs(batch=1)
+    named = {k: inputs[k] for k in inputs.keys()}
+    with torch.no_grad():
+        for v in _tensors(list(named.values())):
+            tracer.reach[id(v)] = frozenset()
+        with tracer:
+            denoiser(**named)
+    pairs, n = tracer.pairs, len(layers) + len(tracer.combine)
     src = [a for a, b in pairs] + [b for a, b in pairs] + list(range(n))
     dst = [b for a, b in pairs] + [a for a, b in pairs] + list(range(n))
-    return LayerGraph(layers, combine, torch.tensor([src, dst], dtype=torch.long))
+    return LayerGraph(layers, tracer.combine, torch.tensor([src, dst], dtype=torch.long))
 
 
 class GATv2Layer(nn.Module):
@@ -188,7 +209,7 @@ _GRAPHS: dict[tuple[int, tuple[str, ...]], LayerGraph] = {}
 
 
 def fit_predictor(kind: str, denoiser: Denoiser, layers: list[str], options: list[WeightOption], cache: OptionCache,
-                  configs: list[dict[str, WeightOption]], scores: list[float], seed: int = 0):
+                  configs: list[dict[str, WeightOption]], scores: list[float], seed: int = 0, training: GNNTraining | None = None):
     """A fitted predictor of ``kind`` (``ridge`` or ``gnn``) with ``predict(configs)``."""
     if kind == "ridge":
         return RidgePredictor(layers, options).fit(configs, scores)
@@ -199,4 +220,4 @@ def fit_predictor(kind: str, denoiser: Denoiser, layers: list[str], options: lis
     mods = weight_layers(denoiser.model)
     errors = {(n, o): cache.get(mods[n].weight, o).error(mods[n].weight) for n in layers for o in options}
     torch.manual_seed(seed)
-    return train_gnn(GNNPredictor(graph, static_features(graph, denoiser), errors), configs, scores, seed)
+    return train_gnn(GNNPredictor(graph, static_features(graph, denoiser), errors), configs, scores, seed, training)
