@@ -14,7 +14,6 @@ the table is benchmarks/results/qua2sedimo.md.
 
 from __future__ import annotations
 
-import argparse
 import json
 import sys
 from pathlib import Path
@@ -22,7 +21,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
-from quality import KEYS, RESULTS, Bench, _row, run_recipe, save_grid, write_all_markdown, write_text_atomic  # noqa: E402
+from quality import KEYS, Bench, _row, common_args, run_recipe, save_grid, write_all_markdown, write_text_atomic  # noqa: E402
 
 from diffquant._io import write_json  # noqa: E402
 
@@ -72,12 +71,7 @@ def write_table(rows: list[dict], path: Path) -> None:
 
 
 def main() -> int:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--samples", type=int, default=1000, help="N for the deployed rows")
-    ap.add_argument("--fq-samples", type=int, default=250, help="N for the fake-quant rows")
-    ap.add_argument("--models", default="digits-sd,digits-dit")
-    ap.add_argument("--only", default="", help="comma list of row labels (default: all)")
-    ap.add_argument("--out", default=str(RESULTS))
+    ap = common_args(__doc__, "row labels")
     ap.add_argument("--force", action="store_true", help="recompute rows that exist already")
     ap.add_argument("--quiet", action="store_true")
     a = ap.parse_args()

@@ -302,13 +302,19 @@ def write_text_atomic(path: Path, text: str) -> None:
     tmp.replace(path)
 
 
-def main() -> int:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+def common_args(doc: str, only: str) -> argparse.ArgumentParser:
+    """The options every quality benchmark shares; ``only`` says what ``--only`` lists."""
+    ap = argparse.ArgumentParser(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--samples", type=int, default=1000, help="N for the deployed rows (published tables: 1000)")
     ap.add_argument("--fq-samples", type=int, default=250, help="N for the fake-quant rows (torch fake-quant sampling is the slow part)")
     ap.add_argument("--models", default="digits-sd,digits-dit")
-    ap.add_argument("--only", default="", help="comma list of recipe:bits (default: all rows)")
+    ap.add_argument("--only", default="", help=f"comma list of {only} (default: all rows)")
     ap.add_argument("--out", default=str(RESULTS))
+    return ap
+
+
+def main() -> int:
+    ap = common_args(__doc__, "recipe:bits")
     ap.add_argument("--set", dest="overrides", action="append", default=[], metavar="PASS.OPTION=VALUE", help="pass option overrides (smoke tests)")
     ap.add_argument("--peers", action="store_true", help="with --only: run the ModelOpt peer too (recomputed with --force)")
     ap.add_argument("--label", default="", help="with --only and --set: the recipe name the rows get (a variant)")

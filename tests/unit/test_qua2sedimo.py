@@ -84,8 +84,8 @@ def test_searched_plan_meets_the_budget_and_the_graph_matches_fake_quant(make, c
 def test_baselines_and_kmeans_policies(calib_cache):
     d = make_tiny_dit()
     calib = tiny_calib(d, calib_cache)
-    uniform = _plan(d, calib, search="uniform", uniform=3)
-    assert set(uniform.recipe["qua2sedimo"]["assignment"].values()) == {"uaq-w3"}
+    uniform = _plan(d, calib, request="w4a6", search="uniform", uniform=3)  # A6 selectable by the request
+    assert set(uniform.recipe["qua2sedimo"]["assignment"].values()) == {"uaq-w3"} and uniform.bits.act_bits == (6,)
     for search in ("random", "largest-first"):
         q = _plan(d, calib, search=search, budget=_midway(d), bits=[3, 4]).recipe["qua2sedimo"]
         assert _midway(d) - 0.5 < q["research_bits"] <= _midway(d)

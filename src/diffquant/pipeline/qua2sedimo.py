@@ -38,6 +38,7 @@ from diffquant.errors import DiffquantError
 from diffquant.models.denoiser import Denoiser
 from diffquant.pipeline.budget import Costs, greedy_knapsack, penalized_top1
 from diffquant.pipeline.context import PassContext
+from diffquant.pipeline.minmax import plan_weight
 from diffquant.pipeline.predictor import RidgePredictor, ndcg_at_k, spearman
 from diffquant.pipeline.registry import register_pass
 from diffquant.pipeline.sensitivity import block_of, layer_importance, op_type, sample_configs, score_config
@@ -237,8 +238,6 @@ def _lower(ctx: PassContext, name: str, w: torch.Tensor, opt: WeightOption, cach
 @register_pass("qua2sedimo", Qua2SeDiMoConfig)
 def qua2sedimo_pass(ctx: PassContext, cfg: Qua2SeDiMoConfig) -> None:
     """Search every weight layer's option for the budget and lower it into the plan's weight sites."""
-    from diffquant.pipeline.minmax import plan_weight
-
     plan = ctx.plan
     layers = [lp.name for lp in plan.quantized_layers() if lp.weight_site is not None]
     if plan.weights.keys() & set(layers):
