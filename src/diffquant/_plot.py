@@ -73,17 +73,20 @@ def scatter(series: dict[str, list[tuple[float, float]]], path: str | Path, titl
     return _save(img, path)
 
 
-def strip(cells: list[int], legend: list[str], path: str | Path, title: str, marks: list[tuple[int, str]] | None = None, cell: int = 6) -> Path:
+def strip(cells: list[int], legend: list[str], path: str | Path, title: str, marks: list[tuple[int, str]] | None = None) -> Path:
     """A row of coloured cells (``cells`` index ``legend`` / `PALETTE`), optional text marks
-    (cell index, label) under it, and the legend."""
-    width = max(len(cells) * cell + 20, 420)
-    img, draw, font = _canvas(width, 100 + ROW * len(legend), title)
+    (cell index, label) under it on three staggered lines, and the legend."""
+    cell = max(4, min(24, 960 // max(1, len(cells))))
+    width = max(len(cells) * cell + 160, 420)
+    top = 112
+    img, draw, font = _canvas(width, top + ROW * len(legend) + 6, title)
     for i, c in enumerate(cells):
-        draw.rectangle([10 + i * cell, 26, 10 + (i + 1) * cell - 1, 56], fill=PALETTE[c % len(PALETTE)])
-    for i, label in marks or []:
-        draw.line([10 + i * cell, 58, 10 + i * cell, 64], fill=(0, 0, 0))
-        draw.text((10 + i * cell + 2, 62), label, fill=(0, 0, 0), font=font)
+        draw.rectangle([10 + i * cell, 26, 10 + (i + 1) * cell - 1, 56], fill=PALETTE[c % len(PALETTE)], outline=(255, 255, 255))
+    for k, (i, label) in enumerate(marks or []):
+        y = 62 + ROW * (k % 3)
+        draw.line([10 + i * cell, 57, 10 + i * cell, y + 4], fill=(0, 0, 0))
+        draw.text((10 + i * cell + 3, y), label, fill=(0, 0, 0), font=font)
     for k, name in enumerate(legend):
-        draw.rectangle([10, 84 + ROW * k, 20, 94 + ROW * k], fill=PALETTE[k % len(PALETTE)])
-        draw.text((26, 82 + ROW * k), name, fill=(0, 0, 0), font=font)
+        draw.rectangle([10, top + ROW * k, 20, top + 10 + ROW * k], fill=PALETTE[k % len(PALETTE)])
+        draw.text((26, top - 2 + ROW * k), name, fill=(0, 0, 0), font=font)
     return _save(img, path)

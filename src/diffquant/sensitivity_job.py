@@ -15,6 +15,7 @@ from diffquant.calib_data import CalibSet
 from diffquant.eval.sensitivity import SensitivityReport, check_findings
 from diffquant.models.denoiser import Denoiser
 from diffquant.pipeline.budget import Costs, greedy_knapsack, penalized_top1
+from diffquant.pipeline.gnn import fit_predictor
 from diffquant.pipeline.predictor import ndcg_at_k, spearman
 from diffquant.pipeline.qua2sedimo import marginal_effects, score_configs
 from diffquant.pipeline.sensitivity import block_of, layer_importance, op_type, sample_configs, score_config, weight_layers
@@ -43,8 +44,6 @@ class SensitivityConfig:
 
 def _fit_all(denoiser: Denoiser, layers: list[str], cfg: SensitivityConfig, cache: OptionCache, configs: list, scores: list[float]) -> tuple[dict, object]:
     """Each predictor's held-out fit; the best one (by Spearman) refitted on every configuration."""
-    from diffquant.pipeline.gnn import fit_predictor
-
     n_train, out = cfg.configs - cfg.holdout, {}
     true = torch.tensor(scores[n_train:])
     for kind in cfg.predictors:

@@ -12,7 +12,7 @@ from pathlib import Path
 
 from diffquant._io import write_json, write_text
 
-__all__ = ["Finding", "SensitivityReport", "check_findings", "group", "write_report"]
+__all__ = ["Finding", "SensitivityReport", "check_findings", "group", "read_report", "write_report"]
 
 
 @dataclass
@@ -120,7 +120,7 @@ def _plots(rep: SensitivityReport, out: Path) -> list[tuple[str, str]]:
     block = {r["name"]: r["block"] for r in rows}
     marks = [(i, block[n]) for i, n in enumerate(order) if i == 0 or block[order[i - 1]] != block[n]]
     strip([labels.index(rep.assignment[n]) for n in order], labels, out / "sensitivity_assignment.png", f"{rep.model}: chosen option per layer, in network order",
-          marks=marks[:: max(1, len(marks) // 12)])
+          marks=marks)
     return [("sensitivity_layers.png", "importance per layer"), ("sensitivity_op_types.png", "per operation type"), ("sensitivity_blocks.png", "per block"),
             ("sensitivity_predictor.png", "predicted vs measured on held-out configurations"), ("sensitivity_assignment.png", "the chosen assignment")]
 
@@ -152,3 +152,12 @@ def write_report(rep: SensitivityReport, out: str | Path) -> Path:
     write_text(out / "sensitivity.md", "\n".join(md))
     write_json(out / "sensitivity.json", rep.to_dict())
     return out / "sensitivity.md"
+
+
+def read_report(path: str | Path) -> SensitivityReport:
+    """A report back from its ``sensitivity.json`` (to render it again)."""
+    from diffquant._check import read_json
+
+    data = read_json(path, "write it again with `diffquant sensitivity`", required=("model", "layers", "predictors", "searches", "assignment"))
+    data["findings"] = [Finding(**f) for f in data.get("findings", [])]
+    return SensitivityReport(**data)

@@ -38,6 +38,7 @@ from diffquant.errors import DiffquantError
 from diffquant.models.denoiser import Denoiser
 from diffquant.pipeline.budget import Costs, greedy_knapsack, penalized_top1
 from diffquant.pipeline.context import PassContext
+from diffquant.pipeline.gnn import fit_predictor
 from diffquant.pipeline.minmax import plan_weight
 from diffquant.pipeline.predictor import RidgePredictor, ndcg_at_k, spearman
 from diffquant.pipeline.registry import register_pass
@@ -114,8 +115,6 @@ class Sensitivity:
 def measure_sensitivity(denoiser: Denoiser, calib: CalibSet, layers: list[str], cfg: Qua2SeDiMoConfig, cache: OptionCache, progress: bool = True) -> Sensitivity:
     """Sample and score ``cfg.configs`` configurations, fit the predictor on all but the last
     ``holdout``, measure its rank correlation on those, then refit on all of them."""
-    from diffquant.pipeline.gnn import fit_predictor
-
     t0 = time.time()
     configs = sample_configs(layers, cfg.configs, cfg.seed, tuple(cfg.bits), tuple(cfg.methods))
     scores = score_configs(denoiser, calib, configs, cache, cfg.per_step, progress)
@@ -151,7 +150,7 @@ def marginal_effects(pred, layers: list[str], options: list[WeightOption]) -> di
     return {n: {o.label: float(rest[i, j]) - b for j, o in enumerate(options)} for i, n in enumerate(layers)}
 
 
-def _fallback(layers: list[str], weights: dict[str, torch.Tensor], costs: Costs, cfg: Qua2SeDiMoConfig, order: list[str]) -> dict[str, str]:
+def _fallback(layers: list[str], costs: Costs, cfg: Qua2SeDiMoConfig, order: list[str]) -> dict[str, str]:
     """All layers at the high bit width, then layers in ``order`` moved to the low one until the budget holds."""
     hi, lo = WeightOption(cfg.methods[0], cfg.bits[-1]).label, WeightOption(cfg.methods[0], cfg.bits[0]).label
     config = {n: hi for n in layers}
@@ -169,7 +168,7 @@ def _search(ctx: PassContext, layers: list[str], weights: dict, cache: OptionCac
     if cfg.search in ("random", "largest-first"):
         order = list(layers)
         random.Random(cfg.seed).shuffle(order) if cfg.search == "random" else order.sort(key=lambda n: -weights[n].numel())
-        return _fallback(layers, weights, costs, cfg, order)
+        return _fallback(layers, costs, cfg, order)
     sens = measure_sensitivity(ctx.denoiser, ctx.calib, layers, cfg, cache, ctx.progress)
     report.notes.append(f"predictor {cfg.predictor}: {cfg.configs} configurations scored (noise SNR vs FP, {cfg.per_step} inputs per calibration "
                         f"timestep), held-out {cfg.holdout}: Spearman {sens.spearman:.3f}, NDCG@10 {sens.ndcg10:.3f}; {sens.seconds:.1f} s")
