@@ -134,15 +134,14 @@ class GNNPredictor(nn.Module):
         self.mean, self.std = 0.0, 1.0
 
     def features(self, configs: list[dict[str, WeightOption]]) -> torch.Tensor:
-        n_layers, n = len(self.graph.layers), self.static.shape[0]
-        dyn = torch.zeros(len(configs), n, len(METHODS) + 2)
+        """[configs, nodes, F]: the static features and, on layer nodes, method, bits and the option's error."""
+        dyn = torch.zeros(len(configs), self.static.shape[0], len(METHODS) + 2)
         for b, c in enumerate(configs):
             for li, name in enumerate(self.graph.layers):
                 o = c[name]
                 dyn[b, li, METHODS.index(o.method)] = 1.0
                 dyn[b, li, len(METHODS)] = o.bits - 3.5
                 dyn[b, li, len(METHODS) + 1] = 10.0 * self.errors[(name, o)]
-        del n_layers
         return torch.cat([self.static.expand(len(configs), -1, -1), dyn], dim=2)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:

@@ -19,7 +19,7 @@ counted as b-bit indices plus 8-bit centroids and an FP16 scale per row).
 
 Bits are counted as the paper does: code bits plus FP16 scale, zero point or codebook. Deployed,
 a UAQ row costs the same (2^b levels, scale, shift); the report also gives the symmetric grid width.
-Baselines for the benchmark: ``search: uniform`` (every layer UAQ at the request's weight bits),
+Baselines for the benchmark: ``search: uniform`` (every layer UAQ at ``uniform`` bits),
 ``random`` and ``largest-first`` (layers moved to the low bit width at random, or largest first,
 until the budget is met).
 """
