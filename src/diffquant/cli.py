@@ -353,6 +353,7 @@ The stages, each a command (`run` does the first three, then checks parity and q
   diffquant run --model builtin:digits-sd --recipe dmq --bits w4a8 --target onnxruntime --out runs/dmq
   diffquant build runs/dmq/unet.qdq.onnx --out runs/dmq/engine
   diffquant generate runs/dmq/engine --prompt seven -n 16 --out seven.png
+  diffquant sensitivity --model builtin:digits-dit --out runs/dit-sens     # Qua2SeDiMo's explainable report
 
 `diffquant COMMAND --help` shows a command's options with their defaults."""
 
@@ -400,6 +401,8 @@ def cmd_sensitivity(a: argparse.Namespace) -> int:
                             predictors=a.predictors, budgets=a.budgets, seed=a.seed)
     if len(cfg.bits) < 2 or not all(2 <= b <= 7 for b in cfg.bits):
         raise DiffquantError(f"--bits {a.bits}: give two or more widths within 2..7, e.g. 3,4")
+    if not all(2.0 <= b <= 16.0 for b in cfg.budgets):
+        raise DiffquantError(f"--budgets {a.budgets}: average weight bits lie within 2..16, e.g. 3.5,3.7,3.9")
     d = _load(a)
     calib = collect(d, CalibConfig(samples=a.calib_samples, timesteps=a.timesteps, seed=a.seed), progress=not a.quiet)
     rep = analyze(d, calib, cfg, progress=not a.quiet)
