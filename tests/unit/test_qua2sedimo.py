@@ -91,8 +91,8 @@ def test_baselines_and_kmeans_policies(calib_cache):
         assert _midway(d) - 0.5 < q["research_bits"] <= _midway(d)
     largest = _plan(d, calib, search="largest-first", budget=_midway(d), bits=[3, 4])
     low = {n for n, o in largest.recipe["qua2sedimo"]["assignment"].items() if o == "uaq-w3"}
-    sizes = {lp.name: lp.weight_numel for lp in largest.layers.values() if lp.weight_numel}
-    assert min(sizes[n] for n in low) >= max(sizes[n] for n in sizes if n not in low and sizes[n] < min(sizes[m] for m in low)) if low else True
+    order = sorted((lp.name for lp in largest.quantized_layers() if lp.weight), key=lambda n: -largest.layers[n].weight_numel)
+    assert low and low == set(order[: len(low)])  # the largest layers, and only they, went down to 3 bits
     research = {"methods": ["kmeans-a"], "bits": [3, 4], "budget": 6.0}
     fp16 = _plan(d, calib, kmeans_lowering="fp16", **research)
     assert all(lp.weight_site is None for lp in fp16.quantized_layers()) and fp16.recipe["qua2sedimo"]["deployed_bits"] == 16.0
