@@ -35,8 +35,9 @@ def test_fewer_bits_score_lower_and_the_original_is_untouched(tiny_unet, calib_c
 
 
 def test_every_layer_of_both_builtin_models_has_an_op_type_and_a_block():
+    from diffquant.eval.sensitivity import group
     from diffquant.models.loading import load_denoiser
-    from diffquant.pipeline.sensitivity import aggregate, block_of, layer_importance, op_type
+    from diffquant.pipeline.sensitivity import block_of, layer_importance, op_type
 
     sd, dit = (list(weight_layers(load_denoiser(f"builtin:{m}").model)) for m in ("digits-sd", "digits-dit"))
     assert "other" not in {op_type(n) for n in sd + dit}
@@ -49,5 +50,5 @@ def test_every_layer_of_both_builtin_models_has_an_op_type_and_a_block():
     assert block_of("up_blocks.1.attentions.0.transformer_blocks.0.attn1.to_q") == "up_blocks.1"
     assert block_of("transformer_blocks.3.ff.net.2") == "transformer_blocks.3" and block_of("conv_in") == "stem" and block_of("proj_out_1") == "head"
     imp = layer_importance({"a.to_q": {"x": 0.0, "y": -2.0}, "b.to_k": {"x": -1.0, "y": -1.5}, "conv_out": {"x": 0.0, "y": -5.0}})
-    agg = aggregate(imp)
+    agg = group([{"op_type": op_type(n), "importance": v} for n, v in imp.items()], "op_type")
     assert list(agg) == ["final projection", "attention Q/K/V"] and agg["attention Q/K/V"] == {"sum": 2.5, "mean": 1.25, "layers": 2.0}

@@ -60,10 +60,10 @@ def _mean(rows: list[dict], types: tuple[str, ...]) -> float | None:
     return sum(vals) / len(vals) if vals else None
 
 
-def _preferred(rows: list[dict]) -> tuple[float, int] | None:
+def _preferred(rows: list[dict]) -> tuple[float, int, int] | None:
     """Share of weights (and layer count) whose best predicted option at equal bits is UAQ rather than a k-means."""
     uaq = total = 0.0
-    n = 0
+    n = pairs = 0
     for r in rows:
         for bits in {int(k.rsplit("-w", 1)[1]) for k in r["effects"]}:
             u, km = r["effects"].get(f"uaq-w{bits}"), [v for k, v in r["effects"].items() if k.startswith("kmeans") and k.endswith(f"-w{bits}")]
@@ -72,7 +72,8 @@ def _preferred(rows: list[dict]) -> tuple[float, int] | None:
             uaq += r["weights"] * (u >= max(km))
             total += r["weights"]
             n += u >= max(km)
-    return (uaq / total if total else 0.0), n
+            pairs += 1
+    return (uaq / total if total else 0.0), n, pairs
 
 
 def check_findings(rep: SensitivityReport) -> list[Finding]:
@@ -96,9 +97,9 @@ def check_findings(rep: SensitivityReport) -> list[Finding]:
     if pref is None:
         out.append(Finding("U-Nets prefer uniform quantizers, DiTs k-means", None, "needs both UAQ and k-means options in the search"))
     else:
-        share, n = pref
+        share, n, pairs = pref
         out.append(Finding(f"{'U-Nets prefer uniform quantizers' if unet else 'DiTs prefer k-means'} (best predicted option at equal bits)",
-                           share > 0.5 if unet else share < 0.5, f"UAQ best for {share:.0%} of the weights ({n} layer-bit pairs)"))
+                           share > 0.5 if unet else share < 0.5, f"UAQ best for {share:.0%} of the weights ({n} of {pairs} layer-bit pairs)"))
     return out
 
 

@@ -19,7 +19,7 @@ from diffquant.quant.targeting import QUANTIZABLE
 from diffquant.quant.weight_options import METHODS, OptionCache, WeightOption
 
 __all__ = [
-    "ConfigScore", "aggregate", "apply_config", "block_of", "config_bits", "layer_importance", "op_type", "sample_configs", "score_config",
+    "ConfigScore", "apply_config", "block_of", "config_bits", "layer_importance", "op_type", "sample_configs", "score_config",
     "weight_layers",
 ]
 
@@ -130,12 +130,3 @@ def block_of(layer: str) -> str:
 def layer_importance(effects: dict[str, dict[str, float]]) -> dict[str, float]:
     """A layer's importance: how far the predicted score moves between its best and worst option."""
     return {n: max(e.values()) - min(e.values()) for n, e in effects.items()}
-
-
-def aggregate(importance: dict[str, float], key=op_type) -> dict[str, dict[str, float]]:
-    """Importance summed and averaged per group (``key``: `op_type` or `block_of`), largest sum first."""
-    groups: dict[str, list[float]] = {}
-    for n, v in importance.items():
-        groups.setdefault(key(n), []).append(v)
-    rows = {g: {"sum": sum(v), "mean": sum(v) / len(v), "layers": float(len(v))} for g, v in groups.items()}
-    return dict(sorted(rows.items(), key=lambda kv: -kv[1]["sum"]))
