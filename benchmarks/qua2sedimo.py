@@ -32,6 +32,7 @@ ROWS: list[tuple[str, str, dict]] = [
     *[(f"qua2sedimo B={b}", "w4a8", {"budget": b}) for b in (3.5, 3.7, 3.9)],
     ("qua2sedimo bits [3, 4] B=3.7", "w4a8", {"budget": 3.7, "bits": [3, 4]}),
     ("qua2sedimo B=3.7 (GNN predictor)", "w4a8", {"budget": 3.7, "predictor": "gnn"}),
+    ("qua2sedimo B=3.7 (sample-PSNR scores)", "w4a8", {"budget": 3.7, "score": "samples"}),
     *[(f"random B={b}", "w4a8", {"budget": b, "search": "random", "bits": [3, 4]}) for b in (3.5, 3.7, 3.9)],
     ("largest-first B=3.7", "w4a8", {"budget": 3.7, "search": "largest-first", "bits": [3, 4]}),
     ("qua2sedimo research (6 options) B=3.7", "w4a8", {"budget": 3.7, **RESEARCH}),

@@ -1,8 +1,11 @@
 """The `qua2sedimo` pass: Qua2SeDiMo's weight assignment for a bit budget, written into the plan.
 
 Steps (METHODS.md, Qua2SeDiMo): (1) every weight layer's options (method x bits) are computed
-data-free; (2) ``configs`` random configurations are scored against FP (noise-prediction SNR on
-recorded calibration inputs, activations FP: the search is over weights); (3) a predictor (ridge
+data-free; (2) ``configs`` random configurations are scored against FP, activations FP (the
+search is over weights): ``score: noise`` is the noise-prediction SNR on recorded calibration
+inputs, ``score: samples`` the PSNR of ``probe_samples`` whole samples against FP from the
+calibration set's seeds (error accumulated along the trajectory; one sampling run per
+configuration); (3) a predictor (ridge
 over one-hot options, or the GATv2 graph network) is fitted, its rank correlation measured on the
 last ``holdout`` configurations; (4) per-layer marginal effects feed the budgeted searches (the
 paper's penalized top-1 and a greedy knapsack; ``search: best`` scores both for real and keeps
@@ -42,7 +45,7 @@ from diffquant.pipeline.gnn import fit_predictor
 from diffquant.pipeline.minmax import plan_weight
 from diffquant.pipeline.predictor import RidgePredictor, ndcg_at_k, spearman
 from diffquant.pipeline.registry import register_pass
-from diffquant.pipeline.sensitivity import block_of, layer_importance, op_type, sample_configs, score_config
+from diffquant.pipeline.sensitivity import SampleProbe, block_of, layer_importance, op_type, sample_configs, score_config
 from diffquant.quant.fake import round_scale
 from diffquant.quant.format import PerAxis, QuantFormat
 from diffquant.quant.plan import PassReport
@@ -52,6 +55,7 @@ __all__ = ["Qua2SeDiMoConfig", "Sensitivity", "lower_codebook", "lower_uaq", "ma
 
 SEARCHES = ("best", "penalized", "greedy", "random", "largest-first", "uniform")
 PREDICTORS = ("ridge", "gnn")
+SCORES = ("noise", "samples")
 LOWERINGS = ("regrid", "fp16", "codebook")
 
 
@@ -70,13 +74,15 @@ class Qua2SeDiMoConfig:
     holdout: int = 50
     per_step: int = 4
     predictor: str = "ridge"
+    score: str = "noise"
+    probe_samples: int = 20
     search: str = "best"
     kmeans_lowering: str = "regrid"
     uniform: int = 4
     seed: int = 0
 
     def __post_init__(self) -> None:
-        checks = (("search", SEARCHES), ("predictor", PREDICTORS), ("kmeans_lowering", LOWERINGS))
+        checks = (("search", SEARCHES), ("predictor", PREDICTORS), ("score", SCORES), ("kmeans_lowering", LOWERINGS))
         for name, allowed in checks:
             if getattr(self, name) not in allowed:
                 raise ValueError(f"{name} must be one of {allowed}, got {getattr(self, name)!r}")
@@ -86,8 +92,9 @@ class Qua2SeDiMoConfig:
             raise ValueError(f"bits must list two or more widths within 2..7, ascending (the paper: [3, 4]; a widened 7-bit UAQ row still fits INT8), got {self.bits}")
         if not 2 <= self.uniform <= 7:
             raise ValueError(f"uniform (the width of search: uniform) must be 2..7, got {self.uniform}")
-        if self.configs < 10 or not 0 <= self.holdout < self.configs or self.per_step < 1:
-            raise ValueError(f"need configs >= 10, 0 <= holdout < configs, per_step >= 1; got {self.configs}, {self.holdout}, {self.per_step}")
+        if self.configs < 10 or not 0 <= self.holdout < self.configs or self.per_step < 1 or self.probe_samples < 1:
+            raise ValueError(f"need configs >= 10, 0 <= holdout < configs, per_step >= 1, probe_samples >= 1; "
+                             f"got {self.configs}, {self.holdout}, {self.per_step}, {self.probe_samples}")
         if not 2.0 <= self.budget <= 16.0:
             raise ValueError(f"budget is average weight bits, 2..16; got {self.budget}")
 
@@ -99,7 +106,8 @@ class Qua2SeDiMoConfig:
 @dataclass
 class Sensitivity:
     """What the sampled configurations taught: the scores, the fitted predictor's per-layer
-    option effects and its held-out rank correlation, and the wall time."""
+    option effects and its held-out rank correlation, the wall time, and the sample probe
+    (``score: samples``) the scores came from."""
 
     layers: list[str]
     configs: list[dict[str, WeightOption]]
@@ -110,6 +118,12 @@ class Sensitivity:
     seconds: float
     predictor: object = None
     held_out: list[tuple[float, float]] = field(default_factory=list)  # (predicted, measured)
+    probe: SampleProbe | None = None
+
+    def measure(self, denoiser: Denoiser, calib: CalibSet, config: dict[str, WeightOption], cache: OptionCache, per_step: int) -> float:
+        """One configuration's score, as the sampled ones were scored."""
+        s = score_config(denoiser, config, cache, calib, per_step, probe=self.probe)
+        return s.snr_db if self.probe is None else s.sample_psnr
 
 
 def measure_sensitivity(denoiser: Denoiser, calib: CalibSet, layers: list[str], cfg: Qua2SeDiMoConfig, cache: OptionCache, progress: bool = True) -> Sensitivity:
@@ -117,7 +131,8 @@ def measure_sensitivity(denoiser: Denoiser, calib: CalibSet, layers: list[str], 
     ``holdout``, measure its rank correlation on those, then refit on all of them."""
     t0 = time.time()
     configs = sample_configs(layers, cfg.configs, cfg.seed, tuple(cfg.bits), tuple(cfg.methods))
-    scores = score_configs(denoiser, calib, configs, cache, cfg.per_step, progress)
+    probe = SampleProbe.build(denoiser, calib, cfg.probe_samples) if cfg.score == "samples" else None
+    scores = score_configs(denoiser, calib, configs, cache, cfg.per_step, progress, probe)
     n_train = cfg.configs - cfg.holdout
     rho = ndcg = float("nan")
     held: list[tuple[float, float]] = []
@@ -128,14 +143,17 @@ def measure_sensitivity(denoiser: Denoiser, calib: CalibSet, layers: list[str], 
         held = [(float(a), float(b)) for a, b in zip(got, true)]
     pred = fit_predictor(cfg.predictor, denoiser, layers, cfg.options, cache, configs, scores, cfg.seed)
     effects = marginal_effects(pred, layers, cfg.options)
-    return Sensitivity(layers, configs, scores, effects, rho, ndcg, time.time() - t0, pred, held)
+    return Sensitivity(layers, configs, scores, effects, rho, ndcg, time.time() - t0, pred, held, probe)
 
 
-def score_configs(denoiser: Denoiser, calib: CalibSet, configs: list[dict[str, WeightOption]], cache: OptionCache, per_step: int, progress: bool = True) -> list[float]:
-    """Each configuration's noise SNR vs FP (dB) on ``per_step`` inputs per calibration timestep."""
+def score_configs(denoiser: Denoiser, calib: CalibSet, configs: list[dict[str, WeightOption]], cache: OptionCache, per_step: int, progress: bool = True,
+                  probe: SampleProbe | None = None) -> list[float]:
+    """Each configuration's noise SNR vs FP (dB) on ``per_step`` inputs per calibration timestep,
+    or with a ``probe`` its sample PSNR (dB)."""
     with torch.no_grad():
         reference = {ts: denoiser(**calib.at(ts, per_step)) for ts in calib.timesteps}
-    return [score_config(denoiser, c, cache, calib, per_step, reference).snr_db for c in tqdm(configs, desc="scoring configurations", disable=not progress)]
+    scored = [score_config(denoiser, c, cache, calib, per_step, reference, probe) for c in tqdm(configs, desc="scoring configurations", disable=not progress)]
+    return [s.snr_db if probe is None else s.sample_psnr for s in scored]
 
 
 def marginal_effects(pred, layers: list[str], options: list[WeightOption]) -> dict[str, dict[str, float]]:
@@ -170,8 +188,8 @@ def _search(ctx: PassContext, layers: list[str], weights: dict, cache: OptionCac
         random.Random(cfg.seed).shuffle(order) if cfg.search == "random" else order.sort(key=lambda n: -weights[n].numel())
         return _fallback(layers, costs, cfg, order)
     sens = measure_sensitivity(ctx.denoiser, ctx.calib, layers, cfg, cache, ctx.progress)
-    report.notes.append(f"predictor {cfg.predictor}: {cfg.configs} configurations scored (noise SNR vs FP, {cfg.per_step} inputs per calibration "
-                        f"timestep), held-out {cfg.holdout}: Spearman {sens.spearman:.3f}, NDCG@10 {sens.ndcg10:.3f}; {sens.seconds:.1f} s")
+    how = f"noise SNR vs FP, {cfg.per_step} inputs per calibration timestep" if cfg.score == "noise" else f"PSNR of {cfg.probe_samples} samples vs FP"
+    report.notes.append(f"predictor {cfg.predictor}: {cfg.configs} configurations scored ({how}), held-out {cfg.holdout}: Spearman {sens.spearman:.3f}, NDCG@10 {sens.ndcg10:.3f}; {sens.seconds:.1f} s")
     found = {"penalized": penalized_top1(sens.effects, costs, cfg.budget), "greedy": greedy_knapsack(sens.effects, costs, cfg.budget)}
     if all(v is None for v in found.values()):
         cheapest = costs.avg_bits({n: min(costs.bits[n], key=costs.bits[n].get) for n in layers})
@@ -180,16 +198,15 @@ def _search(ctx: PassContext, layers: list[str], weights: dict, cache: OptionCac
     opts = {o.label: o for o in cfg.options}
     for name, conf in found.items():
         if conf is not None:
-            s = score_config(ctx.denoiser, {n: opts[o] for n, o in conf.items()}, cache, ctx.calib, cfg.per_step)
-            measured[name] = s.snr_db
-            report.notes.append(f"search {name}: {costs.avg_bits(conf):.3f} bits, measured noise SNR {s.snr_db:.2f} dB")
+            measured[name] = sens.measure(ctx.denoiser, ctx.calib, {n: opts[o] for n, o in conf.items()}, cache, cfg.per_step)
+            report.notes.append(f"search {name}: {costs.avg_bits(conf):.3f} bits, measured {cfg.score} score {measured[name]:.2f} dB")
     pick = max(measured, key=measured.get) if cfg.search == "best" else cfg.search
     if found.get(pick) is None:
         raise DiffquantError(f"qua2sedimo.search={pick}: no assignment within budget {cfg.budget}; raise the budget or use search: greedy")
     report.notes.append(f"used: {pick}")
     ctx.plan.recipe.setdefault("qua2sedimo", {}).update(
         spearman=sens.spearman, ndcg10=sens.ndcg10, configs=cfg.configs, search_s=round(sens.seconds, 1), held_out=sens.held_out,
-        importance=layer_importance(sens.effects), effects=sens.effects, searches=dict(measured), used=pick, predictor=cfg.predictor)
+        importance=layer_importance(sens.effects), effects=sens.effects, searches=dict(measured), used=pick, predictor=cfg.predictor, score=cfg.score)
     return found[pick]
 
 

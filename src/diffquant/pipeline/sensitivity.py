@@ -1,7 +1,12 @@
 """Qua2SeDiMo's raw material: random weight configurations over every Conv/Linear layer and a
-cheap fidelity score of each against the FP model, from which the predictor and the importance
-scores are learned. A configuration maps each layer to a `WeightOption`; applying it replaces
-the weights by their dequantized option (activations stay FP: the search is over weights).
+fidelity score of each against the FP model, from which the predictor and the importance scores
+are learned. A configuration maps each layer to a `WeightOption`; applying it replaces the
+weights by their dequantized option (activations stay FP: the search is over weights).
+
+Two scores: the noise-prediction SNR on recorded FP inputs (one forward pass per timestep; cheap,
+but blind to error that accumulates along the trajectory), and `SampleProbe`'s PSNR of whole
+samples from fixed seeds against the FP samples of the same seeds (the issue's "PSNR of samples";
+it sees the accumulation, at one sampling run per configuration).
 """
 
 from __future__ import annotations
@@ -15,11 +20,12 @@ from torch import nn
 
 from diffquant.calib_data import CalibSet
 from diffquant.models.denoiser import Denoiser
+from diffquant.models.sampler import PromptBatch, SamplerConfig, prompt_batch, sample
 from diffquant.quant.targeting import QUANTIZABLE
 from diffquant.quant.weight_options import METHODS, OptionCache, WeightOption
 
 __all__ = [
-    "ConfigScore", "apply_config", "block_of", "config_bits", "layer_importance", "op_type", "sample_configs", "score_config",
+    "ConfigScore", "SampleProbe", "apply_config", "block_of", "config_bits", "layer_importance", "op_type", "sample_configs", "score_config",
     "weight_layers",
 ]
 
@@ -65,16 +71,17 @@ def apply_config(denoiser: Denoiser, config: dict[str, WeightOption], cache: Opt
 @dataclass
 class ConfigScore:
     """A configuration's fidelity to FP: noise-prediction SNR in dB over fixed recorded inputs
-    (higher is better), and its average weight bits."""
+    (higher is better), its average weight bits, and its sample PSNR where a probe was given."""
 
     snr_db: float
     avg_bits: float
+    sample_psnr: float | None = None
 
 
 def score_config(denoiser: Denoiser, config: dict[str, WeightOption], cache: OptionCache, calib: CalibSet, per_step: int = 4,
-                 reference: dict[float, torch.Tensor] | None = None) -> ConfigScore:
-    """Score ``config`` on ``per_step`` recorded inputs at every calibration timestep; pass the FP
-    predictions as ``reference`` (timestep -> tensor) to reuse them across configurations."""
+                 reference: dict[float, torch.Tensor] | None = None, probe: SampleProbe | None = None) -> ConfigScore:
+    """Score ``config`` on ``per_step`` recorded inputs at every calibration timestep (pass the FP
+    predictions as ``reference``, timestep -> tensor, to reuse them), and by ``probe``'s samples."""
     q = apply_config(denoiser, config, cache)
     sig = err = 0.0
     with torch.no_grad():
@@ -85,7 +92,41 @@ def score_config(denoiser: Denoiser, config: dict[str, WeightOption], cache: Opt
             sig += float((ref.double() ** 2).sum())
             err += float(((got.double() - ref.double()) ** 2).sum())
     snr = 10.0 * torch.log10(torch.tensor(sig / max(err, 1e-30))).item()
-    return ConfigScore(snr, config_bits(denoiser.model, config, cache))
+    return ConfigScore(snr, config_bits(denoiser.model, config, cache), probe.score(q) if probe is not None else None)
+
+
+def mean_psnr(x: torch.Tensor, ref: torch.Tensor) -> float:
+    """Mean per-image PSNR (dB) of images in [-1, 1], on [0, 1], capped at 100 dB: eval's
+    definition (the pipeline room may not import eval), so the probe and the report agree."""
+    mse = ((x.float() - ref.float()) / 2).pow(2).flatten(1).mean(1).clamp(min=1e-10)
+    return float((10 * torch.log10(1 / mse)).clamp(max=100).mean())
+
+
+@dataclass
+class SampleProbe:
+    """Fixed prompts and seeds sampled with the calibration schedule, the FP images kept: a
+    configuration scores the mean PSNR of its images against them. Built from the calibration
+    set's own seed (its first ``n`` samples), so no evaluation seed is ever looked at."""
+
+    batch: PromptBatch
+    sampler: SamplerConfig
+    reference: torch.Tensor
+
+    @classmethod
+    def build(cls, denoiser: Denoiser, calib: CalibSet, n: int) -> SampleProbe:
+        c = calib.config
+        guidance = c.guidance if c.guidance is not None else denoiser.family.default_guidance
+        probe = cls(prompt_batch(denoiser, n, c.seed), SamplerConfig(steps=c.steps, guidance=guidance, batch_size=n), torch.empty(0))
+        probe.reference = probe.images(denoiser)
+        return probe
+
+    def images(self, model: Denoiser) -> torch.Tensor:
+        """``model``'s images from the probe's seeds (latent models decoded)."""
+        lat = sample(lambda named: model(**named), model, self.batch, self.sampler, progress=False)
+        return model.to_images(lat)
+
+    def score(self, model: Denoiser) -> float:
+        return mean_psnr(self.images(model), self.reference)
 
 
 OP_TYPES: list[tuple[str, tuple[str, ...]]] = [  # first match wins; patterns are substrings of the layer name
