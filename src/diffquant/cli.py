@@ -398,7 +398,7 @@ def cmd_sensitivity(a: argparse.Namespace) -> int:
     if a.holdout >= a.configs - 5:
         raise DiffquantError(f"--holdout {a.holdout} leaves fewer than 5 of --configs {a.configs} to train the predictors; lower it")
     cfg = SensitivityConfig(configs=a.configs, holdout=a.holdout, bits=sorted(set(a.bits)), methods=a.methods, per_step=a.per_step,
-                            predictors=a.predictors, budgets=a.budgets, seed=a.seed)
+                            predictors=a.predictors, budgets=a.budgets, seed=a.seed, score=a.score, probe_samples=a.probe_samples)
     if len(cfg.bits) < 2 or not all(2 <= b <= 7 for b in cfg.bits):
         raise DiffquantError(f"--bits {a.bits}: give two or more widths within 2..7, e.g. 3,4")
     if not all(2.0 <= b <= 16.0 for b in cfg.budgets):
@@ -556,7 +556,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--methods", type=_csv(str, ("uaq", "kmeans-c", "kmeans-a")), default=["uaq", "kmeans-c", "kmeans-a"], help="quantizer methods of the options")
     p.add_argument("--predictors", type=_csv(str, ("ridge", "gnn")), default=["ridge", "gnn"], help="predictors fitted and compared (the best gives the importance)")
     p.add_argument("--budgets", type=_csv(float), default=[3.5, 3.7, 3.9], help="average weight bits (overhead counted) to search for")
-    p.add_argument("--per-step", type=POSITIVE, default=4, help="recorded inputs per calibration timestep in each score")
+    p.add_argument("--score", choices=("noise", "samples"), default="noise",
+                   help="noise: noise-prediction SNR on recorded inputs (one pass per timestep); samples: PSNR of whole samples vs FP "
+                        "(sees error accumulate along the trajectory; one sampling run per configuration)")
+    p.add_argument("--probe-samples", type=POSITIVE, default=20, help="samples per configuration with --score samples (calibration seeds)")
+    p.add_argument("--per-step", type=POSITIVE, default=4, help="recorded inputs per calibration timestep in each noise score")
     p.add_argument("--calib-samples", type=POSITIVE, default=16, help="calibration samples collected along the FP sampler")
     p.add_argument("--timesteps", type=POSITIVE, default=10, help="calibration timesteps kept")
     p.add_argument("--seed", type=int, default=0, help="seed of the configurations, the calibration noise and the GNN")

@@ -18,7 +18,7 @@ from diffquant.pipeline.budget import Costs, greedy_knapsack, penalized_top1
 from diffquant.pipeline.gnn import fit_predictor
 from diffquant.pipeline.predictor import ndcg_at_k, spearman
 from diffquant.pipeline.qua2sedimo import marginal_effects, score_configs
-from diffquant.pipeline.sensitivity import block_of, layer_importance, op_type, sample_configs, score_config, weight_layers
+from diffquant.pipeline.sensitivity import SampleProbe, block_of, layer_importance, op_type, sample_configs, score_config, weight_layers
 from diffquant.quant.weight_options import METHODS, OptionCache, WeightOption
 
 __all__ = ["SensitivityConfig", "analyze", "report_from_plan"]
@@ -26,7 +26,9 @@ __all__ = ["SensitivityConfig", "analyze", "report_from_plan"]
 
 @dataclass
 class SensitivityConfig:
-    """M configurations (``holdout`` of them test the predictors), the options, the budgets searched."""
+    """M configurations (``holdout`` of them test the predictors), the options, the budgets searched,
+    and the score: ``noise`` (noise SNR on recorded inputs) or ``samples`` (PSNR of
+    ``probe_samples`` samples from the calibration seeds against FP)."""
 
     configs: int = 200
     holdout: int = 50
@@ -36,6 +38,8 @@ class SensitivityConfig:
     predictors: list[str] = field(default_factory=lambda: ["ridge", "gnn"])
     budgets: list[float] = field(default_factory=lambda: [3.5, 3.7, 3.9])
     seed: int = 0
+    score: str = "noise"
+    probe_samples: int = 20
 
     @property
     def options(self) -> list[WeightOption]:
@@ -56,7 +60,7 @@ def _fit_all(denoiser: Denoiser, layers: list[str], cfg: SensitivityConfig, cach
     return out, fit_predictor(best, denoiser, layers, cfg.options, cache, configs, scores, cfg.seed)
 
 
-def _searches(denoiser: Denoiser, calib: CalibSet, effects: dict, cache: OptionCache, cfg: SensitivityConfig) -> tuple[list[dict], dict[str, str]]:
+def _searches(denoiser: Denoiser, calib: CalibSet, effects: dict, cache: OptionCache, cfg: SensitivityConfig, probe: SampleProbe | None) -> tuple[list[dict], dict[str, str]]:
     """Both searches at every budget, each measured; the assignment at the middle budget (the better one)."""
     mods = weight_layers(denoiser.model)
     opts = {o.label: o for o in cfg.options}
@@ -64,9 +68,10 @@ def _searches(denoiser: Denoiser, calib: CalibSet, effects: dict, cache: OptionC
     rows, chosen = [], {}
     for budget in cfg.budgets:
         found = {"penalized top-1": penalized_top1(effects, costs, budget), "greedy knapsack": greedy_knapsack(effects, costs, budget)}
-        measured = {k: score_config(denoiser, {n: opts[o] for n, o in c.items()}, cache, calib, cfg.per_step).snr_db for k, c in found.items() if c is not None}
+        scored = {k: score_config(denoiser, {n: opts[o] for n, o in c.items()}, cache, calib, cfg.per_step, probe=probe) for k, c in found.items() if c is not None}
+        measured = {k: s.snr_db if probe is None else s.sample_psnr for k, s in scored.items()}
         for k, c in found.items():
-            rows.append({"budget": budget, "search": k, "bits": None if c is None else round(costs.avg_bits(c), 3), "measured_snr_db": measured.get(k),
+            rows.append({"budget": budget, "search": k, "bits": None if c is None else round(costs.avg_bits(c), 3), "measured_db": measured.get(k),
                          "used": bool(measured) and k == max(measured, key=measured.get)})
         if measured and budget == cfg.budgets[len(cfg.budgets) // 2]:
             chosen = found[max(measured, key=measured.get)]
@@ -80,15 +85,19 @@ def analyze(denoiser: Denoiser, calib: CalibSet, cfg: SensitivityConfig, progres
     mods = weight_layers(denoiser.model)
     layers, cache = list(mods), OptionCache(None)
     configs = sample_configs(layers, cfg.configs, cfg.seed, tuple(cfg.bits), tuple(cfg.methods))
-    scores = score_configs(denoiser, calib, configs, cache, cfg.per_step, progress)
+    probe = SampleProbe.build(denoiser, calib, cfg.probe_samples) if cfg.score == "samples" else None
+    scores = score_configs(denoiser, calib, configs, cache, cfg.per_step, progress, probe)
     predictors, best = _fit_all(denoiser, layers, cfg, cache, configs, scores)
     effects = marginal_effects(best, layers, cfg.options)
     importance = layer_importance(effects)
-    searches, chosen = _searches(denoiser, calib, effects, cache, cfg)
+    searches, chosen = _searches(denoiser, calib, effects, cache, cfg, probe)
     rows = [{"name": n, "op_type": op_type(n), "block": block_of(n), "weights": mods[n].weight.numel(), "importance": importance[n], "effects": effects[n]}
             for n in layers]
-    rep = SensitivityReport(denoiser.name, rows, predictors, searches, chosen, configs=cfg.configs, seconds=round(time.time() - t0, 1))
-    rep.notes.append(f"score: noise-prediction SNR vs FP (dB) on {cfg.per_step} recorded inputs at each of {len(calib.timesteps)} calibration timesteps, "
+    rep = SensitivityReport(denoiser.name, rows, predictors, searches, chosen, configs=cfg.configs, seconds=round(time.time() - t0, 1),
+                            score="noise SNR" if probe is None else "sample PSNR")
+    how = (f"noise-prediction SNR vs FP (dB) on {cfg.per_step} recorded inputs at each of {len(calib.timesteps)} calibration timesteps" if probe is None
+           else f"PSNR (dB) of {cfg.probe_samples} samples against the FP samples of the same seeds ({calib.config.steps} steps)")
+    rep.notes.append(f"score: {how}, "
                      f"weights only (activations FP); importance from the {max(predictors, key=lambda k: predictors[k]['spearman'])} predictor")
     rep.findings = check_findings(rep)
     return rep
@@ -104,7 +113,8 @@ def report_from_plan(plan) -> SensitivityReport | None:
     rows = [{"name": n, "op_type": op_type(n), "block": block_of(n), "weights": sizes.get(n, 0), "importance": v, "effects": q["effects"][n]}
             for n, v in q["importance"].items()]
     predictors = {q.get("predictor", "ridge"): {"spearman": q["spearman"], "ndcg10": q["ndcg10"], "seconds": q["search_s"], "held_out": q["held_out"]}}
-    searches = [{"budget": q["budget"], "search": k, "bits": None, "measured_snr_db": v, "used": k == q["used"]} for k, v in q["searches"].items()]
-    rep = SensitivityReport(plan.model, rows, predictors, searches, q["assignment"], configs=q["configs"], seconds=q["search_s"])
+    searches = [{"budget": q["budget"], "search": k, "bits": None, "measured_db": v, "used": k == q["used"]} for k, v in q["searches"].items()]
+    rep = SensitivityReport(plan.model, rows, predictors, searches, q["assignment"], configs=q["configs"], seconds=q["search_s"],
+                            score="sample PSNR" if q.get("score") == "samples" else "noise SNR")
     rep.findings = check_findings(rep)
     return rep

@@ -104,3 +104,6 @@ def test_sensitivity_writes_its_report_and_refuses_bad_options(tmp_path, capsys)
     with pytest.raises(SystemExit):
         main(argv[:-1] + [str(tmp_path / "o3"), "--methods", "gptq"])
     assert "comma list of uaq, kmeans-c, kmeans-a" in _err(capsys)
+    assert main(argv[:-1] + [str(tmp_path / "o4"), "--score", "samples", "--probe-samples", "3"]) == 0
+    md = (tmp_path / "o4" / "sensitivity.md").read_text()
+    assert "PSNR (dB) of 3 samples" in md and "measured sample PSNR dB" in md and "measured noise SNR dB" in (out / "sensitivity.md").read_text()

@@ -2,7 +2,7 @@
 
 import torch
 
-from diffquant.pipeline.sensitivity import apply_config, config_bits, sample_configs, score_config, weight_layers
+from diffquant.pipeline.sensitivity import SampleProbe, apply_config, config_bits, sample_configs, score_config, weight_layers
 from diffquant.quant.weight_options import METHODS, OptionCache, WeightOption
 from tests.conftest import tiny_calib
 
@@ -32,6 +32,18 @@ def test_fewer_bits_score_lower_and_the_original_is_untouched(tiny_unet, calib_c
     q = apply_config(tiny_unet, w3, cache)
     name = layers[0]
     assert torch.equal(weight_layers(q.model)[name].weight, cache.get(before[name], w3[name]).dequantize())
+
+
+def test_the_sample_probe_scores_whole_samples_from_the_calibration_seeds(tiny_unet, calib_cache):
+    calib = tiny_calib(tiny_unet, calib_cache)
+    probe = SampleProbe.build(tiny_unet, calib, 3)
+    assert probe.reference.shape == (3, *tiny_unet.sample_shape) and probe.sampler.steps == calib.config.steps
+    assert torch.equal(probe.batch.noise, torch.randn(3, *tiny_unet.sample_shape, generator=torch.Generator().manual_seed(calib.config.seed)))
+    assert probe.score(tiny_unet) == 100.0  # the FP model reproduces its own samples (PSNR capped)
+    cache, layers = OptionCache(), list(weight_layers(tiny_unet.model))
+    s4, s3 = (score_config(tiny_unet, {n: WeightOption("uaq", b) for n in layers}, cache, calib, probe=probe) for b in (4, 3))
+    assert 100.0 > s4.sample_psnr > s3.sample_psnr > 0
+    assert score_config(tiny_unet, {n: WeightOption("uaq", 4) for n in layers}, cache, calib).sample_psnr is None
 
 
 def test_every_layer_of_both_builtin_models_has_an_op_type_and_a_block():

@@ -31,12 +31,13 @@ class SensitivityReport:
     model: str
     layers: list[dict]  # name, op_type, block, weights, importance, effects {option: predicted effect}
     predictors: dict[str, dict]  # kind -> spearman, ndcg10, seconds, held_out [(predicted, measured)]
-    searches: list[dict]  # budget, search, bits, measured_snr_db, used
+    searches: list[dict]  # budget, search, bits, measured_db (the score), used
     assignment: dict[str, str]
     findings: list[Finding] = field(default_factory=list)
     configs: int = 0
     seconds: float = 0.0
     notes: list[str] = field(default_factory=list)
+    score: str = "noise SNR"  # what the configurations were scored by (dB): noise SNR or sample PSNR
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -109,13 +110,13 @@ def _plots(rep: SensitivityReport, out: Path) -> list[tuple[str, str]]:
 
     rows = rep.layers
     kinds = list(dict.fromkeys(r["op_type"] for r in rows))
-    bar_chart([r["name"] for r in rows], [r["importance"] for r in rows], out / "sensitivity_layers.png", f"{rep.model}: importance per layer (dB of noise SNR)",
+    bar_chart([r["name"] for r in rows], [r["importance"] for r in rows], out / "sensitivity_layers.png", f"{rep.model}: importance per layer (dB of {rep.score})",
               colors=[kinds.index(r["op_type"]) for r in rows])
     agg = {k: group(rows, key) for k, key in (("op", "op_type"), ("block", "block"))}
     bar_chart(list(agg["op"]), [v["mean"] for v in agg["op"].values()], out / "sensitivity_op_types.png", f"{rep.model}: mean importance per layer, by operation type")
     bar_chart(list(agg["block"]), [v["sum"] for v in agg["block"].values()], out / "sensitivity_blocks.png", f"{rep.model}: summed importance per block")
     scatter({f"{k} (Spearman {v['spearman']:.2f})": v["held_out"] for k, v in rep.predictors.items()}, out / "sensitivity_predictor.png",
-            f"{rep.model}: held-out configurations", "predicted SNR (dB)", "measured SNR (dB)")
+            f"{rep.model}: held-out configurations", f"predicted {rep.score} (dB)", f"measured {rep.score} (dB)")
     labels = sorted(set(rep.assignment.values()))
     order = [r["name"] for r in rows if r["name"] in rep.assignment]
     block = {r["name"]: r["block"] for r in rows}
@@ -141,8 +142,8 @@ def write_report(rep: SensitivityReport, out: str | Path) -> Path:
     md += [f"- **{'held' if f.held else 'not held' if f.held is not None else 'not testable'}**: {f.claim}. {f.evidence}" for f in rep.findings] + [""]
     md += ["## Predictors (held-out configurations)", ""] + _table(["predictor", "Spearman", "NDCG@10", "fit s"],
                                                                     [[k, v["spearman"], v["ndcg10"], v["seconds"]] for k, v in rep.predictors.items()])
-    md += ["## Budgeted searches", ""] + _table(["budget", "search", "avg bits", "measured SNR dB", "used"],
-                                                [[s["budget"], s["search"], s["bits"], s["measured_snr_db"], "yes" if s["used"] else ""] for s in rep.searches])
+    md += ["## Budgeted searches", ""] + _table(["budget", "search", "avg bits", f"measured {rep.score} dB", "used"],
+                                                [[s["budget"], s["search"], s["bits"], s["measured_db"], "yes" if s["used"] else ""] for s in rep.searches])
     for title, key in (("operation type", "op_type"), ("block", "block")):
         agg = group(rep.layers, key)
         md += [f"## Importance per {title}", ""] + _table([title, "sum", "mean per layer", "layers"], [[k, v["sum"], v["mean"], int(v["layers"])] for k, v in agg.items()])
