@@ -25,14 +25,15 @@ from quality import KEYS, Bench, _row, common_args, run_recipe, save_grid, write
 
 from diffquant._io import write_json  # noqa: E402
 
-RESEARCH = {"methods": ["uaq", "kmeans-c", "kmeans-a"], "bits": [3, 4], "kmeans_lowering": "codebook"}
+RESEARCH = {"methods": ["uaq", "kmeans-c", "kmeans-a"], "bits": [3, 4], "kmeans_lowering": "codebook", "score": "noise"}
+NOISE = {"score": "noise"}  # rows measured before the recipe scored configurations by their samples
 ROWS: list[tuple[str, str, dict]] = [
     ("uaq uniform W4", "w4a8", {"search": "uniform", "uniform": 4}),
     ("uaq uniform W3", "w3a8", {"search": "uniform", "uniform": 3}),
     *[(f"qua2sedimo B={b}", "w4a8", {"budget": b}) for b in (3.5, 3.7, 3.9)],
-    ("qua2sedimo bits [3, 4] B=3.7", "w4a8", {"budget": 3.7, "bits": [3, 4]}),
-    ("qua2sedimo B=3.7 (GNN predictor)", "w4a8", {"budget": 3.7, "predictor": "gnn"}),
-    ("qua2sedimo B=3.7 (sample-PSNR scores)", "w4a8", {"budget": 3.7, "score": "samples"}),
+    ("qua2sedimo B=3.7 (noise-SNR scores)", "w4a8", {"budget": 3.7, **NOISE}),
+    ("qua2sedimo bits [3, 4] B=3.7", "w4a8", {"budget": 3.7, "bits": [3, 4], **NOISE}),
+    ("qua2sedimo B=3.7 (GNN predictor)", "w4a8", {"budget": 3.7, "predictor": "gnn", **NOISE}),
     *[(f"random B={b}", "w4a8", {"budget": b, "search": "random", "bits": [3, 4]}) for b in (3.5, 3.7, 3.9)],
     ("largest-first B=3.7", "w4a8", {"budget": 3.7, "search": "largest-first", "bits": [3, 4]}),
     ("qua2sedimo research (6 options) B=3.7", "w4a8", {"budget": 3.7, **RESEARCH}),
