@@ -9,6 +9,7 @@ from diffquant.pipeline import qua2sedimo as _qua2sedimo  # noqa: F401
 from diffquant.pipeline import reconstruct as _reconstruct  # noqa: F401
 from diffquant.pipeline import smoothquant as _smoothquant  # noqa: F401
 from diffquant.pipeline import split as _split  # noqa: F401
+from diffquant.pipeline import tcr as _tcr  # noqa: F401
 from diffquant.pipeline.recipes import Recipe, available_recipes, decide_targets, load_recipe, quantize
 from diffquant.pipeline.registry import PASSES, register_pass
 

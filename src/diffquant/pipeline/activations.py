@@ -36,6 +36,7 @@ class ActStats:
     samples: dict[str, dict[float, list[torch.Tensor]]] = field(default_factory=lambda: defaultdict(lambda: defaultdict(list)))
     sample_amax: dict[str, dict[float, list[float]]] = field(default_factory=lambda: defaultdict(lambda: defaultdict(list)))
     channel_amax: dict[str, torch.Tensor] = field(default_factory=dict)
+    channel_amax_t: dict[str, dict[float, torch.Tensor]] = field(default_factory=lambda: defaultdict(dict))
     groups: dict[str, str] = field(default_factory=dict)
 
     def lead(self, layer: str) -> str:
@@ -140,7 +141,8 @@ def observe_activations(
 
     ``splits`` names shortcut-split layers (first-half channels); ``multipliers`` are
     per-input-channel factors applied before observing (equivalent scaling already decided);
-    ``channel_amax`` names layers whose per-input-channel range is also kept (SmoothQuant)."""
+    ``channel_amax`` names layers whose per-input-channel range is also kept, over all
+    timesteps (SmoothQuant) and per calibration timestep (TCR)."""
     stats = ActStats()
     splits = splits or {}
     multipliers = multipliers or {}
@@ -172,9 +174,11 @@ def observe_activations(
             if name in channel_amax:
                 axis = 1 if is_conv else x.dim() - 1
                 dims = [d for d in range(x.dim()) if d != axis]
-                cur = x.detach().abs().amax(dim=dims)
+                cur = x.detach().abs().amax(dim=dims).float()
                 prev = stats.channel_amax.get(name)
                 stats.channel_amax[name] = cur if prev is None else torch.maximum(prev, cur)
+                prev_t = stats.channel_amax_t[name].get(current["t"])
+                stats.channel_amax_t[name][current["t"]] = cur if prev_t is None else torch.maximum(prev_t, cur)
             split = splits.get(name, 0)
             if not split:
                 key = quantizer_keys(name, 0)[0]

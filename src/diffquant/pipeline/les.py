@@ -29,7 +29,7 @@ from diffquant.pipeline.capture import capture, layer_output, per_sample_loss, p
 from diffquant.pipeline.context import PassContext
 from diffquant.pipeline.minmax import plan_weight
 from diffquant.pipeline.registry import register_pass
-from diffquant.pipeline.smoothquant import input_channel_amax, smoothing_factors, write_smoothing
+from diffquant.pipeline.smoothquant import input_channel_amax, scaling_groups, smoothing_factors, write_smoothing
 from diffquant.pipeline.weighting import make_weighting
 from diffquant.quant.fake import MIN_SCALE, fake_quant
 from diffquant.quant.format import PerAxis
@@ -91,13 +91,7 @@ def les_pass(ctx: PassContext, cfg: LESConfig) -> None:
         return
     readers = [lp.name for lp in plan.quantized_layers() if lp.act and not lp.split]
     stats = observe_activations(ctx.denoiser, readers, ctx.calib, progress=ctx.progress, channel_amax=set(layers) if cfg.init == "smoothquant" else None)
-    members: dict[str, list[str]] = {}
-    for n in readers:
-        members.setdefault(stats.lead(n), []).append(n)
-    for lead in [g for g, names in members.items() if not set(names) <= set(layers)]:
-        # a tensor also read by a layer LES does not scale keeps one Q/DQ without scaling
-        for n in set(members.pop(lead)) & set(layers):
-            plan.layers[n].notes.append("LES skipped: its input is also read by a quantized layer that LES does not scale")
+    members = scaling_groups(ctx, layers, readers, stats, "LES")
     data = pick_samples(ctx, cfg.samples)
     modules = dict(ctx.denoiser.model.named_modules())
     gen = torch.Generator().manual_seed(cfg.seed)

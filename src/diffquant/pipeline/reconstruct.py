@@ -17,6 +17,15 @@ holds; or every layer alone with ``granularity: layer``), in forward order:
 Activation scales shared by layers of several units (the conditioning read by every
 cross-attention) are learned in the first unit that reads them and frozen afterwards. With
 timestep groups every batch is drawn from one group and trains that group's step sizes.
+PAR (TCAQ-DM's progressively aligned reconstruction; ``par_rounds`` > 0): after the units are
+reconstructed, new calibration trajectories are sampled with the fake-quant model (same prompts,
+seeds and schedule as the calibration set, so they differ from it only by the quantized model's
+drift) and every unit is reconstructed again on them, the targets coming from the FP model on the
+same inputs; round k runs ``iters * par_decay^k`` iterations. A later round starts from the
+rounding found so far: AdaRound's variables are set within ``PAR_MARGIN`` of the previous hard
+decision on the weights the first round started from (not on the hardened weights, which would
+only let a weight move up), and the activation steps continue from their learned values.
+
 After each unit the decisions so far are checkpointed (``checkpoint_dir``, by default under the
 cache folder, keyed by a hash of the plan, data and config), so a stopped run resumes at the
 next unit when started again with the same settings; the checkpoint is removed at the end.
@@ -25,6 +34,7 @@ next unit when started again with the same settings; the checkpoint is removed a
 from __future__ import annotations
 
 import copy
+import dataclasses
 import hashlib
 import json
 import math
@@ -39,10 +49,11 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from diffquant._io import atomic_path, write_json
-from diffquant.calib_data.collect import default_cache_dir
+from diffquant.calib_data.collect import collect, default_cache_dir
 from diffquant.errors import DiffquantError
 from diffquant.pipeline.capture import capture, out_tensor, per_sample_loss, pick_samples, select
 from diffquant.pipeline.context import PassContext
+from diffquant.pipeline.minmax import plan_weight
 from diffquant.pipeline.registry import register_pass
 from diffquant.pipeline.weighting import make_weighting
 from diffquant.quant.fake import MIN_SCALE, broadcast_scale, round_scale
@@ -53,6 +64,7 @@ from diffquant.quant.site import SiteKey
 __all__ = ["AdaRound", "ReconstructConfig", "reconstruct_pass"]
 
 ZETA, GAMMA = 1.1, -0.1  # AdaRound's rectified sigmoid stretch
+PAR_MARGIN = 0.01  # a PAR round's rounding variables start this far inside the previous decision (gradients stay alive)
 
 
 @dataclass
@@ -77,6 +89,8 @@ class ReconstructConfig:
     timestep_weighting: str = "uniform"
     checkpoint_dir: str = ""
     seed: int = 0
+    par_rounds: int = 0  # TCAQ-DM's PAR: reconstruct again on the quantized model's own trajectories
+    par_decay: float = 0.5  # round k runs iters * par_decay^k iterations
 
     def __post_init__(self) -> None:
         if self.granularity not in ("block", "layer"):
@@ -87,18 +101,24 @@ class ReconstructConfig:
             raise ValueError("iters, batch_size and samples must be positive")
         if not 0.0 <= self.warmup < 1.0:
             raise ValueError(f"warmup is a share of the iterations in [0, 1), got {self.warmup}")
+        if self.par_rounds < 0 or not 0.0 < self.par_decay <= 1.0:
+            raise ValueError(f"par_rounds must be >= 0 and par_decay in (0, 1], got {self.par_rounds}, {self.par_decay}")
 
 
 class AdaRound(nn.Module):
     """Learned rounding of one weight on its plan grid: W = s * clamp(floor(W/s) + h(V)), with
     h a rectified sigmoid initialised so that h(V) = W/s - floor(W/s) (the FP weight)."""
 
-    def __init__(self, weight: torch.Tensor, scale: torch.Tensor, fmt) -> None:
+    def __init__(self, weight: torch.Tensor, scale: torch.Tensor, fmt, start: torch.Tensor | None = None) -> None:
+        """``start``: an earlier hard decision on this weight's grid (PAR): h(V) starts within
+        ``PAR_MARGIN`` of it instead of at the FP fraction."""
         super().__init__()
         w = weight.detach().float()
         self.register_buffer("step", broadcast_scale(scale.float(), w, fmt).expand_as(w).clone())
         self.register_buffer("floor", torch.floor(w / self.step))
         rest = (w / self.step - self.floor).clamp(0.0, 1.0 - 1e-6)
+        if start is not None:
+            rest = (torch.round(start.detach().float() / self.step) - self.floor).clamp(PAR_MARGIN, 1.0 - PAR_MARGIN)
         self.v = nn.Parameter(-torch.log((ZETA - GAMMA) / (rest - GAMMA) - 1))
         self.qmin, self.qmax = fmt.qmin, fmt.qmax
 
@@ -182,14 +202,28 @@ class _Unit:
     name: str
     layers: list[str]
     act_groups: dict[str, list[str]]  # input groups this unit learns -> all their member site keys
+    base: dict[str, torch.Tensor] | None = None  # PAR: the first round's starting weights
 
 
 @register_pass("reconstruct", ReconstructConfig)
 def reconstruct_pass(ctx: PassContext, cfg: ReconstructConfig) -> None:
-    """Reconstruct every unit in forward order (see the module docstring)."""
+    """Reconstruct every unit in forward order, then the PAR rounds (see the module docstring)."""
     for lp in ctx.plan.quantized_layers():
         if any(site.scale is None for key, site in lp.sites.items() if key != "output"):
             raise DiffquantError(f"reconstruct: layer {lp.name} has no scales yet; run a range pass (minmax) before reconstruct in the recipe")
+    base = {lp.name: plan_weight(ctx, lp.name).detach().float().clone() for lp in ctx.plan.quantized_layers() if lp.weight}
+    _reconstruct_round(ctx, cfg, f"Reconstruction ({cfg.iters} iterations per unit, {cfg.granularity}s, inputs {cfg.inputs})", None)
+    for k in range(1, cfg.par_rounds + 1):
+        t0 = time.time()
+        calib = collect(_fake_quant_copy(ctx), ctx.calib.config, cache_dir=ctx.calib.folder.parent, progress=ctx.progress)  # a calibration set, cached beside the FP one
+        rcfg = dataclasses.replace(cfg, iters=max(1, round(cfg.iters * cfg.par_decay**k)), par_rounds=0)
+        _reconstruct_round(dataclasses.replace(ctx, calib=calib), rcfg, f"PAR round {k} of {cfg.par_rounds} ({rcfg.iters} iterations per unit) on "
+                           f"{len(calib)} inputs from the fake-quant model's own trajectories (collected in {time.time() - t0:.0f} s)", base)
+
+
+def _reconstruct_round(ctx: PassContext, cfg: ReconstructConfig, title: str, base: dict[str, torch.Tensor] | None) -> None:
+    """One pass over the units on ``ctx.calib``; ``base``: the weights the first round started
+    from (a PAR round starts its rounding from the plan's current decision on them)."""
     key = _ckpt_key(ctx, cfg)
     ckpt = Path(cfg.checkpoint_dir) if cfg.checkpoint_dir else default_cache_dir().parent / "reconstruct" / key[:16]
     done: list[str] = []
@@ -221,8 +255,7 @@ def reconstruct_pass(ctx: PassContext, cfg: ReconstructConfig) -> None:
                 owner.setdefault(g, unit)
     if done:
         tqdm.write(f"reconstruct: resuming from {ckpt}: {len(done)}/{len(units)} units done")
-    report = PassReport("reconstruct", f"Reconstruction ({cfg.iters} iterations per unit, {cfg.granularity}s, inputs {cfg.inputs})",
-                        ["unit", "layers", "output loss before", "after", "s"])
+    report = PassReport("reconstruct", title, ["unit", "layers", "output loss before", "after", "s"])
     ctx.plan.reports.append(report)
     bar = tqdm(units, desc="reconstruct", disable=not ctx.progress)
     for i, (unit, names) in enumerate(bar):
@@ -234,7 +267,7 @@ def reconstruct_pass(ctx: PassContext, cfg: ReconstructConfig) -> None:
             continue
         t0 = time.time()
         learn = cfg.learn_act_scales and cfg.quantize_acts
-        job = _Unit(unit, names, {g: m for g, m in members.items() if owner[g] == unit} if learn else {})
+        job = _Unit(unit, names, {g: m for g, m in members.items() if owner[g] == unit} if learn else {}, base)
         before, after, touched = _train_unit(ctx, cfg, fp, qd, qmods, job, data)
         for n in names:
             ctx.plan.layers[n].notes.append(f"reconstructed in unit {unit}: output loss {before:.4g} -> {after:.4g} ({time.time() - t0:.0f} s)")
@@ -293,7 +326,7 @@ def _train_unit(ctx, cfg: ReconstructConfig, fp, qd, qmods, job: _Unit, data) ->
     for name in names:
         m, lp = qmods[name], plan.layers[name]
         if lp.weight:
-            rounders[name] = AdaRound(m.weight, m.weight_scale, lp.weight)
+            rounders[name] = AdaRound(m.weight, m.weight_scale, lp.weight) if job.base is None else AdaRound(job.base[name], m.weight_scale, lp.weight, start=m.weight)
             m.weight_fn = rounders[name].soft
         m.set_ste(True)
     act_params: dict[str, nn.Parameter] = {}

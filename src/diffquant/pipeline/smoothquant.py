@@ -20,7 +20,7 @@ from diffquant.pipeline.minmax import plan_weight
 from diffquant.pipeline.registry import register_pass
 from diffquant.quant.fake import round_scale
 
-__all__ = ["SmoothQuantConfig", "input_channel_amax", "smoothing_factors", "smoothquant_pass", "write_smoothing"]
+__all__ = ["SmoothQuantConfig", "input_channel_amax", "scaling_groups", "smoothing_factors", "smoothquant_pass", "write_smoothing"]
 
 
 @dataclass
@@ -65,6 +65,19 @@ def smoothquant_pass(ctx: PassContext, cfg: SmoothQuantConfig) -> None:
         w_amax = torch.stack([input_channel_amax(plan_weight(ctx, n)) for n in names]).amax(dim=0)
         s = smoothing_factors(x_amax, w_amax, cfg.alpha)
         write_smoothing(ctx, names, s, f"SmoothQuant alpha {cfg.alpha:g}, vector shared with {lead}")
+
+
+def scaling_groups(ctx: PassContext, layers: list[str], readers: list[str], stats, what: str) -> dict[str, list[str]]:
+    """``layers`` grouped by the tensor they read (lead layer -> members: one vector per tensor).
+    A tensor also read by a quantized layer outside ``layers`` (among ``readers``, observed in
+    ``stats``) stays unscaled, as its one Q/DQ serves both; its layers say so in their notes."""
+    members: dict[str, list[str]] = {}
+    for n in readers:
+        members.setdefault(stats.lead(n), []).append(n)
+    for lead in [g for g, names in members.items() if not set(names) <= set(layers)]:
+        for n in set(members.pop(lead)) & set(layers):
+            ctx.plan.layers[n].notes.append(f"{what} skipped: its input is also read by a quantized layer that {what} does not scale")
+    return members
 
 
 def write_smoothing(ctx: PassContext, names: list[str], s: torch.Tensor, note: str) -> None:
