@@ -45,7 +45,7 @@ from diffquant.models.sampler import SamplerConfig, prompt_batch, sample
 from diffquant.pipeline import Recipe, load_recipe, quantize
 from diffquant.pipeline.context import PassContext
 from diffquant.pipeline.registry import get_pass
-from diffquant.quant import QuantPlan, apply_plan
+from diffquant.quant import QuantPlan, fake_quant_forms
 from diffquant.workflow import engine_eps_fn, torch_eps_fn
 
 RESULTS = Path(__file__).parent / "results"
@@ -162,13 +162,12 @@ def run_recipe(b: Bench, recipe_name: str, bits: str, grids: Path, overrides: di
     recipe = load_recipe(recipe_name, {k: v for k, v in overrides.items() if any(n == k for n, _ in load_recipe(recipe_name).passes)})
     plan = _quantize(b, recipe, bits)
     quantize_s = time.time() - t0
-    fq = copy.deepcopy(b.d)
-    apply_plan(fq.model, plan, target="onnxruntime")
+    fq, fq_graph = fake_quant_forms(b.d, plan, "onnxruntime")  # research form (sampled) and deployed form (parity)
     with tempfile.TemporaryDirectory() as tmp:
         exp = export(plan, b.d, Path(tmp), target="onnxruntime")
         size_mb = sum(p.stat().st_size for p in exp.graphs) / 2**20
         inputs = pick_inputs(b.calib, 4, 8, plan.group_of, plan.n_groups)
-        parity = merge_parity([check_parity(fq, onnx.load(str(p)), [i for i in inputs if plan.group_of(i[0]) == g]) for g, p in enumerate(exp.graphs)])
+        parity = merge_parity([check_parity(fq_graph, onnx.load(str(p)), [i for i in inputs if plan.group_of(i[0]) == g]) for g, p in enumerate(exp.graphs)])
         with GroupedEngine([OrtEngine(p, qdq_fusion=True) for p in exp.graphs], exp.timestep_groups) as eng:
             deployed = b.sample(engine_eps_fn(eng, 512), b.n, f"{recipe_name} {bits} deployed")
     fq_imgs = b.sample(fq, b.n_fq, f"{recipe_name} {bits} fake-quant")

@@ -34,7 +34,7 @@ from diffquant.models.inputs import NamedInputs
 from diffquant.models.loading import LoadConfig, load_classifier, load_denoiser, read_prompts
 from diffquant.models.sampler import SamplerConfig, prompt_batch, sample
 from diffquant.pipeline import load_recipe, quantize
-from diffquant.quant import QuantPlan, apply_plan, reduce_range
+from diffquant.quant import QuantPlan, fake_quant_forms, reduce_range
 from diffquant.quant.format import parse_bits
 from diffquant.sensitivity_job import report_from_plan
 
@@ -157,11 +157,10 @@ def _run(cfg: RunConfig, denoiser: Denoiser, recipe, bits: str, tmp: Path, out: 
 
     _stage(cfg, 4, "parity: the graph vs the fake-quant model, node by node")
     t0 = time.time()
-    fq = copy.deepcopy(denoiser)
-    apply_plan(fq.model, plan, target=cfg.target)
+    fq, fq_graph = fake_quant_forms(denoiser, plan, cfg.target)  # fake-quant samples: the research form; parity: the deployed form
     inputs = pick_inputs(calib, cfg.parity_timesteps, cfg.parity_samples, plan.group_of, plan.n_groups)
     parity = merge_parity(
-        [check_parity(fq, onnx.load(str(path)), [i for i in inputs if plan.group_of(i[0]) == g], cosine_threshold=cfg.parity_cosine) for g, path in enumerate(exp.graphs)]
+        [check_parity(fq_graph, onnx.load(str(path)), [i for i in inputs if plan.group_of(i[0]) == g], cosine_threshold=cfg.parity_cosine) for g, path in enumerate(exp.graphs)]
     )
     ladder_fp = _fp_ladder(denoiser, exp.fp_onnx, inputs)
     timings["parity_s"] = time.time() - t0

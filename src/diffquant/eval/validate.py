@@ -240,8 +240,9 @@ def validate(run_dir: str | Path, denoiser, inputs: list, cfg: ValidateConfig | 
 
 
 def _fq(denoiser, plan: QuantPlan, target: str):
+    """The fake-quant model of what the graph computes (research-only operand sites left out)."""
     fq = copy.deepcopy(denoiser)
-    apply_plan(fq.model, plan, target=target)
+    apply_plan(fq.model, plan, target=target, operands=False)
     return fq
 
 

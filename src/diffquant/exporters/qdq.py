@@ -175,7 +175,7 @@ def lower_plan(
         raise DiffquantError(f"plan for {plan.model} is {plan.state!r}: export needs a frozen plan (finish `diffquant quantize`)")
     if not 0 <= group < plan.n_groups:
         raise DiffquantError(f"timestep group {group} does not exist; the plan has {plan.n_groups}")
-    research = [str(s.key) for s in plan.sites.values() if s.format.research_only]
+    research = [str(s.key) for lp in plan.quantized_layers() for s in lp.sites.values() if s.format.research_only]
     if research:
         raise DiffquantError(f"site {research[0]} has a {plan.sites[research[0]].format.kind} grid, which is research only (no Q/DQ form): evaluate it in fake-quant, or re-quantize with a uniform recipe")
     fdtype = graph_float_dtype(fp_model)
@@ -228,6 +228,9 @@ def lower_plan(
         if prof.requantize_conv_outputs and node.op == "Conv" and lp.act:
             info["output"] = _requantize_output(graph, node, lp, plan.out_scale(lp.name, group), prof, fdtype, result)
         result.realized[lp.name] = info
+    for site in plan.operands.values():  # DAQ's attention probabilities: no Q/DQ in either target's graph
+        result.realized[str(site.key)] = {"op": "Softmax -> P.V", "weight": "-",
+                                          "act": f"P: {site.format.kind} {site.format.max_bits}-bit in the research form only; deployed in floating point"}
     graph.cleanup().toposort()
     model = gs.export_onnx(graph)
     for init in model.graph.initializer:  # onnx-graphsurgeon writes int8 bytes; pack the INT4 ones

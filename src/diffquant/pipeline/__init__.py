@@ -1,6 +1,7 @@
 """Passes that decide a QuantPlan, and recipes that compose them."""
 
-from diffquant.pipeline import distill as _distill  # noqa: F401  (registers the passes)
+from diffquant.pipeline import daq as _daq  # noqa: F401  (registers the passes)
+from diffquant.pipeline import distill as _distill  # noqa: F401
 from diffquant.pipeline import les as _les  # noqa: F401
 from diffquant.pipeline import minmax as _minmax  # noqa: F401
 from diffquant.pipeline import omq as _omq  # noqa: F401

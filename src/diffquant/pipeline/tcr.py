@@ -41,7 +41,7 @@ __all__ = ["TCRConfig", "tcr_factors", "tcr_pass"]
 
 @dataclass
 class TCRConfig:
-    """``r_max``: the cap R on the per-channel factor (>= 1); ``ops``: which layer kinds are scaled."""
+    """``r_max``: the cap R on the per-channel factor (>= 1; 1 turns TCR off); ``ops``: which layer kinds are scaled."""
 
     version: int = 1
     r_max: float = 10.0
@@ -84,6 +84,8 @@ def tcr_pass(ctx: PassContext, cfg: TCRConfig) -> None:
         m = torch.stack([per_t[t] for t in sorted(per_t)])
         r = tcr_factors(m, cfg.r_max)
         capped = int((r >= cfg.r_max).sum())
+        if bool((r == 1).all()):  # r_max 1 (TCR off), or channels already level: no Mul in the graph
+            continue
         write_smoothing(ctx, names, r, f"TCR: r in [{float(r.min()):.3g}, {float(r.max()):.3g}] over {len(r)} channels ({capped} at the cap {cfg.r_max:g}), "
                                        f"from {len(per_t)} calibration timesteps" + (f"; shared with {len(names) - 1} layers reading the same tensor" if len(names) > 1 else ""))
         amax = stats.channel_amax[lead]

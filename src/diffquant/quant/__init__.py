@@ -2,7 +2,7 @@
 
 from diffquant.quant.fake import fake_quant, round_scale, scale_from_amax
 from diffquant.quant.format import BitSetting, PerAxis, PerBlock, PerTensor, QuantFormat, parse_bits
-from diffquant.quant.modules import QuantConv2d, QuantLinear, SiteQuantizer, apply_plan, quant_modules
+from diffquant.quant.modules import QuantConv2d, QuantLinear, SiteQuantizer, apply_plan, fake_quant_forms, quant_modules
 from diffquant.quant.plan import BitsSummary, LayerPlan, PassReport, QuantPlan, reduce_range, weights_digest
 from diffquant.quant.site import Site, SiteKey
 from diffquant.quant.targeting import Rule, resolve_targets
@@ -24,6 +24,7 @@ __all__ = [
     "SiteKey",
     "SiteQuantizer",
     "apply_plan",
+    "fake_quant_forms",
     "fake_quant",
     "parse_bits",
     "quant_modules",

@@ -13,12 +13,13 @@ import torch.nn.functional as F
 from torch import nn
 
 from diffquant.errors import DiffquantError
+from diffquant.quant.attention import ProbsQuant, install_probs_hooks
 from diffquant.quant.fake import fake_quant
 from diffquant.quant.format import QuantFormat
 from diffquant.quant.plan import OUT_FORMAT, LayerPlan, QuantPlan, weights_digest
 from diffquant.quant.site import Site, SiteKey, input_multiplier, pts_at, step_at
 
-__all__ = ["OUT_FORMAT", "QuantConv2d", "QuantLinear", "SiteQuantizer", "apply_plan", "quant_modules", "smooth_input"]
+__all__ = ["OUT_FORMAT", "QuantConv2d", "QuantLinear", "SiteQuantizer", "apply_plan", "fake_quant_forms", "quant_modules", "smooth_input"]
 
 
 def smooth_input(x: torch.Tensor, multiplier: torch.Tensor, conv: bool) -> torch.Tensor:
@@ -196,13 +197,16 @@ def _set_submodule(root: nn.Module, name: str, module: nn.Module) -> None:
     setattr(parent, child, module)
 
 
-def apply_plan(model: nn.Module, plan: QuantPlan, check_digest: bool = True, target: str = "tensorrt", require_frozen: bool = True) -> nn.Module:
+def apply_plan(model: nn.Module, plan: QuantPlan, check_digest: bool = True, target: str = "tensorrt", require_frozen: bool = True,
+               operands: bool = True) -> nn.Module:
     """Replace every quantized layer of ``model`` (in place) by its fake-quant wrapper, loaded
     with the plan's sites and any replacement weights. Returns ``model``.
 
     ``target="onnxruntime"`` also requantizes the outputs of quantized convs with the plan's
     8-bit output sites, as that target's graph does (so QLinearConv fuses).
-    ``require_frozen=False`` lets passes build the fake-quant model of a plan being decided."""
+    ``require_frozen=False`` lets passes build the fake-quant model of a plan being decided.
+    The plan's operand sites (attention probabilities, DAQ) are installed unless ``operands`` is
+    False: no graph carries them, so the deployed form's fake-quant model leaves them out."""
     if require_frozen and plan.state not in ("frozen", "exported"):
         raise DiffquantError(f"plan for {plan.model} is {plan.state!r}, not frozen: finish `diffquant quantize` first")
     if check_digest and plan.model_digest != weights_digest(model):
@@ -219,9 +223,29 @@ def apply_plan(model: nn.Module, plan: QuantPlan, check_digest: bool = True, tar
             with torch.no_grad():
                 q.weight.copy_(plan.weights[lp.name])
         _set_submodule(model, lp.name, q)
+    if operands and plan.operands:
+        by_module: dict[str, list[Site]] = {}
+        for site in sorted(plan.operands.values(), key=lambda x: (x.key.module, x.key.index)):
+            by_module.setdefault(site.key.module, []).append(site)
+        install_probs_hooks(model, {m: ProbsQuant([SiteQuantizer(x) for x in sites]) for m, sites in by_module.items()})
     if plan.n_groups > 1:
         _install_group_hook(model, plan)
     return model
+
+
+def fake_quant_forms(denoiser: nn.Module, plan: QuantPlan, target: str = "tensorrt") -> tuple[nn.Module, nn.Module]:
+    """Two fake-quant copies of ``denoiser`` (its ``.model`` wrapped): the research form (every
+    site, DAQ's attention probabilities included) and the deployed form (what the graph computes,
+    the one parity compares against). One object twice when the plan has no operand sites."""
+    import copy
+
+    research = copy.deepcopy(denoiser)
+    apply_plan(research.model, plan, target=target)
+    if not plan.operands:
+        return research, research
+    deployed = copy.deepcopy(denoiser)
+    apply_plan(deployed.model, plan, target=target, operands=False)
+    return research, deployed
 
 
 def _install_group_hook(model: nn.Module, plan: QuantPlan) -> None:
@@ -237,7 +261,7 @@ def _install_group_hook(model: nn.Module, plan: QuantPlan) -> None:
         if len(groups) != 1:
             raise DiffquantError(f"one batch mixes timestep groups {sorted(groups)}; run each group's timesteps separately")
         g = groups.pop()
-        for m in quant_modules(root).values():
+        for m in [*quant_modules(root).values(), *(x for x in root.modules() if isinstance(x, ProbsQuant))]:
             m.set_group(g)
 
     old = getattr(model, "_diffquant_group_hook", None)
