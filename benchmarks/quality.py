@@ -135,11 +135,14 @@ class Bench:
         return score_samples(imgs, self.batch.ids[:n], self.clf, self.real, reference=self.fp[:n] if reference else None)
 
 
+TRAILING = ("pts", "daq")  # cheap last passes: variants differing only in them share the plan before them
+
+
 def _quantize(b: Bench, recipe: Recipe, bits: str) -> QuantPlan:
-    """quantize(), sharing the work before a recipe's trailing `pts` pass between variants that
-    differ only in it (the PTS ablation rows reuse the LES + AdaRound plan of the full row)."""
+    """quantize(), sharing the work before a recipe's trailing `pts` / `daq` passes between
+    variants that differ only in them (the PTS and DAQ ablation rows reuse the full row's plan)."""
     n = len(recipe.passes)
-    while n and recipe.passes[n - 1][0] == "pts":
+    while n and recipe.passes[n - 1][0] in TRAILING:
         n -= 1
     if n == len(recipe.passes):
         return quantize(b.d, recipe, b.calib, bits=bits, progress=b.progress)
@@ -157,9 +160,14 @@ def _quantize(b: Bench, recipe: Recipe, bits: str) -> QuantPlan:
     return plan
 
 
-def run_recipe(b: Bench, recipe_name: str, bits: str, grids: Path, overrides: dict, label: str = "", **extra) -> list[dict]:
+def run_recipe(b: Bench, recipe_name: str | Recipe, bits: str, grids: Path, overrides: dict, label: str = "", **extra) -> list[dict]:
+    """Deployed (N) and fake-quant (N_fq; the research form) rows of one recipe (a shipped name, or
+    a `Recipe` built by the caller) at ``bits``."""
     t0 = time.time()
-    recipe = load_recipe(recipe_name, {k: v for k, v in overrides.items() if any(n == k for n, _ in load_recipe(recipe_name).passes)})
+    if isinstance(recipe_name, Recipe):
+        recipe, recipe_name = recipe_name, recipe_name.name
+    else:
+        recipe = load_recipe(recipe_name, {k: v for k, v in overrides.items() if any(n == k for n, _ in load_recipe(recipe_name).passes)})
     plan = _quantize(b, recipe, bits)
     quantize_s = time.time() - t0
     fq, fq_graph = fake_quant_forms(b.d, plan, "onnxruntime")  # research form (sampled) and deployed form (parity)

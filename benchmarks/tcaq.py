@@ -1,0 +1,125 @@
+"""TCAQ-DM on both builtin models, deployed graph (N = 1000) with the research form beside it
+(the torch fake-quant of the same plan, N = 250: DAQ's attention-probability quantizers act only
+there): `tcaq` at W8A8, W6A6, W4A8, W4A6 and W4A4 beside `qdiffusion` and `dmq` at the same bits,
+and the ablation at W4A6 (``--ablation-bits``), one component changed at a time from the full
+recipe: TCR off / LES instead of TCR, TCR's cap R, DAQ off, PAR rounds 0 / 1 / 3.
+
+    python benchmarks/tcaq.py                                  # everything (hours on 2 cores)
+    python benchmarks/tcaq.py --models digits-dit --only "tcaq,qdiffusion" --bits w4a6
+
+Rows go into benchmarks/results/quality.json (kept rows are skipped, so a stopped run continues;
+the qdiffusion / dmq rows are the quality table's own); the table is benchmarks/results/tcaq.md.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).parent))
+from quality import KEYS, Bench, _row, common_args, run_recipe, save_grid, write_all_markdown, write_text_atomic  # noqa: E402
+
+from diffquant._io import write_json  # noqa: E402
+from diffquant.pipeline import load_recipe  # noqa: E402
+from diffquant.pipeline.recipes import Recipe  # noqa: E402
+
+BITS = ("w8a8", "w6a6", "w4a8", "w4a6", "w4a4")
+RECIPES = ("tcaq", "qdiffusion", "dmq")
+# (label, what changes from the full tcaq recipe); the full recipe is TCR R = 10, PAR 2 rounds, DAQ on
+ABLATION: list[tuple[str, dict]] = [
+    ("tcaq: TCR off", {"tcr": {"r_max": 1.0}}),
+    ("tcaq: LES instead of TCR", {"replace_tcr_by_les": True}),
+    *[(f"tcaq: TCR R = {r:g}", {"tcr": {"r_max": r}}) for r in (2.0, 5.0, 100.0)],
+    ("tcaq: DAQ off", {"daq": {"enabled": False}}),
+    *[(f"tcaq: PAR {k} round{'s' if k != 1 else ''}", {"reconstruct": {"par_rounds": k}}) for k in (0, 1, 3)],
+]
+
+
+def les_instead_of_tcr() -> Recipe:
+    """The tcaq recipe with its TCR pass replaced by DMQ's LES pass (same settings as `dmq`)."""
+    recipe = load_recipe("tcaq")
+    les = next(cfg for name, cfg in load_recipe("dmq").passes if name == "les")
+    recipe.passes = [("les", les) if name == "tcr" else (name, cfg) for name, cfg in recipe.passes]
+    return recipe
+
+
+def _fmt(v, nd=1) -> str:
+    return "-" if v is None else f"{v:.{nd}f}" if isinstance(v, float) else str(v)
+
+
+def write_table(rows: list[dict], path: Path, ablation_bits: str) -> None:
+    """Main table (recipe x bits) and the ablation table, per model."""
+    lines = ["# TCAQ-DM", "", "Written by `python benchmarks/tcaq.py`. Deployed: the onnxruntime Q/DQ graph; research: the torch fake-quant",
+             "of the same plan (DAQ's attention-probability quantizers act only there). FD to FP / PSNR against the FP samples",
+             "of the same seeds. `quantize s`: the recipe's wall time on this machine's 2 cores.", ""]
+    for model in dict.fromkeys(r["model"] for r in rows):
+        by = {(r["recipe"], r["bits"], r["graph"]): r for r in rows if r["model"] == model}
+        head = "| deployed FD to FP | deployed PSNR | research FD to FP | research PSNR | quantize s | parity steps |"
+        lines += [f"## {model}", "", "| recipe | bits " + head, "|" + "---|" * 8]
+        for bits in BITS:
+            for recipe in RECIPES:
+                lines += _line(by, recipe, bits, f"| {recipe} | {bits} ")
+        lines += ["", f"### Ablation at {ablation_bits} (one change from the full `tcaq`)", "", "| row " + head, "|" + "---|" * 7]
+        for label, _ in [("tcaq", {})] + ABLATION:
+            lines += _line(by, label, ablation_bits, f"| {label if label != 'tcaq' else 'tcaq (full: TCR R = 10, PAR 2 rounds, DAQ on)'} ")
+        lines.append("")
+    write_text_atomic(path, "\n".join(lines))
+
+
+def _line(by: dict, recipe: str, bits: str, lead: str) -> list[str]:
+    d, f = by.get((recipe, bits, "deployed")), by.get((recipe, bits, "fake_quant"))
+    if d is None:
+        return []
+    return [f"{lead}| {_fmt(d.get('fd_fp'))} | {_fmt(d['psnr'], 2)} | {_fmt(f and f.get('fd_fp'))} | {_fmt(f and f['psnr'], 2)} "
+            f"| {_fmt(d.get('quantize_s'), 0)} | {_fmt(d.get('parity_max_step_error'), 2)} |"]
+
+
+def _jobs(a) -> list[tuple[str, str, object, dict]]:
+    """(label, bits, recipe name or Recipe, overrides) in run order: the done-when pair first."""
+    bits = [b for b in a.bits.split(",") if b]
+    jobs = [(r, b, r, {}) for b in ["w4a6"] + [x for x in bits if x != "w4a6"] if b in bits for r in RECIPES]
+    for label, ov in ABLATION:
+        jobs.append((label, a.ablation_bits, les_instead_of_tcr() if ov.get("replace_tcr_by_les") else "tcaq", {k: v for k, v in ov.items() if k != "replace_tcr_by_les"}))
+    only = set(filter(None, a.only.split(",")))
+    return [j for j in jobs if not only or j[0] in only]
+
+
+def main() -> int:
+    ap = common_args(__doc__, "row labels (recipe names or ablation labels)")
+    ap.add_argument("--bits", default=",".join(BITS), help="bit settings of the main table")
+    ap.add_argument("--ablation-bits", default="w4a6", help="the bits the ablation rows run at")
+    ap.add_argument("--force", action="store_true", help="recompute rows that exist already")
+    ap.add_argument("--quiet", action="store_true")
+    a = ap.parse_args()
+    out = Path(a.out)
+    grids = out / "quality"
+    grids.mkdir(parents=True, exist_ok=True)
+    jpath = out / "quality.json"
+    rows = json.loads(jpath.read_text()) if jpath.exists() else []
+    torch.manual_seed(0)
+    for model in a.models.split(","):
+        b = Bench(model, a.samples, a.fq_samples, not a.quiet)
+        have = {tuple(r[k] for k in KEYS) for r in rows}
+        if (model, "fp", "-", "deployed", a.samples) not in have:
+            rows.append(_row(model, "fp", "-", "deployed", b.score(b.fp, reference=False), a.samples))
+            save_grid(b.fp[:50], grids / f"{model}-fp.png")
+        for label, bits, recipe, ov in _jobs(a):
+            if (model, label, bits, "deployed", a.samples) in have and not a.force:
+                continue
+            new = run_recipe(b, recipe, bits, grids, ov, label if label not in RECIPES else "")
+            keys = {tuple(r[k] for k in KEYS) for r in new}
+            rows[:] = [r for r in rows if tuple(r[k] for k in KEYS) not in keys] + new
+            d, f = new
+            print(f"{model:10s} {label:28s} {bits} FD-FP {d.get('fd_fp', 0):7.1f} PSNR {d['psnr']:6.2f} | research FD-FP {f.get('fd_fp', 0):7.1f} "
+                  f"PSNR {f['psnr']:6.2f} | {d['quantize_s']:.0f} s", flush=True)
+            write_json(jpath, rows)
+            write_all_markdown(rows, out)
+            write_table([r for r in rows if r["n_samples"] in (a.samples, a.fq_samples)], out / "tcaq.md", a.ablation_bits)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
