@@ -2,7 +2,8 @@
 (the torch fake-quant of the same plan, N = 250: DAQ's attention-probability quantizers act only
 there): `tcaq` at W8A8, W6A6, W4A8, W4A6 and W4A4 beside `qdiffusion` and `dmq` at the same bits,
 and the ablation at W4A6 (``--ablation-bits``), one component changed at a time from the full
-recipe: TCR off / LES instead of TCR, TCR's cap R, DAQ off, PAR rounds 0 / 1 / 3.
+recipe: TCR off / LES instead of TCR, TCR's cap R, DAQ off (every attention probability on the
+uniform grid, the quantizer DAQ improves on) and no P quantizers at all, PAR rounds 0 / 1 / 3.
 
     python benchmarks/tcaq.py                                  # everything (hours on 2 cores)
     python benchmarks/tcaq.py --models digits-dit --only "tcaq,qdiffusion" --bits w4a6
@@ -33,7 +34,8 @@ ABLATION: list[tuple[str, dict]] = [
     ("tcaq: TCR off", {"tcr": {"r_max": 1.0}}),
     ("tcaq: LES instead of TCR", {"replace_tcr_by_les": True}),
     *[(f"tcaq: TCR R = {r:g}", {"tcr": {"r_max": r}}) for r in (2.0, 5.0, 100.0)],
-    ("tcaq: DAQ off", {"daq": {"enabled": False}}),
+    ("tcaq: DAQ off (every P uniform)", {"daq": {"mode": "uniform"}}),
+    ("tcaq: no P quantizers", {"daq": {"enabled": False}}),
     *[(f"tcaq: PAR {k} round{'s' if k != 1 else ''}", {"reconstruct": {"par_rounds": k}}) for k in (0, 1, 3)],
 ]
 

@@ -81,8 +81,16 @@ def test_daq_sites_research_form_and_deployed_form(tiny_unet, calib_cache, tmp_p
         assert not torch.allclose(research(**x), deployed(**x), atol=1e-4)  # P quantized only in the research form
 
 
-def test_daq_refuses_a_plan_without_activation_bits(tiny_dit, calib_cache):
+def test_daq_modes_and_refusal(tiny_dit, calib_cache):
+    calib = tiny_calib(tiny_dit, calib_cache)
+    for mode in ("uniform", "log2"):
+        recipe = load_recipe("minmax")
+        recipe.passes.append(("daq", DAQConfig(samples=2000, mode=mode)))
+        plan = quantize(tiny_dit, recipe, calib, bits="w8a6", progress=False)
+        assert {s.format.kind for s in plan.operands.values()} == {mode}
+    with pytest.raises(ValueError, match="mode"):
+        DAQConfig(mode="nf4")
     recipe = load_recipe("minmax")
     recipe.passes.append(("daq", DAQConfig()))
     with pytest.raises(Exception, match="daq.bits"):
-        quantize(tiny_dit, recipe, tiny_calib(tiny_dit, calib_cache), bits="w8a16", progress=False)
+        quantize(tiny_dit, recipe, calib, bits="w8a16", progress=False)

@@ -40,14 +40,18 @@ from diffquant.quant.site import Site, SiteKey
 
 __all__ = ["DAQConfig", "ProbsRecorder", "daq_pass"]
 
+MODES = ("adaptive", "uniform", "log2")
+
 
 @dataclass
 class DAQConfig:
     """``bits`` 0 takes the plan's activation bits; ``samples`` P values kept per site and group;
-    ``p_value`` the significance of Vuong's test; ``candidates`` x_min values tried."""
+    ``p_value`` the significance of Vuong's test; ``candidates`` x_min values tried. ``mode``
+    uniform (every P on the uniform grid: the quantizer DAQ improves on) or log2 is the ablation."""
 
     version: int = 1
-    enabled: bool = True  # false: no sites (the ablation's "DAQ off")
+    enabled: bool = True  # false: no sites, P stays floating point in the research form too
+    mode: str = "adaptive"  # adaptive: the power-law test decides; uniform / log2: every site (the ablation)
     bits: int = 0
     alternatives: list[str] = field(default_factory=lambda: list(ALTERNATIVES))
     p_value: float = 0.1
@@ -58,6 +62,8 @@ class DAQConfig:
     seed: int = 0
 
     def __post_init__(self) -> None:
+        if self.mode not in MODES:
+            raise ValueError(f"mode must be one of {MODES}, got {self.mode!r}")
         if not self.alternatives or set(self.alternatives) - set(ALTERNATIVES):
             raise ValueError(f"alternatives must be a non-empty list of {ALTERNATIVES}, got {self.alternatives}")
         if not 0 <= self.bits <= 8 or not 0 < self.p_value < 1 or self.samples < 100:
@@ -134,6 +140,7 @@ def daq_pass(ctx: PassContext, cfg: DAQConfig) -> None:
                 continue
             x = torch.cat(vals).numpy()
             kind, evidence = _choose(x, cfg)
+            kind = kind if cfg.mode == "adaptive" else cfg.mode
             fmt = QuantFormat(bits=bits, kind=kind)
             top = recs[name].amax[g]
             scale = top if kind == "log2" else top / fmt.qmax
