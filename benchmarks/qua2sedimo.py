@@ -53,9 +53,11 @@ def write_table(rows: list[dict], path: Path) -> None:
              "fake-quant: the torch model of the same plan. FD to FP / PSNR / SSIM are against the FP samples of the same seeds.",
              "Bits: average weight bits with FP16 scales, zero points and codebooks counted (the paper's accounting), over every",
              "conv / linear; `deployed bits` differ from `research bits` only where a k-means layer is lowered (centroids in 8 bits).",
-             "Noise SNR: the assignment's noise prediction vs FP on calibration inputs (weights only). Spearman / NDCG@10:",
-             "the ridge predictor on held-out configurations (M scored in all). `search s`: sampling, scoring, fitting and",
-             "searching on 2 cores.", ""]
+             "Configurations are scored by the PSNR of 20 samples against FP from the calibration seeds (the recipe's default),",
+             "except the noise-SNR-scores, bits [3, 4], GNN and research rows, which were scored by noise SNR.",
+             "Noise SNR column: the chosen assignment's noise prediction vs FP on calibration inputs (weights only). Spearman /",
+             "NDCG@10: the predictor on held-out configurations (M scored in all), of whichever score the row used. `search s`:",
+             "sampling, scoring, fitting and searching; rows ran 2-3 at a time on the 2 cores, one thread each.", ""]
     for model in dict.fromkeys(r["model"] for r in rows):
         by = {(r["recipe"], r["graph"]): r for r in rows if r["model"] == model}
         lines += [f"## {model}", "", "| row | research bits | deployed bits | FD to FP | PSNR | SSIM | accuracy | fake-quant FD to FP | fake-quant PSNR "

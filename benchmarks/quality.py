@@ -135,6 +135,7 @@ class Bench:
         return score_samples(imgs, self.batch.ids[:n], self.clf, self.real, reference=self.fp[:n] if reference else None)
 
 
+BULKY = ("assignment", "effects", "importance", "held_out")  # per-layer / per-configuration lists: in the run's plan, not the table
 TRAILING = ("pts", "daq")  # cheap last passes: variants differing only in them share the plan before them
 
 
@@ -183,7 +184,7 @@ def run_recipe(b: Bench, recipe_name: str | Recipe, bits: str, grids: Path, over
     save_grid(deployed[:50], grids / f"{b.model}-{re.sub(r'[^A-Za-z0-9_.-]+', '_', name)}-{bits}.png")
     common = dict(parity=parity.max_step_error, quantize_s=round(quantize_s, 1), parity_cosine_min=parity.cosine_min, onnx_mb=round(size_mb, 2), **extra)
     if "qua2sedimo" in plan.recipe:  # the searched assignment's bits, predictor fit and search time
-        common["qua2sedimo"] = {k: v for k, v in plan.recipe["qua2sedimo"].items() if k != "assignment"}
+        common["qua2sedimo"] = {k: v for k, v in plan.recipe["qua2sedimo"].items() if k not in BULKY}
     if overrides:
         common["overrides"] = overrides
     return [
