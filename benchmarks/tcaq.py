@@ -7,6 +7,7 @@ uniform grid, the quantizer DAQ improves on) and no P quantizers at all, PAR rou
 
     python benchmarks/tcaq.py                                  # everything (hours on 2 cores)
     python benchmarks/tcaq.py --models digits-dit --only "tcaq,qdiffusion" --bits w4a6
+    python benchmarks/tcaq.py --models digits-dit --only "tcaq: TCR off" --ablation-bits w6a6   # an effect at the paper's bits
 
 Rows go into benchmarks/results/quality.json (kept rows are skipped, so a stopped run continues;
 the qdiffusion / dmq rows are the quality table's own); the table is benchmarks/results/tcaq.md.
@@ -53,7 +54,8 @@ def _fmt(v, nd=1) -> str:
 
 
 def write_table(rows: list[dict], path: Path, ablation_bits: str) -> None:
-    """Main table (recipe x bits) and the ablation table, per model."""
+    """Main table (recipe x bits) and the ablation tables (``ablation_bits`` first, then any other
+    bits that have ablation rows: the paper states each effect at its own bits), per model."""
     lines = ["# TCAQ-DM", "", "Written by `python benchmarks/tcaq.py`. Deployed: the onnxruntime Q/DQ graph; research: the torch fake-quant",
              "of the same plan (DAQ's attention-probability quantizers act only there). FD to FP / PSNR against the FP samples",
              "of the same seeds. `quantize s`: the recipe's wall time on this machine's 2 cores.", ""]
@@ -64,9 +66,11 @@ def write_table(rows: list[dict], path: Path, ablation_bits: str) -> None:
         for bits in BITS:
             for recipe in RECIPES:
                 lines += _line(by, recipe, bits, f"| {recipe} | {bits} ")
-        lines += ["", f"### Ablation at {ablation_bits} (one change from the full `tcaq`)", "", "| row " + head, "|" + "---|" * 7]
-        for label, _ in [("tcaq", {})] + ABLATION:
-            lines += _line(by, label, ablation_bits, f"| {label if label != 'tcaq' else 'tcaq (full: TCR R = 10, PAR 2 rounds, DAQ on)'} ")
+        for bits in [ablation_bits] + [b for b in BITS if b != ablation_bits]:
+            found = [line for label, _ in ABLATION for line in _line(by, label, bits, f"| {label} ")]
+            if found:
+                lines += ["", f"### Ablation at {bits} (one change from the full `tcaq`)", "", "| row " + head, "|" + "---|" * 7]
+                lines += _line(by, "tcaq", bits, "| tcaq (full: TCR R = 10, PAR 2 rounds, DAQ adaptive) ") + found
         lines.append("")
     write_text_atomic(path, "\n".join(lines))
 
