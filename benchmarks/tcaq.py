@@ -58,7 +58,8 @@ def write_table(rows: list[dict], path: Path, ablation_bits: str) -> None:
     bits that have ablation rows: the paper states each effect at its own bits), per model."""
     lines = ["# TCAQ-DM", "", "Written by `python benchmarks/tcaq.py`. Deployed: the onnxruntime Q/DQ graph; research: the torch fake-quant",
              "of the same plan (DAQ's attention-probability quantizers act only there). FD to FP / PSNR against the FP samples",
-             "of the same seeds. `quantize s`: the recipe's wall time on this machine's 2 cores.", ""]
+             "of the same seeds. `quantize s`: the recipe's wall time on 2 cores (rows ran 2-4 at a time, one thread each).",
+             "qdiffusion / dmq rows are the quality table's own.", ""]
     for model in dict.fromkeys(r["model"] for r in rows):
         by = {(r["recipe"], r["bits"], r["graph"]): r for r in rows if r["model"] == model}
         head = "| deployed FD to FP | deployed PSNR | research FD to FP | research PSNR | quantize s | parity steps |"
