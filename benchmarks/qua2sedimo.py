@@ -14,14 +14,13 @@ the table is benchmarks/results/qua2sedimo.md.
 
 from __future__ import annotations
 
-import json
 import sys
 from pathlib import Path
 
 import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
-from quality import KEYS, Bench, _row, common_args, run_recipe, save_grid, write_all_markdown, write_text_atomic  # noqa: E402
+from quality import KEYS, Bench, add_fp_row, common_args, merge_rows, open_results, run_recipe, write_all_markdown, write_text_atomic  # noqa: E402
 
 from diffquant._io import write_json  # noqa: E402
 
@@ -80,25 +79,18 @@ def main() -> int:
     ap.add_argument("--force", action="store_true", help="recompute rows that exist already")
     ap.add_argument("--quiet", action="store_true")
     a = ap.parse_args()
-    out = Path(a.out)
-    grids = out / "quality"
-    grids.mkdir(parents=True, exist_ok=True)
-    jpath = out / "quality.json"
-    rows = json.loads(jpath.read_text()) if jpath.exists() else []
+    out, grids, jpath, rows = open_results(a.out)
     only = set(filter(None, a.only.split(",")))
     torch.manual_seed(0)
     for model in a.models.split(","):
         b = Bench(model, a.samples, a.fq_samples, not a.quiet)
+        add_fp_row(b, rows, grids)
         have = {tuple(r[k] for k in KEYS) for r in rows}
-        if (model, "fp", "-", "deployed", a.samples) not in have:
-            rows.append(_row(model, "fp", "-", "deployed", b.score(b.fp, reference=False), a.samples))
-            save_grid(b.fp[:50], grids / f"{model}-fp.png")
         for label, bits, ov in sorted(ROWS, key=lambda r: FIRST.index(r[0]) if r[0] in FIRST else len(FIRST)):
             if (only and label not in only) or ((model, label, bits, "deployed", a.samples) in have and not a.force):
                 continue
             new = run_recipe(b, "qua2sedimo", bits, grids, {"qua2sedimo": ov}, label)
-            keys = {tuple(r[k] for k in KEYS) for r in new}
-            rows[:] = [r for r in rows if tuple(r[k] for k in KEYS) not in keys] + new
+            merge_rows(rows, new)
             d = new[0]
             print(f"{model:10s} {label:40s} bits {d['qua2sedimo']['deployed_bits']:.3f} FD-FP {d.get('fd_fp', 0):7.1f} PSNR {d['psnr']:6.2f}", flush=True)
             write_json(jpath, rows)

@@ -310,6 +310,28 @@ def write_text_atomic(path: Path, text: str) -> None:
     tmp.replace(path)
 
 
+def open_results(out_dir: str) -> tuple[Path, Path, Path, list[dict]]:
+    """The results folder, its grid folder (created), quality.json's path and its rows so far."""
+    out = Path(out_dir)
+    grids = out / "quality"
+    grids.mkdir(parents=True, exist_ok=True)
+    jpath = out / "quality.json"
+    return out, grids, jpath, json.loads(jpath.read_text()) if jpath.exists() else []
+
+
+def add_fp_row(b: Bench, rows: list[dict], grids: Path) -> None:
+    """The model's FP row (scored against the real digits) and grid, unless ``rows`` has it."""
+    if (b.model, "fp", "-", "deployed", b.n) not in {tuple(r[k] for k in KEYS) for r in rows}:
+        rows.append(_row(b.model, "fp", "-", "deployed", b.score(b.fp, reference=False), b.n))
+        save_grid(b.fp[:50], grids / f"{b.model}-fp.png")
+
+
+def merge_rows(rows: list[dict], new: list[dict]) -> None:
+    """Put ``new`` into ``rows`` in place, replacing rows with the same key."""
+    keys = {tuple(r[k] for k in KEYS) for r in new}
+    rows[:] = [r for r in rows if tuple(r[k] for k in KEYS) not in keys] + new
+
+
 def common_args(doc: str, only: str) -> argparse.ArgumentParser:
     """The options every quality benchmark shares; ``only`` says what ``--only`` lists."""
     ap = argparse.ArgumentParser(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)

@@ -15,14 +15,13 @@ the qdiffusion / dmq rows are the quality table's own); the table is benchmarks/
 
 from __future__ import annotations
 
-import json
 import sys
 from pathlib import Path
 
 import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
-from quality import KEYS, Bench, _row, common_args, run_recipe, save_grid, write_all_markdown, write_text_atomic  # noqa: E402
+from quality import KEYS, Bench, add_fp_row, common_args, merge_rows, open_results, run_recipe, write_all_markdown, write_text_atomic  # noqa: E402
 
 from diffquant._io import write_json  # noqa: E402
 from diffquant.pipeline import load_recipe  # noqa: E402
@@ -101,24 +100,17 @@ def main() -> int:
     ap.add_argument("--force", action="store_true", help="recompute rows that exist already")
     ap.add_argument("--quiet", action="store_true")
     a = ap.parse_args()
-    out = Path(a.out)
-    grids = out / "quality"
-    grids.mkdir(parents=True, exist_ok=True)
-    jpath = out / "quality.json"
-    rows = json.loads(jpath.read_text()) if jpath.exists() else []
+    out, grids, jpath, rows = open_results(a.out)
     torch.manual_seed(0)
     for model in a.models.split(","):
         b = Bench(model, a.samples, a.fq_samples, not a.quiet)
+        add_fp_row(b, rows, grids)
         have = {tuple(r[k] for k in KEYS) for r in rows}
-        if (model, "fp", "-", "deployed", a.samples) not in have:
-            rows.append(_row(model, "fp", "-", "deployed", b.score(b.fp, reference=False), a.samples))
-            save_grid(b.fp[:50], grids / f"{model}-fp.png")
         for label, bits, recipe, ov in _jobs(a):
             if (model, label, bits, "deployed", a.samples) in have and not a.force:
                 continue
             new = run_recipe(b, recipe, bits, grids, ov, label if label not in RECIPES else "")
-            keys = {tuple(r[k] for k in KEYS) for r in new}
-            rows[:] = [r for r in rows if tuple(r[k] for k in KEYS) not in keys] + new
+            merge_rows(rows, new)
             d, f = new
             print(f"{model:10s} {label:28s} {bits} FD-FP {d.get('fd_fp', 0):7.1f} PSNR {d['psnr']:6.2f} | research FD-FP {f.get('fd_fp', 0):7.1f} "
                   f"PSNR {f['psnr']:6.2f} | {d['quantize_s']:.0f} s", flush=True)

@@ -159,5 +159,5 @@ def test_les_refuses_a_second_equivalent_scaling(calib_cache):
     calib = tiny_calib(d, calib_cache)
     rec = load_recipe("dmq", FAST)
     rec.passes.insert(0, ("smoothquant", load_recipe("modelopt-int8").passes[0][1]))
-    with pytest.raises(DiffquantError, match="already smoothed"):
+    with pytest.raises(DiffquantError, match="already scaled"):
         quantize(d, rec, calib, bits="w4a8", progress=False)

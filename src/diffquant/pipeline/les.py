@@ -29,7 +29,7 @@ from diffquant.pipeline.capture import capture, layer_output, per_sample_loss, p
 from diffquant.pipeline.context import PassContext
 from diffquant.pipeline.minmax import plan_weight
 from diffquant.pipeline.registry import register_pass
-from diffquant.pipeline.smoothquant import input_channel_amax, scaling_groups, smoothing_factors, write_smoothing
+from diffquant.pipeline.smoothquant import input_channel_amax, scalable_layers, scaling_groups, smoothing_factors, write_smoothing
 from diffquant.pipeline.weighting import make_weighting
 from diffquant.quant.fake import MIN_SCALE, fake_quant
 from diffquant.quant.format import PerAxis
@@ -81,10 +81,8 @@ def _quant_out(mod: nn.Module, lp, x: torch.Tensor, w: torch.Tensor, tau: torch.
 def les_pass(ctx: PassContext, cfg: LESConfig) -> None:
     """Learn one equivalent-scaling vector per input tensor of the selected layers."""
     plan = ctx.plan
-    layers = [lp.name for lp in plan.quantized_layers() if lp.act and lp.weight and lp.op in cfg.ops and not lp.split]
+    layers = scalable_layers(ctx, cfg.ops, "les")
     for n in layers:
-        if plan.layers[n].sites["input"].multiplier is not None:
-            raise DiffquantError(f"les: layer {n} is already smoothed by an earlier pass; use one equivalent-scaling pass per recipe")
         if not isinstance(plan.layers[n].weight.granularity, PerAxis):
             raise DiffquantError(f"les: layer {n} has {type(plan.layers[n].weight.granularity).__name__} weight scales; LES needs per-channel weights")
     if not layers:

@@ -14,13 +14,14 @@ from dataclasses import dataclass, field
 
 import torch
 
+from diffquant.errors import DiffquantError
 from diffquant.pipeline.activations import observe_activations
 from diffquant.pipeline.context import PassContext
 from diffquant.pipeline.minmax import plan_weight
 from diffquant.pipeline.registry import register_pass
 from diffquant.quant.fake import round_scale
 
-__all__ = ["SmoothQuantConfig", "input_channel_amax", "scaling_groups", "smoothing_factors", "smoothquant_pass", "write_smoothing"]
+__all__ = ["SmoothQuantConfig", "input_channel_amax", "scalable_layers", "scaling_groups", "smoothing_factors", "smoothquant_pass", "write_smoothing"]
 
 
 @dataclass
@@ -65,6 +66,18 @@ def smoothquant_pass(ctx: PassContext, cfg: SmoothQuantConfig) -> None:
         w_amax = torch.stack([input_channel_amax(plan_weight(ctx, n)) for n in names]).amax(dim=0)
         s = smoothing_factors(x_amax, w_amax, cfg.alpha)
         write_smoothing(ctx, names, s, f"SmoothQuant alpha {cfg.alpha:g}, vector shared with {lead}")
+
+
+def scalable_layers(ctx: PassContext, ops: list[str], what: str) -> list[str]:
+    """The quantized conv / linear layers of kinds ``ops`` that a per-input-channel scaling pass
+    (LES, TCR) may scale: activations and weights quantized, input not split; refused when an
+    earlier pass already scaled one (one equivalent-scaling pass per recipe)."""
+    plan = ctx.plan
+    layers = [lp.name for lp in plan.quantized_layers() if lp.act and lp.weight and lp.op in ops and not lp.split]
+    for n in layers:
+        if plan.layers[n].sites["input"].multiplier is not None:
+            raise DiffquantError(f"{what}: layer {n} is already scaled by an earlier pass; use one equivalent-scaling pass per recipe")
+    return layers
 
 
 def scaling_groups(ctx: PassContext, layers: list[str], readers: list[str], stats, what: str) -> dict[str, list[str]]:

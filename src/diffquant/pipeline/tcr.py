@@ -29,11 +29,10 @@ from dataclasses import dataclass, field
 
 import torch
 
-from diffquant.errors import DiffquantError
 from diffquant.pipeline.activations import observe_activations
 from diffquant.pipeline.context import PassContext
 from diffquant.pipeline.registry import register_pass
-from diffquant.pipeline.smoothquant import scaling_groups, write_smoothing
+from diffquant.pipeline.smoothquant import scalable_layers, scaling_groups, write_smoothing
 from diffquant.quant.plan import PassReport
 
 __all__ = ["TCRConfig", "tcr_factors", "tcr_pass"]
@@ -68,10 +67,7 @@ def tcr_factors(m: torch.Tensor, r_max: float) -> torch.Tensor:
 def tcr_pass(ctx: PassContext, cfg: TCRConfig) -> None:
     """Decide one TCR vector per input tensor of the selected layers."""
     plan = ctx.plan
-    layers = [lp.name for lp in plan.quantized_layers() if lp.act and lp.weight and lp.op in cfg.ops and not lp.split]
-    for n in layers:
-        if plan.layers[n].sites["input"].multiplier is not None:
-            raise DiffquantError(f"tcr: layer {n} is already scaled by an earlier pass; use one equivalent-scaling pass per recipe")
+    layers = scalable_layers(ctx, cfg.ops, "tcr")
     if not layers:
         return
     readers = [lp.name for lp in plan.quantized_layers() if lp.act and not lp.split]
