@@ -68,7 +68,8 @@ class ExplicitAttention:
         self.hook = hook
 
         # diffusers passes a processor only the keyword arguments its __call__ signature names:
-        # show the inner processor's signature (inspect follows __wrapped__)
+        # show the inner processor's signature (inspect follows __wrapped__). Only inspect reads
+        # this attribute; calls go through the class's __call__, so a deep copy stays correct.
         @functools.wraps(inner.__call__)
         def call(*args, **kwargs):
             return type(self).__call__(self, *args, **kwargs)

@@ -8,6 +8,8 @@ model to any device).
 
 from __future__ import annotations
 
+import copy
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -237,8 +239,6 @@ def fake_quant_forms(denoiser: nn.Module, plan: QuantPlan, target: str = "tensor
     """Two fake-quant copies of ``denoiser`` (its ``.model`` wrapped): the research form (every
     site, DAQ's attention probabilities included) and the deployed form (what the graph computes,
     the one parity compares against). One object twice when the plan has no operand sites."""
-    import copy
-
     research = copy.deepcopy(denoiser)
     apply_plan(research.model, plan, target=target)
     if not plan.operands:
