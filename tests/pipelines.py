@@ -55,11 +55,12 @@ def _t5(d_model: int = 32):
     return T5EncoderModel(T5Config(d_model=d_model, d_ff=37, d_kv=8, num_layers=2, num_heads=4, vocab_size=64, relative_attention_num_buckets=8)).eval()
 
 
-def _vae(latent: int = 4):
+def _vae(latent: int = 4, shift: float | None = None):
     from diffusers import AutoencoderKL
 
+    # SD3 and Flux pipelines add the VAE's shift_factor when decoding (None breaks them)
     return AutoencoderKL(block_out_channels=(16, 16), in_channels=3, out_channels=3, latent_channels=latent, norm_num_groups=8,
-                         down_block_types=("DownEncoderBlock2D",) * 2, up_block_types=("UpDecoderBlock2D",) * 2, sample_size=32).eval()
+                         down_block_types=("DownEncoderBlock2D",) * 2, up_block_types=("UpDecoderBlock2D",) * 2, sample_size=32, shift_factor=shift).eval()
 
 
 def _unet(**kw):
@@ -107,7 +108,7 @@ def _build(family: str, tmp: Path):
         tr = d.SD3Transformer2DModel(sample_size=8, patch_size=2, in_channels=4, num_layers=2, attention_head_dim=8, num_attention_heads=2,
                                      joint_attention_dim=32, caption_projection_dim=16, pooled_projection_dim=64, out_channels=4)
         _randomize_zero_init(tr)
-        return d.StableDiffusion3Pipeline(transformer=tr.eval(), scheduler=d.FlowMatchEulerDiscreteScheduler(shift=3.0), vae=_vae(),
+        return d.StableDiffusion3Pipeline(transformer=tr.eval(), scheduler=d.FlowMatchEulerDiscreteScheduler(shift=3.0), vae=_vae(shift=0.1),
                                           text_encoder=_clip(True), tokenizer=_clip_tokenizer(tmp / "t1"), text_encoder_2=_clip(True),
                                           tokenizer_2=_clip_tokenizer(tmp / "t2"), text_encoder_3=_t5(), tokenizer_3=_t5_tokenizer(tmp / "t3"))
     if family == "flux":
@@ -115,7 +116,7 @@ def _build(family: str, tmp: Path):
                                       joint_attention_dim=32, pooled_projection_dim=32, guidance_embeds=True, axes_dims_rope=(2, 2, 4))
         _randomize_zero_init(tr)
         sched = d.FlowMatchEulerDiscreteScheduler(shift=3.0, use_dynamic_shifting=True, base_shift=0.5, max_shift=1.15)
-        return d.FluxPipeline(scheduler=sched, vae=_vae(), text_encoder=_clip(), tokenizer=_clip_tokenizer(tmp / "t1"), text_encoder_2=_t5(),
+        return d.FluxPipeline(scheduler=sched, vae=_vae(shift=0.1), text_encoder=_clip(), tokenizer=_clip_tokenizer(tmp / "t1"), text_encoder_2=_t5(),
                               tokenizer_2=_t5_tokenizer(tmp / "t2"), transformer=tr.eval())
     if family == "dit":
         tr = d.DiTTransformer2DModel(num_attention_heads=2, attention_head_dim=8, in_channels=4, out_channels=8, num_layers=2, sample_size=8,

@@ -31,11 +31,14 @@ def _annotate(img, title: str, row_labels: list[str], row_px: int, top_px: int):
 
 
 def save_grid_array(
-    images: np.ndarray, path: str | Path, ncol: int = 10, zoom: int = 3, pad: int = 2, title: str = "", row_labels: list[str] | None = None
+    images: np.ndarray, path: str | Path, ncol: int = 10, zoom: int = 3, pad: int = 2, title: str = "", row_labels: list[str] | None = None,
+    text: dict[str, str] | None = None,
 ) -> Path:
     """Save images in [-1, 1] shaped [N, C, H, W] (C = 1 or 3) as one grid PNG, ``ncol`` per row,
-    with an optional ``title`` above and a label left of each row."""
+    with an optional ``title`` above, a label left of each row, and ``text`` as PNG text chunks
+    (how the image was made: prompt, seed, steps, ...)."""
     from PIL import Image
+    from PIL.PngImagePlugin import PngInfo
 
     n, c, h, w = images.shape
     ncol = max(1, min(ncol, n))
@@ -49,6 +52,9 @@ def save_grid_array(
     img = img.resize((canvas.shape[1] * zoom, canvas.shape[0] * zoom), Image.NEAREST)
     if title or row_labels:
         img = _annotate(img, title, list(row_labels or []), (h + pad) * zoom, pad * zoom)
+    info = PngInfo()
+    for k, v in (text or {}).items():
+        info.add_itxt(k, str(v))
     with atomic_path(path, suffix=".png") as tmp:
-        img.save(tmp, format="PNG")
+        img.save(tmp, format="PNG", pnginfo=info)
     return Path(path)

@@ -242,7 +242,7 @@ def cmd_build(a: argparse.Namespace) -> int:
     shape = dict(batch=a.batch, dynamic=a.dynamic, max_batch=a.max_batch)
     trt = TrtBuildConfig(**shape, opt_level=a.opt_level, timing_cache_dir=a.timing_cache or "")
     ov = OvBuildConfig(**shape, device=a.device, hint=a.hint, threads=a.threads, precision=a.precision)
-    out = build(a.onnx, a.out, BuildConfig(backend=a.backend, ort_weights=a.weights, openvino=ov, tensorrt=trt))
+    out = build(a.onnx, a.out, BuildConfig(backend=a.backend, denoiser=a.denoiser, ort_weights=a.weights, openvino=ov, tensorrt=trt))
     meta = json.loads((out / "engine.json").read_text())
     print(f"{meta['backend']} engine folder {out}: {len(meta['engines'])} engine(s) ({', '.join(e['file'] for e in meta['engines'])})")
     if "cpu" in meta:
@@ -261,45 +261,57 @@ def cmd_generate(a: argparse.Namespace) -> int:
     # torch-free on purpose: this path runs on edge devices with only the runtime installed
     from diffquant._io import atomic_path
     from diffquant._png import save_grid_array
-    from diffquant.engines.bundle import EnginesFromFolder
-    from diffquant.engines.runtime import GenerateConfig, PromptTable, generate
+    from diffquant.engines.pipeline import PipelineFromFolder, PipelineRequest
+    from diffquant.engines.runtime import GenerateConfig
 
     if Path(a.out).is_dir():
         raise DiffquantError(f"--out {a.out} is a folder; name the image file to write, e.g. {Path(a.out) / 'samples.png'}")
-    engine, runtime = EnginesFromFolder(a.engine, threads=a.threads)
-    with engine:
-        table = PromptTable.from_runtime(a.engine, runtime)
-        # the digits models take several class words at once; a text prompt may itself hold commas
-        sep = runtime["conditioning"].get("separator", "")
-        words = [w for w in a.prompt.split(sep) if w.strip()] if sep else [a.prompt]
-        if table.null_id <= 1:  # unconditional: one empty "prompt"
-            ids = [0] * a.n
-        elif not a.prompt.strip():
-            raise DiffquantError("--prompt is empty; give one of the exported prompts (class words such as 'seven' for the digits models)")
-        else:
-            ids = [table.prompt_id(words[i % len(words)]) for i in range(a.n)]
+    settings = GenerateConfig(steps=a.steps, guidance=a.guidance, seed=a.seed, batch=a.batch, scheduler=a.scheduler)
+    with PipelineFromFolder(a.engine, threads=a.threads) as pipe:
+        req = PipelineRequest(_prompts(a, pipe), a.n, [a.negative_prompt] if a.negative_prompt is not None else None, settings, a.height, a.width)
         t0 = time.time()
-        out = generate(engine, runtime, table, ids, GenerateConfig(steps=a.steps, guidance=a.guidance, seed=a.seed, batch=a.batch), progress=not a.quiet)
-    if runtime.get("latent"):
-        import numpy as np
+        lat = pipe.latents(req, progress=not a.quiet)
+        if pipe.runtime.get("latent") and not pipe.decodes:
+            import numpy as np
 
-        path = Path(a.out).with_suffix(".npy")
-        with atomic_path(path) as tmp:
-            np.save(tmp, out)
-        print(f"{a.n} latent(s) of {a.prompt!r} from {a.engine} in {time.time() - t0:.1f} s -> {path} "
-              f"(a latent model: decoding through the VAE is not deployed yet, so these are the final latents, not images)")
-        return 0
-    save_grid_array(out, a.out, ncol=min(a.n, 8))
+            path = Path(a.out).with_suffix(".npy")
+            with atomic_path(path) as tmp:
+                np.save(tmp, lat)
+            print(f"{a.n} latent(s) of {a.prompt!r} from {a.engine} in {time.time() - t0:.1f} s -> {path} "
+                  f"(this folder has no VAE decoder: exported by an older diffquant; these are the final latents)")
+            return 0
+        images = pipe.decode(lat)
+        digest = next((e.get("plan_model_digest", "") for e in pipe.meta.get("engines", [])), "")
+    text = {"prompt": a.prompt, "negative_prompt": a.negative_prompt or "", "seed": a.seed, "steps": a.steps, "guidance": a.guidance if a.guidance is not None else "default",
+            "scheduler": a.scheduler, "engine": str(a.engine), "plan_model_digest": digest, "software": "diffquant"}
+    save_grid_array(images, a.out, ncol=min(a.n, 8), zoom=max(1, 96 // images.shape[-1]), text=text)
     print(f"{a.n} image(s) of {a.prompt!r} from {a.engine} in {time.time() - t0:.1f} s -> {a.out}")
     return 0
 
 
+def _prompts(a: argparse.Namespace, pipe) -> list[str]:
+    """The prompts of a `generate` call: free text where the folder has text encoders, else
+    exported prompts / class words (several, separated, for the digits models)."""
+    if pipe.text is not None:
+        if not a.prompt.strip() and pipe.table.null_id > 1:
+            raise DiffquantError("--prompt is empty; describe the image, e.g. --prompt \"a red cat\"")
+        return [a.prompt]
+    sep = pipe.runtime["conditioning"].get("separator", "")
+    if pipe.table.null_id <= 1:  # unconditional: one empty "prompt"
+        return [""]
+    if not a.prompt.strip():
+        raise DiffquantError("--prompt is empty; give one of the exported prompts (class words such as 'seven' for the digits models)")
+    return [w for w in a.prompt.split(sep) if w.strip()] if sep else [a.prompt]
+
+
 def cmd_validate(a: argparse.Namespace) -> int:
+    from diffquant.eval.pipeline import PipelineCheckConfig
     from diffquant.eval.validate import ValidateConfig
     from diffquant.workflow import validate_run
 
     against = [x.strip() for x in a.against.split(",") if x.strip()]
-    res = validate_run(a.run, ValidateConfig(against=against, engine=a.engine or "", timesteps=a.timesteps, samples=a.samples))
+    pipe = PipelineCheckConfig(steps=a.pipeline_steps, **({"prompts": a.pipeline_prompt} if a.pipeline_prompt else {}))
+    res = validate_run(a.run, ValidateConfig(against=against, engine=a.engine or "", timesteps=a.timesteps, samples=a.samples, pipeline=pipe))
     print(res.table())
     print(f"validation {res.verdict}: {a.run}/validate.json, {a.run}/validate.md")
     for name, why in res.not_run.items():
@@ -487,10 +499,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--reduce-range", action="store_true", help=REDUCE_RANGE_HELP)
     p.set_defaults(fn=cmd_export)
 
-    p = sub.add_parser("build", help="build an engine folder from an exported Q/DQ graph (ONNX Runtime, OpenVINO or TensorRT)",
+    p = sub.add_parser("build", help="build an engine folder (the whole pipeline) from a run or export folder (ONNX Runtime, OpenVINO or TensorRT)",
                        description="Build on the machine that will run the engine: it records that machine (GPU, or CPU model and ISA flags) "
-                                   "and makes the integer weights exact for it.")
-    p.add_argument("onnx", help="unet.qdq.onnx from `run` / `export` (its timestep-group siblings are built too)")
+                                   "and makes the integer weights exact for it. The folder gets the denoiser engine(s), the text encoders, "
+                                   "the VAE decoder and the tokenizers, every file hashed in engine.json.")
+    p.add_argument("onnx", help="run / export folder, or its unet.qdq.onnx (timestep-group siblings are built too)")
+    p.add_argument("--denoiser", default="qdq", choices=["qdq", "fp"], help="qdq: the quantized denoiser; fp: the FP32 reference graph (an all-FP pipeline, for parity)")
     p.add_argument("--backend", default="auto", choices=["auto", "onnxruntime", "openvino", "tensorrt"],
                    help="auto: the backend the graph was lowered for (--target of run/export: tensorrt or onnxruntime); "
                         "onnxruntime: the onnxruntime-target graph on CPU; openvino: Intel CPUs/GPUs/NPUs, fastest from the tensorrt-target "
@@ -511,12 +525,21 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--timing-cache", default=None, help="timing cache folder (default ~/.cache/diffquant/trt_timing)")
     p.set_defaults(fn=cmd_build)
 
-    p = sub.add_parser("generate", help="sample images with an engine folder (numpy DDIM + CFG; no torch needed)")
+    p = sub.add_parser("generate", help="sample images with an engine folder: tokenize, encode, denoise, decode (numpy schedulers; no torch needed)",
+                       description="Runs the whole pipeline from the engine folder: the tokenizers and text encoders turn --prompt and "
+                                   "--negative-prompt into conditioning, the denoiser engines sample with the pipeline's scheduler (numpy), "
+                                   "the VAE decoder makes the images. Writes one PNG grid with the prompt, seed and settings in its text chunks.")
     p.add_argument("engine", help="engine folder from `diffquant build`")
-    p.add_argument("--prompt", default="", help="an exported prompt (digits models: class word(s), e.g. seven or zero,one,two); unconditional models need none")
+    p.add_argument("--prompt", default="", help="what to draw (text-to-image models: any text; digits models: class word(s), e.g. seven or "
+                                                "zero,one,two); unconditional models need none")
+    p.add_argument("--negative-prompt", default=None, help="what to steer away from (CFG models; default: the pipeline's: the empty prompt, or zeros for SDXL)")
     p.add_argument("-n", type=POSITIVE, default=16, help="number of images")
-    p.add_argument("--out", default="samples.png", help="PNG grid to write (latent models: a .npy of the latents)")
+    p.add_argument("--out", default="samples.png", help="PNG grid to write")
     p.add_argument("--steps", type=POSITIVE, default=25, help="sampler steps")
+    p.add_argument("--scheduler", default="auto", choices=["auto", "ddim", "euler", "dpm++", "flow"],
+                   help="auto: the pipeline's own (DDIM, Euler, DPM-Solver++ or flow Euler; other types sample with DDIM on their schedule)")
+    p.add_argument("--height", type=POSITIVE, default=None, help="image height in pixels (must be the engine's: its graphs have a static size)")
+    p.add_argument("--width", type=POSITIVE, default=None, help="image width in pixels (must be the engine's)")
     p.add_argument("--guidance", type=float, default=None, help="guidance scale (default: the model's)")
     p.add_argument("--seed", type=int, default=0, help="seed of every sampled noise (same seed: byte-identical outputs)")
     p.add_argument("--batch", type=POSITIVE, default=16, help="images per engine call")
@@ -526,10 +549,13 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("validate", help="Polygraphy parity report of a run: fake-quant vs ORT Q/DQ, FP torch vs FP ONNX, ORT vs TensorRT")
     p.add_argument("run", help="run folder from `diffquant run`")
-    p.add_argument("--against", default="fake-quant,fp", help="comparisons: fake-quant, fp, fused, openvino, tensorrt")
+    p.add_argument("--against", default="fake-quant,fp", help="comparisons: fake-quant, fp, fused, openvino, tensorrt, pipeline (whole images "
+                                                               "from engine folders vs the diffusers FP pipeline: FP engines must reach 40 dB PSNR)")
     p.add_argument("--engine", default=None, help="engine folder for the openvino / tensorrt comparison (default: build one in the run folder)")
     p.add_argument("--timesteps", type=POSITIVE, default=6, help="timesteps compared")
     p.add_argument("--samples", type=POSITIVE, default=8, help="recorded inputs per timestep")
+    p.add_argument("--pipeline-prompt", action="append", default=None, help="a prompt of the pipeline comparison (repeat for more; default: two built-in prompts)")
+    p.add_argument("--pipeline-steps", type=POSITIVE, default=20, help="sampler steps of the pipeline comparison")
     p.set_defaults(fn=cmd_validate)
 
     p = sub.add_parser("lint", help="check an ONNX graph against the TensorRT (or ONNX Runtime) Q/DQ rules")

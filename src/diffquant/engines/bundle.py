@@ -1,10 +1,13 @@
 """`build(onnx, config)`: turn an exported Q/DQ graph (and its timestep-group siblings) into an
 engine folder, and `EnginesFromFolder` to load one. Torch-free.
 
-An engine folder holds one engine per timestep group (TensorRT ``.engine`` files, OpenVINO IR +
-compiled blob, or the ONNX graphs for ONNX Runtime with their weights made exact for this CPU),
-``engine.json`` (ONNX hash, plan digest, backend and versions, GPU or CPU and its ISA flags,
-profile), and the export's ``runtime.json`` + ``conditioning.safetensors``.
+An engine folder is the whole pipeline: one denoiser engine per timestep group (TensorRT
+``.engine`` files, OpenVINO IR + compiled blob, or the ONNX graphs for ONNX Runtime with their
+weights made exact for this CPU), the text encoders and the VAE decoder (`engines.pipeline`:
+TensorRT engines, or ONNX graphs run by ONNX Runtime), the tokenizers, ``engine.json`` (every
+file's hash, plan digest, backend and versions, GPU or CPU and its ISA flags, profile), and the
+export's ``runtime.json`` (scheduler, inputs, how prompts become conditioning) +
+``conditioning.safetensors``.
 """
 
 from __future__ import annotations
@@ -33,17 +36,20 @@ __all__ = ["BACKENDS", "ENGINE_FILE", "BuildConfig", "GroupedEngine", "EnginesFr
 ENGINE_FILE = "engine.json"
 ENGINE_VERSION = 2  # 2: engine.json records the hashes of runtime.json and the conditioning
 RUNTIME_FILE = "runtime.json"
+FP_GRAPH = "unet.fp32.onnx"
 BACKENDS = ("onnxruntime", "openvino", "tensorrt")
 
 
 @dataclass
 class BuildConfig:
     """Backend (``auto``: the one the graph was lowered for: ``tensorrt`` for the tensorrt
-    target, ``onnxruntime`` for the onnxruntime target) plus its settings: ONNX Runtime's weight mode (``auto``: S8 weights, rewritten to
+    target, ``onnxruntime`` for the onnxruntime target), the denoiser graph (``qdq``: the
+    quantized one; ``fp``: the FP32 reference, for an all-FP pipeline), plus the backend's settings: ONNX Runtime's weight mode (``auto``: S8 weights, rewritten to
     U8 where this CPU would saturate them; ``s8``: refuse instead; ``u8``: all U8), and the
     OpenVINO and TensorRT build settings."""
 
     backend: str = "auto"
+    denoiser: str = "qdq"
     ort_weights: str = "auto"
     openvino: OvBuildConfig = field(default_factory=OvBuildConfig)
     tensorrt: TrtBuildConfig = field(default_factory=TrtBuildConfig)
@@ -72,9 +78,12 @@ def _read_runtime(folder: Path, what: str) -> dict:
 
 
 def _side_files(folder: Path, runtime: dict) -> list[str]:
-    """The files an engine folder carries beside its engines: runtime.json and the conditioning."""
+    """The files an engine folder carries beside its engines: runtime.json, the conditioning
+    and the tokenizers."""
+    from diffquant.engines.pipeline import tokenizer_files
+
     cond = runtime.get("conditioning", {}).get("file", "")
-    return [RUNTIME_FILE] + ([cond] if cond and (folder / cond).is_file() else [])
+    return [RUNTIME_FILE] + ([cond] if cond and (folder / cond).is_file() else []) + tokenizer_files(runtime)
 
 
 def _lint_or_refuse(onnx_path: Path, backend: str) -> dict:
@@ -105,25 +114,48 @@ def _lowered_for(onnx_path: Path) -> str:
     return "onnxruntime" if meta.get("diffquant.target") == "onnxruntime" else "tensorrt"
 
 
+def _source(onnx_path: str | Path, cfg: BuildConfig) -> tuple[Path, dict, list[dict]]:
+    """(export folder, its runtime.json, the denoiser graphs to build) from a Q/DQ graph path or
+    a run / export folder; ``cfg.denoiser == "fp"`` builds the FP32 reference graph instead."""
+    src = Path(onnx_path)
+    if src.is_dir():
+        runtime = _read_runtime(src, "build takes a run or export folder (with runtime.json) or its unet.qdq.onnx")
+        graphs = runtime.get("graphs") or []
+        if not graphs:
+            raise DiffquantError(f"{src / RUNTIME_FILE} lists no graphs; export the model again")
+        src = src / graphs[0]["file"]
+    elif not src.exists():
+        raise DiffquantError(f"ONNX file {src} does not exist")
+    else:
+        runtime = _read_runtime(src.parent, "build needs the folder `diffquant export` / `run` wrote (it lists the graphs and the conditioning)")
+        graphs = runtime.get("graphs") or [{"file": src.name, "timestep_range": []}]
+        if src.name not in {g.get("file") for g in graphs}:
+            raise DiffquantError(f"{src.name} is not one of the exported graphs in {src.parent / RUNTIME_FILE}: {[g['file'] for g in graphs]}")
+    if cfg.denoiser not in ("qdq", "fp"):
+        raise DiffquantError(f"denoiser must be qdq or fp, got {cfg.denoiser!r}")
+    if cfg.denoiser == "fp":
+        if not (src.parent / FP_GRAPH).is_file():
+            raise DiffquantError(f"{src.parent / FP_GRAPH} is missing; export the model again")
+        graphs = [{"file": FP_GRAPH, "timestep_range": []}]
+    return src, runtime, graphs
+
+
 def build(onnx_path: str | Path, out: str | Path, config: BuildConfig | None = None) -> Path:
-    """Build the engine folder ``out`` from ``onnx_path``: every graph of its timestep groups
-    (listed in the sibling ``runtime.json``) is linted, then built for ``config.backend``."""
+    """Build the engine folder ``out`` from ``onnx_path`` (a Q/DQ graph, or the run / export
+    folder): every denoiser graph of its timestep groups (listed in ``runtime.json``) is linted,
+    then built for ``config.backend``, with the pipeline parts the export holds."""
+    from diffquant.engines.pipeline import build_parts
+
     cfg = config or BuildConfig()
     if cfg.backend not in ("auto", *BACKENDS):
         raise DiffquantError(f"unknown backend {cfg.backend!r}; available: auto, {', '.join(BACKENDS)}")
-    src = Path(onnx_path)
-    if not src.exists():
-        raise DiffquantError(f"ONNX file {src} does not exist")
+    src, runtime, graphs = _source(onnx_path, cfg)
     auto = cfg.backend == "auto"
     if auto:
         cfg = replace(cfg, backend=_lowered_for(src))
     out = Path(out)
     if out.exists():
         raise DiffquantError(f"output folder {out} already exists; pass another --out or delete it")
-    runtime = _read_runtime(src.parent, "build needs the folder `diffquant export` / `run` wrote (it lists the graphs and the conditioning)")
-    graphs = runtime.get("graphs") or [{"file": src.name, "timestep_range": []}]
-    if src.name not in {g.get("file") for g in graphs}:
-        raise DiffquantError(f"{src.name} is not one of the exported graphs in {src.parent / RUNTIME_FILE}: {[g['file'] for g in graphs]}")
     metas = [_lint_or_refuse(src.parent / g["file"], cfg.backend) for g in graphs]
     if cfg.backend == "tensorrt":
         from diffquant.engines.tensorrt import import_tensorrt
@@ -141,13 +173,16 @@ def build(onnx_path: str | Path, out: str | Path, config: BuildConfig | None = N
         import_openvino()
     with atomic_folder(out) as tmp:
         entries = [_build_one(src.parent / g["file"], g, meta, runtime, cfg, tmp) for g, meta in zip(graphs, metas)]
+        parts = build_parts(src.parent, runtime, cfg.backend, cfg, tmp, file_sha256)
         side = {}
         for name in _side_files(src.parent, runtime):
-            shutil.copy2(src.parent / name, tmp / name)
+            (tmp / name).parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy2(contained(src.parent, name, f"{src.parent / RUNTIME_FILE}: {name}"), tmp / name)
             side[name] = file_sha256(tmp / name)
         machine = {"cpu": cpu_info().to_dict()} if cfg.backend != "tensorrt" else {}
         write_json(tmp / ENGINE_FILE, {"version": ENGINE_VERSION, "backend": cfg.backend, "built": time.strftime("%Y-%m-%dT%H:%M:%S"),
-                                       "config": asdict(cfg), **machine, "engines": entries, "files_sha256": side, "source": str(src.parent)})
+                                       "config": asdict(cfg), **machine, "engines": entries, "parts": parts, "files_sha256": side,
+                                       "source": str(src.parent)})
     return out
 
 

@@ -1,5 +1,6 @@
-"""The torch-free runtime sampler: DDIM with classifier-free guidance in numpy, driving any
-`Engine` (ONNX Runtime or TensorRT), with the exported prompt table as conditioning."""
+"""The torch-free runtime sampler: the pipeline's scheduler in numpy with classifier-free
+guidance, driving any `Engine` (ONNX Runtime, OpenVINO or TensorRT), conditioned on rows of the
+exported prompt table or on prompts encoded by the folder's text encoders (`engines.text`)."""
 
 from __future__ import annotations
 
@@ -12,7 +13,7 @@ from diffquant._check import check_value, contained
 from diffquant.engines.base import Engine
 from diffquant.errors import DiffquantError
 
-__all__ = ["GenerateConfig", "PromptTable", "generate"]
+__all__ = ["Conditioning", "GenerateConfig", "PromptTable", "generate"]
 
 
 class PromptTable:
@@ -65,6 +66,29 @@ class PromptTable:
 
 
 @dataclass
+class Conditioning:
+    """What one sampling run is conditioned on: a conditional and an unconditional row per image
+    (every conditioning input), and the inputs shared by all (no batch axis)."""
+
+    cond: dict[str, np.ndarray]
+    uncond: dict[str, np.ndarray]
+    static: dict[str, np.ndarray]
+
+    @classmethod
+    def from_table(cls, table: PromptTable, ids: list[int]) -> Conditioning:
+        return cls(table(ids), table(np.full(len(ids), table.null_id)), table.static)
+
+    def __len__(self) -> int:
+        return len(next(iter(self.cond.values()))) if self.cond else 0
+
+
+def initial_noise(seed: int, n: int, shape: tuple) -> np.ndarray:
+    """The starting noise of ``n`` samples: image i from its own stream ``(seed, i)``, so an image
+    does not change with the batch or the number of images asked for."""
+    return np.stack([np.random.default_rng([seed, i]).standard_normal(shape).astype(np.float32) for i in range(n)]) if n else np.zeros((0, *shape), np.float32)
+
+
+@dataclass
 class GenerateConfig:
     """Sampling settings (the model's schedule comes from runtime.json); ``guidance`` None is
     the family's default."""
@@ -73,6 +97,7 @@ class GenerateConfig:
     guidance: float | None = 3.0
     seed: int = 0
     batch: int = 16
+    scheduler: str = "auto"
 
 
 def _feeds(engine: Engine, runtime: dict, x: np.ndarray, t: float, cond: dict[str, np.ndarray], static: dict, guidance: float) -> dict[str, np.ndarray]:
@@ -95,41 +120,43 @@ def _feeds(engine: Engine, runtime: dict, x: np.ndarray, t: float, cond: dict[st
     return feeds
 
 
-def generate(engine: Engine, runtime: dict, prompts: PromptTable, ids: list[int], cfg: GenerateConfig, progress: bool = True) -> np.ndarray:
-    """Sample one output per prompt id in ``ids`` with the model's own sampler; returns the final
-    latents [N, ...] (pixel models: images clipped to [-1, 1])."""
+def generate(engine: Engine, runtime: dict, conditioning: Conditioning, n: int, cfg: GenerateConfig, progress: bool = True) -> np.ndarray:
+    """Sample ``n`` outputs (row i of ``conditioning`` for image i; an unconditional model has
+    no rows) with the model's own sampler; returns the final latents [N, ...] (pixel models:
+    images clipped to [-1, 1])."""
     from tqdm.auto import tqdm
 
     from diffquant.engines.scheduler import numpy_scheduler
 
     if runtime.get("version", 1) < 2:
         raise DiffquantError("this engine folder was exported by an older diffquant (runtime.json version 1); export and build it again")
-    sched = numpy_scheduler(runtime)
+    sched = numpy_scheduler(runtime, cfg.scheduler)
     sampler = runtime["sampler"]
     shape = tuple(runtime["sample_shape"])
     out_name = runtime.get("output", "noise_pred")
     guidance = float(sampler.get("default_guidance", 3.0) if cfg.guidance is None else cfg.guidance)
-    noise = np.random.default_rng(cfg.seed).standard_normal((len(ids), *shape)).astype(np.float32)
+    noise = initial_noise(cfg.seed, n, shape) * np.float32(sched.init_noise_sigma(cfg.steps))
     guided = sampler.get("guidance", "cfg") == "cfg" and guidance > 1.0
     # with CFG each image takes two rows of the engine batch (conditional + unconditional)
     limit = getattr(engine, "max_batch", 0) or 1 << 30
     per = max(1, min(cfg.batch, limit // 2 if guided else limit))
     timesteps = sched.timesteps(cfg.steps)
     outs = []
-    bar = tqdm(total=len(timesteps) * ((len(ids) + per - 1) // per), desc="generate", disable=not progress, leave=False)
-    for i in range(0, len(ids), per):
+    bar = tqdm(total=len(timesteps) * ((n + per - 1) // per), desc="generate", disable=not progress, leave=False)
+    for i in range(0, n, per):
         x = noise[i : i + per]
-        cond = prompts(ids[i : i + per])
+        cond = {k: v[i : i + per] for k, v in conditioning.cond.items()}
         if guided:
-            uncond = prompts(np.full(len(x), prompts.null_id))
-            cond = {k: np.concatenate([cond[k], uncond[k]]) for k in cond}
+            cond = {k: np.concatenate([cond[k], conditioning.uncond[k][i : i + per]]) for k in cond}
+        sched.reset()
         for t in timesteps:
-            x_in = np.concatenate([x, x]) if guided else x
-            eps = engine.run(_feeds(engine, runtime, x_in, float(t), cond, prompts.static, guidance), [out_name])[out_name].astype(np.float32)
+            x_in = sched.scale_input(x, t)
+            x_in = np.concatenate([x_in, x_in]) if guided else x_in
+            eps = engine.run(_feeds(engine, runtime, x_in, float(t), cond, conditioning.static, guidance), [out_name])[out_name].astype(np.float32)
             if guided:
                 ec, eu = eps[: len(x)], eps[len(x) :]
                 eps = eu + guidance * (ec - eu)
-            x = sched.step(eps, float(t) if sampler["kind"] == "flow" else int(t), x, cfg.steps)
+            x = sched.step(eps, t, x, cfg.steps)
             bar.update()
         outs.append(x if runtime.get("latent") else np.clip(x, -1.0, 1.0))
     bar.close()

@@ -8,7 +8,10 @@ Comparisons (each a pair of Polygraphy runners on the same inputs):
   with the weights `build` would give this CPU),
 - ``openvino``: torch fake-quant vs an OpenVINO engine (its FakeQuantize kernels and bf16 or f32
   float layers; only where OpenVINO imports),
-- ``tensorrt``: the reference vs a TensorRT engine (step 3; only where TensorRT imports).
+- ``tensorrt``: the reference vs a TensorRT engine (step 3; only where TensorRT imports),
+- ``pipeline``: whole images from engine folders built from the run (FP denoiser, then the
+  quantized one; text encoders, VAE decoder, numpy scheduler) against the diffusers FP pipeline
+  on the same prompts, noise and scheduler (`eval.pipeline`; pipeline folders only).
 """
 
 from __future__ import annotations
@@ -33,9 +36,10 @@ from diffquant._io import atomic_path, write_json, write_text
 from diffquant.engines import Engine, EnginesFromFolder, GroupedEngine, OrtEngine
 from diffquant.engines.ort import FusedEngineFromOnnx
 from diffquant.errors import DiffquantError
+from diffquant.eval.pipeline import ImageVerdict, PipelineCheckConfig, compare_pipeline
 from diffquant.quant import QuantPlan, apply_plan
 
-__all__ = ["COMPARISONS", "OutputVerdict", "ValidateConfig", "ValidationResult", "validate"]
+__all__ = ["COMPARISONS", "KNOWN", "OutputVerdict", "ValidateConfig", "ValidationResult", "validate"]
 
 # comparison -> (reference runner, candidate runner, default cosine and SNR thresholds)
 COMPARISONS = {
@@ -48,6 +52,7 @@ COMPARISONS = {
     "tensorrt": ("ort-qdq", "tensorrt", 0.99, 20.0),
 }
 ENGINE_BACKENDS = ("openvino", "tensorrt")  # comparisons that need an engine folder, skipped where the runtime is missing
+KNOWN = (*COMPARISONS, "pipeline")
 
 
 @dataclass
@@ -62,6 +67,7 @@ class ValidateConfig:
     samples: int = 8
     thresholds: dict[str, dict[str, float]] = field(default_factory=dict)
     progress: bool = True
+    pipeline: PipelineCheckConfig = field(default_factory=PipelineCheckConfig)
 
 
 @dataclass
@@ -84,21 +90,22 @@ class ValidationResult:
     rows: list[OutputVerdict] = field(default_factory=list)
     not_run: dict[str, str] = field(default_factory=dict)
     inputs_file: str = ""
+    images: list[ImageVerdict] = field(default_factory=list)
 
     @property
     def passed(self) -> bool:
         """Every requested comparison ran and passed: one that could not run is not a pass."""
-        return bool(self.rows) and all(r.passed for r in self.rows) and not self.not_run
+        return bool(self.rows or self.images) and all(r.passed for r in [*self.rows, *self.images]) and not self.not_run
 
     @property
     def verdict(self) -> str:
-        if any(not r.passed for r in self.rows):
+        if any(not r.passed for r in [*self.rows, *self.images]):
             return "FAIL"
-        return "NOT RUN" if self.not_run or not self.rows else "PASS"
+        return "NOT RUN" if self.not_run or not (self.rows or self.images) else "PASS"
 
     def to_dict(self) -> dict:
         return {"run": self.run, "passed": self.passed, "verdict": self.verdict, "rows": [asdict(r) for r in self.rows],
-                "not_run": self.not_run, "inputs_file": self.inputs_file}
+                "images": [r.to_dict() for r in self.images], "not_run": self.not_run, "inputs_file": self.inputs_file}
 
     def table(self) -> str:
         lines = ["| comparison | timestep | output | cosine | SNR dB | max abs | verdict |", "|---|---|---|---|---|---|---|"]
@@ -107,6 +114,11 @@ class ValidationResult:
             lines.append(f"| {r.comparison} | {r.timestep:g} | {r.output} | {r.cosine:.6f} | {r.snr_db:.1f} | {r.max_abs:.3g} | {verdict} |")
         for name, why in self.not_run.items():
             lines.append(f"| {name} | – | – | – | – | – | not run: {why} |")
+        if self.images:
+            lines += ["", "Pipeline images against the diffusers FP pipeline (same prompts, noise, scheduler):", "",
+                      "| denoiser engine | prompt | seed | PSNR dB | SSIM | verdict |", "|---|---|---|---|---|---|"]
+            lines += [f"| {r.engine} | {r.prompt} | {r.seed} | {r.psnr_db:.1f} | {r.ssim:.4f} | "
+                      f"{'PASS' if r.passed else f'**FAIL** (needs PSNR >= {r.threshold_db:g} dB)'} |" for r in self.images]
         return "\n".join(lines)
 
     def hints(self) -> list[str]:
@@ -181,9 +193,9 @@ def validate(run_dir: str | Path, denoiser, inputs: list, cfg: ValidateConfig | 
     cfg = cfg or ValidateConfig()
     run = Path(run_dir)
     G_LOGGER.module_severity = G_LOGGER.CRITICAL  # our table is the report; Polygraphy's own log stays quiet
-    unknown = [a for a in cfg.against if a not in COMPARISONS]
+    unknown = [a for a in cfg.against if a not in KNOWN]
     if unknown:
-        raise DiffquantError(f"unknown comparison(s) {unknown}; choose from {', '.join(COMPARISONS)}")
+        raise DiffquantError(f"unknown comparison(s) {unknown}; choose from {', '.join(KNOWN)}")
     if not (run / "report.json").exists():
         raise DiffquantError(f"{run} is not a run folder (no report.json); make one with `diffquant run`")
     report = read_json(run / "report.json", "make the run folder again with `diffquant run`", required=("onnx",))
@@ -210,7 +222,7 @@ def validate(run_dir: str | Path, denoiser, inputs: list, cfg: ValidateConfig | 
         "tensorrt": lambda: _engine_fn(_keep(opened, _built_engine(run, cfg.engine, "tensorrt"))),
     }
     try:
-        for name in cfg.against:
+        for name in [a for a in cfg.against if a != "pipeline"]:
             ref_name, cand_name, cos_thr, snr_thr = COMPARISONS[name]
             thr = cfg.thresholds.get(name, {})
             cos_thr, snr_thr = thr.get("cosine", cos_thr), thr.get("snr_db", snr_thr)
@@ -234,9 +246,32 @@ def validate(run_dir: str | Path, denoiser, inputs: list, cfg: ValidateConfig | 
     finally:
         for e in opened:
             e.close()
+    if "pipeline" in cfg.against:
+        _pipeline_check(run, report, denoiser, cfg, result)
     write_json(run / "validate.json", result.to_dict())
     write_text(run / "validate.md", f"# Validation of {run}\n\n{result.table()}\n\n" + "\n".join(f"- {h}" for h in result.hints()) + "\n")
     return result
+
+
+def _pipeline_check(run: Path, report: dict, denoiser, cfg: ValidateConfig, result: ValidationResult) -> None:
+    """The ``pipeline`` comparison: engine folders built in the run folder (onnxruntime; the FP
+    denoiser graph, then the quantized one) against the diffusers pipeline the run was made from."""
+    from diffquant.engines.bundle import BuildConfig, build
+    from diffquant.models.loading import load_pipeline
+
+    folder = Path(report.get("model", ""))
+    if not (folder / "model_index.json").is_file():
+        result.not_run["pipeline"] = f"{report.get('model')} is not a diffusers pipeline folder (nothing to compare the images with)"
+        return
+    if not (run / "runtime.json").is_file() or "vae" not in read_json(run / "runtime.json", "export the run again"):
+        result.not_run["pipeline"] = "the run holds no pipeline parts (made by an older diffquant); run it again"
+        return
+    engines = {}
+    for label in ("fp", "qdq"):
+        engines[label] = run / f"engine-pipeline-{label}"
+        if not engines[label].exists():
+            build(run, engines[label], BuildConfig(backend="onnxruntime", denoiser=label))
+    result.images = compare_pipeline(load_pipeline(folder), denoiser.family, engines, cfg.pipeline)
 
 
 def _fq(denoiser, plan: QuantPlan, target: str):

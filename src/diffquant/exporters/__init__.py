@@ -6,7 +6,7 @@ without torch: `diffquant build` lints graphs on machines that only have the run
 
 from importlib import import_module
 
-__all__ = ["ExportResult", "LintReport", "Violation", "export", "export_fp_onnx", "fp_onnx_proto", "lint", "load_onnx", "lower_plan"]
+__all__ = ["ExportResult", "LintReport", "PartsConfig", "Violation", "export", "export_fp_onnx", "export_parts", "fp_onnx_proto", "lint", "load_onnx", "lower_plan"]
 
 _WHERE = {
     "ExportResult": "writer",
@@ -18,6 +18,8 @@ _WHERE = {
     "export_fp_onnx": "onnx_fp",
     "fp_onnx_proto": "onnx_fp",
     "lower_plan": "qdq",
+    "PartsConfig": "parts",
+    "export_parts": "parts",
 }
 
 

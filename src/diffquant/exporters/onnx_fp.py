@@ -23,7 +23,7 @@ from diffquant._io import atomic_path
 from diffquant.errors import DiffquantError
 from diffquant.models.denoiser import Denoiser
 
-__all__ = ["FLOAT_DTYPES", "MODULE_PREFIX", "export_fp_onnx", "fp_onnx_proto", "save_onnx"]
+__all__ = ["FLOAT_DTYPES", "MODULE_PREFIX", "export_fp_onnx", "fp_onnx_proto", "module_onnx_proto", "save_onnx"]
 
 EXTERNAL_DATA_BYTES = 2**31 - 2**26  # protobuf's 2 GB limit, with room for the graph itself
 
@@ -93,30 +93,28 @@ def fp_onnx_proto(denoiser: Denoiser, float_dtype: str = "float32", batch: int =
         example[s.name].to(dtype) if example[s.name].is_floating_point() and s.role not in ("timestep", "guidance") else example[s.name]
         for s in specs
     )
-    buf = io.BytesIO()
-    torch.onnx.register_custom_op_symbolic("aten::rms_norm", _rms_norm, TORCHSCRIPT_OPSET)
-    with warnings.catch_warnings(), torch.no_grad(), _trace_friendly_ops():
-        warnings.simplefilter("ignore")
-        torch.onnx.export(
-            model,
-            args,
-            buf,
-            dynamo=False,
-            opset_version=TORCHSCRIPT_OPSET,
-            input_names=[s.name for s in specs],
-            output_names=list(denoiser.output_names),
-            dynamic_axes={**{s.name: s.dynamic_axes for s in specs}, denoiser.output_names[0]: {0: "batch"}},
-            do_constant_folding=False,
-        )
-    proto = onnx.load_model_from_string(buf.getvalue())
-    try:
-        proto = onnx.version_converter.convert_version(proto, OPSET)
-    except Exception as e:  # the converter raises plain RuntimeErrors
-        raise DiffquantError(f"could not upgrade the exported graph of {denoiser.name} to opset {OPSET}: {e}") from None
+    axes = {**{s.name: s.dynamic_axes for s in specs}, denoiser.output_names[0]: {0: "batch"}}
+    proto = module_onnx_proto(model, args, [s.name for s in specs], list(denoiser.output_names), axes, denoiser.name)
     meta = {"diffquant.model": denoiser.name, "diffquant.float_dtype": float_dtype, "diffquant.module_prefix": MODULE_PREFIX}
     for k, v in meta.items():
         proto.metadata_props.add(key=k, value=v)
     return proto
+
+
+def module_onnx_proto(module: torch.nn.Module, args: tuple, inputs: list[str], outputs: list[str], dynamic_axes: dict, what: str) -> onnx.ModelProto:
+    """Export ``module(*args)`` with the TorchScript exporter (constant folding off, so layer
+    names survive), upgraded to opset 21: the one export path of denoisers and pipeline parts."""
+    buf = io.BytesIO()
+    torch.onnx.register_custom_op_symbolic("aten::rms_norm", _rms_norm, TORCHSCRIPT_OPSET)
+    with warnings.catch_warnings(), torch.no_grad(), _trace_friendly_ops():
+        warnings.simplefilter("ignore")
+        torch.onnx.export(module, args, buf, dynamo=False, opset_version=TORCHSCRIPT_OPSET, input_names=inputs, output_names=outputs,
+                          dynamic_axes=dynamic_axes, do_constant_folding=False)
+    proto = onnx.load_model_from_string(buf.getvalue())
+    try:
+        return onnx.version_converter.convert_version(proto, OPSET)
+    except Exception as e:  # the converter raises plain RuntimeErrors
+        raise DiffquantError(f"could not upgrade the exported graph of {what} to opset {OPSET}: {e}") from None
 
 
 def save_onnx(proto: onnx.ModelProto, path: str | Path) -> Path:

@@ -13,6 +13,7 @@ from diffquant._io import atomic_path, write_json
 from diffquant.errors import DiffquantError
 from diffquant.exporters.linter import LintReport, lint
 from diffquant.exporters.onnx_fp import fp_onnx_proto, save_onnx
+from diffquant.exporters.parts import PartReport, PartsConfig, export_parts
 from diffquant.exporters.qdq import TARGETS, lower_plan
 from diffquant.models.denoiser import Denoiser
 from diffquant.quant.plan import QuantPlan, weights_digest
@@ -35,6 +36,7 @@ class ExportResult:
     lint: LintReport
     graphs: list[Path] = field(default_factory=list)
     timestep_groups: list[list[float]] = field(default_factory=list)
+    parts: list[PartReport] = field(default_factory=list)
 
 
 def graph_file(group: int, n_groups: int) -> str:
@@ -42,10 +44,13 @@ def graph_file(group: int, n_groups: int) -> str:
     return "unet.qdq.onnx" if n_groups == 1 else f"unet.qdq.g{group}.onnx"
 
 
-def export(plan: QuantPlan, denoiser: Denoiser, out_dir: str | Path, target: str = "tensorrt", float_dtype: str | None = None) -> ExportResult:
-    """Write ``unet.fp32.onnx`` (ladder step 1), the deployable Q/DQ graph(s), ``realized.json``
-    and the runtime bundle (``runtime.json``, ``conditioning.safetensors``) into ``out_dir``.
-    Refuses an unfrozen plan or one made for other weights, and lints every graph first."""
+def export(
+    plan: QuantPlan, denoiser: Denoiser, out_dir: str | Path, target: str = "tensorrt", float_dtype: str | None = None, parts: PartsConfig | None = None
+) -> ExportResult:
+    """Write ``unet.fp32.onnx`` (ladder step 1), the deployable Q/DQ graph(s), ``realized.json``,
+    the pipeline parts (text encoders with tokenizers, VAE decoder; `exporters.parts`, checked in
+    ``parts.json``) and the runtime bundle (``runtime.json``, ``conditioning.safetensors``) into
+    ``out_dir``. Refuses an unfrozen plan or one made for other weights, and lints every graph first."""
     if plan.state not in ("frozen", "exported"):
         raise DiffquantError(f"plan for {plan.model} is {plan.state!r}: export needs a frozen plan")
     if plan.model_digest != weights_digest(denoiser.model):
@@ -73,16 +78,20 @@ def export(plan: QuantPlan, denoiser: Denoiser, out_dir: str | Path, target: str
         save_onnx(low.model, graphs[-1])
     groups = plan.timestep_groups or [[]]
     write_json(out / "realized.json", {"target": target, "float_dtype": fdtype, "layers": lowered[0].realized, "skipped": plan.skipped, "timestep_groups": plan.timestep_groups})
-    write_runtime_bundle(denoiser, out, target, plan.request, [{"file": p.name, "timestep_range": r} for p, r in zip(graphs, groups)])
+    sections, part_reports = export_parts(denoiser, out, target, parts)
+    if part_reports:
+        write_json(out / "parts.json", {"target": target, "parts": [r.to_dict() for r in part_reports]})
+    write_runtime_bundle(denoiser, out, target, plan.request, [{"file": p.name, "timestep_range": r} for p, r in zip(graphs, groups)], sections)
     plan.state = "exported"
-    return ExportResult(out / "unet.fp32.onnx", graphs[0], lowered[0].realized, lowered[0].act_dq, reports[0], graphs, plan.timestep_groups)
+    return ExportResult(out / "unet.fp32.onnx", graphs[0], lowered[0].realized, lowered[0].act_dq, reports[0], graphs, plan.timestep_groups, part_reports)
 
 
-def write_runtime_bundle(denoiser: Denoiser, out: Path, target: str, bits: str, graphs: list[dict]) -> None:
+def write_runtime_bundle(denoiser: Denoiser, out: Path, target: str, bits: str, graphs: list[dict], parts: dict | None = None) -> None:
     """What `generate` needs without torch: the prompt table (every conditioning input, one row
     per calibrated prompt and the negative / null row last), the static inputs, the sampler
     (scheduler config, kind, flow-matching arguments, how timesteps are fed), the named input
-    specs with an example shape each, and the graphs with their timestep ranges."""
+    specs with an example shape each, the graphs with their timestep ranges, and the pipeline
+    parts (``text``: encoders, tokenizers and how their outputs make the conditioning; ``vae``)."""
     fam = denoiser.family
     tensors = {f"cond.{k}": np.ascontiguousarray(v.numpy()) for k, v in denoiser.conditioning.items()}
     tensors.update({f"static.{k}": np.ascontiguousarray(v.numpy()) for k, v in fam.static_inputs(denoiser.conditioning).items()})
@@ -115,5 +124,7 @@ def write_runtime_bundle(denoiser: Denoiser, out: Path, target: str, bits: str, 
             },
             "scheduler": sched,
             "graphs": graphs,
+            "resolution": list(fam.resolution),
+            **(parts or {}),
         },
     )

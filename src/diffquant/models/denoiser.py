@@ -8,14 +8,24 @@ from torch import nn
 
 from diffquant.errors import DiffquantError
 from diffquant.models.families import Family
+from diffquant.models.families.text import TextPlan
 from diffquant.models.inputs import InputSpec, NamedInputs
 
-__all__ = ["Denoiser"]
+__all__ = ["Denoiser", "decode_latents"]
+
+
+def decode_latents(vae: nn.Module, family: Family, x: torch.Tensor) -> torch.Tensor:
+    """Sampler output -> images in [-1, 1]: unpacked to the VAE's layout, unscaled, decoded
+    (the exported VAE-decoder graph is this function)."""
+    lat = family.image_latents(x)
+    cfg = vae.config
+    lat = lat / cfg.scaling_factor + (cfg.get("shift_factor", None) or 0.0)
+    return vae.decode(lat, return_dict=False)[0].clamp(-1, 1)
 
 
 class _Shared:
-    """Pipeline parts a denoiser uses but never quantizes or exports (the VAE): shared, not
-    copied, by the deep copies that fake-quant models are made from."""
+    """Pipeline parts a denoiser uses but never quantizes (the VAE, the text encoders and their
+    tokenizers): shared, not copied, by the deep copies that fake-quant models are made from."""
 
     def __init__(self, **parts) -> None:
         self.parts = parts
@@ -30,6 +40,8 @@ class Denoiser(nn.Module):
     ``conditioning`` maps each conditioning input name to a table with one row per prompt in
     ``prompts`` and the negative / null prompt last (``null_id``), encoded once by the
     pipeline's own text encoders; ``encode(ids)`` looks rows up. ``vae`` decodes latents.
+    ``text_plan`` and ``text_parts`` (the pipeline's text encoders and tokenizers by component
+    name) are what the exporter writes so that a deployed model takes any prompt.
     """
 
     output_names = ("noise_pred",)
@@ -44,6 +56,7 @@ class Denoiser(nn.Module):
         prompts: list[str],
         skip: tuple[str, ...] | None = None,
         vae: nn.Module | None = None,
+        text: tuple[TextPlan, dict] | None = None,
     ) -> None:
         super().__init__()
         self.name = name
@@ -54,7 +67,8 @@ class Denoiser(nn.Module):
         self.prompts = list(prompts)
         self.null_id = len(self.prompts)
         self.skip = tuple(family.skip if skip is None else skip)
-        self._shared = _Shared(vae=vae)
+        plan, parts = text or (None, {})
+        self._shared = _Shared(vae=vae, text_plan=plan, text_parts=dict(parts))
         self.specs = family.input_specs()
         for s in self.specs:
             if s.role == "cond" and s.name not in self.conditioning:
@@ -63,6 +77,14 @@ class Denoiser(nn.Module):
     @property
     def vae(self) -> nn.Module | None:
         return self._shared.parts.get("vae")
+
+    @property
+    def text_plan(self) -> TextPlan | None:
+        return self._shared.parts.get("text_plan")
+
+    @property
+    def text_parts(self) -> dict:
+        return self._shared.parts.get("text_parts", {})
 
     @property
     def sample_shape(self) -> tuple[int, ...]:
@@ -125,11 +147,8 @@ class Denoiser(nn.Module):
         vae = self.vae
         if vae is None:
             return x.clamp(-1, 1)
-        lat = self.family.image_latents(x)
-        cfg = vae.config
-        lat = lat / cfg.scaling_factor + (cfg.get("shift_factor", None) or 0.0)
         with torch.no_grad():
-            return torch.cat([vae.decode(lat[i : i + batch], return_dict=False)[0] for i in range(0, len(lat), batch)]).clamp(-1, 1)
+            return torch.cat([decode_latents(vae, self.family, x[i : i + batch]) for i in range(0, len(x), batch)])
 
     def blocks(self) -> list[tuple[str, str]]:
         """(module name, kind) of the reconstruction blocks of this family, outermost first."""

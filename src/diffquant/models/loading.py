@@ -21,7 +21,7 @@ from diffquant.models.data import CLASS_WORDS
 from diffquant.models.denoiser import Denoiser
 from diffquant.models.families import DigitsDiT, DigitsSD, family_for, supported_classes
 
-__all__ = ["DDIM_SCHEDULERS", "FLOW_SCHEDULERS", "LoadConfig", "default_prompts", "load_classifier", "load_denoiser", "read_prompts"]
+__all__ = ["DDIM_SCHEDULERS", "FLOW_SCHEDULERS", "LoadConfig", "default_prompts", "load_classifier", "load_denoiser", "load_pipeline", "read_prompts"]
 
 DENOISER_FOLDERS = ("unet", "transformer")
 # schedulers whose config is a discrete beta schedule: sampled with DDIM on that schedule
@@ -120,7 +120,8 @@ def _check_weights(folder: Path) -> None:
         warnings.warn(f"{folder} holds only .bin weights; they are loaded with weights_only=True, but convert them to safetensors", stacklevel=3)
 
 
-def _load_pipeline(folder: Path):
+def load_pipeline(folder: Path):
+    """The diffusers pipeline saved in ``folder`` (FP32, local files only), its parts checked."""
     import diffusers
 
     index = _json(folder / "model_index.json")
@@ -153,7 +154,7 @@ def _truncation_warning(pipe, prompts: list[str]) -> None:
 
 
 def _from_pipeline(folder: Path, cfg: LoadConfig) -> Denoiser:
-    pipe = _load_pipeline(folder)
+    pipe = load_pipeline(folder)
     model = getattr(pipe, "unet", None) or getattr(pipe, "transformer", None)
     if model is None:
         raise DiffquantError(f"{folder}: the pipeline has no unet or transformer to quantize")
@@ -170,7 +171,9 @@ def _from_pipeline(folder: Path, cfg: LoadConfig) -> Denoiser:
         _truncation_warning(pipe, prompts)
     with torch.no_grad():
         cond = family.encode(pipe, prompts)
-    return Denoiser(str(folder), family, model, sched, cond, prompts, vae=getattr(pipe, "vae", None))
+    text = family.text_plan(pipe)
+    parts = {n: getattr(pipe, n) for e in (text.encoders if text else []) for n in (e.component, e.tokenizer)}
+    return Denoiser(str(folder), family, model, sched, cond, prompts, vae=getattr(pipe, "vae", None), text=(text, parts) if text else None)
 
 
 def _from_component(folder: Path, cfg: LoadConfig) -> Denoiser:

@@ -14,6 +14,7 @@ import torch
 from torch import nn
 
 from diffquant.errors import DiffquantError
+from diffquant.models.families.text import TextPlan
 from diffquant.models.inputs import InputSpec
 
 __all__ = ["Family", "calculate_shift", "chunked"]
@@ -108,6 +109,17 @@ class Family(ABC):
     def encode(self, pipe, prompts: list[str]) -> dict[str, torch.Tensor]:
         """Conditioning rows: one per prompt, then the negative / null row last."""
         return {}
+
+    def text_plan(self, pipe) -> TextPlan | None:
+        """How the pipeline's text encoders make the conditioning, as data the deployed runtime
+        repeats without torch (None: no text encoder; the prompt table is the conditioning)."""
+        return None
+
+    def reference_call(self, prompts: list[str]) -> dict | None:
+        """Keyword arguments for a call of the diffusers pipeline that draws ``prompts`` as the
+        deployed runtime does (the reference of the pipeline parity check); None where the
+        pipeline has no deterministic equivalent."""
+        return {"prompt": prompts}
 
     def static_inputs(self, cond: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         """Inputs shared by every sample (no batch axis)."""

@@ -37,6 +37,9 @@ class DiT(Family):
         n = self.n_classes
         return [str(round(i * (n - 1) / 31)) for i in range(32)] if n > 32 else [str(i) for i in range(n)]
 
+    def reference_call(self, prompts: list[str]) -> dict | None:
+        return {"class_labels": [int(p) for p in prompts]}
+
     def encode(self, pipe, prompts: list[str]) -> dict[str, torch.Tensor]:
         labels = dict(getattr(pipe, "labels", None) or {}) if pipe is not None else {}
         ids = []

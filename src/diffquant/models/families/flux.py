@@ -8,6 +8,7 @@ import numpy as np
 import torch
 
 from diffquant.models.families.base import Family, calculate_shift, chunked
+from diffquant.models.families.text import TextEncoderSpec, TextPlan
 from diffquant.models.inputs import InputSpec
 
 __all__ = ["Flux"]
@@ -41,7 +42,8 @@ class Flux(Family):
 
     def image_latents(self, x: torch.Tensor) -> torch.Tensor:
         (h, w), c = self.tokens_hw, self.config.in_channels
-        return x.view(len(x), h, w, c // 4, 2, 2).permute(0, 3, 1, 4, 2, 5).reshape(len(x), c // 4, h * 2, w * 2)
+        # -1, not len(x): the exported VAE-decoder graph keeps a dynamic batch
+        return x.reshape(-1, h, w, c // 4, 2, 2).permute(0, 3, 1, 4, 2, 5).reshape(-1, c // 4, h * 2, w * 2)
 
     def input_specs(self) -> list[InputSpec]:
         c = self.config
@@ -62,9 +64,22 @@ class Flux(Family):
             txt_ids=inputs["txt_ids"], img_ids=inputs["img_ids"], return_dict=False,
         )[0]
 
+    T5_LENGTH = 512  # the length `encode` pads to (the pipeline's default)
+
+    def text_plan(self, pipe) -> TextPlan | None:
+        """CLIP's pooled output and the T5 sequence."""
+        if getattr(pipe, "text_encoder", None) is None or getattr(pipe, "text_encoder_2", None) is None:
+            return None
+        encs = [TextEncoderSpec("text_encoder", "tokenizer", pipe.tokenizer.model_max_length, ("pooled",)),
+                TextEncoderSpec("text_encoder_2", "tokenizer_2", self.T5_LENGTH, ("last_hidden_state",))]
+        return TextPlan(encs, {"pooled_projections": ["out", "text_encoder", "pooled"], "encoder_hidden_states": ["out", "text_encoder_2", "last_hidden_state"]})
+
+    def reference_call(self, prompts: list[str]) -> dict | None:
+        return {"prompt": prompts, "max_sequence_length": self.T5_LENGTH}
+
     def encode(self, pipe, prompts: list[str]) -> dict[str, torch.Tensor]:
         def enc(ps):
-            return pipe.encode_prompt(ps, None, device="cpu", max_sequence_length=512)
+            return pipe.encode_prompt(ps, None, device="cpu", max_sequence_length=self.T5_LENGTH)
 
         parts = chunked(enc, [*prompts, ""])  # the empty prompt last (only used with --guidance and true CFG)
         return {"encoder_hidden_states": torch.cat([p[0] for p in parts]), "pooled_projections": torch.cat([p[1] for p in parts])}

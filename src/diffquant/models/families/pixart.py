@@ -6,6 +6,7 @@ from __future__ import annotations
 import torch
 
 from diffquant.models.families.base import Family, chunked
+from diffquant.models.families.text import TextEncoderSpec, TextPlan
 from diffquant.models.inputs import InputSpec
 
 __all__ = ["PixArt"]
@@ -47,6 +48,17 @@ class PixArt(Family):
             timestep=inputs["timestep"], added_cond_kwargs=added, return_dict=False,
         )[0]
         return self.split_learned_sigma(out)
+
+    def text_plan(self, pipe) -> TextPlan | None:
+        """T5 with its attention mask, prompts lower-cased (the pipeline's preprocessing without
+        caption cleaning, which needs bs4 and ftfy and is off by default)."""
+        if getattr(pipe, "text_encoder", None) is None:
+            return None
+        enc = TextEncoderSpec("text_encoder", "tokenizer", self.text_len, ("last_hidden_state",), feed_mask=True, lowercase=True)
+        return TextPlan([enc], {"encoder_hidden_states": ["out", "text_encoder", "last_hidden_state"], "encoder_attention_mask": ["mask", "text_encoder"]})
+
+    def reference_call(self, prompts: list[str]) -> dict | None:
+        return {"prompt": prompts, "use_resolution_binning": False, "max_sequence_length": self.text_len}
 
     def encode(self, pipe, prompts: list[str]) -> dict[str, torch.Tensor]:
         def enc(ps):

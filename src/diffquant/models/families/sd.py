@@ -6,6 +6,7 @@ from __future__ import annotations
 import torch
 
 from diffquant.models.families.base import Family, chunked
+from diffquant.models.families.text import TextEncoderSpec, TextPlan
 from diffquant.models.inputs import InputSpec
 
 __all__ = ["UNET_BLOCKS", "UNET_SKIP", "StableDiffusion"]
@@ -37,6 +38,13 @@ class StableDiffusion(Family):
     def call(self, model, inputs: dict) -> torch.Tensor:
         extra = {} if (added := self.added_cond(inputs)) is None else {"added_cond_kwargs": added}
         return model(inputs["sample"], inputs["timestep"], encoder_hidden_states=inputs["encoder_hidden_states"], return_dict=False, **extra)[0]
+
+    def text_plan(self, pipe) -> TextPlan | None:
+        if getattr(pipe, "text_encoder", None) is None:
+            return None
+        mask = bool(getattr(pipe.text_encoder.config, "use_attention_mask", False))
+        enc = TextEncoderSpec("text_encoder", "tokenizer", pipe.tokenizer.model_max_length, ("last_hidden_state",), feed_mask=mask)
+        return TextPlan([enc], {"encoder_hidden_states": ["out", "text_encoder", "last_hidden_state"]})
 
     def encode(self, pipe, prompts: list[str]) -> dict[str, torch.Tensor]:
         def enc(ps):

@@ -10,6 +10,7 @@ import torch
 from diffquant.errors import DiffquantError
 from diffquant.models.families.base import chunked
 from diffquant.models.families.sd import StableDiffusion
+from diffquant.models.families.text import TextEncoderSpec, TextPlan
 from diffquant.models.inputs import InputSpec
 
 __all__ = ["StableDiffusionXL"]
@@ -50,6 +51,20 @@ class StableDiffusionXL(StableDiffusion):
         if self.n_time_ids == 6:
             return [h, w, 0, 0, h, w]
         return [h, w, 0, 0, 2.5 if negative else 6.0]  # refiner: original size, crop, aesthetic score
+
+    def text_plan(self, pipe) -> TextPlan | None:
+        """Penultimate hidden states of both CLIPs side by side (the refiner has only the second),
+        the second's projected pooled output; no negative prompt means zeros where the pipeline
+        forces them (``force_zeros_for_empty_prompt``)."""
+        if getattr(pipe, "text_encoder_2", None) is None:
+            return None
+        names = [n for n in ("text_encoder", "text_encoder_2") if getattr(pipe, n, None) is not None]
+        encs = [TextEncoderSpec(n, n.replace("text_encoder", "tokenizer"), getattr(pipe, n.replace("text_encoder", "tokenizer")).model_max_length,
+                                ("penultimate", "pooled") if n == "text_encoder_2" else ("penultimate",)) for n in names]
+        hidden = [["out", n, "penultimate"] for n in names]
+        compose = {"encoder_hidden_states": ["cat", -1, *hidden] if len(hidden) > 1 else hidden[0], "text_embeds": ["out", "text_encoder_2", "pooled"]}
+        zeros = bool(getattr(pipe.config, "force_zeros_for_empty_prompt", True))
+        return TextPlan(encs, compose, "zeros" if zeros else "empty")
 
     def encode(self, pipe, prompts: list[str]) -> dict[str, torch.Tensor]:
         def enc(ps):

@@ -27,5 +27,8 @@ class UnconditionalUNet(Family):
     def call(self, model, inputs: dict) -> torch.Tensor:
         return model(inputs["sample"], inputs["timestep"], return_dict=False)[0]
 
+    def reference_call(self, prompts: list[str]) -> dict | None:
+        return None  # DDPMPipeline samples ancestrally (fresh noise every step): nothing to match step for step
+
     def default_prompts(self) -> list[str]:
         return [""]  # unconditional: one "prompt", no conditioning rows
