@@ -8,7 +8,7 @@ from pathlib import Path
 
 import torch
 
-__all__ = ["FAMILIES", "make_pipeline"]
+__all__ = ["FAMILIES", "export_tiny", "make_pipeline"]
 
 FAMILIES = ("sd", "sd2-v", "sdxl", "pixart", "sd3", "flux", "dit", "ddpm")
 CHARS = "abcdefghijklmnopqrstuvwxyz0123456789,.!?'-"
@@ -136,3 +136,23 @@ def make_pipeline(family: str, folder: str | Path) -> Path:
     pipe = _build(family, folder.parent / f".{folder.name}-tok")
     pipe.save_pretrained(str(folder), safe_serialization=True)
     return folder
+
+
+def export_tiny(family: str, root: Path, prompts: list[str], resolution: tuple[int, int] | None = None, target: str = "onnxruntime"):
+    """Make the tiny ``family`` pipeline in ``root``, quantize it (minmax W8A8 on a few samples)
+    and export it with its pipeline parts; returns (pipeline folder, denoiser, export folder)."""
+    import warnings
+
+    from diffquant.calib_data import CalibConfig, collect
+    from diffquant.exporters import export
+    from diffquant.models.loading import LoadConfig, load_denoiser
+    from diffquant.pipeline import load_recipe, quantize
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        folder = make_pipeline(family, root / family)
+        d = load_denoiser(str(folder), LoadConfig(prompts=prompts, resolution=resolution))
+    calib = collect(d, CalibConfig(samples=2, steps=3, timesteps=2, guidance=d.family.default_guidance), cache_dir=root / f"c-{family}", progress=False)
+    plan = quantize(d, load_recipe("minmax"), calib, bits="w8a8", progress=False)
+    export(plan, d, root / f"exp-{family}", target=target)
+    return folder, d, root / f"exp-{family}"

@@ -8,7 +8,23 @@ import numpy as np
 
 from diffquant._io import atomic_path
 
-__all__ = ["save_grid_array"]
+__all__ = ["png_bytes", "save_grid_array"]
+
+
+def png_bytes(image: np.ndarray, text: dict | None = None) -> bytes:
+    """One image in [-1, 1] shaped [C, H, W] as PNG bytes, ``text`` in its text chunks."""
+    import io
+
+    from PIL import Image
+    from PIL.PngImagePlugin import PngInfo
+
+    arr = np.round((np.clip(image.astype(np.float32), -1, 1) + 1) * 127.5).astype(np.uint8).transpose(1, 2, 0)
+    info = PngInfo()
+    for k, v in (text or {}).items():
+        info.add_itxt(k, str(v))
+    buf = io.BytesIO()
+    Image.fromarray(arr[..., 0] if arr.shape[-1] == 1 else arr).save(buf, format="PNG", pnginfo=info)
+    return buf.getvalue()
 
 
 def _annotate(img, title: str, row_labels: list[str], row_px: int, top_px: int):

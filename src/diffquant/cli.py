@@ -321,6 +321,15 @@ def cmd_validate(a: argparse.Namespace) -> int:
     return 0 if res.passed else 1
 
 
+def cmd_serve(a: argparse.Namespace) -> int:
+    # torch-free: the engines, tokenizers and numpy schedulers only
+    from diffquant.serve import ServeConfig, serve
+
+    print(f"serving {a.engine} on http://{a.host}:{a.port} (POST /generate, GET /health); Ctrl-C stops", file=sys.stderr, flush=True)
+    serve(a.engine, a.host, a.port, ServeConfig(queue=a.queue, max_batch=a.max_batch, max_steps=a.max_steps, default_steps=a.steps, threads=a.threads))
+    return 0
+
+
 def cmd_lint(a: argparse.Namespace) -> int:
     from diffquant.exporters import lint, load_onnx
 
@@ -546,6 +555,20 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--threads", type=NONNEGATIVE, default=0, help="CPU threads (ONNX Runtime, OpenVINO; default: the runtime's choice)")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.set_defaults(fn=cmd_generate)
+
+    p = sub.add_parser("serve", help="serve an engine folder over HTTP: POST /generate {prompt, ...} -> PNG (needs the [serve] extra)",
+                       description="One process, one worker owning the engines: requests wait in a bounded queue (503 when full) and "
+                                   "queued requests with the same settings run as one batch. Example: curl -X POST localhost:8000/generate "
+                                   "-H 'content-type: application/json' -d '{\"prompt\": \"a red cat\", \"seed\": 1}' -o cat.png")
+    p.add_argument("engine", help="engine folder from `diffquant build`")
+    p.add_argument("--host", default="127.0.0.1", help="address to listen on (0.0.0.0: every interface)")
+    p.add_argument("--port", type=POSITIVE, default=8000, help="TCP port")
+    p.add_argument("--queue", type=POSITIVE, default=16, help="requests that may wait; more get 503")
+    p.add_argument("--max-batch", type=POSITIVE, default=4, help="images per engine run (queued requests with the same settings)")
+    p.add_argument("--steps", type=POSITIVE, default=20, help="sampler steps when a request names none")
+    p.add_argument("--max-steps", type=POSITIVE, default=100, help="the most steps a request may ask for")
+    p.add_argument("--threads", type=NONNEGATIVE, default=0, help="CPU threads (ONNX Runtime, OpenVINO; default: the runtime's choice)")
+    p.set_defaults(fn=cmd_serve)
 
     p = sub.add_parser("validate", help="Polygraphy parity report of a run: fake-quant vs ORT Q/DQ, FP torch vs FP ONNX, ORT vs TensorRT")
     p.add_argument("run", help="run folder from `diffquant run`")

@@ -15,7 +15,6 @@ import numpy as np
 import pytest
 import torch
 
-from diffquant.calib_data import CalibConfig, collect
 from diffquant.cli import main
 from diffquant.engines.bundle import BuildConfig, build
 from diffquant.engines.ort import OrtEngine
@@ -24,11 +23,9 @@ from diffquant.engines.runtime import GenerateConfig
 from diffquant.engines.text import TextConditioner
 from diffquant.errors import DiffquantError
 from diffquant.eval.pipeline import PipelineCheckConfig, compare_pipeline
-from diffquant.exporters import export
 from diffquant.exporters.parts import PartsConfig, export_parts
-from diffquant.models.loading import LoadConfig, load_denoiser, load_pipeline
-from diffquant.pipeline import load_recipe, quantize
-from tests.pipelines import make_pipeline
+from diffquant.models.loading import load_pipeline
+from tests.pipelines import export_tiny
 from tests.unit.test_engines import BLOCK_TORCH
 
 TEXT_FAMILIES = ("sd", "sdxl", "pixart", "sd3", "flux")
@@ -40,17 +37,7 @@ PROMPTS = ["a red cat", "a blue dog"]  # the tiny T5 vocabulary covers these let
 def exported(tmp_path_factory):
     """family -> (pipeline folder, denoiser, export folder): minmax W8A8, onnxruntime target."""
     root = tmp_path_factory.mktemp("parts")
-    out = {}
-    for fam in TEXT_FAMILIES:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            folder = make_pipeline(fam, root / fam)
-            d = load_denoiser(str(folder), LoadConfig(prompts=PROMPTS, resolution=RESOLUTION.get(fam)))
-        calib = collect(d, CalibConfig(samples=2, steps=3, timesteps=2, guidance=d.family.default_guidance), cache_dir=root / f"c-{fam}", progress=False)
-        plan = quantize(d, load_recipe("minmax"), calib, bits="w8a8", progress=False)
-        export(plan, d, root / f"exp-{fam}", target="onnxruntime")
-        out[fam] = (folder, d, root / f"exp-{fam}")
-    return out
+    return {fam: export_tiny(fam, root, PROMPTS, RESOLUTION.get(fam)) for fam in TEXT_FAMILIES}
 
 
 @pytest.mark.parametrize("family", TEXT_FAMILIES)

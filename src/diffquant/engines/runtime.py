@@ -120,10 +120,11 @@ def _feeds(engine: Engine, runtime: dict, x: np.ndarray, t: float, cond: dict[st
     return feeds
 
 
-def generate(engine: Engine, runtime: dict, conditioning: Conditioning, n: int, cfg: GenerateConfig, progress: bool = True) -> np.ndarray:
+def generate(engine: Engine, runtime: dict, conditioning: Conditioning, n: int, cfg: GenerateConfig, progress: bool = True,
+             noise: np.ndarray | None = None) -> np.ndarray:
     """Sample ``n`` outputs (row i of ``conditioning`` for image i; an unconditional model has
-    no rows) with the model's own sampler; returns the final latents [N, ...] (pixel models:
-    images clipped to [-1, 1])."""
+    no rows) with the model's own sampler from ``noise`` (default: `initial_noise` of
+    ``cfg.seed``); returns the final latents [N, ...] (pixel models: images clipped to [-1, 1])."""
     from tqdm.auto import tqdm
 
     from diffquant.engines.scheduler import numpy_scheduler
@@ -135,7 +136,7 @@ def generate(engine: Engine, runtime: dict, conditioning: Conditioning, n: int, 
     shape = tuple(runtime["sample_shape"])
     out_name = runtime.get("output", "noise_pred")
     guidance = float(sampler.get("default_guidance", 3.0) if cfg.guidance is None else cfg.guidance)
-    noise = initial_noise(cfg.seed, n, shape) * np.float32(sched.init_noise_sigma(cfg.steps))
+    noise = (initial_noise(cfg.seed, n, shape) if noise is None else noise) * np.float32(sched.init_noise_sigma(cfg.steps))
     guided = sampler.get("guidance", "cfg") == "cfg" and guidance > 1.0
     # with CFG each image takes two rows of the engine batch (conditional + unconditional)
     limit = getattr(engine, "max_batch", 0) or 1 << 30
