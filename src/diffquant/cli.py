@@ -129,11 +129,12 @@ def _print_summary(report: dict, out: str) -> None:
 def _print_next(report: dict, out: Path) -> None:
     """The files a run wrote and the command that comes next."""
     graphs = report.get("graphs") or [report["onnx"]]
-    print(f"wrote {out}/: report.md, report.json, {', '.join(Path(g).name for g in graphs)}, unet.fp32.onnx, plan/, samples_compare.png")
+    parts = ", text encoders, VAE decoder, tokenizers (parts.json)" if (out / "parts.json").exists() else ""
+    print(f"wrote {out}/: report.md, report.json, {', '.join(Path(g).name for g in graphs)}, unet.fp32.onnx{parts}, plan/, samples_compare.png")
     if report["parity"]["passed"]:
-        cmd = f"diffquant build {out / Path(graphs[0]).name} --out {out / 'engine'}"
+        cmd = f"diffquant build {out} --out {out / 'engine'}"
         if report.get("target") == "onnxruntime":
-            print(f"next: {cmd}   (ONNX Runtime on this CPU), then: diffquant generate {out / 'engine'} -n 16")
+            print(f"next: {cmd}   (ONNX Runtime on this CPU), then: diffquant generate {out / 'engine'} --prompt ... -n 4")
         else:
             print(f"next: {cmd} --backend tensorrt   (on the NVIDIA GPU that serves it; --backend openvino on an Intel CPU)")
     else:
@@ -217,7 +218,7 @@ def cmd_plan(a: argparse.Namespace) -> int:
 
 def cmd_export(a: argparse.Namespace) -> int:
     from diffquant._io import atomic_folder
-    from diffquant.exporters import export
+    from diffquant.exporters import PartsConfig, export
     from diffquant.quant import QuantPlan, reduce_range
 
     if Path(a.out).exists():
@@ -228,7 +229,7 @@ def cmd_export(a: argparse.Namespace) -> int:
         if a.reduce_range:  # the re-quantized plan is what parity is judged against: keep it with the graphs
             plan = reduce_range(plan)
             plan.save(tmp / "plan")
-        res = export(plan, d, tmp, target=a.target)
+        res = export(plan, d, tmp, target=a.target, parts=PartsConfig(parts=not a.no_parts, vae_encoder=a.vae_encoder))
     graphs = ", ".join(str(Path(a.out) / p.name) for p in res.graphs)
     print(f"{graphs} ({a.target}; {res.lint.n_q} Q / {res.lint.n_dq} DQ nodes per graph, linter clean); FP reference {Path(a.out) / res.fp_onnx.name}")
     return 0
@@ -506,6 +507,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", required=True, help="folder for the graphs, runtime.json and the conditioning (it must not exist)")
     p.add_argument("--target", default="tensorrt", choices=TARGET_CHOICES, help="graph form: tensorrt (FP16, INT8 Q/DQ) or onnxruntime (FP32, fusable U8 Q/DQ)")
     p.add_argument("--reduce-range", action="store_true", help=REDUCE_RANGE_HELP)
+    p.add_argument("--vae-encoder", action="store_true", help="also export the VAE encoder (image-to-image)")
+    p.add_argument("--no-parts", action="store_true", help="export the denoiser only (no text encoders, tokenizers or VAE: the engine folder then "
+                                                          "draws only the calibrated prompts and latent models give latents)")
     p.set_defaults(fn=cmd_export)
 
     p = sub.add_parser("build", help="build an engine folder (the whole pipeline) from a run or export folder (ONNX Runtime, OpenVINO or TensorRT)",

@@ -88,7 +88,7 @@ def test_demo_is_the_run_it_says_it_is(tmp_path, monkeypatch, capsys):
     out = tmp_path / "demo"
     assert main(["demo", "--samples", "10", "--out", str(out), "--quiet"]) == 0
     printed = capsys.readouterr().out
-    assert "(the same as: diffquant run --model builtin:digits-sd" in printed and f"next: diffquant build {out}/unet.qdq.onnx" in printed
+    assert "(the same as: diffquant run --model builtin:digits-sd" in printed and f"next: diffquant build {out} --out" in printed
     r = json.loads((out / "report.json").read_text())
     assert r["recipe"] == "minmax" and r["bits"] == "w8a8" and r["parity"]["passed"] and r["reduce_range"] is False
     assert (out / "samples_compare.png").exists()

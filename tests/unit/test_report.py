@@ -34,7 +34,7 @@ def test_a_collapsed_fake_quant_model_is_named_not_fp16_rounding(capsys):
 def test_a_passing_run_prints_what_it_wrote_and_the_next_command(capsys):
     _print_summary(_report({"accuracy": 1.0, "psnr": 40.0}, passed=True), "runs/x")
     out = capsys.readouterr().out
-    assert "wrote runs/x/" in out and "next: diffquant build runs/x/unet.qdq.onnx --out runs/x/engine --backend tensorrt" in out
+    assert "wrote runs/x/" in out and "next: diffquant build runs/x --out runs/x/engine --backend tensorrt" in out
 
 
 def test_grids_carry_a_title_and_row_labels(tmp_path):

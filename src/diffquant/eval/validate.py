@@ -108,7 +108,7 @@ class ValidationResult:
                 "images": [r.to_dict() for r in self.images], "not_run": self.not_run, "inputs_file": self.inputs_file}
 
     def table(self) -> str:
-        lines = ["| comparison | timestep | output | cosine | SNR dB | max abs | verdict |", "|---|---|---|---|---|---|---|"]
+        lines = ["| comparison | timestep | output | cosine | SNR dB | max abs | verdict |", "|---|---|---|---|---|---|---|"] if self.rows or self.not_run else []
         for r in self.rows:
             verdict = "PASS" if r.passed else f"**FAIL** (needs cosine >= {r.cosine_threshold:g}, SNR >= {r.snr_threshold:g} dB)"
             lines.append(f"| {r.comparison} | {r.timestep:g} | {r.output} | {r.cosine:.6f} | {r.snr_db:.1f} | {r.max_abs:.3g} | {verdict} |")
