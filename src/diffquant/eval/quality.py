@@ -70,18 +70,24 @@ def ssim(x: torch.Tensor, ref: torch.Tensor, window: int = 7, sigma: float = 1.5
 
 @torch.no_grad()
 def score_samples(samples: torch.Tensor, labels: torch.Tensor, classifier: torch.nn.Module, real: torch.Tensor, reference: torch.Tensor | None = None) -> QualityScores:
-    """Score ``samples`` [N,1,16,16] asked to be ``labels``; ``real`` are the data set images and
+    """Score ``samples`` [N,1,H,W] asked to be ``labels``; ``real`` are the data set images and
     ``reference`` the FP model's samples from the same seeds (for PSNR / SSIM and the FD to
     them, which unlike the FD to the real data grows with every departure from the FP model)."""
-    feats = classifier.features(samples).numpy().astype(np.float64)
+    feats = classifier.features(_classifier_size(samples, real)).numpy().astype(np.float64)
     real_feats = classifier.features(real).numpy().astype(np.float64)
     acc = float((classifier.head(torch.from_numpy(feats).float()).argmax(1) == labels).float().mean())
     scores = QualityScores(fd=frechet_distance(feats, real_feats), accuracy=acc)
     if reference is not None:
         scores.psnr = psnr(samples, reference)
         scores.ssim = ssim(samples, reference)
-        scores.fd_fp = frechet_distance(feats, classifier.features(reference).numpy().astype(np.float64))
+        scores.fd_fp = frechet_distance(feats, classifier.features(_classifier_size(reference, real)).numpy().astype(np.float64))
     return scores
+
+
+def _classifier_size(images: torch.Tensor, real: torch.Tensor) -> torch.Tensor:
+    """Images larger than the classifier's input (digits-ldm draws 32x32) area-averaged to it."""
+    size = tuple(real.shape[-2:])
+    return images if tuple(images.shape[-2:]) == size else F.interpolate(images, size=size, mode="area")
 
 
 def cosine(a: torch.Tensor, b: torch.Tensor) -> float:

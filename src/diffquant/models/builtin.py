@@ -29,7 +29,7 @@ __all__ = [
     "weights_dir",
 ]
 
-BUILTIN_MODELS = ("digits-sd", "digits-dit", "digits-classifier")
+BUILTIN_MODELS = ("digits-sd", "digits-dit", "digits-ldm", "digits-classifier")
 PROMPT_TOKENS = 4
 PROMPT_DIM = 32
 

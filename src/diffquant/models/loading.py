@@ -19,7 +19,7 @@ from diffquant.errors import DiffquantError
 from diffquant.models.builtin import PromptTable, build_classifier, build_denoiser_module, scheduler_config, weights_dir
 from diffquant.models.data import CLASS_WORDS
 from diffquant.models.denoiser import Denoiser
-from diffquant.models.families import DigitsDiT, DigitsSD, family_for, supported_classes
+from diffquant.models.families import DigitsDiT, DigitsLDM, DigitsSD, family_for, supported_classes
 
 __all__ = ["DDIM_SCHEDULERS", "FLOW_SCHEDULERS", "LoadConfig", "default_prompts", "load_classifier", "load_denoiser", "load_pipeline", "read_prompts"]
 
@@ -93,6 +93,19 @@ def _builtin(name: str) -> Denoiser:
     return Denoiser(f"builtin:{name}", family, module, scheduler_config(), cond, list(CLASS_WORDS))
 
 
+def _builtin_ldm(cfg: LoadConfig) -> Denoiser:
+    """digits-ldm, a saved StableDiffusionPipeline; prompts default to one per class in class
+    order (``--prompts`` may hold other phrasings, e.g. the calibration templates)."""
+    from diffquant.models.ldm import ldm_prompts
+
+    folder = weights_dir() / "digits-ldm"
+    if not (folder / "model_index.json").exists():
+        raise DiffquantError(f"builtin model digits-ldm is not trained ({folder} is missing); run `diffquant zoo train digits-ldm`")
+    if cfg.resolution:
+        raise DiffquantError("builtin:digits-ldm draws 32x32 images; --resolution is for pipeline folders")
+    return _from_pipeline(folder, LoadConfig(prompts=cfg.prompts or ldm_prompts()), DigitsLDM, "builtin:digits-ldm")
+
+
 def _json(path: Path) -> dict:
     return read_json(path, "a diffusers folder's config files are JSON objects (save it again with save_pretrained)")
 
@@ -153,12 +166,12 @@ def _truncation_warning(pipe, prompts: list[str]) -> None:
         warnings.warn(f"{long} prompt(s) are longer than the tokenizer's {limit} tokens and were truncated, as the pipeline does", stacklevel=3)
 
 
-def _from_pipeline(folder: Path, cfg: LoadConfig) -> Denoiser:
+def _from_pipeline(folder: Path, cfg: LoadConfig, family_cls=None, name: str = "") -> Denoiser:
     pipe = load_pipeline(folder)
     model = getattr(pipe, "unet", None) or getattr(pipe, "transformer", None)
     if model is None:
         raise DiffquantError(f"{folder}: the pipeline has no unet or transformer to quantize")
-    family = family_for(model.eval(), pipe, cfg.resolution)
+    family = family_cls(model.eval(), pipe, cfg.resolution) if family_cls else family_for(model.eval(), pipe, cfg.resolution)
     sched = _scheduler(folder, folder.name)
     if (family.sampler == "flow") != (sched["_class_name"] in FLOW_SCHEDULERS):
         raise DiffquantError(f"{folder}: a {family.name} model with a {sched['_class_name']}; expected a {'flow-matching' if family.sampler == 'flow' else 'discrete'} scheduler")
@@ -173,7 +186,7 @@ def _from_pipeline(folder: Path, cfg: LoadConfig) -> Denoiser:
         cond = family.encode(pipe, prompts)
     text = family.text_plan(pipe)
     parts = {n: getattr(pipe, n) for e in (text.encoders if text else []) for n in (e.component, e.tokenizer)}
-    return Denoiser(str(folder), family, model, sched, cond, prompts, vae=getattr(pipe, "vae", None), text=(text, parts) if text else None)
+    return Denoiser(name or str(folder), family, model, sched, cond, prompts, vae=getattr(pipe, "vae", None), text=(text, parts) if text else None)
 
 
 def _from_component(folder: Path, cfg: LoadConfig) -> Denoiser:
@@ -231,8 +244,10 @@ def load_denoiser(spec: str, cfg: LoadConfig | None = None) -> Denoiser:
     cfg = cfg or LoadConfig()
     if spec.startswith("builtin:"):
         name = spec.split(":", 1)[1]
+        if name == "digits-ldm":
+            return _builtin_ldm(cfg)
         if name not in ("digits-sd", "digits-dit"):
-            raise DiffquantError(f"unknown builtin denoiser {name!r}; choose builtin:digits-sd or builtin:digits-dit")
+            raise DiffquantError(f"unknown builtin denoiser {name!r}; choose builtin:digits-sd, builtin:digits-dit or builtin:digits-ldm")
         if cfg.prompts or cfg.resolution:
             raise DiffquantError(f"{spec} has fixed class-word prompts and a 16x16 size; --prompts and --resolution are for pipeline folders")
         return _builtin(name)
@@ -243,7 +258,7 @@ def load_denoiser(spec: str, cfg: LoadConfig | None = None) -> Denoiser:
         return _from_folder(path, cfg)
     if spec.count("/") == 1 and not spec.startswith((".", "/")):
         return _from_hub(spec, cfg)
-    raise DiffquantError(f"model {spec!r} not found: pass builtin:digits-sd, builtin:digits-dit, a folder, or a hub id")
+    raise DiffquantError(f"model {spec!r} not found: pass builtin:digits-sd, builtin:digits-dit, builtin:digits-ldm, a folder, or a hub id")
 
 
 def load_classifier():

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from diffquant.errors import DiffquantError
 from diffquant.models.families.base import Family
-from diffquant.models.families.digits import DigitsDiT, DigitsSD
+from diffquant.models.families.digits import DigitsDiT, DigitsLDM, DigitsSD
 from diffquant.models.families.dit import DiT
 from diffquant.models.families.flux import Flux
 from diffquant.models.families.pixart import PixArt
@@ -13,7 +13,7 @@ from diffquant.models.families.sd3 import SD3
 from diffquant.models.families.sdxl import StableDiffusionXL
 from diffquant.models.families.unet2d import UnconditionalUNet
 
-__all__ = ["FAMILIES", "DigitsDiT", "DigitsSD", "Family", "family_for", "supported_classes"]
+__all__ = ["FAMILIES", "DigitsDiT", "DigitsLDM", "DigitsSD", "Family", "family_for", "supported_classes"]
 
 FAMILIES: tuple[type[Family], ...] = (StableDiffusion, StableDiffusionXL, UnconditionalUNet, DiT, PixArt, SD3, Flux)
 
