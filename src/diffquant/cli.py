@@ -373,7 +373,7 @@ The stages, each a command (`run` does the first three, then checks parity and q
   calibrate -> quantize -> export -> build -> generate / validate
 
   diffquant run --model builtin:digits-sd --recipe dmq --bits w4a8 --target onnxruntime --out runs/dmq
-  diffquant build runs/dmq/unet.qdq.onnx --out runs/dmq/engine
+  diffquant build runs/dmq --out runs/dmq/engine                          # the whole pipeline: text encoders, denoiser, VAE
   diffquant generate runs/dmq/engine --prompt seven -n 16 --out seven.png
   diffquant sensitivity --model builtin:digits-dit --out runs/dit-sens     # Qua2SeDiMo's explainable report
 

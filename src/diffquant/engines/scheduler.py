@@ -32,9 +32,22 @@ def _betas(cfg: dict) -> np.ndarray:
     raise DiffquantError(f"beta_schedule {kind!r} is not supported by the runtime sampler (linear, scaled_linear, squaredcos_cap_v2)")
 
 
-class _Discrete:
+class _Schedule:
+    """Defaults of every scheduler: unit initial noise, no input scaling, no history."""
+
+    def init_noise_sigma(self, steps: int) -> float:
+        return 1.0
+
+    def scale_input(self, x: np.ndarray, t: float) -> np.ndarray:
+        return x
+
+    def reset(self) -> None:
+        pass
+
+
+class _Discrete(_Schedule):
     """What the discrete-time schedulers share: the float32 cumulative alphas of the config's
-    beta schedule, the prediction type, and no input scaling or history by default."""
+    beta schedule and the prediction type."""
 
     def __init__(self, config: dict) -> None:
         self.config = dict(config)
@@ -49,15 +62,6 @@ class _Discrete:
         for k in keys:
             if self.config.get(k):
                 raise DiffquantError(f"scheduler option {k} is not supported by the runtime {what}; pass --scheduler ddim to sample with DDIM instead")
-
-    def init_noise_sigma(self, steps: int) -> float:
-        return 1.0
-
-    def scale_input(self, x: np.ndarray, t: float) -> np.ndarray:
-        return x
-
-    def reset(self) -> None:
-        pass
 
     def _sigmas(self, timesteps: np.ndarray) -> np.ndarray:
         """Karras sigmas sqrt((1 - a) / a) at ``timesteps`` (interpolated), then 0, in float32."""
@@ -225,7 +229,7 @@ class NumpyDPMSolver(_Discrete):
         return out.astype(np.float32)
 
 
-class NumpyFlowEuler:
+class NumpyFlowEuler(_Schedule):
     """Flow-matching Euler over a diffusers FlowMatchEulerDiscreteScheduler config: sigmas from
     1 towards 0, shifted by ``shift`` (or by ``mu`` with dynamic shifting), x += (s' - s) * v.
     ``sigmas="linspace"`` starts from linspace(1, 1/N, N) as the Flux pipeline does; otherwise
@@ -243,15 +247,6 @@ class NumpyFlowEuler:
             raise DiffquantError("a dynamically shifted flow-matching schedule needs mu (runtime.json sampler.mu)")
         self.mode, self.mu = sigmas, mu
         self._sigmas: np.ndarray | None = None
-
-    def init_noise_sigma(self, steps: int) -> float:
-        return 1.0
-
-    def scale_input(self, x: np.ndarray, t: float) -> np.ndarray:
-        return x
-
-    def reset(self) -> None:
-        pass
 
     def _shifted(self, s: np.ndarray) -> np.ndarray:
         if self.dynamic:

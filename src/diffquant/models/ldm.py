@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import copy
 import json
-import math
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -24,6 +23,7 @@ import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 from diffquant.models.data import CLASS_WORDS
+from diffquant.models.train import cosine_lr
 
 __all__ = ["CALIB_TEMPLATES", "EVAL_TEMPLATE", "LDM_SIZE", "LdmTrainConfig", "build_ldm_parts", "ldm_prompts", "train_ldm"]
 
@@ -97,18 +97,12 @@ class LdmTrainConfig:
     seed: int = 0
 
 
-def _lr(step: int, total: int, base: float, warmup: int) -> float:
-    if step < warmup:
-        return base * (step + 1) / warmup
-    return base * 0.5 * (1 + math.cos(math.pi * (step - warmup) / max(1, total - warmup)))
-
-
 def _train_vae(vae, x: torch.Tensor, cfg: LdmTrainConfig, gen: torch.Generator, bar) -> float:
     opt = torch.optim.AdamW(vae.parameters(), lr=cfg.vae_lr)
     loss = torch.tensor(0.0)
     for step in range(cfg.vae_steps):
         for g in opt.param_groups:
-            g["lr"] = _lr(step, cfg.vae_steps, cfg.vae_lr, cfg.warmup_steps)
+            g["lr"] = cosine_lr(step, cfg.vae_steps, cfg.vae_lr, cfg.warmup_steps)
         batch = x[torch.randint(0, len(x), (cfg.vae_batch_size,), generator=gen)]
         post = vae.encode(batch).latent_dist
         z = post.mean + post.std * torch.randn(post.mean.shape, generator=gen)
@@ -148,7 +142,7 @@ def _train_unet(parts: dict, tok, lat: tuple, y: torch.Tensor, cfg: LdmTrainConf
     losses: list[float] = []
     for step in range(cfg.steps):
         for g in opt.param_groups:
-            g["lr"] = _lr(step, cfg.steps, cfg.lr, cfg.warmup_steps)
+            g["lr"] = cosine_lr(step, cfg.steps, cfg.lr, cfg.warmup_steps)
         idx = torch.randint(0, len(mean), (cfg.batch_size,), generator=gen)
         z0 = (mean[idx] + std[idx] * torch.randn(mean[idx].shape, generator=gen)) * scale
         tmpl = torch.randint(0, len(TRAIN_TEMPLATES), (len(idx),), generator=gen).tolist()

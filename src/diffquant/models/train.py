@@ -30,7 +30,7 @@ from diffquant.models.builtin import (
 )
 from diffquant.models.data import CLASS_WORDS, load_digits_tensor
 
-__all__ = ["TrainConfig", "default_train_config", "train_builtin"]
+__all__ = ["TrainConfig", "cosine_lr", "default_train_config", "train_builtin"]
 
 
 @dataclass
@@ -59,11 +59,15 @@ def default_train_config(name: str) -> TrainConfig:
     raise DiffquantError(f"unknown builtin model {name!r}; choose one of {', '.join(BUILTIN_MODELS)}")
 
 
+def cosine_lr(step: int, total: int, base: float, warmup: int) -> float:
+    """Linear warm-up over ``warmup`` steps, then cosine decay to 0 at ``total``."""
+    if step < warmup:
+        return base * (step + 1) / warmup
+    return base * 0.5 * (1 + math.cos(math.pi * (step - warmup) / max(1, total - warmup)))
+
+
 def _lr_at(step: int, cfg: TrainConfig) -> float:
-    if step < cfg.warmup_steps:
-        return cfg.lr * (step + 1) / cfg.warmup_steps
-    frac = (step - cfg.warmup_steps) / max(1, cfg.steps - cfg.warmup_steps)
-    return cfg.lr * 0.5 * (1 + math.cos(math.pi * frac))
+    return cosine_lr(step, cfg.steps, cfg.lr, cfg.warmup_steps)
 
 
 def _augment(x: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
