@@ -59,3 +59,21 @@ def test_engine_for_another_gpu_is_refused(exported, tmp_path):
     (out / "engine.json").write_text(json.dumps(meta))
     with pytest.raises(DiffquantError, match="does not match this machine"):
         EnginesFromFolder(out)
+
+
+def test_pipeline_folder_on_tensorrt_draws_what_onnxruntime_draws(tmp_path):
+    """The whole pipeline (FP16 text encoder and VAE decoder engines, FP32 denoiser) against the
+    same folder built for ONNX Runtime (FP16 parts up-cast): the images agree to FP16 rounding."""
+    from diffquant.engines.pipeline import PipelineFromFolder, PipelineRequest
+    from diffquant.engines.runtime import GenerateConfig
+    from tests.pipelines import export_tiny
+
+    _, _, exp = export_tiny("sd", tmp_path, ["a red cat", "a blue dog"], target="tensorrt")
+    trt = build(exp, tmp_path / "trt", BuildConfig(backend="tensorrt", denoiser="fp", tensorrt=TrtBuildConfig(batch=2, timing_cache_dir=str(tmp_path / "tc"))))
+    ort = build(exp, tmp_path / "ort", BuildConfig(backend="onnxruntime", denoiser="fp"))
+    assert {p["runner"] for p in json.loads((trt / "engine.json").read_text())["parts"].values()} == {"tensorrt"}
+    req = PipelineRequest(["a red cat"], 2, ["a blue dog"], GenerateConfig(steps=4, guidance=5.0, seed=0))
+    with PipelineFromFolder(trt) as a, PipelineFromFolder(ort) as b:
+        x, y = a(req), b(req)
+    mse = float((((x - y) / 2) ** 2).mean())
+    assert 10 * np.log10(1 / max(mse, 1e-12)) > 35

@@ -97,6 +97,11 @@ def test_generate_from_text_without_torch(exported, tmp_path):
     for extra, msg in ((["--height", "64"], "outside this engine's profile"), (["--prompt", "a" * 3000], "over the limit")):
         p = subprocess.run(cmd + extra, capture_output=True, text=True, cwd=Path(__file__).parents[2])
         assert p.returncode == 2 and msg in p.stderr and "Traceback" not in p.stderr, p.stderr
+    # a tokenizer changed after the build is refused (every file of the folder is hashed)
+    tok = tmp_path / "eng" / "tokenizers" / "tokenizer" / "tokenizer.json"
+    tok.write_text(tok.read_text().replace('"a</w>"', '"A</w>"'))
+    p = subprocess.run(cmd, capture_output=True, text=True, cwd=Path(__file__).parents[2])
+    assert p.returncode == 2 and "tokenizer.json changed since the folder was built" in p.stderr, p.stderr
 
 
 def test_negative_prompt_and_seeds_change_images(exported):
