@@ -12,7 +12,7 @@ from pathlib import Path
 
 import numpy as np
 
-from diffquant._check import contained
+from diffquant._check import check_value, contained
 from diffquant.engines.base import Engine
 from diffquant.engines.runtime import Conditioning, GenerateConfig, PromptTable, generate, initial_noise
 from diffquant.engines.text import TextConditioner
@@ -197,7 +197,7 @@ def PipelineFromFolder(folder: str | Path, threads: int = 0) -> DeployedPipeline
     parts: dict[str, Engine] = {}
     try:
         meta = _engine_meta(folder)
-        for name, rec in meta.get("parts", {}).items():
+        for name, rec in check_value(meta.get("parts", {}), dict[str, dict], f"{folder / 'engine.json'}: parts", "build the folder again").items():
             parts[name] = _load_part(folder, rec, threads, file_sha256)
         return DeployedPipeline(folder, denoiser, runtime, parts, meta)
     except Exception:

@@ -13,7 +13,7 @@ from diffquant._check import check_value, contained
 from diffquant.engines.base import Engine
 from diffquant.errors import DiffquantError
 
-__all__ = ["Conditioning", "GenerateConfig", "PromptTable", "generate"]
+__all__ = ["Conditioning", "GenerateConfig", "PromptTable", "generate", "initial_noise"]
 
 
 class PromptTable:
@@ -77,9 +77,6 @@ class Conditioning:
     @classmethod
     def from_table(cls, table: PromptTable, ids: list[int]) -> Conditioning:
         return cls(table(ids), table(np.full(len(ids), table.null_id)), table.static)
-
-    def __len__(self) -> int:
-        return len(next(iter(self.cond.values()))) if self.cond else 0
 
 
 def initial_noise(seed: int, n: int, shape: tuple) -> np.ndarray:
