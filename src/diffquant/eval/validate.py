@@ -259,7 +259,10 @@ def _pipeline_check(run: Path, report: dict, denoiser, cfg: ValidateConfig, resu
     from diffquant.engines.bundle import BuildConfig, build
     from diffquant.models.loading import load_pipeline
 
-    folder = Path(report.get("model", ""))
+    from diffquant.models.builtin import weights_dir
+
+    model = report.get("model", "")
+    folder = weights_dir() / "digits-ldm" if model == "builtin:digits-ldm" else Path(model)  # the builtin that is a pipeline
     if not (folder / "model_index.json").is_file():
         result.not_run["pipeline"] = f"{report.get('model')} is not a diffusers pipeline folder (nothing to compare the images with)"
         return
