@@ -257,9 +257,8 @@ def _pipeline_check(run: Path, report: dict, denoiser, cfg: ValidateConfig, resu
     """The ``pipeline`` comparison: engine folders built in the run folder (onnxruntime; the FP
     denoiser graph, then the quantized one) against the diffusers pipeline the run was made from."""
     from diffquant.engines.bundle import BuildConfig, build
-    from diffquant.models.loading import load_pipeline
-
     from diffquant.models.builtin import weights_dir
+    from diffquant.models.loading import load_pipeline
 
     model = report.get("model", "")
     folder = weights_dir() / "digits-ldm" if model == "builtin:digits-ldm" else Path(model)  # the builtin that is a pipeline
