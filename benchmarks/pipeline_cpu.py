@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import argparse
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
@@ -28,7 +27,7 @@ from diffquant.engines.bundle import BuildConfig, build  # noqa: E402
 from diffquant.engines.cpu import cpu_info  # noqa: E402
 from diffquant.engines.pipeline import PipelineFromFolder, PipelineRequest  # noqa: E402
 from diffquant.engines.runtime import GenerateConfig  # noqa: E402
-from tests.pipelines import export_tiny  # noqa: E402
+from tests.pipelines import export_tiny, start_server  # noqa: E402
 
 RESULTS = Path(__file__).parent / "results"
 FAMILIES = ("sd", "sdxl", "pixart", "sd3", "flux")
@@ -52,24 +51,11 @@ def time_pipeline(folder: Path, steps: int, repeats: int) -> dict:
 
 def serve_load(folder: Path, clients: int, per_client: int, steps: int) -> dict:
     """Start `diffquant serve` on 127.0.0.1 and send ``clients`` x ``per_client`` requests."""
-    import socket
-
     import httpx
 
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    proc = subprocess.Popen([sys.executable, "-m", "diffquant.cli", "serve", str(folder), "--port", str(port), "--queue", str(2 * clients),
-                             "--max-batch", "4", "--steps", str(steps)], cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
-    url = f"http://127.0.0.1:{port}"
+    proc, url = start_server([sys.executable, "-m", "diffquant.cli", "serve", str(folder), "--port", "0", "--queue", str(2 * clients),
+                              "--max-batch", "4", "--steps", str(steps)], ROOT)
     try:
-        for _ in range(240):
-            try:
-                if httpx.get(f"{url}/health", timeout=1).status_code == 200:
-                    break
-            except httpx.HTTPError:
-                time.sleep(0.5)
-
         def client(c: int) -> list[tuple[int, float]]:
             out = []
             for k in range(per_client):

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import torch
 
-__all__ = ["FAMILIES", "export_tiny", "make_pipeline"]
+__all__ = ["FAMILIES", "export_tiny", "make_pipeline", "start_server"]
 
 FAMILIES = ("sd", "sd2-v", "sdxl", "pixart", "sd3", "flux", "dit", "ddpm")
 CHARS = "abcdefghijklmnopqrstuvwxyz0123456789,.!?'-"
@@ -156,3 +156,21 @@ def export_tiny(family: str, root: Path, prompts: list[str], resolution: tuple[i
     plan = quantize(d, load_recipe("minmax"), calib, bits="w8a8", progress=False)
     export(plan, d, root / f"exp-{family}", target=target)
     return folder, d, root / f"exp-{family}"
+
+
+def start_server(argv: list[str], cwd: Path):
+    """Start ``python <argv...>`` running `diffquant serve ... --port 0` and return (process, URL)
+    once it says it is listening (engines loaded, port bound); its stderr keeps being drained."""
+    import re
+    import subprocess
+    import threading
+
+    proc = subprocess.Popen(argv, cwd=cwd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    seen = []
+    for line in proc.stderr:
+        seen.append(line)
+        if m := re.search(r"listening on (http://\S+)", line):
+            threading.Thread(target=lambda: [None for _ in proc.stderr], daemon=True).start()
+            return proc, m.group(1)
+    proc.wait()
+    raise AssertionError("diffquant serve exited before listening:\n" + "".join(seen))

@@ -16,15 +16,25 @@ def png_bytes(image: np.ndarray, text: dict | None = None) -> bytes:
     import io
 
     from PIL import Image
+
+    arr = _uint8(image[None])[0]
+    buf = io.BytesIO()
+    Image.fromarray(arr[..., 0] if arr.shape[-1] == 1 else arr).save(buf, format="PNG", pnginfo=_png_info(text))
+    return buf.getvalue()
+
+
+def _uint8(images: np.ndarray) -> np.ndarray:
+    """[N, C, H, W] in [-1, 1] -> [N, H, W, C] uint8."""
+    return np.round((np.clip(images.astype(np.float32), -1, 1) + 1) * 127.5).astype(np.uint8).transpose(0, 2, 3, 1)
+
+
+def _png_info(text: dict | None):
     from PIL.PngImagePlugin import PngInfo
 
-    arr = np.round((np.clip(image.astype(np.float32), -1, 1) + 1) * 127.5).astype(np.uint8).transpose(1, 2, 0)
     info = PngInfo()
     for k, v in (text or {}).items():
         info.add_itxt(k, str(v))
-    buf = io.BytesIO()
-    Image.fromarray(arr[..., 0] if arr.shape[-1] == 1 else arr).save(buf, format="PNG", pnginfo=info)
-    return buf.getvalue()
+    return info
 
 
 def _annotate(img, title: str, row_labels: list[str], row_px: int, top_px: int):
@@ -54,13 +64,12 @@ def save_grid_array(
     with an optional ``title`` above, a label left of each row, and ``text`` as PNG text chunks
     (how the image was made: prompt, seed, steps, ...)."""
     from PIL import Image
-    from PIL.PngImagePlugin import PngInfo
 
     n, c, h, w = images.shape
     ncol = max(1, min(ncol, n))
     rows = (n + ncol - 1) // ncol
     canvas = np.full((rows * (h + pad) + pad, ncol * (w + pad) + pad, c), 255, np.uint8)
-    arr = np.round((np.clip(images.astype(np.float32), -1, 1) + 1) * 127.5).astype(np.uint8).transpose(0, 2, 3, 1)
+    arr = _uint8(images)
     for i in range(n):
         r, k = divmod(i, ncol)
         canvas[pad + r * (h + pad) : pad + r * (h + pad) + h, pad + k * (w + pad) : pad + k * (w + pad) + w] = arr[i]
@@ -68,9 +77,6 @@ def save_grid_array(
     img = img.resize((canvas.shape[1] * zoom, canvas.shape[0] * zoom), Image.NEAREST)
     if title or row_labels:
         img = _annotate(img, title, list(row_labels or []), (h + pad) * zoom, pad * zoom)
-    info = PngInfo()
-    for k, v in (text or {}).items():
-        info.add_itxt(k, str(v))
     with atomic_path(path, suffix=".png") as tmp:
-        img.save(tmp, format="PNG", pnginfo=info)
+        img.save(tmp, format="PNG", pnginfo=_png_info(text))
     return Path(path)

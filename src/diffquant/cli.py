@@ -326,7 +326,7 @@ def cmd_serve(a: argparse.Namespace) -> int:
     # torch-free: the engines, tokenizers and numpy schedulers only
     from diffquant.serve import ServeConfig, serve
 
-    print(f"serving {a.engine} on http://{a.host}:{a.port} (POST /generate, GET /health); Ctrl-C stops", file=sys.stderr, flush=True)
+    print(f"diffquant serve: loading {a.engine} ...", file=sys.stderr, flush=True)
     serve(a.engine, a.host, a.port, ServeConfig(queue=a.queue, max_batch=a.max_batch, max_steps=a.max_steps, default_steps=a.steps, threads=a.threads))
     return 0
 
@@ -566,7 +566,7 @@ def build_parser() -> argparse.ArgumentParser:
                                    "-H 'content-type: application/json' -d '{\"prompt\": \"a red cat\", \"seed\": 1}' -o cat.png")
     p.add_argument("engine", help="engine folder from `diffquant build`")
     p.add_argument("--host", default="127.0.0.1", help="address to listen on (0.0.0.0: every interface)")
-    p.add_argument("--port", type=POSITIVE, default=8000, help="TCP port")
+    p.add_argument("--port", type=NONNEGATIVE, default=8000, help="TCP port (0: a free one, printed when listening)")
     p.add_argument("--queue", type=POSITIVE, default=16, help="requests that may wait; more get 503")
     p.add_argument("--max-batch", type=POSITIVE, default=4, help="images per engine run (queued requests with the same settings)")
     p.add_argument("--steps", type=POSITIVE, default=20, help="sampler steps when a request names none")

@@ -168,15 +168,32 @@ def create_app(folder: str | Path, cfg: ServeConfig | None = None):
             image = await asyncio.wrap_future(job.future)
         except DiffquantError as e:
             return JSONResponse({"error": str(e)}, status_code=422)
+        except Exception as e:  # the worker caught it for this batch; the client gets it as JSON, the server stays up
+            return JSONResponse({"error": f"internal error: {type(e).__name__}: {e}"}, status_code=500)
         return Response(_png(image, job, digest), media_type="image/png", headers={"X-Latency-S": f"{time.time() - t0:.3f}"})
 
     return app
 
 
 def serve(folder: str | Path, host: str = "127.0.0.1", port: int = 8000, cfg: ServeConfig | None = None) -> None:
-    """Run the server until interrupted (uvicorn, one process: the engines are loaded once)."""
+    """Run the server until interrupted (uvicorn, one process: the engines are loaded once).
+    The engines load and the port is bound and listening before the line ``listening on URL``
+    goes to stderr, so a client (or a test) that waits for that line needs no polling."""
+    import socket
+    import sys
+
     try:
         import uvicorn
     except ImportError:
         raise DiffquantError("serve needs FastAPI and uvicorn: pip install 'diffquant[serve]'") from None
-    uvicorn.run(create_app(folder, cfg), host=host, port=port, log_level="warning")
+    app = create_app(folder, cfg)
+    sock = socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    try:
+        sock.bind((host, port))
+    except OSError as e:
+        raise DiffquantError(f"cannot listen on {host}:{port} ({e.strerror}); pass another --port or --host") from None
+    sock.listen(128)
+    port = sock.getsockname()[1]  # the one the OS picked for --port 0
+    print(f"diffquant serve: listening on http://{host}:{port} (POST /generate, GET /health); Ctrl-C stops", file=sys.stderr, flush=True)
+    uvicorn.Server(uvicorn.Config(app, log_level="warning")).run(sockets=[sock])

@@ -5,27 +5,18 @@ would), exercised with real HTTP requests: PNGs for good requests, 4xx JSON erro
 from __future__ import annotations
 
 import io
-import socket
-import subprocess
 import sys
-import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import pytest
 
 from diffquant.engines.bundle import BuildConfig, build
-from tests.pipelines import export_tiny
+from tests.pipelines import export_tiny, start_server
 from tests.unit.test_engines import BLOCK_TORCH
 
 httpx = pytest.importorskip("httpx", reason="the serve tests need httpx (the [dev] extra)")
 pytest.importorskip("fastapi", reason="serve needs the [serve] extra (FastAPI + uvicorn)")
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @pytest.fixture(scope="module")
@@ -33,18 +24,8 @@ def server(tmp_path_factory):
     root = tmp_path_factory.mktemp("serve")
     _, _, exp = export_tiny("sd", root, ["a red cat", "a blue dog"])
     eng = build(exp, root / "eng", BuildConfig(backend="onnxruntime"))
-    port = _free_port()
-    cmd = [sys.executable, "-c", BLOCK_TORCH, "serve", str(eng), "--port", str(port), "--queue", "2", "--max-batch", "2", "--steps", "2", "--threads", "1"]
-    proc = subprocess.Popen(cmd, cwd=Path(__file__).parents[2], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    url = f"http://127.0.0.1:{port}"
-    for _ in range(240):
-        try:
-            if httpx.get(f"{url}/health", timeout=1).status_code == 200:
-                break
-        except httpx.HTTPError:
-            if proc.poll() is not None:
-                raise AssertionError(proc.stderr.read()) from None
-            time.sleep(0.5)
+    cmd = [sys.executable, "-c", BLOCK_TORCH, "serve", str(eng), "--port", "0", "--queue", "2", "--max-batch", "2", "--steps", "2", "--threads", "1"]
+    proc, url = start_server(cmd, Path(__file__).parents[2])
     yield url
     proc.terminate()
     proc.wait(timeout=30)

@@ -23,7 +23,7 @@ import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 from diffquant.models.data import CLASS_WORDS
-from diffquant.models.train import cosine_lr
+from diffquant.models.train import cosine_lr, ema_step
 
 __all__ = ["CALIB_TEMPLATES", "EVAL_TEMPLATE", "LDM_SIZE", "LdmTrainConfig", "build_ldm_parts", "ldm_prompts", "train_ldm"]
 
@@ -157,11 +157,7 @@ def _train_unet(parts: dict, tok, lat: tuple, y: torch.Tensor, cfg: LdmTrainConf
         loss.backward()
         torch.nn.utils.clip_grad_norm_(params, 1.0)
         opt.step()
-        decay = min(cfg.ema_decay, (1 + step) / (10 + step))
-        with torch.no_grad():
-            for name, live in (("unet", unet), ("text_encoder", text)):
-                for pe, pm in zip(ema[name].parameters(), live.parameters(), strict=True):
-                    pe.lerp_(pm, 1 - decay)
+        ema_step([(ema["unet"], unet), (ema["text_encoder"], text)], step, cfg.ema_decay)
         losses.append(loss.item())
         bar.update(1)
         if step % 20 == 0:

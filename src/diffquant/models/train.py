@@ -30,7 +30,7 @@ from diffquant.models.builtin import (
 )
 from diffquant.models.data import CLASS_WORDS, load_digits_tensor
 
-__all__ = ["TrainConfig", "cosine_lr", "default_train_config", "train_builtin"]
+__all__ = ["TrainConfig", "cosine_lr", "default_train_config", "ema_step", "train_builtin"]
 
 
 @dataclass
@@ -64,6 +64,15 @@ def cosine_lr(step: int, total: int, base: float, warmup: int) -> float:
     if step < warmup:
         return base * (step + 1) / warmup
     return base * 0.5 * (1 + math.cos(math.pi * (step - warmup) / max(1, total - warmup)))
+
+
+def ema_step(pairs: list[tuple[torch.nn.Module, torch.nn.Module]], step: int, max_decay: float) -> None:
+    """Move each EMA module towards its live one: decay min(max_decay, (1 + step) / (10 + step))."""
+    decay = min(max_decay, (1 + step) / (10 + step))
+    with torch.no_grad():
+        for ema, live in pairs:
+            for pe, pm in zip(ema.parameters(), live.parameters(), strict=True):
+                pe.lerp_(pm, 1 - decay)
 
 
 def _lr_at(step: int, cfg: TrainConfig) -> float:
@@ -138,12 +147,7 @@ def _train_denoiser(name: str, cfg: TrainConfig, gen: torch.Generator, bar: tqdm
         loss.backward()
         torch.nn.utils.clip_grad_norm_(params, 1.0)
         opt.step()
-        decay = min(cfg.ema_decay, (1 + step) / (10 + step))
-        with torch.no_grad():
-            for pe, pm in zip(ema.parameters(), model.parameters(), strict=True):
-                pe.lerp_(pm, 1 - decay)
-            if prompts is not None:
-                ema_prompts.table.lerp_(prompts.table, 1 - decay)
+        ema_step([(ema, model)] + ([(ema_prompts, prompts)] if prompts is not None else []), step, cfg.ema_decay)
         losses.append(loss.item())
         bar.update(1)
         if step % 20 == 0:
