@@ -1,8 +1,9 @@
 """The deployed pipeline on this CPU, per image: text encoding, denoising (per step), VAE
 decoding and the total, from engine folders built with ONNX Runtime, FP32 denoiser against the
-quantized one (W8A8, minmax), for one tiny pipeline per architecture (SD-1.x, SDXL, PixArt, SD3,
-Flux; random weights, built from configs by tests/pipelines.py); and `diffquant serve` under a
-fixed concurrent load (throughput, p50 / p95 latency per request, 503s).
+quantized one (W8A8, minmax), for the trained builtin digits-ldm and one tiny pipeline per
+architecture (SD-1.x, SDXL, PixArt, SD3, Flux; random weights, built from configs by
+tests/pipelines.py); and `diffquant serve` under a fixed concurrent load (throughput, p50 / p95
+latency per request, 503s).
 
     python benchmarks/pipeline_cpu.py                      # every family, 20 steps, 4 clients x 5 requests
     python benchmarks/pipeline_cpu.py --families sd --steps 10 --repeats 2
@@ -27,18 +28,29 @@ from diffquant.engines.bundle import BuildConfig, build  # noqa: E402
 from diffquant.engines.cpu import cpu_info  # noqa: E402
 from diffquant.engines.pipeline import PipelineFromFolder, PipelineRequest  # noqa: E402
 from diffquant.engines.runtime import GenerateConfig  # noqa: E402
-from tests.pipelines import export_tiny, start_server  # noqa: E402
+from tests.pipelines import export_minmax, export_tiny, start_server  # noqa: E402
 
 RESULTS = Path(__file__).parent / "results"
-FAMILIES = ("sd", "sdxl", "pixart", "sd3", "flux")
+FAMILIES = ("digits-ldm", "sd", "sdxl", "pixart", "sd3", "flux")
 RESOLUTION = {"flux": (32, 32)}
 PROMPTS = ["a red cat", "a blue dog"]
+PROMPT = {"digits-ldm": "a handwritten seven"}  # the prompt timed (others: "a red cat")
 
 
-def time_pipeline(folder: Path, steps: int, repeats: int) -> dict:
+def export_family(fam: str, root: Path) -> Path:
+    """The export folder of ``fam``: digits-ldm quantized from its trained weights (calibrated on
+    8 samples of 10 steps), the others tiny random-weight pipelines."""
+    if fam == "digits-ldm":
+        from diffquant.models.loading import load_denoiser
+
+        return export_minmax(load_denoiser("builtin:digits-ldm"), root, fam, samples=8, steps=10, timesteps=5)
+    return export_tiny(fam, root, PROMPTS, RESOLUTION.get(fam))[2]
+
+
+def time_pipeline(folder: Path, steps: int, repeats: int, prompt: str = "a red cat") -> dict:
     """Median stage seconds of one image (warm-up run first)."""
     with PipelineFromFolder(folder) as dp:
-        req = PipelineRequest(["a red cat"], 1, None, GenerateConfig(steps=steps, seed=0, batch=1))
+        req = PipelineRequest([prompt], 1, None, GenerateConfig(steps=steps, seed=0, batch=1))
         dp(req)
         runs = []
         for i in range(repeats):
@@ -49,7 +61,7 @@ def time_pipeline(folder: Path, steps: int, repeats: int) -> dict:
     return {**med, "step_ms": 1000 * med["denoise_s"] / steps}
 
 
-def serve_load(folder: Path, clients: int, per_client: int, steps: int) -> dict:
+def serve_load(folder: Path, clients: int, per_client: int, steps: int, prompt: str = "a red cat") -> dict:
     """Start `diffquant serve` on 127.0.0.1 and send ``clients`` x ``per_client`` requests."""
     import httpx
 
@@ -60,7 +72,7 @@ def serve_load(folder: Path, clients: int, per_client: int, steps: int) -> dict:
             out = []
             for k in range(per_client):
                 t0 = time.perf_counter()
-                r = httpx.post(f"{url}/generate", json={"prompt": "a red cat", "seed": c * 1000 + k}, timeout=600)
+                r = httpx.post(f"{url}/generate", json={"prompt": prompt, "seed": c * 1000 + k}, timeout=600)
                 out.append((r.status_code, time.perf_counter() - t0))
             return out
 
@@ -86,27 +98,28 @@ def main() -> int:
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--clients", type=int, default=4)
     ap.add_argument("--per-client", type=int, default=5)
-    ap.add_argument("--serve-family", default="sd", help="the family served under load")
+    ap.add_argument("--serve-family", default="digits-ldm", help="the family served under load")
     ap.add_argument("--out", default=str(RESULTS))
     a = ap.parse_args()
     rows, serve = [], {}
     with tempfile.TemporaryDirectory() as tmp:
         root = Path(tmp)
         for fam in a.families.split(","):
-            _, _, exp = export_tiny(fam, root, PROMPTS, RESOLUTION.get(fam))
+            exp = export_family(fam, root)
             for label in ("fp", "qdq"):
                 eng = build(exp, root / f"eng-{fam}-{label}", BuildConfig(backend="onnxruntime", denoiser=label))
-                rows.append({"family": fam, "denoiser": "FP32" if label == "fp" else "W8A8", **time_pipeline(eng, a.steps, a.repeats)})
+                rows.append({"family": fam, "denoiser": "FP32" if label == "fp" else "W8A8", **time_pipeline(eng, a.steps, a.repeats, PROMPT.get(fam, "a red cat"))})
                 print(rows[-1], flush=True)
                 if fam == a.serve_family and label == "qdq":
-                    serve = {"family": fam, "denoiser": "W8A8", **serve_load(eng, a.clients, a.per_client, a.steps)}
+                    serve = {"family": fam, "denoiser": "W8A8", **serve_load(eng, a.clients, a.per_client, a.steps, PROMPT.get(fam, "a red cat"))}
                     print(serve, flush=True)
     out = Path(a.out)
     meta = {"cpu": cpu_info().model, "steps": a.steps, "repeats": a.repeats}
     write_json(out / "pipeline_cpu.json", {**meta, "rows": rows, "serve": serve})
     lines = ["# The deployed pipeline on CPU", "", f"Written by `python benchmarks/pipeline_cpu.py`. CPU: {meta['cpu']}; {a.steps} steps, one image, "
-             f"median of {a.repeats} runs; ONNX Runtime engine folders of tiny random-weight pipelines (so the numbers show the pipeline's "
-             "overheads more than a real model's compute).", "",
+             f"median of {a.repeats} runs; ONNX Runtime engine folders; digits-ldm is the trained builtin (32x32 images, "
+             "4x8x8 latents), the others tiny random-weight pipelines (their numbers show the pipeline's overheads more than a real "
+             "model's compute).", "",
              "| family | denoiser | text encoding ms | denoising ms / step | decoding ms | total ms |", "|---|---|---|---|---|---|"]
     lines += [f"| {r['family']} | {r['denoiser']} | {1000 * r['text_s']:.1f} | {r['step_ms']:.1f} | {1000 * r['decode_s']:.1f} | {1000 * r['total_s']:.0f} |" for r in rows]
     if serve:

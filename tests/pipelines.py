@@ -8,10 +8,23 @@ from pathlib import Path
 
 import torch
 
-__all__ = ["FAMILIES", "export_tiny", "make_pipeline", "start_server"]
+__all__ = ["BLOCK_TORCH", "FAMILIES", "export_minmax", "export_tiny", "make_pipeline", "start_server"]
 
 FAMILIES = ("sd", "sd2-v", "sdxl", "pixart", "sd3", "flux", "dit", "ddpm")
 CHARS = "abcdefghijklmnopqrstuvwxyz0123456789,.!?'-"
+# `python -c BLOCK_TORCH <diffquant args>`: the CLI as a user without torch runs it (importing torch fails)
+BLOCK_TORCH = """
+import sys
+class _NoTorch:
+    def find_spec(self, name, path=None, target=None):
+        if name == "torch" or name.startswith("torch."):
+            raise ImportError("torch is blocked in this test")
+sys.meta_path.insert(0, _NoTorch())
+from diffquant.cli import main
+code = main(sys.argv[1:])
+assert "torch" not in sys.modules
+sys.exit(code)
+"""
 
 
 def _clip_tokenizer(folder: Path):
@@ -143,19 +156,27 @@ def export_tiny(family: str, root: Path, prompts: list[str], resolution: tuple[i
     and export it with its pipeline parts; returns (pipeline folder, denoiser, export folder)."""
     import warnings
 
-    from diffquant.calib_data import CalibConfig, collect
-    from diffquant.exporters import export
     from diffquant.models.loading import LoadConfig, load_denoiser
-    from diffquant.pipeline import load_recipe, quantize
 
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         folder = make_pipeline(family, root / family)
         d = load_denoiser(str(folder), LoadConfig(prompts=prompts, resolution=resolution))
-    calib = collect(d, CalibConfig(samples=2, steps=3, timesteps=2, guidance=d.family.default_guidance), cache_dir=root / f"c-{family}", progress=False)
+    return folder, d, export_minmax(d, root, family, target)
+
+
+def export_minmax(d, root: Path, name: str, target: str = "onnxruntime", samples: int = 2, steps: int = 3, timesteps: int = 2) -> Path:
+    """Quantize ``d`` (minmax W8A8 on ``samples`` trajectories of ``steps`` steps, ``timesteps`` kept) and export it
+    with its pipeline parts to ``root/exp-<name>``."""
+    from diffquant.calib_data import CalibConfig, collect
+    from diffquant.exporters import export
+    from diffquant.pipeline import load_recipe, quantize
+
+    cfg = CalibConfig(samples=samples, steps=steps, timesteps=timesteps, guidance=d.family.default_guidance)
+    calib = collect(d, cfg, cache_dir=root / f"c-{name}", progress=False)
     plan = quantize(d, load_recipe("minmax"), calib, bits="w8a8", progress=False)
-    export(plan, d, root / f"exp-{family}", target=target)
-    return folder, d, root / f"exp-{family}"
+    export(plan, d, root / f"exp-{name}", target=target)
+    return root / f"exp-{name}"
 
 
 def start_server(argv: list[str], cwd: Path):

@@ -45,6 +45,9 @@ def atomic_folder(path: str | os.PathLike, what: str = "output folder") -> Itera
         raise DiffquantError(f"{what} {path} already exists; pass another --out or delete it")
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", dir=path.parent))
+    umask = os.umask(0)
+    os.umask(umask)
+    tmp.chmod(0o777 & ~umask)  # mkdtemp's 0700 would leave the finished folder private
     try:
         yield tmp
         tmp.rename(path)

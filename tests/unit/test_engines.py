@@ -27,6 +27,7 @@ from diffquant.models.builtin import scheduler_config
 from diffquant.pipeline import load_recipe, quantize
 from diffquant.quant import PerBlock, apply_plan
 from tests.conftest import make_tiny_dit, make_tiny_unet, tiny_calib
+from tests.pipelines import BLOCK_TORCH
 
 
 def _fused_ops(path: Path, tmp_path: Path) -> collections.Counter:
@@ -140,20 +141,6 @@ def test_numpy_ddim_matches_diffusers(cfg):
         want = ref.step(torch.from_numpy(eps), int(t), torch.from_numpy(x)).prev_sample.numpy()
         x = ours.step(eps, int(t), x, 20)
         np.testing.assert_allclose(x, want, atol=1e-4)
-
-
-BLOCK_TORCH = """
-import sys
-class _NoTorch:
-    def find_spec(self, name, path=None, target=None):
-        if name == "torch" or name.startswith("torch."):
-            raise ImportError("torch is blocked in this test")
-sys.meta_path.insert(0, _NoTorch())
-from diffquant.cli import main
-code = main(sys.argv[1:])
-assert "torch" not in sys.modules
-sys.exit(code)
-"""
 
 
 @pytest.mark.parametrize("make", [make_tiny_unet, make_tiny_dit], ids=["unet", "dit"])

@@ -12,8 +12,7 @@ from pathlib import Path
 import pytest
 
 from diffquant.engines.bundle import BuildConfig, build
-from tests.pipelines import export_tiny, start_server
-from tests.unit.test_engines import BLOCK_TORCH
+from tests.pipelines import BLOCK_TORCH, export_tiny, start_server
 
 httpx = pytest.importorskip("httpx", reason="the serve tests need httpx (the [dev] extra)")
 pytest.importorskip("fastapi", reason="serve needs the [serve] extra (FastAPI + uvicorn)")
