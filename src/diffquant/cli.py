@@ -264,6 +264,7 @@ def cmd_generate(a: argparse.Namespace) -> int:
     from diffquant._png import save_grid_array
     from diffquant.engines.pipeline import PipelineFromFolder, PipelineRequest
     from diffquant.engines.runtime import GenerateConfig
+    from diffquant.engines.scheduler import scheduler_kind
 
     if Path(a.out).is_dir():
         raise DiffquantError(f"--out {a.out} is a folder; name the image file to write, e.g. {Path(a.out) / 'samples.png'}")
@@ -283,11 +284,20 @@ def cmd_generate(a: argparse.Namespace) -> int:
             return 0
         images = pipe.decode(lat)
         digest = next((e.get("plan_model_digest", "") for e in pipe.meta.get("engines", [])), "")
-    text = {"prompt": a.prompt, "negative_prompt": a.negative_prompt or "", "seed": a.seed, "steps": a.steps, "guidance": a.guidance if a.guidance is not None else "default",
-            "scheduler": a.scheduler, "engine": str(a.engine), "plan_model_digest": digest, "software": "diffquant"}
-    save_grid_array(images, a.out, ncol=min(a.n, 8), zoom=max(1, 96 // images.shape[-1]), text=text)
+    sampler = pipe.runtime.get("sampler", {})
+    text = {"prompt": a.prompt, "negative_prompt": a.negative_prompt or "", "seed": a.seed, "steps": a.steps,
+            "guidance": a.guidance if a.guidance is not None else sampler.get("default_guidance", 3.0), "scheduler": scheduler_kind(pipe.runtime, a.scheduler),
+            "engine": str(a.engine), "plan_model_digest": digest, "software": "diffquant"}
+    save_grid_array(images, a.out, ncol=min(a.n, 8), zoom=max(1, 96 // images.shape[-1]), text=text, title="" if a.no_caption else _caption(text))
     print(f"{a.n} image(s) of {a.prompt!r} from {a.engine} in {time.time() - t0:.1f} s -> {a.out}")
     return 0
+
+
+def _caption(text: dict) -> str:
+    """Two lines above a `generate` grid: the prompt (and negative prompt), then the settings."""
+    cut = lambda t: t if len(t) <= 90 else t[:87] + "..."  # noqa: E731
+    first = cut(repr(text["prompt"])) + (f"  negative: {cut(repr(text['negative_prompt']))}" if text["negative_prompt"] else "")
+    return f"{first}\nseed {text['seed']}, {text['steps']} steps, guidance {text['guidance']}, scheduler {text['scheduler']}"
 
 
 def _prompts(a: argparse.Namespace, pipe) -> list[str]:
@@ -541,7 +551,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("generate", help="sample images with an engine folder: tokenize, encode, denoise, decode (numpy schedulers; no torch needed)",
                        description="Runs the whole pipeline from the engine folder: the tokenizers and text encoders turn --prompt and "
                                    "--negative-prompt into conditioning, the denoiser engines sample with the pipeline's scheduler (numpy), "
-                                   "the VAE decoder makes the images. Writes one PNG grid with the prompt, seed and settings in its text chunks.")
+                                   "the VAE decoder makes the images. Writes one PNG grid, captioned with the prompt, seed and settings, which are also in its text chunks.")
     p.add_argument("engine", help="engine folder from `diffquant build`")
     p.add_argument("--prompt", default="", help="what to draw (text-to-image models: any text; digits models: class word(s), e.g. seven or "
                                                 "zero,one,two); unconditional models need none")
@@ -557,6 +567,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0, help="seed of every sampled noise (same seed: byte-identical outputs)")
     p.add_argument("--batch", type=POSITIVE, default=16, help="images per engine call")
     p.add_argument("--threads", type=NONNEGATIVE, default=0, help="CPU threads (ONNX Runtime, OpenVINO; default: the runtime's choice)")
+    p.add_argument("--no-caption", action="store_true", help="no prompt / settings caption above the grid (they stay in the PNG's text chunks)")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.set_defaults(fn=cmd_generate)
 

@@ -93,6 +93,11 @@ def test_generate_from_text_without_torch(exported, tmp_path):
     again = tmp_path / "again.png"
     assert subprocess.run(cmd[:-2] + [str(again), "--quiet"], capture_output=True, cwd=Path(__file__).parents[2]).returncode == 0
     assert np.array_equal(np.asarray(Image.open(png)), np.asarray(Image.open(again)))
+    # the caption sits above the images: without it the grid is shorter by it, and equal below it
+    bare = tmp_path / "bare.png"
+    assert subprocess.run(cmd[:-2] + [str(bare), "--quiet", "--no-caption"], capture_output=True, cwd=Path(__file__).parents[2]).returncode == 0
+    full, plain = np.asarray(Image.open(png)), np.asarray(Image.open(bare))
+    assert full.shape[0] > plain.shape[0] and np.array_equal(full[full.shape[0] - plain.shape[0] :], plain)
     # out-of-profile size and an overlong prompt: exit 2, one line, no traceback
     for extra, msg in ((["--height", "64"], "outside this engine's profile"), (["--prompt", "a" * 3000], "over the limit")):
         p = subprocess.run(cmd + extra, capture_output=True, text=True, cwd=Path(__file__).parents[2])
