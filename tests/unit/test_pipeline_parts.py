@@ -1,7 +1,7 @@
 """The engine folder as a whole pipeline, on tiny random-weight pipelines of every text-to-image
 family: the exported text encoders + tokenizers + composition reproduce the pipeline's own
 `encode_prompt`, the FP-engine folder draws the diffusers pipeline's images (PSNR >= 40 dB),
-`generate` runs torch-free from free text, and bad requests are clear errors."""
+`generate` runs torch-free from free text on every family, and bad requests are clear errors."""
 
 from __future__ import annotations
 
@@ -25,8 +25,7 @@ from diffquant.errors import DiffquantError
 from diffquant.eval.pipeline import PipelineCheckConfig, compare_pipeline
 from diffquant.exporters.parts import PartsConfig, export_parts
 from diffquant.models.loading import load_pipeline
-from tests.pipelines import export_tiny
-from tests.unit.test_engines import BLOCK_TORCH
+from tests.pipelines import BLOCK_TORCH, export_tiny
 
 TEXT_FAMILIES = ("sd", "sdxl", "pixart", "sd3", "flux")
 RESOLUTION = {"flux": (32, 32)}
@@ -74,6 +73,12 @@ def test_fp_engine_pipeline_matches_diffusers(family, exported, tmp_path):
     assert len(fp) == 2 and all(r.passed and r.psnr_db >= 40 for r in fp), rows
     qdq = [r for r in rows if r.engine == "qdq"]
     assert len(qdq) == 2 and all(np.isfinite(r.psnr_db) and 0 < r.ssim <= 1 for r in qdq)
+    # the quantized folder generates from text a user never exported, with torch blocked
+    png = tmp_path / "dog.png"
+    cmd = [sys.executable, "-c", BLOCK_TORCH, "generate", str(engines["qdq"]), "--prompt", "a dog on a bike", "-n", "2", "--steps", "2",
+           "--out", str(png), "--quiet"]
+    p = subprocess.run(cmd, capture_output=True, text=True, cwd=Path(__file__).parents[2])
+    assert p.returncode == 0 and png.exists(), p.stderr
 
 
 def test_generate_from_text_without_torch(exported, tmp_path):
