@@ -246,6 +246,10 @@ def cmd_build(a: argparse.Namespace) -> int:
     out = build(a.onnx, a.out, BuildConfig(backend=a.backend, denoiser=a.denoiser, ort_weights=a.weights, openvino=ov, tensorrt=trt))
     meta = json.loads((out / "engine.json").read_text())
     print(f"{meta['backend']} engine folder {out}: {len(meta['engines'])} engine(s) ({', '.join(e['file'] for e in meta['engines'])})")
+    if meta.get("parts"):
+        parts = ", ".join(f"{name} {r['file']} ({r['runner']}, {r['dtype']}{', up-cast from ' + r['upcast_from'] if 'upcast_from' in r else ''})"
+                          for name, r in meta["parts"].items())
+        print(f"  pipeline parts: {parts}" + ("; tokenizers copied" if (out / "tokenizers").is_dir() else ""))
     if "cpu" in meta:
         print(f"  CPU: {meta['cpu']['model']}; flags: {' '.join(meta['cpu']['flags']) or '-'}")
     for e in meta["engines"]:
