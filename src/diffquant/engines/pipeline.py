@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import shutil
 import time
+from contextlib import ExitStack
 from dataclasses import dataclass, replace
 from pathlib import Path
 
@@ -147,10 +148,8 @@ class DeployedPipeline:
     def latents(self, req: PipelineRequest, progress: bool = False, cond: Conditioning | None = None) -> np.ndarray:
         """The final latents of a request (``cond``: its conditioning, when made already)."""
         self.check_size(req.height, req.width)
-        noise = None
-        if req.seeds is not None:
-            shape = tuple(self.runtime["sample_shape"])
-            noise = np.concatenate([initial_noise(s, 1, shape) for s in req.seeds]) if req.seeds else None
+        shape = tuple(self.runtime["sample_shape"])
+        noise = np.concatenate([initial_noise(s, 1, shape) for s in req.seeds]) if req.seeds else None
         return generate(self.denoiser, self.runtime, cond or self.conditioning(req), req.n, req.settings or GenerateConfig(), progress, noise)
 
     def decode(self, latents: np.ndarray, batch: int = 4) -> np.ndarray:
@@ -193,14 +192,14 @@ def PipelineFromFolder(folder: str | Path, threads: int = 0) -> DeployedPipeline
     from diffquant.engines.bundle import EnginesFromFolder, _engine_meta, file_sha256
 
     folder = Path(folder)
-    denoiser, runtime = EnginesFromFolder(folder, threads)
-    parts: dict[str, Engine] = {}
-    try:
+    with ExitStack() as opened:  # a part that fails to load closes the engines loaded before it
+        denoiser, runtime = EnginesFromFolder(folder, threads)
+        opened.callback(denoiser.close)
         meta = _engine_meta(folder)
+        parts: dict[str, Engine] = {}
         for name, rec in check_value(meta.get("parts", {}), dict[str, dict], f"{folder / 'engine.json'}: parts", "build the folder again").items():
             parts[name] = _load_part(folder, rec, threads, file_sha256)
-        return DeployedPipeline(folder, denoiser, runtime, parts, meta)
-    except Exception:
-        for e in [denoiser, *parts.values()]:
-            e.close()
-        raise
+            opened.callback(parts[name].close)
+        pipe = DeployedPipeline(folder, denoiser, runtime, parts, meta)
+        opened.pop_all()
+    return pipe

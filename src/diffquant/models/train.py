@@ -75,10 +75,6 @@ def ema_step(pairs: list[tuple[torch.nn.Module, torch.nn.Module]], step: int, ma
                 pe.lerp_(pm, 1 - decay)
 
 
-def _lr_at(step: int, cfg: TrainConfig) -> float:
-    return cosine_lr(step, cfg.steps, cfg.lr, cfg.warmup_steps)
-
-
 def _augment(x: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
     """Random shifts of up to one pixel (classifier only) so it generalizes to samples."""
     pad = F.pad(x, (1, 1, 1, 1), value=-1.0)
@@ -93,7 +89,7 @@ def _train_classifier(cfg: TrainConfig, gen: torch.Generator, bar: tqdm) -> tupl
     loss = torch.tensor(0.0)
     for step in range(cfg.steps):
         for g in opt.param_groups:
-            g["lr"] = _lr_at(step, cfg)
+            g["lr"] = cosine_lr(step, cfg.steps, cfg.lr, cfg.warmup_steps)
         idx = torch.randint(0, len(x), (cfg.batch_size,), generator=gen)
         loss = F.cross_entropy(model(_augment(x[idx], gen)), y[idx])
         opt.zero_grad()
@@ -124,7 +120,7 @@ def _train_denoiser(name: str, cfg: TrainConfig, gen: torch.Generator, bar: tqdm
     losses: list[float] = []
     for step in range(cfg.steps):
         for g in opt.param_groups:
-            g["lr"] = _lr_at(step, cfg)
+            g["lr"] = cosine_lr(step, cfg.steps, cfg.lr, cfg.warmup_steps)
         idx = torch.randint(0, len(x), (cfg.batch_size,), generator=gen)
         x0, labels = x[idx], y[idx].clone()
         drop = torch.rand(len(idx), generator=gen) < cfg.cond_dropout
