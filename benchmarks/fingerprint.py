@@ -43,22 +43,55 @@ CASES = [
     ("builtin:digits-dit", "modelopt-int8", "w8a8", {}),
     ("builtin:digits-sd", "qdiffusion", "w4a8", {"reconstruct": {"iters": 10, "samples": 64}}),
     ("builtin:digits-dit", "qdiffusion", "w4a8", {"reconstruct": {"iters": 10, "samples": 64}}),
-    ("builtin:digits-sd", "dmq", "w4a8", {"les": {"iters": 5, "samples": 32}, "reconstruct": {"iters": 5, "samples": 32}, "pts": {"samples": 64}}),
-    ("builtin:digits-dit", "dmq", "w4a8", {"les": {"iters": 5, "samples": 32}, "reconstruct": {"iters": 5, "samples": 32}, "pts": {"samples": 64}}),
+    (
+        "builtin:digits-sd",
+        "dmq",
+        "w4a8",
+        {"les": {"iters": 5, "samples": 32}, "reconstruct": {"iters": 5, "samples": 32}, "pts": {"samples": 64}},
+    ),
+    (
+        "builtin:digits-dit",
+        "dmq",
+        "w4a8",
+        {"les": {"iters": 5, "samples": 32}, "reconstruct": {"iters": 5, "samples": 32}, "pts": {"samples": 64}},
+    ),
     # the sub-8-bit activation path (Clip before Q, narrowed U8 range, LSQ steps on a 6-bit grid)
     ("builtin:digits-sd", "qdiffusion", "w4a6", {"reconstruct": {"iters": 10, "samples": 64}}),
     ("builtin:digits-dit", "minmax", "w4a6", {}),
     # every other recipe, iterations cut: TCR + PAR + DAQ operand sites, the searched bit widths,
     # LoRA distillation with TALSQ groups (4 graphs), OMQ's per-channel bit vectors with TRD
-    ("builtin:digits-sd", "tcaq", "w4a8", {"reconstruct": {"iters": 5, "samples": 32, "par_rounds": 1}, "daq": {"samples": 2000}}),
-    ("builtin:digits-dit", "tcaq", "w4a6", {"reconstruct": {"iters": 5, "samples": 32, "par_rounds": 1}, "daq": {"samples": 2000}}),
+    (
+        "builtin:digits-sd",
+        "tcaq",
+        "w4a8",
+        {"reconstruct": {"iters": 5, "samples": 32, "par_rounds": 1}, "daq": {"samples": 2000}},
+    ),
+    (
+        "builtin:digits-dit",
+        "tcaq",
+        "w4a6",
+        {"reconstruct": {"iters": 5, "samples": 32, "par_rounds": 1}, "daq": {"samples": 2000}},
+    ),
     ("builtin:digits-sd", "qua2sedimo", "w4a8", {"qua2sedimo": {"configs": 12, "holdout": 4, "score": "noise"}}),
-    ("builtin:digits-dit", "qua2sedimo", "w4a8", {"qua2sedimo": {"configs": 10, "holdout": 3, "score": "samples", "probe_samples": 2}}),
+    (
+        "builtin:digits-dit",
+        "qua2sedimo",
+        "w4a8",
+        {"qua2sedimo": {"configs": 10, "holdout": 3, "score": "samples", "probe_samples": 2}},
+    ),
     ("builtin:digits-sd", "efficientdm", "w2a4", {"efficientdm": {"iters": 3, "steps": 3, "batch_size": 2}}),
-    ("builtin:digits-dit", "mpqdm", "w2a4", {"omq": {"samples": 32}, "efficientdm": {"iters": 4, "steps": 4, "batch_size": 2}}),
+    (
+        "builtin:digits-dit",
+        "mpqdm",
+        "w2a4",
+        {"omq": {"samples": 32}, "efficientdm": {"iters": 4, "steps": 4, "batch_size": 2}},
+    ),
 ]
 # the deployed text-to-image pipeline: runtime.json, the prompt table, the parts and engine.json
-PIPELINE_CASES = [("builtin:digits-ldm", "minmax", "w8a8", "onnxruntime"), ("builtin:digits-ldm", "minmax", "w8a8", "tensorrt")]
+PIPELINE_CASES = [
+    ("builtin:digits-ldm", "minmax", "w8a8", "onnxruntime"),
+    ("builtin:digits-ldm", "minmax", "w8a8", "tensorrt"),
+]
 
 
 def _sha(b: bytes) -> str:
@@ -77,14 +110,31 @@ def fingerprint(cache: str, cases: list = CASES, pipelines: list = PIPELINE_CASE
         d = load_denoiser(model)
         calib = collect(d, CalibConfig(samples=8, steps=10, timesteps=5), cache_dir=cache, progress=False)
         plan = quantize(d, load_recipe(recipe, overrides), calib, bits=bits, progress=False)
-        entry = {"plan": {k: _sha(v.detach().float().contiguous().numpy().tobytes()) for k, v in sorted(_plan_tensors(plan).items())}}
+        entry = {
+            "plan": {
+                k: _sha(v.detach().float().contiguous().numpy().tobytes())
+                for k, v in sorted(_plan_tensors(plan).items())
+            }
+        }
         for target in ("tensorrt", "onnxruntime"):
             with tempfile.TemporaryDirectory() as tmp:
                 res = export(plan, d, tmp, target=target)
                 g = onnx.load(str(res.qdq_onnx))
-                entry[target] = {i.name: _sha(numpy_helper.to_array(i).tobytes()) for i in g.graph.initializer if "quantized" in i.name or "scale" in i.name or "zero_point" in i.name or "folded" in i.name or "smooth" in i.name or "clip" in i.name}
+                entry[target] = {
+                    i.name: _sha(numpy_helper.to_array(i).tobytes())
+                    for i in g.graph.initializer
+                    if "quantized" in i.name
+                    or "scale" in i.name
+                    or "zero_point" in i.name
+                    or "folded" in i.name
+                    or "smooth" in i.name
+                    or "clip" in i.name
+                }
         out[f"{model} {recipe} {bits}"] = entry
-        print(f"{model} {recipe} {bits}: {len(entry['plan'])} plan tensors, {len(entry['tensorrt'])} / {len(entry['onnxruntime'])} Q/DQ initializers", flush=True)
+        print(
+            f"{model} {recipe} {bits}: {len(entry['plan'])} plan tensors, {len(entry['tensorrt'])} / {len(entry['onnxruntime'])} Q/DQ initializers",
+            flush=True,
+        )
     for model, recipe, bits, target in pipelines:
         out[f"{model} {recipe} {bits} {target} folders"] = entry = _folders(model, recipe, bits, target, cache)
         print(f"{model} {recipe} {bits} {target}: {len(entry['files'])} export and engine files", flush=True)
@@ -116,7 +166,11 @@ def _folders(model: str, recipe: str, bits: str, target: str, cache: str) -> dic
                     files[key] = _json_sha(f, drop=("built", "source", "cpu"))
                 elif f.suffix == ".onnx":
                     g = onnx.load(str(f))
-                    files[key] = _sha("".join(sorted(i.name + _sha(numpy_helper.to_array(i).tobytes()) for i in g.graph.initializer)).encode())
+                    files[key] = _sha(
+                        "".join(
+                            sorted(i.name + _sha(numpy_helper.to_array(i).tobytes()) for i in g.graph.initializer)
+                        ).encode()
+                    )
                 else:
                     files[key] = _sha(f.read_bytes())
     return {"files": files}
@@ -132,7 +186,9 @@ def compare(a: dict, b: dict, only: str | None = None) -> list[str]:
             x, y = a.get(case, {}).get(part, {}), b.get(case, {}).get(part, {})
             if part == "plan":
                 if sorted(x.values()) != sorted(y.values()):
-                    diffs.append(f"{case} plan: tensor values differ ({len(x)} vs {len(y)} tensors, {len(set(x.values()) ^ set(y.values()))} values in one only)")
+                    diffs.append(
+                        f"{case} plan: tensor values differ ({len(x)} vs {len(y)} tensors, {len(set(x.values()) ^ set(y.values()))} values in one only)"
+                    )
                 continue
             bad = sorted(k for k in set(x) | set(y) if x.get(k) != y.get(k))
             if bad:

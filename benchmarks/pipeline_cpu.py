@@ -65,9 +65,26 @@ def serve_load(folder: Path, clients: int, per_client: int, steps: int, prompt: 
     """Start `diffquant serve` on 127.0.0.1 and send ``clients`` x ``per_client`` requests."""
     import httpx
 
-    proc, url = start_server([sys.executable, "-m", "diffquant.cli", "serve", str(folder), "--port", "0", "--queue", str(2 * clients),
-                              "--max-batch", "4", "--steps", str(steps)], ROOT)
+    proc, url = start_server(
+        [
+            sys.executable,
+            "-m",
+            "diffquant.cli",
+            "serve",
+            str(folder),
+            "--port",
+            "0",
+            "--queue",
+            str(2 * clients),
+            "--max-batch",
+            "4",
+            "--steps",
+            str(steps),
+        ],
+        ROOT,
+    )
     try:
+
         def client(c: int) -> list[tuple[int, float]]:
             out = []
             for k in range(per_client):
@@ -86,9 +103,17 @@ def serve_load(folder: Path, clients: int, per_client: int, steps: int, prompt: 
         proc.wait(timeout=30)
     lat = sorted(t for code, t in answers if code == 200)
     ok = len(lat)
-    return {"clients": clients, "requests": len(answers), "ok": ok, "busy_503": sum(code == 503 for code, _ in answers),
-            "images_per_s": ok / wall, "p50_s": lat[len(lat) // 2] if lat else None, "p95_s": lat[min(len(lat) - 1, int(0.95 * len(lat)))] if lat else None,
-            "batches": health["batches"], "wall_s": wall}
+    return {
+        "clients": clients,
+        "requests": len(answers),
+        "ok": ok,
+        "busy_503": sum(code == 503 for code, _ in answers),
+        "images_per_s": ok / wall,
+        "p50_s": lat[len(lat) // 2] if lat else None,
+        "p95_s": lat[min(len(lat) - 1, int(0.95 * len(lat)))] if lat else None,
+        "batches": health["batches"],
+        "wall_s": wall,
+    }
 
 
 def main() -> int:
@@ -108,25 +133,49 @@ def main() -> int:
             exp = export_family(fam, root)
             for label in ("fp", "qdq"):
                 eng = build(exp, root / f"eng-{fam}-{label}", BuildConfig(backend="onnxruntime", denoiser=label))
-                rows.append({"family": fam, "denoiser": "FP32" if label == "fp" else "W8A8", **time_pipeline(eng, a.steps, a.repeats, PROMPT.get(fam, "a red cat"))})
+                rows.append(
+                    {
+                        "family": fam,
+                        "denoiser": "FP32" if label == "fp" else "W8A8",
+                        **time_pipeline(eng, a.steps, a.repeats, PROMPT.get(fam, "a red cat")),
+                    }
+                )
                 print(rows[-1], flush=True)
                 if fam == a.serve_family and label == "qdq":
-                    serve = {"family": fam, "denoiser": "W8A8", **serve_load(eng, a.clients, a.per_client, a.steps, PROMPT.get(fam, "a red cat"))}
+                    serve = {
+                        "family": fam,
+                        "denoiser": "W8A8",
+                        **serve_load(eng, a.clients, a.per_client, a.steps, PROMPT.get(fam, "a red cat")),
+                    }
                     print(serve, flush=True)
     out = Path(a.out)
     meta = {"cpu": cpu_info().model, "steps": a.steps, "repeats": a.repeats}
     write_json(out / "pipeline_cpu.json", {**meta, "rows": rows, "serve": serve})
-    lines = ["# The deployed pipeline on CPU", "", f"Written by `python benchmarks/pipeline_cpu.py`. CPU: {meta['cpu']}; {a.steps} steps, one image, "
-             f"median of {a.repeats} runs; ONNX Runtime engine folders; digits-ldm is the trained builtin (32x32 images, "
-             "4x8x8 latents), the others tiny random-weight pipelines (their numbers show the pipeline's overheads more than a real "
-             "model's compute).", "",
-             "| family | denoiser | text encoding ms | denoising ms / step | decoding ms | total ms |", "|---|---|---|---|---|---|"]
-    lines += [f"| {r['family']} | {r['denoiser']} | {1000 * r['text_s']:.1f} | {r['step_ms']:.1f} | {1000 * r['decode_s']:.1f} | {1000 * r['total_s']:.0f} |" for r in rows]
+    lines = [
+        "# The deployed pipeline on CPU",
+        "",
+        f"Written by `python benchmarks/pipeline_cpu.py`. CPU: {meta['cpu']}; {a.steps} steps, one image, "
+        f"median of {a.repeats} runs; ONNX Runtime engine folders; digits-ldm is the trained builtin (32x32 images, "
+        "4x8x8 latents), the others tiny random-weight pipelines (their numbers show the pipeline's overheads more than a real "
+        "model's compute).",
+        "",
+        "| family | denoiser | text encoding ms | denoising ms / step | decoding ms | total ms |",
+        "|---|---|---|---|---|---|",
+    ]
+    lines += [
+        f"| {r['family']} | {r['denoiser']} | {1000 * r['text_s']:.1f} | {r['step_ms']:.1f} | {1000 * r['decode_s']:.1f} | {1000 * r['total_s']:.0f} |"
+        for r in rows
+    ]
     if serve:
-        lines += ["", f"`diffquant serve` ({serve['family']}, {serve['denoiser']}, {a.steps} steps): {serve['clients']} concurrent clients x "
-                  f"{a.per_client} requests, queue {2 * serve['clients']}, batches of up to 4", "",
-                  "| requests | PNGs | 503 | images / s | p50 s | p95 s | engine runs |", "|---|---|---|---|---|---|---|",
-                  f"| {serve['requests']} | {serve['ok']} | {serve['busy_503']} | {serve['images_per_s']:.2f} | {serve['p50_s']:.2f} | {serve['p95_s']:.2f} | {serve['batches']} |"]
+        lines += [
+            "",
+            f"`diffquant serve` ({serve['family']}, {serve['denoiser']}, {a.steps} steps): {serve['clients']} concurrent clients x "
+            f"{a.per_client} requests, queue {2 * serve['clients']}, batches of up to 4",
+            "",
+            "| requests | PNGs | 503 | images / s | p50 s | p95 s | engine runs |",
+            "|---|---|---|---|---|---|---|",
+            f"| {serve['requests']} | {serve['ok']} | {serve['busy_503']} | {serve['images_per_s']:.2f} | {serve['p50_s']:.2f} | {serve['p95_s']:.2f} | {serve['batches']} |",
+        ]
     write_text(out / "pipeline_cpu.md", "\n".join(lines) + "\n")
     return 0
 

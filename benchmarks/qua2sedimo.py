@@ -20,7 +20,17 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
-from quality import KEYS, Bench, add_fp_row, common_args, merge_rows, open_results, run_recipe, write_all_markdown, write_text_atomic  # noqa: E402
+from quality import (
+    KEYS,
+    Bench,
+    add_fp_row,
+    common_args,
+    merge_rows,
+    open_results,
+    run_recipe,
+    write_all_markdown,
+    write_text_atomic,
+)  # noqa: E402
 
 from diffquant._io import write_json  # noqa: E402
 
@@ -48,28 +58,40 @@ def _fmt(v, nd=1) -> str:
 
 def write_table(rows: list[dict], path: Path) -> None:
     """One table per model: deployed and fake-quant quality, bits, predictor fit, search time."""
-    lines = ["# Qua2SeDiMo budget study", "", "Written by `python benchmarks/qua2sedimo.py`. Deployed: the onnxruntime Q/DQ graph (N as listed);",
-             "fake-quant: the torch model of the same plan. FD to FP / PSNR / SSIM are against the FP samples of the same seeds.",
-             "Bits: average weight bits with FP16 scales, zero points and codebooks counted (the paper's accounting), over every",
-             "conv / linear; `deployed bits` differ from `research bits` only where a k-means layer is lowered (centroids in 8 bits).",
-             "Configurations are scored by the PSNR of 20 samples against FP from the calibration seeds (the recipe's default),",
-             "except the noise-SNR-scores, bits [3, 4], GNN and research rows, which were scored by noise SNR.",
-             "Noise SNR column: the chosen assignment's noise prediction vs FP on calibration inputs (weights only). Spearman /",
-             "NDCG@10: the predictor on held-out configurations (M scored in all), of whichever score the row used. `search s`:",
-             "sampling, scoring, fitting and searching; rows ran 2-3 at a time on the 2 cores, one thread each.", ""]
+    lines = [
+        "# Qua2SeDiMo budget study",
+        "",
+        "Written by `python benchmarks/qua2sedimo.py`. Deployed: the onnxruntime Q/DQ graph (N as listed);",
+        "fake-quant: the torch model of the same plan. FD to FP / PSNR / SSIM are against the FP samples of the same seeds.",
+        "Bits: average weight bits with FP16 scales, zero points and codebooks counted (the paper's accounting), over every",
+        "conv / linear; `deployed bits` differ from `research bits` only where a k-means layer is lowered (centroids in 8 bits).",
+        "Configurations are scored by the PSNR of 20 samples against FP from the calibration seeds (the recipe's default),",
+        "except the noise-SNR-scores, bits [3, 4], GNN and research rows, which were scored by noise SNR.",
+        "Noise SNR column: the chosen assignment's noise prediction vs FP on calibration inputs (weights only). Spearman /",
+        "NDCG@10: the predictor on held-out configurations (M scored in all), of whichever score the row used. `search s`:",
+        "sampling, scoring, fitting and searching; rows ran 2-3 at a time on the 2 cores, one thread each.",
+        "",
+    ]
     for model in dict.fromkeys(r["model"] for r in rows):
         by = {(r["recipe"], r["graph"]): r for r in rows if r["model"] == model}
-        lines += [f"## {model}", "", "| row | research bits | deployed bits | FD to FP | PSNR | SSIM | accuracy | fake-quant FD to FP | fake-quant PSNR "
-                  "| noise SNR dB | Spearman | NDCG@10 | M | search s | parity steps |", "|" + "---|" * 15]
+        lines += [
+            f"## {model}",
+            "",
+            "| row | research bits | deployed bits | FD to FP | PSNR | SSIM | accuracy | fake-quant FD to FP | fake-quant PSNR "
+            "| noise SNR dB | Spearman | NDCG@10 | M | search s | parity steps |",
+            "|" + "---|" * 15,
+        ]
         for label, _, _ in ROWS:
             d, f = by.get((label, "deployed")), by.get((label, "fake_quant"))
             if d is None:
                 continue
             q = d.get("qua2sedimo", {})
-            lines.append(f"| {label} | {_fmt(q.get('research_bits'), 3)} | {_fmt(q.get('deployed_bits'), 3)} | {_fmt(d.get('fd_fp'))} | {_fmt(d['psnr'], 2)} "
-                         f"| {_fmt(d['ssim'], 4)} | {_fmt(d['accuracy'], 3)} | {_fmt(f and f.get('fd_fp'))} | {_fmt(f and f['psnr'], 2)} "
-                         f"| {_fmt(q.get('noise_snr_db'), 2)} | {_fmt(q.get('spearman'), 3)} | {_fmt(q.get('ndcg10'), 3)} | {q.get('configs', '-')} "
-                         f"| {_fmt(q.get('search_s'))} | {_fmt(d.get('parity_max_step_error'), 2)} |")
+            lines.append(
+                f"| {label} | {_fmt(q.get('research_bits'), 3)} | {_fmt(q.get('deployed_bits'), 3)} | {_fmt(d.get('fd_fp'))} | {_fmt(d['psnr'], 2)} "
+                f"| {_fmt(d['ssim'], 4)} | {_fmt(d['accuracy'], 3)} | {_fmt(f and f.get('fd_fp'))} | {_fmt(f and f['psnr'], 2)} "
+                f"| {_fmt(q.get('noise_snr_db'), 2)} | {_fmt(q.get('spearman'), 3)} | {_fmt(q.get('ndcg10'), 3)} | {q.get('configs', '-')} "
+                f"| {_fmt(q.get('search_s'))} | {_fmt(d.get('parity_max_step_error'), 2)} |"
+            )
         lines.append("")
     write_text_atomic(path, "\n".join(lines))
 
@@ -92,10 +114,20 @@ def main() -> int:
             new = run_recipe(b, "qua2sedimo", bits, grids, {"qua2sedimo": ov}, label)
             merge_rows(rows, new)
             d = new[0]
-            print(f"{model:10s} {label:40s} bits {d['qua2sedimo']['deployed_bits']:.3f} FD-FP {d.get('fd_fp', 0):7.1f} PSNR {d['psnr']:6.2f}", flush=True)
+            print(
+                f"{model:10s} {label:40s} bits {d['qua2sedimo']['deployed_bits']:.3f} FD-FP {d.get('fd_fp', 0):7.1f} PSNR {d['psnr']:6.2f}",
+                flush=True,
+            )
             write_json(jpath, rows)
             write_all_markdown(rows, out)
-            write_table([r for r in rows if r["recipe"] in {x[0] for x in ROWS} and r["n_samples"] in (a.samples, a.fq_samples)], out / "qua2sedimo.md")
+            write_table(
+                [
+                    r
+                    for r in rows
+                    if r["recipe"] in {x[0] for x in ROWS} and r["n_samples"] in (a.samples, a.fq_samples)
+                ],
+                out / "qua2sedimo.md",
+            )
     return 0
 
 

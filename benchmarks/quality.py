@@ -69,8 +69,12 @@ LOW_BITS = ("w2a4", "w3a4", "w4a4", "w2a6")
 CONFIGS += [(r, b) for b in LOW_BITS for r in ("minmax", "qdiffusion", "dmq", "efficientdm", "mpqdm")]
 # digits-ldm (the latent text-to-image builtin): every recipe at W8A8 and W4A8; qua2sedimo's weight
 # bits come from its budget (3.7 average), so it has the W4A8 row only
-LDM_CONFIGS = [(r, b) for b in ("w8a8", "w4a8") for r in ("minmax", "modelopt-int8", "qdiffusion", "dmq", "efficientdm", "mpqdm", "tcaq")
-               if (r, b) != ("modelopt-int8", "w4a8")] + [("qua2sedimo", "w4a8")]
+LDM_CONFIGS = [
+    (r, b)
+    for b in ("w8a8", "w4a8")
+    for r in ("minmax", "modelopt-int8", "qdiffusion", "dmq", "efficientdm", "mpqdm", "tcaq")
+    if (r, b) != ("modelopt-int8", "w4a8")
+] + [("qua2sedimo", "w4a8")]
 
 
 @dataclass(frozen=True)
@@ -86,22 +90,45 @@ class AblationSet:
 
 
 ABLATIONS = {
-    "dmq": AblationSet("w4a8", {"equivalent scaling": "LES", "timestep weighting": "adaptive", "PTS": "voted", "PTS layers": "skip convs only"}, [
-        ("equivalent scaling", "none (tau = 1)", {"les": {"iters": 0, "init": "one"}}),
-        ("equivalent scaling", "SmoothQuant heuristic (alpha 0.5)", {"les": {"iters": 0, "init": "smoothquant"}}),
-        ("timestep weighting", "uniform", {"les": {"timestep_weighting": "uniform"}, "reconstruct": {"timestep_weighting": "uniform"}}),
-        ("timestep weighting", "linear", {"les": {"timestep_weighting": "linear"}, "reconstruct": {"timestep_weighting": "linear"}}),
-        ("PTS", "none", {"pts": {"max_k": 0}}),
-        ("PTS", "MSE-selected", {"pts": {"select": "mse"}}),
-        ("PTS layers", "all layers (voted)", {"pts": {"layers": ["all"]}}),
-    ], ("qdiffusion", "qdiffusion W4A8")),
-    "mpqdm": AblationSet("w2a4", {"OMQ": "g in 0..5 by output MSE", "OMQ channels": "by kurtosis", "TRD": "on, graph kept"}, [
-        ("OMQ", "off (uniform N bits)", {"omq": {"max_g": 0}}),
-        ("OMQ", "g in {0, 1} (released code)", {"omq": {"search": "official"}}),
-        ("OMQ channels", "random", {"omq": {"select": "random"}}),
-        ("TRD", "off", {"efficientdm": {"trd": "off"}}),
-        ("TRD", "detached (released code)", {"efficientdm": {"trd": "detached"}}),
-    ], ("efficientdm", "efficientdm W2A4 (OMQ and TRD off)")),
+    "dmq": AblationSet(
+        "w4a8",
+        {
+            "equivalent scaling": "LES",
+            "timestep weighting": "adaptive",
+            "PTS": "voted",
+            "PTS layers": "skip convs only",
+        },
+        [
+            ("equivalent scaling", "none (tau = 1)", {"les": {"iters": 0, "init": "one"}}),
+            ("equivalent scaling", "SmoothQuant heuristic (alpha 0.5)", {"les": {"iters": 0, "init": "smoothquant"}}),
+            (
+                "timestep weighting",
+                "uniform",
+                {"les": {"timestep_weighting": "uniform"}, "reconstruct": {"timestep_weighting": "uniform"}},
+            ),
+            (
+                "timestep weighting",
+                "linear",
+                {"les": {"timestep_weighting": "linear"}, "reconstruct": {"timestep_weighting": "linear"}},
+            ),
+            ("PTS", "none", {"pts": {"max_k": 0}}),
+            ("PTS", "MSE-selected", {"pts": {"select": "mse"}}),
+            ("PTS layers", "all layers (voted)", {"pts": {"layers": ["all"]}}),
+        ],
+        ("qdiffusion", "qdiffusion W4A8"),
+    ),
+    "mpqdm": AblationSet(
+        "w2a4",
+        {"OMQ": "g in 0..5 by output MSE", "OMQ channels": "by kurtosis", "TRD": "on, graph kept"},
+        [
+            ("OMQ", "off (uniform N bits)", {"omq": {"max_g": 0}}),
+            ("OMQ", "g in {0, 1} (released code)", {"omq": {"search": "official"}}),
+            ("OMQ channels", "random", {"omq": {"select": "random"}}),
+            ("TRD", "off", {"efficientdm": {"trd": "off"}}),
+            ("TRD", "detached (released code)", {"efficientdm": {"trd": "detached"}}),
+        ],
+        ("efficientdm", "efficientdm W2A4 (OMQ and TRD off)"),
+    ),
 }
 KEYS = ("model", "recipe", "bits", "graph", "n_samples")
 PEER = "ModelOpt int8-smoothquant (peer)"
@@ -110,9 +137,17 @@ PEER = "ModelOpt int8-smoothquant (peer)"
 def _row(model, recipe, bits, graph, scores, n, parity=None, **extra) -> dict:
     d = scores.to_dict()
     return {
-        "model": model, "recipe": recipe, "bits": bits, "graph": graph,
-        "fd": d["fd"], "accuracy": d["accuracy"], "psnr": d.get("psnr"), "ssim": d.get("ssim"),
-        "parity_max_step_error": parity, "n_samples": n, **extra,
+        "model": model,
+        "recipe": recipe,
+        "bits": bits,
+        "graph": graph,
+        "fd": d["fd"],
+        "accuracy": d["accuracy"],
+        "psnr": d.get("psnr"),
+        "ssim": d.get("ssim"),
+        "parity_max_step_error": parity,
+        "n_samples": n,
+        **extra,
         **({"fd_fp": d["fd_fp"]} if "fd_fp" in d else {}),
     }
 
@@ -148,15 +183,24 @@ class Bench:
         """Images of the first ``n`` samples from ``eps``: a torch denoiser or an engine's eps function."""
         fn = torch_eps_fn(eps) if isinstance(eps, torch.nn.Module) else eps
         cfg = SamplerConfig(steps=25, guidance=3.0, batch_size=250)
-        return self.d.to_images(sample(fn, self.d, self.batch.take(slice(0, n)), cfg, desc=desc, progress=self.progress))
+        return self.d.to_images(
+            sample(fn, self.d, self.batch.take(slice(0, n)), cfg, desc=desc, progress=self.progress)
+        )
 
     def score(self, imgs: torch.Tensor, reference: bool = True):
         """Scores vs the real digits (FD, accuracy) and vs the FP samples of the same seeds."""
         n = len(imgs)
-        return score_samples(imgs, self.batch.ids[:n], self.clf, self.real, reference=self.fp[:n] if reference else None)
+        return score_samples(
+            imgs, self.batch.ids[:n], self.clf, self.real, reference=self.fp[:n] if reference else None
+        )
 
 
-BULKY = ("assignment", "effects", "importance", "held_out")  # per-layer / per-configuration lists: in the run's plan, not the table
+BULKY = (
+    "assignment",
+    "effects",
+    "importance",
+    "held_out",
+)  # per-layer / per-configuration lists: in the run's plan, not the table
 TRAILING = ("pts", "daq")  # cheap last passes: variants differing only in them share the plan before them
 
 
@@ -182,14 +226,18 @@ def _quantize(b: Bench, recipe: Recipe, bits: str) -> QuantPlan:
     return plan
 
 
-def run_recipe(b: Bench, recipe_name: str | Recipe, bits: str, grids: Path, overrides: dict, label: str = "", **extra) -> list[dict]:
+def run_recipe(
+    b: Bench, recipe_name: str | Recipe, bits: str, grids: Path, overrides: dict, label: str = "", **extra
+) -> list[dict]:
     """Deployed (N) and fake-quant (N_fq; the research form) rows of one recipe (a shipped name, or
     a `Recipe` built by the caller) at ``bits``."""
     t0 = time.time()
     if isinstance(recipe_name, Recipe):
         recipe, recipe_name = recipe_name, recipe_name.name
     else:
-        recipe = load_recipe(recipe_name, {k: v for k, v in overrides.items() if any(n == k for n, _ in load_recipe(recipe_name).passes)})
+        recipe = load_recipe(
+            recipe_name, {k: v for k, v in overrides.items() if any(n == k for n, _ in load_recipe(recipe_name).passes)}
+        )
     plan = _quantize(b, recipe, bits)
     quantize_s = time.time() - t0
     fq, fq_graph = fake_quant_forms(b.d, plan, "onnxruntime")  # research form (sampled) and deployed form (parity)
@@ -197,13 +245,24 @@ def run_recipe(b: Bench, recipe_name: str | Recipe, bits: str, grids: Path, over
         exp = export(plan, b.d, Path(tmp), target="onnxruntime")
         size_mb = sum(p.stat().st_size for p in exp.graphs) / 2**20
         inputs = pick_inputs(b.calib, 4, 8, plan.group_of, plan.n_groups)
-        parity = merge_parity([check_parity(fq_graph, onnx.load(str(p)), [i for i in inputs if plan.group_of(i[0]) == g]) for g, p in enumerate(exp.graphs)])
+        parity = merge_parity(
+            [
+                check_parity(fq_graph, onnx.load(str(p)), [i for i in inputs if plan.group_of(i[0]) == g])
+                for g, p in enumerate(exp.graphs)
+            ]
+        )
         with GroupedEngine([OrtEngine(p, qdq_fusion=True) for p in exp.graphs], exp.timestep_groups) as eng:
             deployed = b.sample(engine_eps_fn(eng, 512), b.n, f"{recipe_name} {bits} deployed")
     fq_imgs = b.sample(fq, b.n_fq, f"{recipe_name} {bits} fake-quant")
     name = label or recipe_name
     save_grid(deployed[:50], grids / f"{b.model}-{re.sub(r'[^A-Za-z0-9_.-]+', '_', name)}-{bits}.png")
-    common = dict(parity=parity.max_step_error, quantize_s=round(quantize_s, 1), parity_cosine_min=parity.cosine_min, onnx_mb=round(size_mb, 2), **extra)
+    common = dict(
+        parity=parity.max_step_error,
+        quantize_s=round(quantize_s, 1),
+        parity_cosine_min=parity.cosine_min,
+        onnx_mb=round(size_mb, 2),
+        **extra,
+    )
     if "qua2sedimo" in plan.recipe:  # the searched assignment's bits, predictor fit and search time
         common["qua2sedimo"] = {k: v for k, v in plan.recipe["qua2sedimo"].items() if k not in BULKY}
     if overrides:
@@ -233,13 +292,26 @@ def run_modelopt_peer(b: Bench) -> list[dict]:
 
     t0 = time.time()
     mtq.quantize(model.model, cfg, forward_loop=loop)
-    skip = re.compile(r".*(time_emb_proj|time_embedding|conv_in|conv_out|conv_shortcut|add_embedding|pos_embed|time_text_embed|context_embedder|norm_out|x_embedder|timestep_embedder|proj_out_).*")
+    skip = re.compile(
+        r".*(time_emb_proj|time_embedding|conv_in|conv_out|conv_shortcut|add_embedding|pos_embed|time_text_embed|context_embedder|norm_out|x_embedder|timestep_embedder|proj_out_).*"
+    )
     mtq.disable_quantizer(model.model, lambda name: skip.match(name) is not None)
     quantize_s = time.time() - t0
     imgs = b.sample(model, b.n_fq, "ModelOpt fake-quant")
     import modelopt
 
-    return [_row(b.model, PEER, "w8a8", "fake_quant", b.score(imgs), b.n_fq, quantize_s=round(quantize_s, 1), peer=f"nvidia-modelopt {modelopt.__version__}")]
+    return [
+        _row(
+            b.model,
+            PEER,
+            "w8a8",
+            "fake_quant",
+            b.score(imgs),
+            b.n_fq,
+            quantize_s=round(quantize_s, 1),
+            peer=f"nvidia-modelopt {modelopt.__version__}",
+        )
+    ]
 
 
 def write_markdown(rows: list[dict], path: Path) -> None:
@@ -274,7 +346,12 @@ def write_markdown(rows: list[dict], path: Path) -> None:
             bits = "" if r["bits"] == "-" else f"-{r['bits']}"
             name = f"{r['model']}-{re.sub(r'[^A-Za-z0-9_.-]+', '_', r['recipe'])}{bits}.png"
             if (path.parent / "quality" / name).exists():
-                lines += [f"**{r['model']} {r['recipe']} {r['bits']}**", "", f"![{r['model']} {r['recipe']} {r['bits']}](quality/{name})", ""]
+                lines += [
+                    f"**{r['model']} {r['recipe']} {r['bits']}**",
+                    "",
+                    f"![{r['model']} {r['recipe']} {r['bits']}](quality/{name})",
+                    "",
+                ]
     write_text_atomic(path, "\n".join(lines))
 
 
@@ -287,7 +364,9 @@ def write_ablation_markdown(rows: list[dict], recipe: str, path: Path) -> None:
         f"# {recipe} ablation ({bits})",
         "",
         "Generated by `python benchmarks/quality.py` (rows in quality.json with an `ablation` key). Each variant",
-        f"changes one component of the full `{recipe}` recipe: " + "; ".join(f"{k} = {v}" for k, v in ab.full.items()) + ".",
+        f"changes one component of the full `{recipe}` recipe: "
+        + "; ".join(f"{k} = {v}" for k, v in ab.full.items())
+        + ".",
         "**deployed**: the onnxruntime-target graph run by ONNX Runtime (fused kernels), N as in the quality table;",
         "**fake-quant**: the torch model of the same plan (smaller N: compare FD only within a column).",
         "FD to FP, PSNR and SSIM are against the FP samples of the same seeds.",
@@ -303,9 +382,15 @@ def write_ablation_markdown(rows: list[dict], recipe: str, path: Path) -> None:
             "| component | variant | FD to FP | FD | PSNR | SSIM | fake-quant FD to FP | fake-quant PSNR | parity steps | quantize s |",
             "|---|---|---|---|---|---|---|---|---|---|",
         ]
-        refs = [("reference", ab.reference[1], ab.reference[0]), (f"full {recipe}", "; ".join(ab.full.values()), recipe)]
-        refs += [(r["ablation"].split(": ")[0], r["ablation"].split(": ", 1)[1], r["recipe"]) for r in rows
-                 if r["model"] == model and r["recipe"].startswith(prefix) and r["graph"] == "deployed"]
+        refs = [
+            ("reference", ab.reference[1], ab.reference[0]),
+            (f"full {recipe}", "; ".join(ab.full.values()), recipe),
+        ]
+        refs += [
+            (r["ablation"].split(": ")[0], r["ablation"].split(": ", 1)[1], r["recipe"])
+            for r in rows
+            if r["model"] == model and r["recipe"].startswith(prefix) and r["graph"] == "deployed"
+        ]
         for comp, variant, name in refs:
             d, q = by.get((model, name, ab.bits, "deployed")), by.get((model, name, ab.bits, "fake_quant"))
             if d is None:
@@ -357,7 +442,12 @@ def common_args(doc: str, only: str) -> argparse.ArgumentParser:
     """The options every quality benchmark shares; ``only`` says what ``--only`` lists."""
     ap = argparse.ArgumentParser(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--samples", type=int, default=1000, help="N for the deployed rows (published tables: 1000)")
-    ap.add_argument("--fq-samples", type=int, default=250, help="N for the fake-quant rows (torch fake-quant sampling is the slow part)")
+    ap.add_argument(
+        "--fq-samples",
+        type=int,
+        default=250,
+        help="N for the fake-quant rows (torch fake-quant sampling is the slow part)",
+    )
     ap.add_argument("--models", default="digits-sd,digits-dit")
     ap.add_argument("--only", default="", help=f"comma list of {only} (default: all rows)")
     ap.add_argument("--out", default=str(RESULTS))
@@ -366,13 +456,30 @@ def common_args(doc: str, only: str) -> argparse.ArgumentParser:
 
 def main() -> int:
     ap = common_args(__doc__, "recipe:bits")
-    ap.add_argument("--set", dest="overrides", action="append", default=[], metavar="PASS.OPTION=VALUE", help="pass option overrides (smoke tests)")
-    ap.add_argument("--peers", action="store_true", help="with --only: run the ModelOpt peer too (recomputed with --force)")
+    ap.add_argument(
+        "--set",
+        dest="overrides",
+        action="append",
+        default=[],
+        metavar="PASS.OPTION=VALUE",
+        help="pass option overrides (smoke tests)",
+    )
+    ap.add_argument(
+        "--peers", action="store_true", help="with --only: run the ModelOpt peer too (recomputed with --force)"
+    )
     ap.add_argument("--label", default="", help="with --only and --set: the recipe name the rows get (a variant)")
     ap.add_argument("--markdown-only", action="store_true", help="rewrite quality.md from quality.json and stop")
     ap.add_argument("--force", action="store_true", help="with --only: recompute rows that exist already")
-    ap.add_argument("--ablations", default=None, help="models that get the ablation rows (default: both models, none with --only; '' for none)")
-    ap.add_argument("--ablation-recipes", default=",".join(ABLATIONS), help=f"which recipes' ablations run (default: {','.join(ABLATIONS)})")
+    ap.add_argument(
+        "--ablations",
+        default=None,
+        help="models that get the ablation rows (default: both models, none with --only; '' for none)",
+    )
+    ap.add_argument(
+        "--ablation-recipes",
+        default=",".join(ABLATIONS),
+        help=f"which recipes' ablations run (default: {','.join(ABLATIONS)})",
+    )
     ap.add_argument("--quiet", action="store_true")
     a = ap.parse_args()
     overrides = parse_overrides(a.overrides)
@@ -385,14 +492,19 @@ def main() -> int:
     if a.markdown_only:
         write_all_markdown(rows, out)
         return 0
-    ablate = set(filter(None, (a.ablations if a.ablations is not None else ("" if a.only else a.models)).split(","))) - {"digits-ldm"}
+    ablate = set(
+        filter(None, (a.ablations if a.ablations is not None else ("" if a.only else a.models)).split(","))
+    ) - {"digits-ldm"}
     ablation_recipes = set(filter(None, a.ablation_recipes.split(",")))
     torch.manual_seed(0)
 
     def add(new: list[dict]) -> None:
         for r in new:
             rows[:] = [x for x in rows if tuple(x[k] for k in KEYS) != tuple(r[k] for k in KEYS)] + [r]
-            print(f"{r['model']:10s} {r['recipe']:14s} {r['bits']:5s} {r['graph']:10s} N={r['n_samples']:4d} FD {r['fd']:7.1f} acc {r['accuracy']:.3f} PSNR {r['psnr'] or 0:6.2f}", flush=True)
+            print(
+                f"{r['model']:10s} {r['recipe']:14s} {r['bits']:5s} {r['graph']:10s} N={r['n_samples']:4d} FD {r['fd']:7.1f} acc {r['accuracy']:.3f} PSNR {r['psnr'] or 0:6.2f}",
+                flush=True,
+            )
         write_json(jpath, rows)
         write_all_markdown(rows, out)
 
@@ -401,7 +513,13 @@ def main() -> int:
         if (model, "fp", "-", "deployed", a.samples) not in have:
             add([_row(model, "fp", "-", "deployed", b.score(b.fp, reference=False), a.samples)])
             save_grid(b.fp[:50], grids / f"{model}-fp.png")
-        for recipe, bits in [tuple(c.split(":")) for c in a.only.split(",")] if a.only else LDM_CONFIGS if model == "digits-ldm" else CONFIGS:
+        for recipe, bits in (
+            [tuple(c.split(":")) for c in a.only.split(",")]
+            if a.only
+            else LDM_CONFIGS
+            if model == "digits-ldm"
+            else CONFIGS
+        ):
             if (model, a.label or recipe, bits, "deployed", a.samples) in have and not a.force:
                 continue
             add(run_recipe(b, recipe, bits, grids, overrides, a.label))

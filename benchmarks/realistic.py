@@ -27,17 +27,43 @@ def _build(kind: str, tmp: Path):
     torch.manual_seed(0)
     if kind == "sd-unet":  # SD 1.5's block layout and attention, 128/256/512/512 channels
         unet = d.UNet2DConditionModel(
-            sample_size=32, in_channels=4, out_channels=4, layers_per_block=2, block_out_channels=(128, 256, 512, 512),
-            down_block_types=("CrossAttnDownBlock2D",) * 3 + ("DownBlock2D",), up_block_types=("UpBlock2D",) + ("CrossAttnUpBlock2D",) * 3,
-            cross_attention_dim=768, attention_head_dim=8, norm_num_groups=32,
+            sample_size=32,
+            in_channels=4,
+            out_channels=4,
+            layers_per_block=2,
+            block_out_channels=(128, 256, 512, 512),
+            down_block_types=("CrossAttnDownBlock2D",) * 3 + ("DownBlock2D",),
+            up_block_types=("UpBlock2D",) + ("CrossAttnUpBlock2D",) * 3,
+            cross_attention_dim=768,
+            attention_head_dim=8,
+            norm_num_groups=32,
         ).eval()
-        return d.StableDiffusionPipeline(vae=_vae(), text_encoder=_clip(hidden=768, proj=768), tokenizer=_clip_tokenizer(tmp / "tok"), unet=unet,
-                                         scheduler=_ddim(), safety_checker=None, feature_extractor=None, requires_safety_checker=False)
+        return d.StableDiffusionPipeline(
+            vae=_vae(),
+            text_encoder=_clip(hidden=768, proj=768),
+            tokenizer=_clip_tokenizer(tmp / "tok"),
+            unet=unet,
+            scheduler=_ddim(),
+            safety_checker=None,
+            feature_extractor=None,
+            requires_safety_checker=False,
+        )
     if kind == "dit-b2":  # DiT-B/2: 12 blocks of width 768, patch 2 (256 tokens at 32x32)
-        tr = d.DiTTransformer2DModel(num_attention_heads=12, attention_head_dim=64, in_channels=4, out_channels=8, num_layers=12, sample_size=32,
-                                     patch_size=2, num_embeds_ada_norm=1000, norm_num_groups=32)
+        tr = d.DiTTransformer2DModel(
+            num_attention_heads=12,
+            attention_head_dim=64,
+            in_channels=4,
+            out_channels=8,
+            num_layers=12,
+            sample_size=32,
+            patch_size=2,
+            num_embeds_ada_norm=1000,
+            norm_num_groups=32,
+        )
         _randomize_zero_init(tr)
-        return d.DiTPipeline(transformer=tr.eval(), vae=_vae(), scheduler=_ddim(), id2label={i: f"class{i}" for i in range(8)})
+        return d.DiTPipeline(
+            transformer=tr.eval(), vae=_vae(), scheduler=_ddim(), id2label={i: f"class{i}" for i in range(8)}
+        )
     raise ValueError(f"unknown model {kind!r}; one of {MODELS}")
 
 

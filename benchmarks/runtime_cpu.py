@@ -65,7 +65,12 @@ class Graph:
 def _denoiser(model: str, work: Path):
     if model in REALISTIC:
         folder = make_realistic(model, work / model)
-        return load_denoiser(str(folder), LoadConfig(prompts=["a photo of a cat", "a painting of a city at night"] if "unet" in model else ["1", "2"]))
+        return load_denoiser(
+            str(folder),
+            LoadConfig(
+                prompts=["a photo of a cat", "a painting of a city at night"] if "unet" in model else ["1", "2"]
+            ),
+        )
     return load_denoiser(f"builtin:{model}")
 
 
@@ -82,7 +87,10 @@ def _ours(d, calib, bits: str, work: Path, cpu) -> list[Graph]:
             out.append(Graph("ours, tensorrt target (FP16, S8·S8)", bits, res.qdq_onnx, ["ort", "ov"], fq))
             continue
         model = onnx.load(str(res.qdq_onnx))
-        for mode, label, runtimes in (("auto", "ours, onnxruntime target, S8 weights", ["ort", "ov"]), ("u8", "ours, onnxruntime target, U8 weights", ["ort"])):
+        for mode, label, runtimes in (
+            ("auto", "ours, onnxruntime target, S8 weights", ["ort", "ov"]),
+            ("u8", "ours, onnxruntime target, U8 weights", ["ort"]),
+        ):
             fitted, counts = fit_weights(model, cpu, mode)
             path = work / f"{bits}-{target}" / f"unet.{mode}.onnx"
             onnx.save(fitted, str(path))
@@ -113,10 +121,20 @@ def _peers(fp32: Path, feeds: list[dict], work: Path, transformer: bool) -> tupl
         pre = work / "peer-ort-pre.onnx"
         if not pre.exists():
             quant_pre_process(str(fp32), str(pre))
-        for fmt, label in ((QuantFormat.QDQ, "ONNX Runtime quantize_static QDQ (U8S8)"), (QuantFormat.QOperator, "ONNX Runtime quantize_static QOperator")):
+        for fmt, label in (
+            (QuantFormat.QDQ, "ONNX Runtime quantize_static QDQ (U8S8)"),
+            (QuantFormat.QOperator, "ONNX Runtime quantize_static QOperator"),
+        ):
             path = work / f"peer-ort-{fmt.name.lower()}.onnx"
             if not path.exists():
-                quantize_static(str(pre), str(path), _Reader(feeds), quant_format=fmt, activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8)
+                quantize_static(
+                    str(pre),
+                    str(path),
+                    _Reader(feeds),
+                    quant_format=fmt,
+                    activation_type=QuantType.QUInt8,
+                    weight_type=QuantType.QInt8,
+                )
             graphs.append(Graph(label, "w8a8", path, ["ort", "ov"] if fmt == QuantFormat.QDQ else ["ort"]))
     except Exception as e:  # a peer that fails is reported, not fatal
         skipped["onnxruntime quantize_static"] = f"{type(e).__name__}: {e}"[:200]
@@ -129,7 +147,11 @@ def _peers(fp32: Path, feeds: list[dict], work: Path, transformer: bool) -> tupl
             kind = {"model_type": nncf.ModelType.TRANSFORMER} if transformer else {}
             q = nncf.quantize(ov.Core().read_model(str(fp32)), nncf.Dataset(feeds), subset_size=len(feeds), **kind)
             ov.save_model(q, str(path), compress_to_fp16=False)
-        graphs.append(Graph(f"OpenVINO NNCF quantize ({'transformer' if transformer else 'default'} preset)", "w8a8", path, ["ov"]))
+        graphs.append(
+            Graph(
+                f"OpenVINO NNCF quantize ({'transformer' if transformer else 'default'} preset)", "w8a8", path, ["ov"]
+            )
+        )
     except Exception as e:
         skipped["nncf"] = f"{type(e).__name__}: {e}"[:200]
     return graphs, skipped
@@ -150,7 +172,11 @@ def ov_survives(path: Path, feeds: dict) -> str:
     """Compile and run a foreign graph on OpenVINO in a child process first: some crash it."""
     shapes = repr({k: list(v.shape) for k, v in feeds.items()})
     p = subprocess.run([sys.executable, "-c", OV_PROBE, str(path), shapes], capture_output=True, text=True)
-    return "" if p.returncode == 0 else f"OpenVINO failed on it (exit {p.returncode}: {p.stderr.strip().splitlines()[-1][:120] if p.stderr.strip() else 'crashed'})"
+    return (
+        ""
+        if p.returncode == 0
+        else f"OpenVINO failed on it (exit {p.returncode}: {p.stderr.strip().splitlines()[-1][:120] if p.stderr.strip() else 'crashed'})"
+    )
 
 
 def prepare(model: str, work: Path, bits: list[str], calib_samples: int) -> tuple[object, object, list[Graph], dict]:
@@ -167,7 +193,9 @@ def prepare(model: str, work: Path, bits: list[str], calib_samples: int) -> tupl
     for b in bits:
         graphs += _ours(d, calib, b, gdir, cpu)
     feeds = [calib.at(ts, 2).numpy() for ts in calib.timesteps]
-    peers, skipped = _peers(fp32, feeds, gdir, transformer=any(k in type(d.model).__name__ for k in ("Transformer", "DiT")))
+    peers, skipped = _peers(
+        fp32, feeds, gdir, transformer=any(k in type(d.model).__name__ for k in ("Transformer", "DiT"))
+    )
     for g in peers:
         why = ov_survives(g.path, feeds[0]) if "ov" in g.runtimes and g.path.suffix == ".onnx" else ""
         if why:
@@ -190,7 +218,9 @@ class Runner:
                 o.enable_profiling, o.profile_file_prefix = True, profile
             self.sess = ort.InferenceSession(str(g.path), o, providers=["CPUExecutionProvider"])
             types = {i.name: i.type for i in self.sess.get_inputs()}
-            self.feeds = {k: v.astype(np.float16) if types[k] == "tensor(float16)" else v for k, v in feeds.items() if k in types}
+            self.feeds = {
+                k: v.astype(np.float16) if types[k] == "tensor(float16)" else v for k, v in feeds.items() if k in types
+            }
         else:
             import openvino as ov
 
@@ -243,7 +273,9 @@ def op_shares(prefix_dir: Path, top: int = 6) -> dict[str, float]:
     return {k: round(v / total, 3) for k, v in sorted(per.items(), key=lambda kv: -kv[1])[:top]}
 
 
-def time_batch(graphs: list[Graph], feeds: dict, a, profile_dir: Path | None, d=None, calib=None, failed: dict | None = None) -> list[dict]:
+def time_batch(
+    graphs: list[Graph], feeds: dict, a, profile_dir: Path | None, d=None, calib=None, failed: dict | None = None
+) -> list[dict]:
     """Time every (graph, runtime) at this batch, interleaved; returns rows without ratios. A
     graph a runtime cannot run is left out and said in ``failed``."""
     runners, shares = [], {}
@@ -275,10 +307,20 @@ def time_batch(graphs: list[Graph], feeds: dict, a, profile_dir: Path | None, d=
                 times.append(time.perf_counter() - t0)
     rows = []
     for g, r, times in runners:
-        rows.append({"graph": g.name, "runtime": {"ort": "onnxruntime", "ov": "openvino", "ov-f32": "openvino f32"}[r.runtime], "bits": g.bits,
-                     "step_ms_median": float(np.median(times)) * 1000, "file_mb": round(g.file_mb, 2), "note": g.note,
-                     "cos_vs_fake_quant": g.cos_fq.get(r.runtime), "cos_vs_fp32": g.cos_fp.get(r.runtime),
-                     "op_shares": shares.get((g.name, g.bits), {}) if r.runtime == "ort" else {}, "runs": len(times)})
+        rows.append(
+            {
+                "graph": g.name,
+                "runtime": {"ort": "onnxruntime", "ov": "openvino", "ov-f32": "openvino f32"}[r.runtime],
+                "bits": g.bits,
+                "step_ms_median": float(np.median(times)) * 1000,
+                "file_mb": round(g.file_mb, 2),
+                "note": g.note,
+                "cos_vs_fake_quant": g.cos_fq.get(r.runtime),
+                "cos_vs_fp32": g.cos_fp.get(r.runtime),
+                "op_shares": shares.get((g.name, g.bits), {}) if r.runtime == "ort" else {},
+                "runs": len(times),
+            }
+        )
     return rows
 
 
@@ -289,12 +331,17 @@ def bench_model(model: str, a, work: Path) -> tuple[list[dict], dict]:
         feeds = d.example_inputs(batch).numpy()
         with tempfile.TemporaryDirectory() as prof:
             first = i == 0  # cosines and profiles at the first batch
-            got = time_batch(graphs, feeds, a, Path(prof) if first else None, d if first else None, calib if first else None, skipped)
+            got = time_batch(
+                graphs, feeds, a, Path(prof) if first else None, d if first else None, calib if first else None, skipped
+            )
         base = next(r["step_ms_median"] for r in got if r["graph"] == "FP32" and r["runtime"] == "onnxruntime")
         for r in got:
             r = {"model": model, "batch": batch, **r, "ratio_vs_fp32": r["step_ms_median"] / base}
             rows.append(r)
-            print(f"{model:10s} b{batch:<3d} {r['runtime']:13s} {r['graph']:46s} {r['bits']:5s} {r['step_ms_median']:9.2f} ms  x{r['ratio_vs_fp32']:5.2f}", flush=True)
+            print(
+                f"{model:10s} b{batch:<3d} {r['runtime']:13s} {r['graph']:46s} {r['bits']:5s} {r['step_ms_median']:9.2f} ms  x{r['ratio_vs_fp32']:5.2f}",
+                flush=True,
+            )
     return rows, skipped
 
 
@@ -312,19 +359,29 @@ def verdicts(rows: list[dict], batch: int = 2) -> list[str]:
         peers = [r for r in same if not r["graph"].startswith("ours") and r["bits"] == "w8a8"]
         floats = [r for r in same if r["bits"] in ("fp32", "fp16")]
         fbest = min(floats, key=lambda r: r["step_ms_median"])
-        checks = [f"{best['ratio_vs_fp32']:.2f}x ONNX Runtime FP32 ({'ok' if best['ratio_vs_fp32'] <= 0.4 else 'MISSES'} <= 0.4)",
-                  f"{best['step_ms_median'] / fbest['step_ms_median']:.2f}x {fbest['runtime']} {fbest['graph']} "
-                  f"({'ok' if best['step_ms_median'] <= 0.8 * fbest['step_ms_median'] else 'MISSES'} <= 0.8)"]
+        checks = [
+            f"{best['ratio_vs_fp32']:.2f}x ONNX Runtime FP32 ({'ok' if best['ratio_vs_fp32'] <= 0.4 else 'MISSES'} <= 0.4)",
+            f"{best['step_ms_median'] / fbest['step_ms_median']:.2f}x {fbest['runtime']} {fbest['graph']} "
+            f"({'ok' if best['step_ms_median'] <= 0.8 * fbest['step_ms_median'] else 'MISSES'} <= 0.8)",
+        ]
         for p in peers:
-            checks.append(f"{best['step_ms_median'] / p['step_ms_median']:.2f}x {p['graph']} ({'ok' if best['step_ms_median'] <= p['step_ms_median'] else 'SLOWER'})")
+            checks.append(
+                f"{best['step_ms_median'] / p['step_ms_median']:.2f}x {p['graph']} ({'ok' if best['step_ms_median'] <= p['step_ms_median'] else 'SLOWER'})"
+            )
         cos = best.get("cos_vs_fake_quant")
-        out.append(f"- **{model}**, batch {batch}: best is {best['graph']} {best['bits']} on {best['runtime']}, {best['step_ms_median']:.1f} ms: "
-                   + "; ".join(checks) + (f"; cosine to fake-quant >= {cos:.4f} on every recorded timestep" if cos is not None else ""))
+        out.append(
+            f"- **{model}**, batch {batch}: best is {best['graph']} {best['bits']} on {best['runtime']}, {best['step_ms_median']:.1f} ms: "
+            + "; ".join(checks)
+            + (f"; cosine to fake-quant >= {cos:.4f} on every recorded timestep" if cos is not None else "")
+        )
     return out
 
 
 def write_results(rows: list[dict], skipped: dict, env: dict, a) -> None:
-    write_json(RESULTS / "runtime_cpu.json", {"environment": env, "skipped_peers": skipped, "verdicts": verdicts(rows), "rows": rows})
+    write_json(
+        RESULTS / "runtime_cpu.json",
+        {"environment": env, "skipped_peers": skipped, "verdicts": verdicts(rows), "rows": rows},
+    )
     lines = [
         "# CPU runtime per denoiser step: ONNX Runtime and OpenVINO, ours and the peers'",
         "",
@@ -339,18 +396,35 @@ def write_results(rows: list[dict], skipped: dict, env: dict, a) -> None:
         *verdicts(rows),
         "",
     ]
-    for (model, batch) in dict.fromkeys((r["model"], r["batch"]) for r in rows):
-        lines += [f"## {model}, batch {batch}", "", "| graph | runtime | bits | step ms | ratio vs ORT FP32 | file MB | cos vs fake-quant | cos vs FP32 | weights |",
-                  "|---|---|---|---|---|---|---|---|---|"]
-        for r in sorted((r for r in rows if r["model"] == model and r["batch"] == batch), key=lambda r: r["step_ms_median"]):
+    for model, batch in dict.fromkeys((r["model"], r["batch"]) for r in rows):
+        lines += [
+            f"## {model}, batch {batch}",
+            "",
+            "| graph | runtime | bits | step ms | ratio vs ORT FP32 | file MB | cos vs fake-quant | cos vs FP32 | weights |",
+            "|---|---|---|---|---|---|---|---|---|",
+        ]
+        for r in sorted(
+            (r for r in rows if r["model"] == model and r["batch"] == batch), key=lambda r: r["step_ms_median"]
+        ):
             fq = "–" if r["cos_vs_fake_quant"] is None else f"{r['cos_vs_fake_quant']:.4f}"
             fp = "–" if r["cos_vs_fp32"] is None else f"{r['cos_vs_fp32']:.4f}"
-            lines.append(f"| {r['graph']} | {r['runtime']} | {r['bits']} | {r['step_ms_median']:.1f} | {r['ratio_vs_fp32']:.2f} | {r['file_mb']:.1f} | {fq} | {fp} | {r['note'] or '–'} |")
+            lines.append(
+                f"| {r['graph']} | {r['runtime']} | {r['bits']} | {r['step_ms_median']:.1f} | {r['ratio_vs_fp32']:.2f} | {r['file_mb']:.1f} | {fq} | {fp} | {r['note'] or '–'} |"
+            )
         lines.append("")
-    lines += ["## Where ONNX Runtime spends the step (op-type shares of node time, first batch)", "", "| model | graph | bits | top op types |", "|---|---|---|---|"]
+    lines += [
+        "## Where ONNX Runtime spends the step (op-type shares of node time, first batch)",
+        "",
+        "| model | graph | bits | top op types |",
+        "|---|---|---|---|",
+    ]
     for r in rows:
         if r["op_shares"]:
-            lines.append(f"| {r['model']} | {r['graph']} | {r['bits']} | " + ", ".join(f"{k} {v:.0%}" for k, v in r["op_shares"].items()) + " |")
+            lines.append(
+                f"| {r['model']} | {r['graph']} | {r['bits']} | "
+                + ", ".join(f"{k} {v:.0%}" for k, v in r["op_shares"].items())
+                + " |"
+            )
     if skipped:
         lines += ["", "Peers that did not run: " + "; ".join(f"{k}: {v}" for k, v in skipped.items())]
     write_text(RESULTS / "runtime_cpu.md", "\n".join(lines) + "\n")
@@ -365,14 +439,22 @@ def _version(mod: str) -> str:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--models", default="sd-unet,dit-b2", help=f"realistic ({', '.join(REALISTIC)}) or builtin (digits-sd, digits-dit)")
+    ap.add_argument(
+        "--models",
+        default="sd-unet,dit-b2",
+        help=f"realistic ({', '.join(REALISTIC)}) or builtin (digits-sd, digits-dit)",
+    )
     ap.add_argument("--batches", default="2,8", help="engine batch sizes (2 = one image with CFG)")
     ap.add_argument("--bits", default="w8a8,w4a8")
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--iters", type=int, default=3)
     ap.add_argument("--calib-samples", type=int, default=8)
     ap.add_argument("--threads", type=int, default=os.cpu_count() or 1)
-    ap.add_argument("--work", default=str(Path.home() / ".cache" / "diffquant" / "bench"), help="where models and graphs are written")
+    ap.add_argument(
+        "--work",
+        default=str(Path.home() / ".cache" / "diffquant" / "bench"),
+        help="where models and graphs are written",
+    )
     a = ap.parse_args()
     torch.manual_seed(0)
     rows, skipped = [], {}
@@ -380,8 +462,15 @@ def main() -> None:
         r, s = bench_model(model, a, Path(a.work))
         rows += r
         skipped.update({f"{model}: {k}": v for k, v in s.items()})
-    env = {"cpu": cpu_info().to_dict(), "onnxruntime": ort.__version__, "openvino": _version("openvino"), "nncf": _version("nncf"),
-           "torch": torch.__version__, "threads": a.threads, "date": time.strftime("%Y-%m-%d")}
+    env = {
+        "cpu": cpu_info().to_dict(),
+        "onnxruntime": ort.__version__,
+        "openvino": _version("openvino"),
+        "nncf": _version("nncf"),
+        "torch": torch.__version__,
+        "threads": a.threads,
+        "date": time.strftime("%Y-%m-%d"),
+    }
     write_results(rows, skipped, env, a)
     print("\n".join(verdicts(rows)))
 

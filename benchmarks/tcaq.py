@@ -21,7 +21,17 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
-from quality import KEYS, Bench, add_fp_row, common_args, merge_rows, open_results, run_recipe, write_all_markdown, write_text_atomic  # noqa: E402
+from quality import (
+    KEYS,
+    Bench,
+    add_fp_row,
+    common_args,
+    merge_rows,
+    open_results,
+    run_recipe,
+    write_all_markdown,
+    write_text_atomic,
+)  # noqa: E402
 
 from diffquant._io import write_json  # noqa: E402
 from diffquant.pipeline import load_recipe  # noqa: E402
@@ -55,10 +65,15 @@ def _fmt(v, nd=1) -> str:
 def write_table(rows: list[dict], path: Path, ablation_bits: str) -> None:
     """Main table (recipe x bits) and the ablation tables (``ablation_bits`` first, then any other
     bits that have ablation rows: the paper states each effect at its own bits), per model."""
-    lines = ["# TCAQ-DM", "", "Written by `python benchmarks/tcaq.py`. Deployed: the onnxruntime Q/DQ graph; research: the torch fake-quant",
-             "of the same plan (DAQ's attention-probability quantizers act only there). FD to FP / PSNR against the FP samples",
-             "of the same seeds. `quantize s`: the recipe's wall time on 2 cores (rows ran 2-4 at a time, one thread each).",
-             "qdiffusion / dmq rows are the quality table's own.", ""]
+    lines = [
+        "# TCAQ-DM",
+        "",
+        "Written by `python benchmarks/tcaq.py`. Deployed: the onnxruntime Q/DQ graph; research: the torch fake-quant",
+        "of the same plan (DAQ's attention-probability quantizers act only there). FD to FP / PSNR against the FP samples",
+        "of the same seeds. `quantize s`: the recipe's wall time on 2 cores (rows ran 2-4 at a time, one thread each).",
+        "qdiffusion / dmq rows are the quality table's own.",
+        "",
+    ]
     for model in dict.fromkeys(r["model"] for r in rows):
         by = {(r["recipe"], r["bits"], r["graph"]): r for r in rows if r["model"] == model}
         head = "| deployed FD to FP | deployed PSNR | research FD to FP | research PSNR | quantize s | parity steps |"
@@ -69,7 +84,13 @@ def write_table(rows: list[dict], path: Path, ablation_bits: str) -> None:
         for bits in [ablation_bits] + [b for b in BITS if b != ablation_bits]:
             found = [line for label, _ in ABLATION for line in _line(by, label, bits, f"| {label} ")]
             if found:
-                lines += ["", f"### Ablation at {bits} (one change from the full `tcaq`)", "", "| row " + head, "|" + "---|" * 7]
+                lines += [
+                    "",
+                    f"### Ablation at {bits} (one change from the full `tcaq`)",
+                    "",
+                    "| row " + head,
+                    "|" + "---|" * 7,
+                ]
                 lines += _line(by, "tcaq", bits, "| tcaq (full: TCR R = 10, PAR 2 rounds, DAQ adaptive) ") + found
         lines.append("")
     write_text_atomic(path, "\n".join(lines))
@@ -79,8 +100,10 @@ def _line(by: dict, recipe: str, bits: str, lead: str) -> list[str]:
     d, f = by.get((recipe, bits, "deployed")), by.get((recipe, bits, "fake_quant"))
     if d is None:
         return []
-    return [f"{lead}| {_fmt(d.get('fd_fp'))} | {_fmt(d['psnr'], 2)} | {_fmt(f and f.get('fd_fp'))} | {_fmt(f and f['psnr'], 2)} "
-            f"| {_fmt(d.get('quantize_s'), 0)} | {_fmt(d.get('parity_max_step_error'), 2)} |"]
+    return [
+        f"{lead}| {_fmt(d.get('fd_fp'))} | {_fmt(d['psnr'], 2)} | {_fmt(f and f.get('fd_fp'))} | {_fmt(f and f['psnr'], 2)} "
+        f"| {_fmt(d.get('quantize_s'), 0)} | {_fmt(d.get('parity_max_step_error'), 2)} |"
+    ]
 
 
 def _jobs(a) -> list[tuple[str, str, object, dict]]:
@@ -88,7 +111,14 @@ def _jobs(a) -> list[tuple[str, str, object, dict]]:
     bits = [b for b in a.bits.split(",") if b]
     jobs = [(r, b, r, {}) for b in ["w4a6"] + [x for x in bits if x != "w4a6"] if b in bits for r in RECIPES]
     for label, ov in ABLATION:
-        jobs.append((label, a.ablation_bits, les_instead_of_tcr() if ov.get("replace_tcr_by_les") else "tcaq", {k: v for k, v in ov.items() if k != "replace_tcr_by_les"}))
+        jobs.append(
+            (
+                label,
+                a.ablation_bits,
+                les_instead_of_tcr() if ov.get("replace_tcr_by_les") else "tcaq",
+                {k: v for k, v in ov.items() if k != "replace_tcr_by_les"},
+            )
+        )
     only = set(filter(None, a.only.split(",")))
     return [j for j in jobs if not only or j[0] in only]
 
@@ -112,11 +142,16 @@ def main() -> int:
             new = run_recipe(b, recipe, bits, grids, ov, label if label not in RECIPES else "")
             merge_rows(rows, new)
             d, f = new
-            print(f"{model:10s} {label:28s} {bits} FD-FP {d.get('fd_fp', 0):7.1f} PSNR {d['psnr']:6.2f} | research FD-FP {f.get('fd_fp', 0):7.1f} "
-                  f"PSNR {f['psnr']:6.2f} | {d['quantize_s']:.0f} s", flush=True)
+            print(
+                f"{model:10s} {label:28s} {bits} FD-FP {d.get('fd_fp', 0):7.1f} PSNR {d['psnr']:6.2f} | research FD-FP {f.get('fd_fp', 0):7.1f} "
+                f"PSNR {f['psnr']:6.2f} | {d['quantize_s']:.0f} s",
+                flush=True,
+            )
             write_json(jpath, rows)
             write_all_markdown(rows, out)
-            write_table([r for r in rows if r["n_samples"] in (a.samples, a.fq_samples)], out / "tcaq.md", a.ablation_bits)
+            write_table(
+                [r for r in rows if r["n_samples"] in (a.samples, a.fq_samples)], out / "tcaq.md", a.ablation_bits
+            )
     return 0
 
 

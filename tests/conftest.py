@@ -75,4 +75,6 @@ def calib_cache(tmp_path_factory) -> str:
 
 
 def tiny_calib(denoiser: Denoiser, cache: str):
-    return collect(denoiser, CalibConfig(samples=4, steps=6, timesteps=3, guidance=3.0), cache_dir=cache, progress=False)
+    return collect(
+        denoiser, CalibConfig(samples=4, steps=6, timesteps=3, guidance=3.0), cache_dir=cache, progress=False
+    )

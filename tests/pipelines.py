@@ -45,50 +45,101 @@ def _t5_tokenizer(folder: Path):
     from transformers import T5TokenizerFast
 
     folder.mkdir(parents=True, exist_ok=True)
-    pieces = [("<pad>", 0.0), ("</s>", 0.0), ("<unk>", 0.0), ("\u2581", -2.0)] + [(c, -3.0) for c in CHARS] + [("\u2581" + c, -2.5) for c in CHARS]
+    pieces = (
+        [("<pad>", 0.0), ("</s>", 0.0), ("<unk>", 0.0), ("\u2581", -2.0)]
+        + [(c, -3.0) for c in CHARS]
+        + [("\u2581" + c, -2.5) for c in CHARS]
+    )
     tok = Tokenizer(models.Unigram(pieces, unk_id=2, byte_fallback=False))
     tok.pre_tokenizer = pre_tokenizers.Metaspace()
     tok.decoder = decoders.Metaspace()
     tok.post_processor = processors.TemplateProcessing(single="$A </s>", special_tokens=[("</s>", 1)])
     tok.save(str(folder / "tokenizer.json"))
-    return T5TokenizerFast(tokenizer_file=str(folder / "tokenizer.json"), pad_token="<pad>", eos_token="</s>", unk_token="<unk>", model_max_length=512, extra_ids=0)
+    return T5TokenizerFast(
+        tokenizer_file=str(folder / "tokenizer.json"),
+        pad_token="<pad>",
+        eos_token="</s>",
+        unk_token="<unk>",
+        model_max_length=512,
+        extra_ids=0,
+    )
 
 
 def _clip(projection: bool = False, hidden: int = 32, proj: int = 32):
     from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
 
-    cfg = CLIPTextConfig(hidden_size=hidden, intermediate_size=37, num_hidden_layers=2, num_attention_heads=4, vocab_size=100,
-                         max_position_embeddings=77, projection_dim=proj, bos_token_id=0, eos_token_id=1, pad_token_id=1)
+    cfg = CLIPTextConfig(
+        hidden_size=hidden,
+        intermediate_size=37,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        vocab_size=100,
+        max_position_embeddings=77,
+        projection_dim=proj,
+        bos_token_id=0,
+        eos_token_id=1,
+        pad_token_id=1,
+    )
     return (CLIPTextModelWithProjection if projection else CLIPTextModel)(cfg).eval()
 
 
 def _t5(d_model: int = 32):
     from transformers import T5Config, T5EncoderModel
 
-    return T5EncoderModel(T5Config(d_model=d_model, d_ff=37, d_kv=8, num_layers=2, num_heads=4, vocab_size=64, relative_attention_num_buckets=8)).eval()
+    return T5EncoderModel(
+        T5Config(
+            d_model=d_model, d_ff=37, d_kv=8, num_layers=2, num_heads=4, vocab_size=64, relative_attention_num_buckets=8
+        )
+    ).eval()
 
 
 def _vae(latent: int = 4, shift: float | None = None):
     from diffusers import AutoencoderKL
 
     # SD3 and Flux pipelines add the VAE's shift_factor when decoding (None breaks them)
-    return AutoencoderKL(block_out_channels=(16, 16), in_channels=3, out_channels=3, latent_channels=latent, norm_num_groups=8,
-                         down_block_types=("DownEncoderBlock2D",) * 2, up_block_types=("UpDecoderBlock2D",) * 2, sample_size=32, shift_factor=shift).eval()
+    return AutoencoderKL(
+        block_out_channels=(16, 16),
+        in_channels=3,
+        out_channels=3,
+        latent_channels=latent,
+        norm_num_groups=8,
+        down_block_types=("DownEncoderBlock2D",) * 2,
+        up_block_types=("UpDecoderBlock2D",) * 2,
+        sample_size=32,
+        shift_factor=shift,
+    ).eval()
 
 
 def _unet(**kw):
     from diffusers import UNet2DConditionModel
 
-    base = dict(sample_size=16, in_channels=4, out_channels=4, down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
-                up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"), block_out_channels=(16, 32), layers_per_block=1,
-                cross_attention_dim=32, attention_head_dim=4, norm_num_groups=8)
+    base = dict(
+        sample_size=16,
+        in_channels=4,
+        out_channels=4,
+        down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
+        up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
+        block_out_channels=(16, 32),
+        layers_per_block=1,
+        cross_attention_dim=32,
+        attention_head_dim=4,
+        norm_num_groups=8,
+    )
     return UNet2DConditionModel(**{**base, **kw}).eval()
 
 
 def _ddim(**kw):
     from diffusers import DDIMScheduler
 
-    return DDIMScheduler(beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012, clip_sample=False, set_alpha_to_one=False, steps_offset=1, **kw)
+    return DDIMScheduler(
+        beta_schedule="scaled_linear",
+        beta_start=0.00085,
+        beta_end=0.012,
+        clip_sample=False,
+        set_alpha_to_one=False,
+        steps_offset=1,
+        **kw,
+    )
 
 
 def _randomize_zero_init(model) -> None:
@@ -105,40 +156,133 @@ def _build(family: str, tmp: Path):
     torch.manual_seed(0)
     if family in ("sd", "sd2-v"):
         sched = _ddim(prediction_type="v_prediction" if family == "sd2-v" else "epsilon")
-        return d.StableDiffusionPipeline(vae=_vae(), text_encoder=_clip(), tokenizer=_clip_tokenizer(tmp / "tok"), unet=_unet(),
-                                         scheduler=sched, safety_checker=None, feature_extractor=None, requires_safety_checker=False)
+        return d.StableDiffusionPipeline(
+            vae=_vae(),
+            text_encoder=_clip(),
+            tokenizer=_clip_tokenizer(tmp / "tok"),
+            unet=_unet(),
+            scheduler=sched,
+            safety_checker=None,
+            feature_extractor=None,
+            requires_safety_checker=False,
+        )
     if family == "sdxl":
-        unet = _unet(cross_attention_dim=64, addition_embed_type="text_time", addition_time_embed_dim=8, projection_class_embeddings_input_dim=6 * 8 + 32,
-                     transformer_layers_per_block=1)
-        return d.StableDiffusionXLPipeline(vae=_vae(), text_encoder=_clip(), text_encoder_2=_clip(projection=True), tokenizer=_clip_tokenizer(tmp / "t1"),
-                                           tokenizer_2=_clip_tokenizer(tmp / "t2"), unet=unet, scheduler=d.EulerDiscreteScheduler.from_config(_ddim().config))
+        unet = _unet(
+            cross_attention_dim=64,
+            addition_embed_type="text_time",
+            addition_time_embed_dim=8,
+            projection_class_embeddings_input_dim=6 * 8 + 32,
+            transformer_layers_per_block=1,
+        )
+        return d.StableDiffusionXLPipeline(
+            vae=_vae(),
+            text_encoder=_clip(),
+            text_encoder_2=_clip(projection=True),
+            tokenizer=_clip_tokenizer(tmp / "t1"),
+            tokenizer_2=_clip_tokenizer(tmp / "t2"),
+            unet=unet,
+            scheduler=d.EulerDiscreteScheduler.from_config(_ddim().config),
+        )
     if family == "pixart":
-        tr = d.PixArtTransformer2DModel(sample_size=8, num_layers=2, patch_size=2, attention_head_dim=8, num_attention_heads=2, in_channels=4,
-                                        out_channels=8, cross_attention_dim=16, caption_channels=32, norm_num_groups=8)
+        tr = d.PixArtTransformer2DModel(
+            sample_size=8,
+            num_layers=2,
+            patch_size=2,
+            attention_head_dim=8,
+            num_attention_heads=2,
+            in_channels=4,
+            out_channels=8,
+            cross_attention_dim=16,
+            caption_channels=32,
+            norm_num_groups=8,
+        )
         _randomize_zero_init(tr)
-        return d.PixArtAlphaPipeline(tokenizer=_t5_tokenizer(tmp / "t5"), text_encoder=_t5(), vae=_vae(), transformer=tr.eval(), scheduler=_ddim())
+        return d.PixArtAlphaPipeline(
+            tokenizer=_t5_tokenizer(tmp / "t5"),
+            text_encoder=_t5(),
+            vae=_vae(),
+            transformer=tr.eval(),
+            scheduler=_ddim(),
+        )
     if family == "sd3":
-        tr = d.SD3Transformer2DModel(sample_size=8, patch_size=2, in_channels=4, num_layers=2, attention_head_dim=8, num_attention_heads=2,
-                                     joint_attention_dim=32, caption_projection_dim=16, pooled_projection_dim=64, out_channels=4)
+        tr = d.SD3Transformer2DModel(
+            sample_size=8,
+            patch_size=2,
+            in_channels=4,
+            num_layers=2,
+            attention_head_dim=8,
+            num_attention_heads=2,
+            joint_attention_dim=32,
+            caption_projection_dim=16,
+            pooled_projection_dim=64,
+            out_channels=4,
+        )
         _randomize_zero_init(tr)
-        return d.StableDiffusion3Pipeline(transformer=tr.eval(), scheduler=d.FlowMatchEulerDiscreteScheduler(shift=3.0), vae=_vae(shift=0.1),
-                                          text_encoder=_clip(True), tokenizer=_clip_tokenizer(tmp / "t1"), text_encoder_2=_clip(True),
-                                          tokenizer_2=_clip_tokenizer(tmp / "t2"), text_encoder_3=_t5(), tokenizer_3=_t5_tokenizer(tmp / "t3"))
+        return d.StableDiffusion3Pipeline(
+            transformer=tr.eval(),
+            scheduler=d.FlowMatchEulerDiscreteScheduler(shift=3.0),
+            vae=_vae(shift=0.1),
+            text_encoder=_clip(True),
+            tokenizer=_clip_tokenizer(tmp / "t1"),
+            text_encoder_2=_clip(True),
+            tokenizer_2=_clip_tokenizer(tmp / "t2"),
+            text_encoder_3=_t5(),
+            tokenizer_3=_t5_tokenizer(tmp / "t3"),
+        )
     if family == "flux":
-        tr = d.FluxTransformer2DModel(patch_size=1, in_channels=16, num_layers=1, num_single_layers=1, attention_head_dim=8, num_attention_heads=2,
-                                      joint_attention_dim=32, pooled_projection_dim=32, guidance_embeds=True, axes_dims_rope=(2, 2, 4))
+        tr = d.FluxTransformer2DModel(
+            patch_size=1,
+            in_channels=16,
+            num_layers=1,
+            num_single_layers=1,
+            attention_head_dim=8,
+            num_attention_heads=2,
+            joint_attention_dim=32,
+            pooled_projection_dim=32,
+            guidance_embeds=True,
+            axes_dims_rope=(2, 2, 4),
+        )
         _randomize_zero_init(tr)
         sched = d.FlowMatchEulerDiscreteScheduler(shift=3.0, use_dynamic_shifting=True, base_shift=0.5, max_shift=1.15)
-        return d.FluxPipeline(scheduler=sched, vae=_vae(shift=0.1), text_encoder=_clip(), tokenizer=_clip_tokenizer(tmp / "t1"), text_encoder_2=_t5(),
-                              tokenizer_2=_t5_tokenizer(tmp / "t2"), transformer=tr.eval())
+        return d.FluxPipeline(
+            scheduler=sched,
+            vae=_vae(shift=0.1),
+            text_encoder=_clip(),
+            tokenizer=_clip_tokenizer(tmp / "t1"),
+            text_encoder_2=_t5(),
+            tokenizer_2=_t5_tokenizer(tmp / "t2"),
+            transformer=tr.eval(),
+        )
     if family == "dit":
-        tr = d.DiTTransformer2DModel(num_attention_heads=2, attention_head_dim=8, in_channels=4, out_channels=8, num_layers=2, sample_size=8,
-                                     patch_size=2, num_embeds_ada_norm=1000, norm_num_groups=8)
+        tr = d.DiTTransformer2DModel(
+            num_attention_heads=2,
+            attention_head_dim=8,
+            in_channels=4,
+            out_channels=8,
+            num_layers=2,
+            sample_size=8,
+            patch_size=2,
+            num_embeds_ada_norm=1000,
+            norm_num_groups=8,
+        )
         _randomize_zero_init(tr)
-        return d.DiTPipeline(transformer=tr.eval(), vae=_vae(), scheduler=d.DPMSolverMultistepScheduler.from_config(_ddim().config), id2label={0: "tench", 1: "goldfish"})
+        return d.DiTPipeline(
+            transformer=tr.eval(),
+            vae=_vae(),
+            scheduler=d.DPMSolverMultistepScheduler.from_config(_ddim().config),
+            id2label={0: "tench", 1: "goldfish"},
+        )
     if family == "ddpm":
-        unet = d.UNet2DModel(sample_size=16, in_channels=3, out_channels=3, block_out_channels=(16, 32), layers_per_block=1, norm_num_groups=8,
-                             down_block_types=("DownBlock2D", "AttnDownBlock2D"), up_block_types=("AttnUpBlock2D", "UpBlock2D"))
+        unet = d.UNet2DModel(
+            sample_size=16,
+            in_channels=3,
+            out_channels=3,
+            block_out_channels=(16, 32),
+            layers_per_block=1,
+            norm_num_groups=8,
+            down_block_types=("DownBlock2D", "AttnDownBlock2D"),
+            up_block_types=("AttnUpBlock2D", "UpBlock2D"),
+        )
         return d.DDPMPipeline(unet=unet.eval(), scheduler=d.DDPMScheduler(num_train_timesteps=1000))
     raise ValueError(f"unknown family {family!r}; one of {FAMILIES}")
 
@@ -151,7 +295,9 @@ def make_pipeline(family: str, folder: str | Path) -> Path:
     return folder
 
 
-def export_tiny(family: str, root: Path, prompts: list[str], resolution: tuple[int, int] | None = None, target: str = "onnxruntime"):
+def export_tiny(
+    family: str, root: Path, prompts: list[str], resolution: tuple[int, int] | None = None, target: str = "onnxruntime"
+):
     """Make the tiny ``family`` pipeline in ``root``, quantize it (minmax W8A8 on a few samples)
     and export it with its pipeline parts; returns (pipeline folder, denoiser, export folder)."""
     import warnings
@@ -165,7 +311,9 @@ def export_tiny(family: str, root: Path, prompts: list[str], resolution: tuple[i
     return folder, d, export_minmax(d, root, family, target)
 
 
-def export_minmax(d, root: Path, name: str, target: str = "onnxruntime", samples: int = 2, steps: int = 3, timesteps: int = 2) -> Path:
+def export_minmax(
+    d, root: Path, name: str, target: str = "onnxruntime", samples: int = 2, steps: int = 3, timesteps: int = 2
+) -> Path:
     """Quantize ``d`` (minmax W8A8 on ``samples`` trajectories of ``steps`` steps, ``timesteps`` kept) and export it
     with its pipeline parts to ``root/exp-<name>``."""
     from diffquant.calib_data import CalibConfig, collect

@@ -31,7 +31,9 @@ def _describe(tp: Any) -> str:
         return "a mapping"
     if tp is type(None):
         return "null"
-    return {bool: "true or false", int: "an integer", float: "a number", str: "a string"}.get(tp, getattr(tp, "__name__", str(tp)))
+    return {bool: "true or false", int: "an integer", float: "a number", str: "a string"}.get(
+        tp, getattr(tp, "__name__", str(tp))
+    )
 
 
 def _matches(value: Any, tp: Any) -> tuple[bool, Any]:

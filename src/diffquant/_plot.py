@@ -9,7 +9,16 @@ from diffquant._io import atomic_path
 
 __all__ = ["PALETTE", "bar_chart", "scatter", "strip"]
 
-PALETTE = [(31, 119, 180), (255, 127, 14), (44, 160, 44), (214, 39, 40), (148, 103, 189), (140, 86, 75), (227, 119, 194), (127, 127, 127)]
+PALETTE = [
+    (31, 119, 180),
+    (255, 127, 14),
+    (44, 160, 44),
+    (214, 39, 40),
+    (148, 103, 189),
+    (140, 86, 75),
+    (227, 119, 194),
+    (127, 127, 127),
+]
 ROW = 14
 
 
@@ -29,7 +38,14 @@ def _save(img, path: str | Path) -> Path:
     return Path(path)
 
 
-def bar_chart(labels: list[str], values: list[float], path: str | Path, title: str, unit: str = "", colors: list[int] | None = None) -> Path:
+def bar_chart(
+    labels: list[str],
+    values: list[float],
+    path: str | Path,
+    title: str,
+    unit: str = "",
+    colors: list[int] | None = None,
+) -> Path:
     """One horizontal bar per label (values >= 0 drawn from the left edge), the value printed after it;
     ``colors`` indexes `PALETTE` per bar."""
     img, draw, font = _canvas(1, 1, "")
@@ -47,7 +63,14 @@ def bar_chart(labels: list[str], values: list[float], path: str | Path, title: s
     return _save(img, path)
 
 
-def scatter(series: dict[str, list[tuple[float, float]]], path: str | Path, title: str, xlabel: str, ylabel: str, size: int = 360) -> Path:
+def scatter(
+    series: dict[str, list[tuple[float, float]]],
+    path: str | Path,
+    title: str,
+    xlabel: str,
+    ylabel: str,
+    size: int = 360,
+) -> Path:
     """Points (x, y) per named series on shared axes, with the y = x diagonal and a legend."""
     pts = [p for s in series.values() for p in s]
     lo = min((min(p) for p in pts), default=0.0)
@@ -73,7 +96,9 @@ def scatter(series: dict[str, list[tuple[float, float]]], path: str | Path, titl
     return _save(img, path)
 
 
-def strip(cells: list[int], legend: list[str], path: str | Path, title: str, marks: list[tuple[int, str]] | None = None) -> Path:
+def strip(
+    cells: list[int], legend: list[str], path: str | Path, title: str, marks: list[tuple[int, str]] | None = None
+) -> Path:
     """A row of coloured cells (``cells`` index ``legend`` / `PALETTE`), optional text marks
     (cell index, label) under it on three staggered lines, and the legend."""
     cell = max(4, min(24, 960 // max(1, len(cells))))
@@ -81,7 +106,9 @@ def strip(cells: list[int], legend: list[str], path: str | Path, title: str, mar
     top = 112
     img, draw, font = _canvas(width, top + ROW * len(legend) + 6, title)
     for i, c in enumerate(cells):
-        draw.rectangle([10 + i * cell, 26, 10 + (i + 1) * cell - 1, 56], fill=PALETTE[c % len(PALETTE)], outline=(255, 255, 255))
+        draw.rectangle(
+            [10 + i * cell, 26, 10 + (i + 1) * cell - 1, 56], fill=PALETTE[c % len(PALETTE)], outline=(255, 255, 255)
+        )
     for k, (i, label) in enumerate(marks or []):
         y = 62 + ROW * (k % 3)
         draw.line([10 + i * cell, 57, 10 + i * cell, y + 4], fill=(0, 0, 0))

@@ -57,7 +57,13 @@ def _annotate(img, title: str, row_labels: list[str], row_px: int, top_px: int):
 
 
 def save_grid_array(
-    images: np.ndarray, path: str | Path, ncol: int = 10, zoom: int = 3, pad: int = 2, title: str = "", row_labels: list[str] | None = None,
+    images: np.ndarray,
+    path: str | Path,
+    ncol: int = 10,
+    zoom: int = 3,
+    pad: int = 2,
+    title: str = "",
+    row_labels: list[str] | None = None,
     text: dict[str, str] | None = None,
 ) -> Path:
     """Save images in [-1, 1] shaped [N, C, H, W] (C = 1 or 3) as one grid PNG, ``ncol`` per row,

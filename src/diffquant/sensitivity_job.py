@@ -18,7 +18,15 @@ from diffquant.pipeline.budget import Costs, greedy_knapsack, penalized_top1
 from diffquant.pipeline.gnn import fit_predictor
 from diffquant.pipeline.predictor import ndcg_at_k, spearman
 from diffquant.pipeline.qua2sedimo import marginal_effects, score_configs
-from diffquant.pipeline.sensitivity import SampleProbe, block_of, layer_importance, op_type, sample_configs, score_config, weight_layers
+from diffquant.pipeline.sensitivity import (
+    SampleProbe,
+    block_of,
+    layer_importance,
+    op_type,
+    sample_configs,
+    score_config,
+    weight_layers,
+)
 from diffquant.quant.weight_options import METHODS, OptionCache, WeightOption
 
 __all__ = ["SensitivityConfig", "analyze", "report_from_plan"]
@@ -46,7 +54,14 @@ class SensitivityConfig:
         return [WeightOption(m, b) for m in self.methods for b in self.bits]
 
 
-def _fit_all(denoiser: Denoiser, layers: list[str], cfg: SensitivityConfig, cache: OptionCache, configs: list, scores: list[float]) -> tuple[dict, object]:
+def _fit_all(
+    denoiser: Denoiser,
+    layers: list[str],
+    cfg: SensitivityConfig,
+    cache: OptionCache,
+    configs: list,
+    scores: list[float],
+) -> tuple[dict, object]:
     """Each predictor's held-out fit; the best one (by Spearman) refitted on every configuration."""
     n_train, out = cfg.configs - cfg.holdout, {}
     true = torch.tensor(scores[n_train:])
@@ -54,25 +69,56 @@ def _fit_all(denoiser: Denoiser, layers: list[str], cfg: SensitivityConfig, cach
         t0 = time.time()
         pred = fit_predictor(kind, denoiser, layers, cfg.options, cache, configs[:n_train], scores[:n_train], cfg.seed)
         got = pred.predict(configs[n_train:])
-        out[kind] = {"spearman": spearman(got, true), "ndcg10": ndcg_at_k(got, true, 10), "seconds": round(time.time() - t0, 1),
-                     "held_out": [(float(a), float(b)) for a, b in zip(got, true)]}
+        out[kind] = {
+            "spearman": spearman(got, true),
+            "ndcg10": ndcg_at_k(got, true, 10),
+            "seconds": round(time.time() - t0, 1),
+            "held_out": [(float(a), float(b)) for a, b in zip(got, true)],
+        }
     best = max(out, key=lambda k: out[k]["spearman"])
     return out, fit_predictor(best, denoiser, layers, cfg.options, cache, configs, scores, cfg.seed)
 
 
-def _searches(denoiser: Denoiser, calib: CalibSet, effects: dict, cache: OptionCache, cfg: SensitivityConfig, probe: SampleProbe | None) -> tuple[list[dict], dict[str, str]]:
+def _searches(
+    denoiser: Denoiser,
+    calib: CalibSet,
+    effects: dict,
+    cache: OptionCache,
+    cfg: SensitivityConfig,
+    probe: SampleProbe | None,
+) -> tuple[list[dict], dict[str, str]]:
     """Both searches at every budget, each measured; the assignment at the middle budget (the better one)."""
     mods = weight_layers(denoiser.model)
     opts = {o.label: o for o in cfg.options}
-    costs = Costs({n: mods[n].weight.numel() for n in effects}, {n: {o.label: cache.get(mods[n].weight, o).avg_bits() * mods[n].weight.numel() for o in cfg.options} for n in effects})
+    costs = Costs(
+        {n: mods[n].weight.numel() for n in effects},
+        {
+            n: {o.label: cache.get(mods[n].weight, o).avg_bits() * mods[n].weight.numel() for o in cfg.options}
+            for n in effects
+        },
+    )
     rows, chosen = [], {}
     for budget in cfg.budgets:
-        found = {"penalized top-1": penalized_top1(effects, costs, budget), "greedy knapsack": greedy_knapsack(effects, costs, budget)}
-        scored = {k: score_config(denoiser, {n: opts[o] for n, o in c.items()}, cache, calib, cfg.per_step, probe=probe) for k, c in found.items() if c is not None}
+        found = {
+            "penalized top-1": penalized_top1(effects, costs, budget),
+            "greedy knapsack": greedy_knapsack(effects, costs, budget),
+        }
+        scored = {
+            k: score_config(denoiser, {n: opts[o] for n, o in c.items()}, cache, calib, cfg.per_step, probe=probe)
+            for k, c in found.items()
+            if c is not None
+        }
         measured = {k: s.snr_db if probe is None else s.sample_psnr for k, s in scored.items()}
         for k, c in found.items():
-            rows.append({"budget": budget, "search": k, "bits": None if c is None else round(costs.avg_bits(c), 3), "measured_db": measured.get(k),
-                         "used": bool(measured) and k == max(measured, key=measured.get)})
+            rows.append(
+                {
+                    "budget": budget,
+                    "search": k,
+                    "bits": None if c is None else round(costs.avg_bits(c), 3),
+                    "measured_db": measured.get(k),
+                    "used": bool(measured) and k == max(measured, key=measured.get),
+                }
+            )
         if measured and budget == cfg.budgets[len(cfg.budgets) // 2]:
             chosen = found[max(measured, key=measured.get)]
     return rows, chosen
@@ -91,14 +137,36 @@ def analyze(denoiser: Denoiser, calib: CalibSet, cfg: SensitivityConfig, progres
     effects = marginal_effects(best, layers, cfg.options)
     importance = layer_importance(effects)
     searches, chosen = _searches(denoiser, calib, effects, cache, cfg, probe)
-    rows = [{"name": n, "op_type": op_type(n), "block": block_of(n), "weights": mods[n].weight.numel(), "importance": importance[n], "effects": effects[n]}
-            for n in layers]
-    rep = SensitivityReport(denoiser.name, rows, predictors, searches, chosen, configs=cfg.configs, seconds=round(time.time() - t0, 1),
-                            score="noise SNR" if probe is None else "sample PSNR")
-    how = (f"noise-prediction SNR vs FP (dB) on {cfg.per_step} recorded inputs at each of {len(calib.timesteps)} calibration timesteps" if probe is None
-           else f"PSNR (dB) of {cfg.probe_samples} samples against the FP samples of the same seeds ({calib.config.steps} steps)")
-    rep.notes.append(f"score: {how}, "
-                     f"weights only (activations FP); importance from the {max(predictors, key=lambda k: predictors[k]['spearman'])} predictor")
+    rows = [
+        {
+            "name": n,
+            "op_type": op_type(n),
+            "block": block_of(n),
+            "weights": mods[n].weight.numel(),
+            "importance": importance[n],
+            "effects": effects[n],
+        }
+        for n in layers
+    ]
+    rep = SensitivityReport(
+        denoiser.name,
+        rows,
+        predictors,
+        searches,
+        chosen,
+        configs=cfg.configs,
+        seconds=round(time.time() - t0, 1),
+        score="noise SNR" if probe is None else "sample PSNR",
+    )
+    how = (
+        f"noise-prediction SNR vs FP (dB) on {cfg.per_step} recorded inputs at each of {len(calib.timesteps)} calibration timesteps"
+        if probe is None
+        else f"PSNR (dB) of {cfg.probe_samples} samples against the FP samples of the same seeds ({calib.config.steps} steps)"
+    )
+    rep.notes.append(
+        f"score: {how}, "
+        f"weights only (activations FP); importance from the {max(predictors, key=lambda k: predictors[k]['spearman'])} predictor"
+    )
     rep.findings = check_findings(rep)
     return rep
 
@@ -110,11 +178,38 @@ def report_from_plan(plan) -> SensitivityReport | None:
     if "importance" not in q:
         return None
     sizes = {lp.name: lp.weight_numel for lp in plan.layers.values()}
-    rows = [{"name": n, "op_type": op_type(n), "block": block_of(n), "weights": sizes.get(n, 0), "importance": v, "effects": q["effects"][n]}
-            for n, v in q["importance"].items()]
-    predictors = {q.get("predictor", "ridge"): {"spearman": q["spearman"], "ndcg10": q["ndcg10"], "seconds": q["search_s"], "held_out": q["held_out"]}}
-    searches = [{"budget": q["budget"], "search": k, "bits": None, "measured_db": v, "used": k == q["used"]} for k, v in q["searches"].items()]
-    rep = SensitivityReport(plan.model, rows, predictors, searches, q["assignment"], configs=q["configs"], seconds=q["search_s"],
-                            score="sample PSNR" if q.get("score") == "samples" else "noise SNR")
+    rows = [
+        {
+            "name": n,
+            "op_type": op_type(n),
+            "block": block_of(n),
+            "weights": sizes.get(n, 0),
+            "importance": v,
+            "effects": q["effects"][n],
+        }
+        for n, v in q["importance"].items()
+    ]
+    predictors = {
+        q.get("predictor", "ridge"): {
+            "spearman": q["spearman"],
+            "ndcg10": q["ndcg10"],
+            "seconds": q["search_s"],
+            "held_out": q["held_out"],
+        }
+    }
+    searches = [
+        {"budget": q["budget"], "search": k, "bits": None, "measured_db": v, "used": k == q["used"]}
+        for k, v in q["searches"].items()
+    ]
+    rep = SensitivityReport(
+        plan.model,
+        rows,
+        predictors,
+        searches,
+        q["assignment"],
+        configs=q["configs"],
+        seconds=q["search_s"],
+        score="sample PSNR" if q.get("score") == "samples" else "noise SNR",
+    )
     rep.findings = check_findings(rep)
     return rep

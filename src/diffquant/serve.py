@@ -81,8 +81,13 @@ class _Worker(threading.Thread):
     def run(self) -> None:
         while (batch := self._next_batch()) is not None:
             try:
-                req = PipelineRequest([j.prompt for j in batch], len(batch), [j.negative for j in batch] if batch[0].negative is not None else None,
-                                      batch[0].settings, seeds=[j.seed for j in batch])
+                req = PipelineRequest(
+                    [j.prompt for j in batch],
+                    len(batch),
+                    [j.negative for j in batch] if batch[0].negative is not None else None,
+                    batch[0].settings,
+                    seeds=[j.seed for j in batch],
+                )
                 images = self.pipe(req)
                 self.images, self.batches = self.images + len(batch), self.batches + 1
                 for j, img in zip(batch, images):
@@ -96,8 +101,18 @@ def _png(image, job: _Job, digest: str) -> bytes:
     from diffquant._png import png_bytes
 
     s = job.settings
-    return png_bytes(image, {"prompt": job.prompt, "negative_prompt": job.negative or "", "seed": job.seed, "steps": s.steps,
-                             "guidance": s.guidance, "plan_model_digest": digest, "software": "diffquant serve"})
+    return png_bytes(
+        image,
+        {
+            "prompt": job.prompt,
+            "negative_prompt": job.negative or "",
+            "seed": job.seed,
+            "steps": s.steps,
+            "guidance": s.guidance,
+            "plan_model_digest": digest,
+            "software": "diffquant serve",
+        },
+    )
 
 
 def create_app(folder: str | Path, cfg: ServeConfig | None = None):
@@ -145,8 +160,15 @@ def create_app(folder: str | Path, cfg: ServeConfig | None = None):
 
     @app.get("/health")
     async def health() -> dict:
-        return {"status": "ok" if worker.is_alive() else "down", "engine": str(folder), "queued": jobs.qsize(), "queue": cfg.queue,
-                "images": worker.images, "batches": worker.batches, "resolution": list(pipe.resolution)}
+        return {
+            "status": "ok" if worker.is_alive() else "down",
+            "engine": str(folder),
+            "queued": jobs.qsize(),
+            "queue": cfg.queue,
+            "images": worker.images,
+            "batches": worker.batches,
+            "resolution": list(pipe.resolution),
+        }
 
     @app.post("/generate")
     async def generate(body: GenerateBody):
@@ -158,11 +180,20 @@ def create_app(folder: str | Path, cfg: ServeConfig | None = None):
                 pipe.table.prompt_id(body.prompt)  # a prompt this folder has conditioning for
         except DiffquantError as e:
             return JSONResponse({"error": str(e)}, status_code=422)
-        job = _Job(body.prompt, body.negative_prompt, body.seed, GenerateConfig(steps=body.steps, guidance=body.guidance, seed=body.seed, batch=cfg.max_batch))
+        job = _Job(
+            body.prompt,
+            body.negative_prompt,
+            body.seed,
+            GenerateConfig(steps=body.steps, guidance=body.guidance, seed=body.seed, batch=cfg.max_batch),
+        )
         try:
             jobs.put_nowait(job)
         except queue.Full:
-            return JSONResponse({"error": f"busy: {cfg.queue} requests are queued; retry later"}, status_code=503, headers={"Retry-After": "1"})
+            return JSONResponse(
+                {"error": f"busy: {cfg.queue} requests are queued; retry later"},
+                status_code=503,
+                headers={"Retry-After": "1"},
+            )
         t0 = time.time()
         try:
             image = await asyncio.wrap_future(job.future)
@@ -170,7 +201,9 @@ def create_app(folder: str | Path, cfg: ServeConfig | None = None):
             return JSONResponse({"error": str(e)}, status_code=422)
         except Exception as e:  # the worker caught it for this batch; the client gets it as JSON, the server stays up
             return JSONResponse({"error": f"internal error: {type(e).__name__}: {e}"}, status_code=500)
-        return Response(_png(image, job, digest), media_type="image/png", headers={"X-Latency-S": f"{time.time() - t0:.3f}"})
+        return Response(
+            _png(image, job, digest), media_type="image/png", headers={"X-Latency-S": f"{time.time() - t0:.3f}"}
+        )
 
     return app
 
@@ -195,5 +228,9 @@ def serve(folder: str | Path, host: str = "127.0.0.1", port: int = 8000, cfg: Se
         raise DiffquantError(f"cannot listen on {host}:{port} ({e.strerror}); pass another --port or --host") from None
     sock.listen(128)
     port = sock.getsockname()[1]  # the one the OS picked for --port 0
-    print(f"diffquant serve: listening on http://{host}:{port} (POST /generate, GET /health); Ctrl-C stops", file=sys.stderr, flush=True)
+    print(
+        f"diffquant serve: listening on http://{host}:{port} (POST /generate, GET /health); Ctrl-C stops",
+        file=sys.stderr,
+        flush=True,
+    )
     uvicorn.Server(uvicorn.Config(app, log_level="warning")).run(sockets=[sock])

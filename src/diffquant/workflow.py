@@ -24,7 +24,15 @@ from diffquant.engines import Engine, GroupedEngine, OrtEngine
 from diffquant.engines.cpu import cpu_info
 from diffquant.engines.ort import FusedEngineFromOnnx
 from diffquant.errors import DiffquantError
-from diffquant.eval import check_parity, merge_parity, noise_fidelity, save_grid, score_fidelity, score_samples, write_markdown
+from diffquant.eval import (
+    check_parity,
+    merge_parity,
+    noise_fidelity,
+    save_grid,
+    score_fidelity,
+    score_samples,
+    write_markdown,
+)
 from diffquant.eval.sensitivity import write_report
 from diffquant.eval.validate import ValidateConfig, validate
 from diffquant.exporters import export
@@ -75,7 +83,10 @@ def engine_eps_fn(engine: Engine, batch: int = 256, output: str = "noise_pred"):
     """Wrap an engine as a torch noise-prediction function of named inputs for the sampler."""
 
     def eps(inputs: NamedInputs) -> torch.Tensor:
-        outs = [engine.run(inputs.take(slice(i, i + batch)).numpy())[output].astype(np.float32) for i in range(0, inputs.size, batch)]
+        outs = [
+            engine.run(inputs.take(slice(i, i + batch)).numpy())[output].astype(np.float32)
+            for i in range(0, inputs.size, batch)
+        ]
         return torch.from_numpy(np.concatenate(outs))
 
     return eps
@@ -100,7 +111,9 @@ def _fp_ladder(denoiser: Denoiser, path: Path, inputs) -> float:
 def load_run_model(cfg: RunConfig) -> Denoiser:
     """The run's denoiser, read with its prompts and resolution."""
     prompts = read_prompts(cfg.prompts) if cfg.prompts else None
-    return load_denoiser(cfg.model, LoadConfig(prompts=prompts, resolution=tuple(cfg.resolution) if cfg.resolution else None))
+    return load_denoiser(
+        cfg.model, LoadConfig(prompts=prompts, resolution=tuple(cfg.resolution) if cfg.resolution else None)
+    )
 
 
 def run_job(cfg: RunConfig) -> dict:
@@ -116,8 +129,11 @@ def run_job(cfg: RunConfig) -> dict:
     if cfg.model.startswith("builtin:") and cfg.samples < 10:
         raise DiffquantError(f"--samples must be at least 10 (one per class), got {cfg.samples}")
     if denoiser.null_id > 1 and cfg.samples % denoiser.null_id:
-        print(f"diffquant: warning: --samples {cfg.samples} is not a multiple of the {denoiser.null_id} prompts, so they get unequal "
-              f"counts; use a multiple (e.g. {cfg.samples - cfg.samples % denoiser.null_id or denoiser.null_id}) for comparable FD", file=sys.stderr)
+        print(
+            f"diffquant: warning: --samples {cfg.samples} is not a multiple of the {denoiser.null_id} prompts, so they get unequal "
+            f"counts; use a multiple (e.g. {cfg.samples - cfg.samples % denoiser.null_id or denoiser.null_id}) for comparable FD",
+            file=sys.stderr,
+        )
     if cfg.guidance is None:
         cfg = copy.copy(cfg)
         cfg.guidance = denoiser.family.default_guidance
@@ -136,7 +152,11 @@ def _run(cfg: RunConfig, denoiser: Denoiser, recipe, bits: str, tmp: Path, out: 
     torch.manual_seed(cfg.seed)
     _stage(cfg, 1, "calibrate: the FP sampler's inputs")
     t0 = time.time()
-    calib = collect(denoiser, CalibConfig(samples=cfg.calib_samples, steps=cfg.steps, timesteps=cfg.calib_timesteps, guidance=cfg.guidance), progress=cfg.progress)
+    calib = collect(
+        denoiser,
+        CalibConfig(samples=cfg.calib_samples, steps=cfg.steps, timesteps=cfg.calib_timesteps, guidance=cfg.guidance),
+        progress=cfg.progress,
+    )
     timings["calibrate_s"] = time.time() - t0
 
     _stage(cfg, 2, f"quantize: recipe {recipe.name}, {bits}")
@@ -157,10 +177,20 @@ def _run(cfg: RunConfig, denoiser: Denoiser, recipe, bits: str, tmp: Path, out: 
 
     _stage(cfg, 4, "parity: the graph vs the fake-quant model, node by node")
     t0 = time.time()
-    fq, fq_graph = fake_quant_forms(denoiser, plan, cfg.target)  # fake-quant samples: the research form; parity: the deployed form
+    fq, fq_graph = fake_quant_forms(
+        denoiser, plan, cfg.target
+    )  # fake-quant samples: the research form; parity: the deployed form
     inputs = pick_inputs(calib, cfg.parity_timesteps, cfg.parity_samples, plan.group_of, plan.n_groups)
     parity = merge_parity(
-        [check_parity(fq_graph, onnx.load(str(path)), [i for i in inputs if plan.group_of(i[0]) == g], cosine_threshold=cfg.parity_cosine) for g, path in enumerate(exp.graphs)]
+        [
+            check_parity(
+                fq_graph,
+                onnx.load(str(path)),
+                [i for i in inputs if plan.group_of(i[0]) == g],
+                cosine_threshold=cfg.parity_cosine,
+            )
+            for g, path in enumerate(exp.graphs)
+        ]
     )
     ladder_fp = _fp_ladder(denoiser, exp.fp_onnx, inputs)
     timings["parity_s"] = time.time() - t0
@@ -216,7 +246,14 @@ def _sample_all(cfg: RunConfig, denoiser: Denoiser, fq: Denoiser, deployed) -> d
     scfg = SamplerConfig(steps=cfg.steps, guidance=cfg.guidance, batch_size=cfg.batch_size)
     out = {"ids": batch.ids}
     for key, fn in (("fp", torch_eps_fn(denoiser)), ("fake_quant", torch_eps_fn(fq)), ("quant", deployed)):
-        lat = sample(fn, denoiser, batch, scfg, desc=f"sample {key.replace('_', '-') if key != 'quant' else 'deployed'}", progress=cfg.progress)
+        lat = sample(
+            fn,
+            denoiser,
+            batch,
+            scfg,
+            desc=f"sample {key.replace('_', '-') if key != 'quant' else 'deployed'}",
+            progress=cfg.progress,
+        )
         out[key] = (lat, denoiser.to_images(lat))
     return out
 
@@ -246,7 +283,9 @@ def _grids(denoiser: Denoiser, samples: dict, tmp: Path) -> None:
     show = min(n, 50)
     ncol = denoiser.null_id if denoiser.family.feature_model else min(show, 8)  # digits: one column per class
     for key, label in (("fp", "FP"), ("fake_quant", "fake-quant"), ("quant", "deployed")):
-        save_grid(imgs[key][:show], tmp / f"samples_{key}.png", ncol=ncol, title=f"{label}: first {show} of {n} samples")
+        save_grid(
+            imgs[key][:show], tmp / f"samples_{key}.png", ncol=ncol, title=f"{label}: first {show} of {n} samples"
+        )
     ids = samples["ids"]
     prompts = list(denoiser.prompts) or ["(unconditional)"]
     rows = [[i for i in range(n) if int(ids[i]) == p] for p in sorted({int(v) for v in ids.tolist()})][:10]
@@ -256,8 +295,14 @@ def _grids(denoiser: Denoiser, samples: dict, tmp: Path) -> None:
     gap = torch.zeros(len(order), fp.shape[1], fp.shape[2], 1)  # a thin grey line inside a cell; white between cells
     triples = torch.cat([fp, gap, imgs["fake_quant"][order], gap, imgs["quant"][order]], dim=3)
     labels = [prompts[int(ids[r[0]])][:24] if int(ids[r[0]]) < len(prompts) else str(int(ids[r[0]])) for r in rows]
-    save_grid(triples, tmp / "samples_compare.png", ncol=per, pad=4, title=f"each cell: FP | fake-quant | deployed (same seed)\n"
-              f"{len(rows)} prompts x {per} of {n} samples", row_labels=labels)
+    save_grid(
+        triples,
+        tmp / "samples_compare.png",
+        ncol=per,
+        pad=4,
+        title=f"each cell: FP | fake-quant | deployed (same seed)\n{len(rows)} prompts x {per} of {n} samples",
+        row_labels=labels,
+    )
 
 
 def validate_run(run_dir: str | Path, cfg: ValidateConfig | None = None):
@@ -267,13 +312,35 @@ def validate_run(run_dir: str | Path, cfg: ValidateConfig | None = None):
     run = Path(run_dir)
     if not (run / "report.json").exists():
         raise DiffquantError(f"{run} is not a run folder (no report.json); make one with `diffquant run`")
-    report = read_json(run / "report.json", "make the run folder again with `diffquant run`", required=("model", "settings", "onnx"))
+    report = read_json(
+        run / "report.json", "make the run folder again with `diffquant run`", required=("model", "settings", "onnx")
+    )
     st = check_value(report["settings"], dict, f"{run / 'report.json'}: settings")
-    for key, tp in {"calib_samples": int, "steps": int, "calib_timesteps": int, "guidance": float | None, "prompts": str}.items():
+    for key, tp in {
+        "calib_samples": int,
+        "steps": int,
+        "calib_timesteps": int,
+        "guidance": float | None,
+        "prompts": str,
+    }.items():
         if key not in st:
-            raise DiffquantError(f"{run / 'report.json'}: settings lacks {key!r}; make the run folder again with `diffquant run`")
+            raise DiffquantError(
+                f"{run / 'report.json'}: settings lacks {key!r}; make the run folder again with `diffquant run`"
+            )
         check_value(st[key], tp, f"{run / 'report.json'}: settings.{key}")
-    denoiser = load_run_model(RunConfig(model=report["model"], prompts=st.get("prompts", ""), resolution=st.get("resolution") if not report["model"].startswith("builtin:") else None))
+    denoiser = load_run_model(
+        RunConfig(
+            model=report["model"],
+            prompts=st.get("prompts", ""),
+            resolution=st.get("resolution") if not report["model"].startswith("builtin:") else None,
+        )
+    )
     plan = QuantPlan.load(run / "plan")
-    calib = collect(denoiser, CalibConfig(samples=st["calib_samples"], steps=st["steps"], timesteps=st["calib_timesteps"], guidance=st["guidance"]), progress=cfg.progress)
+    calib = collect(
+        denoiser,
+        CalibConfig(
+            samples=st["calib_samples"], steps=st["steps"], timesteps=st["calib_timesteps"], guidance=st["guidance"]
+        ),
+        progress=cfg.progress,
+    )
     return validate(run, denoiser, pick_inputs(calib, cfg.timesteps, cfg.samples, plan.group_of, plan.n_groups), cfg)

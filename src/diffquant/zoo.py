@@ -22,7 +22,11 @@ def fp_metrics(name: str, samples: int = 1000, steps: int = 25, guidance: float 
 
     d = load_denoiser(f"builtin:{name}")
     b = prompt_batch(d, samples, seed)
-    imgs = d.to_images(sample(lambda inputs: d(**inputs), d, b, SamplerConfig(steps=steps, guidance=guidance), desc=f"FP metrics {name}"))
+    imgs = d.to_images(
+        sample(
+            lambda inputs: d(**inputs), d, b, SamplerConfig(steps=steps, guidance=guidance), desc=f"FP metrics {name}"
+        )
+    )
     real, _ = load_digits_tensor()  # 16x16: larger samples are area-averaged to it for the classifier
     s = score_samples(imgs, b.ids, load_classifier(), real)
     return {"fd": s.fd, "accuracy": s.accuracy, "samples": samples, "steps": steps, "guidance": guidance, "seed": seed}

@@ -19,8 +19,26 @@ def test_run_sd_pipeline_folder(tmp_path, monkeypatch, capsys):
         folder = make_pipeline("sd", tmp_path / "sd15")
     (tmp_path / "prompts.txt").write_text("a red cat\na lighthouse at dusk\n")
     out = tmp_path / "run"
-    rc = main(["run", "--model", str(folder), "--prompts", str(tmp_path / "prompts.txt"), "--bits", "w8a8", "--out", str(out),
-               "--samples", "4", "--steps", "5", "--calib-samples", "4", "--quiet"])
+    rc = main(
+        [
+            "run",
+            "--model",
+            str(folder),
+            "--prompts",
+            str(tmp_path / "prompts.txt"),
+            "--bits",
+            "w8a8",
+            "--out",
+            str(out),
+            "--samples",
+            "4",
+            "--steps",
+            "5",
+            "--calib-samples",
+            "4",
+            "--quiet",
+        ]
+    )
     assert rc == 0, capsys.readouterr()
     r = json.loads((out / "report.json").read_text())
     assert r["family"]["family"] == "sd" and r["parity"]["passed"] and r["parity"]["max_step_error"] <= 1.0
@@ -32,16 +50,39 @@ def test_run_sd_pipeline_folder(tmp_path, monkeypatch, capsys):
     assert main(["lint", str(out / "unet.qdq.onnx")]) == 0
     # the run folder builds into the whole pipeline (FP16 parts for the tensorrt target, run up-cast on this CPU)
     parts = json.loads((out / "parts.json").read_text())["parts"]
-    assert {p["name"]: p["dtype"] for p in parts} == {"text_encoder": "float16", "vae_decoder": "float16"} and all(p["ok"] for p in parts)
+    assert {p["name"]: p["dtype"] for p in parts} == {"text_encoder": "float16", "vae_decoder": "float16"} and all(
+        p["ok"] for p in parts
+    )
     assert main(["build", str(out), "--backend", "onnxruntime", "--out", str(tmp_path / "eng")]) == 0
     png = tmp_path / "dog.png"
-    assert main(["generate", str(tmp_path / "eng"), "--prompt", "a dog on a bike", "--negative-prompt", "blurry", "-n", "2", "--steps", "3",
-                 "--out", str(png), "--quiet"]) == 0
+    assert (
+        main(
+            [
+                "generate",
+                str(tmp_path / "eng"),
+                "--prompt",
+                "a dog on a bike",
+                "--negative-prompt",
+                "blurry",
+                "-n",
+                "2",
+                "--steps",
+                "3",
+                "--out",
+                str(png),
+                "--quiet",
+            ]
+        )
+        == 0
+    )
     from PIL import Image
 
     assert Image.open(png).text["prompt"] == "a dog on a bike"
     # images of the engine folders against the diffusers pipeline: FP engines >= 40 dB
     capsys.readouterr()
-    assert main(["validate", str(out), "--against", "pipeline", "--pipeline-prompt", "a red cat", "--pipeline-steps", "4"]) == 0, capsys.readouterr().out
+    assert (
+        main(["validate", str(out), "--against", "pipeline", "--pipeline-prompt", "a red cat", "--pipeline-steps", "4"])
+        == 0
+    ), capsys.readouterr().out
     v = json.loads((out / "validate.json").read_text())
     assert v["verdict"] == "PASS" and min(r["psnr_db"] for r in v["images"] if r["engine"] == "fp") >= 40

@@ -11,8 +11,26 @@ from diffquant.cli import main
 def test_smoke_run_digits_sd(tmp_path, monkeypatch, capsys):
     monkeypatch.setenv("DIFFQUANT_CACHE", str(tmp_path / "cache"))
     out = tmp_path / "run"
-    rc = main(["run", "--model", "builtin:digits-sd", "--recipe", "minmax", "--bits", "w8a8", "--out", str(out),
-               "--samples", "20", "--steps", "10", "--calib-samples", "8", "--quiet"])
+    rc = main(
+        [
+            "run",
+            "--model",
+            "builtin:digits-sd",
+            "--recipe",
+            "minmax",
+            "--bits",
+            "w8a8",
+            "--out",
+            str(out),
+            "--samples",
+            "20",
+            "--steps",
+            "10",
+            "--calib-samples",
+            "8",
+            "--quiet",
+        ]
+    )
     assert rc == 0, capsys.readouterr()
     r = json.loads((out / "report.json").read_text())
     for key in ("model", "recipe", "bits", "target", "onnx"):
@@ -35,9 +53,32 @@ def test_smoke_qdiffusion_run_digits_dit(tmp_path, monkeypatch, capsys):
     # the reconstruction recipe end to end on a real builtin model, iterations cut by --set
     monkeypatch.setenv("DIFFQUANT_CACHE", str(tmp_path / "cache"))
     out = tmp_path / "run"
-    rc = main(["run", "--model", "builtin:digits-dit", "--recipe", "qdiffusion", "--bits", "w4a8", "--target", "onnxruntime",
-               "--set", "reconstruct.iters=20", "--set", "reconstruct.samples=64", "--out", str(out),
-               "--samples", "20", "--steps", "10", "--calib-samples", "8", "--quiet"])
+    rc = main(
+        [
+            "run",
+            "--model",
+            "builtin:digits-dit",
+            "--recipe",
+            "qdiffusion",
+            "--bits",
+            "w4a8",
+            "--target",
+            "onnxruntime",
+            "--set",
+            "reconstruct.iters=20",
+            "--set",
+            "reconstruct.samples=64",
+            "--out",
+            str(out),
+            "--samples",
+            "20",
+            "--steps",
+            "10",
+            "--calib-samples",
+            "8",
+            "--quiet",
+        ]
+    )
     assert rc == 0, capsys.readouterr()
     r = json.loads((out / "report.json").read_text())
     assert r["recipe"] == "qdiffusion" and r["parity"]["max_step_error"] <= 1.0
@@ -52,9 +93,38 @@ def test_smoke_dmq_run_digits_sd(tmp_path, monkeypatch, capsys):
     # DMQ end to end on the UNet (PTS needs its skip convs), iterations cut by --set
     monkeypatch.setenv("DIFFQUANT_CACHE", str(tmp_path / "cache"))
     out = tmp_path / "run"
-    rc = main(["run", "--model", "builtin:digits-sd", "--recipe", "dmq", "--bits", "w4a8", "--target", "onnxruntime",
-               "--set", "les.iters=5", "--set", "les.samples=32", "--set", "reconstruct.iters=5", "--set", "reconstruct.samples=32",
-               "--set", "pts.samples=64", "--out", str(out), "--samples", "20", "--steps", "10", "--calib-samples", "8", "--quiet"])
+    rc = main(
+        [
+            "run",
+            "--model",
+            "builtin:digits-sd",
+            "--recipe",
+            "dmq",
+            "--bits",
+            "w4a8",
+            "--target",
+            "onnxruntime",
+            "--set",
+            "les.iters=5",
+            "--set",
+            "les.samples=32",
+            "--set",
+            "reconstruct.iters=5",
+            "--set",
+            "reconstruct.samples=32",
+            "--set",
+            "pts.samples=64",
+            "--out",
+            str(out),
+            "--samples",
+            "20",
+            "--steps",
+            "10",
+            "--calib-samples",
+            "8",
+            "--quiet",
+        ]
+    )
     assert rc == 0, capsys.readouterr()
     r = json.loads((out / "report.json").read_text())
     assert r["recipe"] == "dmq" and r["parity"]["max_step_error"] <= 1.0
@@ -69,9 +139,32 @@ def test_smoke_mpqdm_run_digits_sd(tmp_path, monkeypatch, capsys):
     # four timestep-group graphs that keep parity; the report renders the passes' tables
     monkeypatch.setenv("DIFFQUANT_CACHE", str(tmp_path / "cache"))
     out = tmp_path / "run"
-    rc = main(["run", "--model", "builtin:digits-sd", "--recipe", "mpqdm", "--target", "onnxruntime",
-               "--set", "omq.samples=32", "--set", "efficientdm.iters=10", "--set", "efficientdm.steps=5",
-               "--out", str(out), "--samples", "20", "--steps", "10", "--calib-samples", "8", "--quiet"])
+    rc = main(
+        [
+            "run",
+            "--model",
+            "builtin:digits-sd",
+            "--recipe",
+            "mpqdm",
+            "--target",
+            "onnxruntime",
+            "--set",
+            "omq.samples=32",
+            "--set",
+            "efficientdm.iters=10",
+            "--set",
+            "efficientdm.steps=5",
+            "--out",
+            str(out),
+            "--samples",
+            "20",
+            "--steps",
+            "10",
+            "--calib-samples",
+            "8",
+            "--quiet",
+        ]
+    )
     assert rc == 0, capsys.readouterr()
     r = json.loads((out / "report.json").read_text())
     assert r["recipe"] == "mpqdm" and r["bits"] == "w2a4" and r["parity"]["max_step_error"] <= 1.0
@@ -88,7 +181,10 @@ def test_demo_is_the_run_it_says_it_is(tmp_path, monkeypatch, capsys):
     out = tmp_path / "demo"
     assert main(["demo", "--samples", "10", "--out", str(out), "--quiet"]) == 0
     printed = capsys.readouterr().out
-    assert "(the same as: diffquant run --model builtin:digits-sd" in printed and f"next: diffquant build {out} --out" in printed
+    assert (
+        "(the same as: diffquant run --model builtin:digits-sd" in printed
+        and f"next: diffquant build {out} --out" in printed
+    )
     r = json.loads((out / "report.json").read_text())
     assert r["recipe"] == "minmax" and r["bits"] == "w8a8" and r["parity"]["passed"] and r["reduce_range"] is False
     assert (out / "samples_compare.png").exists()

@@ -35,7 +35,14 @@ def exported(calib_cache, tmp_path):
 
 def test_build_run_and_compare_with_ort(exported, tmp_path):
     res, calib = exported
-    out = build(res.qdq_onnx, tmp_path / "eng", BuildConfig(backend="tensorrt", tensorrt=TrtBuildConfig(batch=4, dynamic=True, max_batch=8, timing_cache_dir=str(tmp_path / "tc"))))
+    out = build(
+        res.qdq_onnx,
+        tmp_path / "eng",
+        BuildConfig(
+            backend="tensorrt",
+            tensorrt=TrtBuildConfig(batch=4, dynamic=True, max_batch=8, timing_cache_dir=str(tmp_path / "tc")),
+        ),
+    )
     meta = json.loads((out / "engine.json").read_text())
     entry = meta["engines"][0]
     assert entry["tensorrt"] and entry["gpu"] and entry["onnx_sha256"] and entry["profile"]["sample"][2][0] == 8
@@ -69,7 +76,13 @@ def test_pipeline_folder_on_tensorrt_draws_what_onnxruntime_draws(tmp_path):
     from tests.pipelines import export_tiny
 
     _, _, exp = export_tiny("sd", tmp_path, ["a red cat", "a blue dog"], target="tensorrt")
-    trt = build(exp, tmp_path / "trt", BuildConfig(backend="tensorrt", denoiser="fp", tensorrt=TrtBuildConfig(batch=2, timing_cache_dir=str(tmp_path / "tc"))))
+    trt = build(
+        exp,
+        tmp_path / "trt",
+        BuildConfig(
+            backend="tensorrt", denoiser="fp", tensorrt=TrtBuildConfig(batch=2, timing_cache_dir=str(tmp_path / "tc"))
+        ),
+    )
     ort = build(exp, tmp_path / "ort", BuildConfig(backend="onnxruntime", denoiser="fp"))
     assert {p["runner"] for p in json.loads((trt / "engine.json").read_text())["parts"].values()} == {"tensorrt"}
     req = PipelineRequest(["a red cat"], 2, ["a blue dog"], GenerateConfig(steps=4, guidance=5.0, seed=0))

@@ -92,8 +92,30 @@ def test_unexpected_errors_are_one_line_unless_debug(tmp_path, capsys, monkeypat
 
 def test_sensitivity_writes_its_report_and_refuses_bad_options(tmp_path, capsys):
     out = tmp_path / "sens"
-    argv = ["sensitivity", "--model", "builtin:digits-dit", "--configs", "24", "--holdout", "6", "--predictors", "ridge", "--methods", "uaq,kmeans-a",
-            "--calib-samples", "4", "--timesteps", "2", "--per-step", "2", "--budgets", "3.7", "--quiet", "--out", str(out)]
+    argv = [
+        "sensitivity",
+        "--model",
+        "builtin:digits-dit",
+        "--configs",
+        "24",
+        "--holdout",
+        "6",
+        "--predictors",
+        "ridge",
+        "--methods",
+        "uaq,kmeans-a",
+        "--calib-samples",
+        "4",
+        "--timesteps",
+        "2",
+        "--per-step",
+        "2",
+        "--budgets",
+        "3.7",
+        "--quiet",
+        "--out",
+        str(out),
+    ]
     assert main(argv) == 0
     printed = capsys.readouterr().out
     assert "DiTs prefer k-means" in printed and "ridge Spearman" in printed
@@ -106,4 +128,8 @@ def test_sensitivity_writes_its_report_and_refuses_bad_options(tmp_path, capsys)
     assert "comma list of uaq, kmeans-c, kmeans-a" in _err(capsys)
     assert main(argv[:-1] + [str(tmp_path / "o4"), "--score", "samples", "--probe-samples", "3"]) == 0
     md = (tmp_path / "o4" / "sensitivity.md").read_text()
-    assert "PSNR (dB) of 3 samples" in md and "measured sample PSNR dB" in md and "measured noise SNR dB" in (out / "sensitivity.md").read_text()
+    assert (
+        "PSNR (dB) of 3 samples" in md
+        and "measured sample PSNR dB" in md
+        and "measured noise SNR dB" in (out / "sensitivity.md").read_text()
+    )

@@ -49,9 +49,13 @@ def test_saturation_decision_follows_the_isa(tmp_path):
     wide = np.array([[127, -3]], np.int8)
     assert saturates(wide, AVX2) and not saturates(wide, VNNI)
     assert not saturates(np.array([[64, -64]], np.int8), AVX2)
-    assert CpuInfo("Arm", "aarch64", ["asimddp"]).int32_dot and CpuInfo("Arm without dot product", "aarch64", []).int32_dot
+    assert (
+        CpuInfo("Arm", "aarch64", ["asimddp"]).int32_dot and CpuInfo("Arm without dot product", "aarch64", []).int32_dot
+    )
     info = tmp_path / "cpuinfo"
-    info.write_text("processor\t: 0\nmodel name\t: Test CPU 9000\nflags\t\t: fpu sse2 avx2 avx512f avx512_vnni avx512_bf16\n")
+    info.write_text(
+        "processor\t: 0\nmodel name\t: Test CPU 9000\nflags\t\t: fpu sse2 avx2 avx512f avx512_vnni avx512_bf16\n"
+    )
     cpu = cpu_info(info)
     assert cpu.model == "Test CPU 9000" and cpu.flags == ["avx2", "avx512f", "avx512_vnni", "avx512_bf16"]
     assert cpu.int32_dot and cpu.bf16
@@ -114,7 +118,11 @@ def test_build_records_the_cpu_and_u8_mode_runs(tiny_ort, tmp_path, capsys):
 def test_reduce_range_plan_is_exact_in_s8_everywhere(tiny_ort, tmp_path):
     d, calib, plan, _ = tiny_ort
     small = reduce_range(plan)
-    assert all(lp.weight.bits == 7 for lp in small.quantized_layers() if lp.weight and isinstance(lp.weight.granularity, PerAxis))
+    assert all(
+        lp.weight.bits == 7
+        for lp in small.quantized_layers()
+        if lp.weight and isinstance(lp.weight.granularity, PerAxis)
+    )
     assert all(lp.weight.bits == 8 for lp in plan.quantized_layers() if lp.weight)  # the original is untouched
     res = export(small, d, tmp_path, target="onnxruntime")
     model = onnx.load(str(res.qdq_onnx))

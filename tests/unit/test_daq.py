@@ -41,8 +41,16 @@ def test_explicit_attention_is_sdpa():
     q, k, v = (torch.randn(2, 3, 5, 8, generator=g) for _ in range(3))
     mask = torch.rand(5, 5, generator=g) > 0.3
     mask[:, 0] = True
-    for kw in ({}, {"attn_mask": mask}, {"attn_mask": torch.randn(5, 5, generator=g)}, {"is_causal": True}, {"scale": 0.5}):
-        assert torch.allclose(explicit_attention(q, k, v, lambda p: p, **kw), F.scaled_dot_product_attention(q, k, v, **kw), atol=1e-5)
+    for kw in (
+        {},
+        {"attn_mask": mask},
+        {"attn_mask": torch.randn(5, 5, generator=g)},
+        {"is_causal": True},
+        {"scale": 0.5},
+    ):
+        assert torch.allclose(
+            explicit_attention(q, k, v, lambda p: p, **kw), F.scaled_dot_product_attention(q, k, v, **kw), atol=1e-5
+        )
 
 
 def test_log2_probs_quantizer_puts_p_on_powers_of_two():
@@ -60,11 +68,17 @@ def test_daq_sites_research_form_and_deployed_form(tiny_unet, calib_cache, tmp_p
     plan = quantize(tiny_unet, recipe, calib, bits="w8a4", progress=False, timestep_groups=2)
     attn = attention_modules(tiny_unet.model)
     assert {(s.key.module, s.key.index) for s in plan.operands.values()} == {(n, g) for n in attn for g in (0, 1)}
-    assert {s.format.kind for s in plan.operands.values()} <= {"log2", "uniform"} and all(s.format.bits == 4 for s in plan.operands.values())
-    assert tiny_unet.model.get_submodule(next(iter(attn))).processor.__class__.__name__ == "AttnProcessor2_0"  # the FP model is given back
+    assert {s.format.kind for s in plan.operands.values()} <= {"log2", "uniform"} and all(
+        s.format.bits == 4 for s in plan.operands.values()
+    )
+    assert (
+        tiny_unet.model.get_submodule(next(iter(attn))).processor.__class__.__name__ == "AttnProcessor2_0"
+    )  # the FP model is given back
     plan.save(tmp_path / "plan")
     again = QuantPlan.load(tmp_path / "plan")
-    assert {k: (s.format, float(s.scale)) for k, s in again.operands.items()} == {k: (s.format, float(s.scale)) for k, s in plan.operands.items()}
+    assert {k: (s.format, float(s.scale)) for k, s in again.operands.items()} == {
+        k: (s.format, float(s.scale)) for k, s in plan.operands.items()
+    }
     res = export(again, tiny_unet, tmp_path / "x")
     model = onnx.load(str(res.qdq_onnx))
     assert lint(model).ok

@@ -75,20 +75,32 @@ def test_les_scales_positive_shared_per_tensor_and_keep_the_fp_function(calib_ca
     recipe = load_recipe("dmq", {"les": {"iters": 30, "samples": 16, "lr": 0.05}, "minmax": FAST["minmax"]})
     recipe.passes = [p for p in recipe.passes if p[0] in ("les", "minmax")]
     plan = quantize(d, recipe, calib, bits="w4a8", progress=False)
-    smooth = {lp.name: lp.sites["input"].multiplier for lp in plan.quantized_layers() if lp.act and lp.sites["input"].multiplier is not None}
+    smooth = {
+        lp.name: lp.sites["input"].multiplier
+        for lp in plan.quantized_layers()
+        if lp.act and lp.sites["input"].multiplier is not None
+    }
     assert set(smooth) == {lp.name for lp in plan.quantized_layers() if lp.act and lp.weight}
     assert all(bool((m > 0).all()) for m in smooth.values())
     assert all(not torch.equal(m, torch.ones_like(m)) for m in smooth.values())  # training moved every tau
     blk = "down_blocks.0.attentions.0.transformer_blocks.0"
-    assert torch.equal(smooth[f"{blk}.attn1.to_q"], smooth[f"{blk}.attn1.to_k"]) and torch.equal(smooth[f"{blk}.attn1.to_q"], smooth[f"{blk}.attn1.to_v"])
-    assert torch.equal(smooth[f"{blk}.attn2.to_k"], smooth["mid_block.attentions.0.transformer_blocks.0.attn2.to_v"])  # the conditioning
+    assert torch.equal(smooth[f"{blk}.attn1.to_q"], smooth[f"{blk}.attn1.to_k"]) and torch.equal(
+        smooth[f"{blk}.attn1.to_q"], smooth[f"{blk}.attn1.to_v"]
+    )
+    assert torch.equal(
+        smooth[f"{blk}.attn2.to_k"], smooth["mid_block.attentions.0.transformer_blocks.0.attn2.to_v"]
+    )  # the conditioning
     # Q(X / tau) . Q(tau * W) without the quantizers is the FP layer
     for name in (f"{blk}.attn1.to_q", "up_blocks.0.resnets.0.conv_shortcut"):
         mod = d.model.get_submodule(name)
         x = torch.randn(2, mod.weight.shape[1], 4, 4) if mod.weight.dim() == 4 else torch.randn(3, mod.weight.shape[1])
         shape = [1, -1, 1, 1] if x.dim() == 4 else [1, -1]
         w = plan.weights[name]
-        got = mod._conv_forward(x * smooth[name].reshape(shape), w, mod.bias) if x.dim() == 4 else torch.nn.functional.linear(x * smooth[name], w, mod.bias)
+        got = (
+            mod._conv_forward(x * smooth[name].reshape(shape), w, mod.bias)
+            if x.dim() == 4
+            else torch.nn.functional.linear(x * smooth[name], w, mod.bias)
+        )
         assert torch.allclose(got, mod(x), atol=1e-4)
     notes = [n for lp in plan.quantized_layers() for n in lp.notes if n.startswith("LES")]
     before = [float(n.split("loss ")[1].split(" ->")[0]) for n in notes]
@@ -100,19 +112,27 @@ def test_reconstruct_with_fp_activations_learns_weights_only(calib_cache):
     d = make_tiny_dit()
     calib = tiny_calib(d, calib_cache)
     base = quantize(d, load_recipe("minmax"), calib, bits="w4a8", progress=False)
-    rec = load_recipe("qdiffusion", {"reconstruct": {"iters": 10, "samples": 12, "batch_size": 4, "quantize_acts": False}})
+    rec = load_recipe(
+        "qdiffusion", {"reconstruct": {"iters": 10, "samples": 12, "batch_size": 4, "quantize_acts": False}}
+    )
     rec.passes = [p for p in rec.passes if p[0] != "shortcut_split"]
     rec.passes[0] = ("minmax", load_recipe("minmax").passes[0][1])
     plan = quantize(d, rec, calib, bits="w4a8", progress=False)
     acts = [k for k in base.sites if ":input" in k]
     assert acts and all(torch.equal(base.sites[k].scale, plan.sites[k].scale) for k in acts)
-    assert any(not torch.equal(plan.weights[lp.name], d.model.get_submodule(lp.name).weight) for lp in plan.quantized_layers())
+    assert any(
+        not torch.equal(plan.weights[lp.name], d.model.get_submodule(lp.name).weight) for lp in plan.quantized_layers()
+    )
 
 
 @pytest.mark.parametrize("target", ["tensorrt", "onnxruntime"])
 def test_dmq_lowering_folds_multipliers_shifts_pts_codes_and_keeps_parity(target, dmq_unet, tmp_path):
     d, calib, plan = dmq_unet
-    pts = {lp.name: plan.pts_exponents(lp.name) for lp in plan.quantized_layers() if plan.pts_exponents(lp.name) is not None}
+    pts = {
+        lp.name: plan.pts_exponents(lp.name)
+        for lp in plan.quantized_layers()
+        if plan.pts_exponents(lp.name) is not None
+    }
     # DMQ's default: exactly the decoder ResBlocks' skip convs (input [h, skip]); some channels shifted
     assert pts and all(n.startswith("up_blocks.") and n.endswith("conv_shortcut") for n in pts)
     assert any(bool((k > 0).any()) for k in pts.values())
@@ -126,7 +146,10 @@ def test_dmq_lowering_folds_multipliers_shifts_pts_codes_and_keeps_parity(target
         assert inits[f"{name}.weight_quantized"].dtype == np.int8
         big = int(k.max())
         assert codes.min() >= -128 and codes.max() <= 127
-        expect = fake_quant(plan.weights[name], plan.weight_scale(name), plan.layers[name].weight) / plan.weight_scale(name)[:, None, None, None]
+        expect = (
+            fake_quant(plan.weights[name], plan.weight_scale(name), plan.layers[name].weight)
+            / plan.weight_scale(name)[:, None, None, None]
+        )
         shifted = expect.round() * torch.exp2(big - k)[None, :, None, None]
         assert np.array_equal(codes, shifted.numpy().astype(np.int32))  # n-bit codes << (K - k)
         assert np.allclose(inits[f"{name}.weight_scale"].astype(np.float32), (plan.weight_scale(name) / 2**big).numpy())
@@ -134,7 +157,10 @@ def test_dmq_lowering_folds_multipliers_shifts_pts_codes_and_keeps_parity(target
     # the multiplier goes into the LayerNorm (Q/K/V share it) and the GroupNorm affine; else one Mul
     blk = "down_blocks.0.attentions.0.transformer_blocks.0"
     for n in ("attn1.to_q", "attn1.to_k", "attn1.to_v", "ff.net.0.proj"):
-        assert res.realized[f"{blk}.{n}"]["act_multiplier"].startswith("folded into") and "LayerNormalization" in res.realized[f"{blk}.{n}"]["act_multiplier"]
+        assert (
+            res.realized[f"{blk}.{n}"]["act_multiplier"].startswith("folded into")
+            and "LayerNormalization" in res.realized[f"{blk}.{n}"]["act_multiplier"]
+        )
     assert "affine" in res.realized["down_blocks.0.attentions.0.proj_in"]["act_multiplier"]
     assert res.realized["down_blocks.0.resnets.0.conv1"]["act_multiplier"].startswith("one Mul")  # SiLU in between
     muls = {n.name for n in model.graph.node if n.op_type == "Mul"}

@@ -9,7 +9,9 @@ from dockerfile_parse import DockerfileParser
 DOCKER = Path(__file__).parents[2] / "docker"
 
 
-@pytest.mark.parametrize(("name", "base"), [("Dockerfile", "nvcr.io/nvidia/tensorrt:"), ("Dockerfile.jetson", "nvcr.io/nvidia/l4t-")])
+@pytest.mark.parametrize(
+    ("name", "base"), [("Dockerfile", "nvcr.io/nvidia/tensorrt:"), ("Dockerfile.jetson", "nvcr.io/nvidia/l4t-")]
+)
 def test_dockerfile_parses(name, base, tmp_path):
     df = DockerfileParser(path=str(tmp_path))
     df.content = (DOCKER / name).read_text()

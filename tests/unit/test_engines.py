@@ -70,7 +70,9 @@ def test_onnxruntime_target_fuses_and_matches_fake_quant(make, calib_cache, tmp_
     here, _ = fit_weights(model, cpu_info())
     with OrtEngine(res.qdq_onnx) as ref, OrtEngine(here, qdq_fusion=True) as fused:
         a, b = ref.run(feeds)["noise_pred"], fused.run(feeds)["noise_pred"]
-    assert float(np.dot(a.ravel(), b.ravel()) / np.linalg.norm(a) / np.linalg.norm(b)) > 0.99  # (0.90 with U8S8 saturation)
+    assert (
+        float(np.dot(a.ravel(), b.ravel()) / np.linalg.norm(a) / np.linalg.norm(b)) > 0.99
+    )  # (0.90 with U8S8 saturation)
 
 
 def test_int4_block_weights_lower_to_matmulnbits(calib_cache, tmp_path):
@@ -123,11 +125,25 @@ def test_timestep_groups_export_one_graph_per_group(calib_cache, tmp_path):
         ts = next(t for t in calib.timesteps if plan.group_of(t) == 1)
         inp = calib.at(ts, 2)
         feeds = inp.numpy()
-        np.testing.assert_allclose(engine.run(feeds)["noise_pred"], only_g1.run(feeds)["noise_pred"], rtol=1e-3, atol=1e-3)
+        np.testing.assert_allclose(
+            engine.run(feeds)["noise_pred"], only_g1.run(feeds)["noise_pred"], rtol=1e-3, atol=1e-3
+        )
     assert [g["file"] for g in runtime["graphs"]] == ["unet.qdq.g0.onnx", "unet.qdq.g1.onnx"]
 
 
-@pytest.mark.parametrize("cfg", [scheduler_config(), {"beta_schedule": "scaled_linear", "beta_start": 0.00085, "beta_end": 0.012, "timestep_spacing": "trailing", "prediction_type": "v_prediction"}])
+@pytest.mark.parametrize(
+    "cfg",
+    [
+        scheduler_config(),
+        {
+            "beta_schedule": "scaled_linear",
+            "beta_start": 0.00085,
+            "beta_end": 0.012,
+            "timestep_spacing": "trailing",
+            "prediction_type": "v_prediction",
+        },
+    ],
+)
 def test_numpy_ddim_matches_diffusers(cfg):
     from diffusers import DDIMScheduler
 
@@ -148,7 +164,22 @@ def test_build_and_generate_without_torch(make, calib_cache, tmp_path):
     _, _, _, res = _export(make, "w8a8", calib_cache, tmp_path / "run")
     assert main(["build", str(res.qdq_onnx), "--backend", "onnxruntime", "--out", str(tmp_path / "eng")]) == 0
     png = tmp_path / "sevens.png"
-    cmd = [sys.executable, "-c", BLOCK_TORCH, "generate", str(tmp_path / "eng"), "--prompt", "7", "-n", "3", "--steps", "4", "--out", str(png), "--quiet"]
+    cmd = [
+        sys.executable,
+        "-c",
+        BLOCK_TORCH,
+        "generate",
+        str(tmp_path / "eng"),
+        "--prompt",
+        "7",
+        "-n",
+        "3",
+        "--steps",
+        "4",
+        "--out",
+        str(png),
+        "--quiet",
+    ]
     p = subprocess.run(cmd, capture_output=True, text=True, cwd=Path(__file__).parents[2])
     assert p.returncode == 0, p.stderr
     from PIL import Image
@@ -207,7 +238,14 @@ def test_validate_run_folder(calib_cache, tmp_path):
 
     d, calib, plan, res = _export(make_tiny_unet, "w8a8", calib_cache, tmp_path, target="tensorrt")
     plan.save(tmp_path / "plan")
-    report = {"model": "tiny", "target": "tensorrt", "onnx": str(res.qdq_onnx), "graphs": [str(res.qdq_onnx)], "timestep_groups": [], "settings": {}}
+    report = {
+        "model": "tiny",
+        "target": "tensorrt",
+        "onnx": str(res.qdq_onnx),
+        "graphs": [str(res.qdq_onnx)],
+        "timestep_groups": [],
+        "settings": {},
+    }
     (tmp_path / "report.json").write_text(json.dumps(report))
     inputs = [(ts, calib.at(ts, 2)) for ts in calib.timesteps]
     r = validate(tmp_path, d, inputs, ValidateConfig(against=["fp", "fake-quant", "tensorrt"], progress=False))
@@ -221,5 +259,10 @@ def test_validate_run_folder(calib_cache, tmp_path):
     assert len(saved["rows"]) == len(r.rows) == 6
     assert (tmp_path / "validate_inputs.json").exists()
     # an impossible threshold fails and names the timestep, the output and how to look closer
-    strict = validate(tmp_path, d, inputs[:1], ValidateConfig(against=["fake-quant"], thresholds={"fake-quant": {"cosine": 1.0001}}, progress=False))
+    strict = validate(
+        tmp_path,
+        d,
+        inputs[:1],
+        ValidateConfig(against=["fake-quant"], thresholds={"fake-quant": {"cosine": 1.0001}}, progress=False),
+    )
     assert not strict.passed and "fails at timestep" in strict.hints()[0] and "noise_pred" in strict.hints()[0]

@@ -42,7 +42,16 @@ def _export(float_dtype=torch.float32):
     m = Wrap().eval().to(float_dtype)
     buf = io.BytesIO()
     x = torch.randn(1, 2, 4, 4, dtype=float_dtype)
-    torch.onnx.export(m, (x,), buf, dynamo=False, opset_version=21, input_names=["sample"], output_names=["noise_pred"], do_constant_folding=False)
+    torch.onnx.export(
+        m,
+        (x,),
+        buf,
+        dynamo=False,
+        opset_version=21,
+        input_names=["sample"],
+        output_names=["noise_pred"],
+        do_constant_folding=False,
+    )
     return m, onnx.load_from_string(buf.getvalue())
 
 
@@ -82,7 +91,9 @@ def test_lowering_weights_and_activations():
     for name in ("conv", "q", "k"):
         q = inits[f"{name}.weight_quantized"]
         assert q.dtype == np.int8 and q.min() >= -8 and q.max() <= 7
-    dq_axes = {n.input[0]: n.attribute[0].i for n in _nodes(g, "DequantizeLinear") if n.input[0].endswith("weight_quantized")}
+    dq_axes = {
+        n.input[0]: n.attribute[0].i for n in _nodes(g, "DequantizeLinear") if n.input[0].endswith("weight_quantized")
+    }
     assert dq_axes == {"conv.weight_quantized": 0, "q.weight_quantized": 1, "k.weight_quantized": 1}
     assert inits["q.weight_quantized"].shape == (4, 4)  # stored as W^T [K, N]
     want = quantize_int(m.model.q.weight.detach(), plan.weight_scale("q"), plan.layers["q"].weight).numpy().T

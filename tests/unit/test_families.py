@@ -48,10 +48,17 @@ def _load(folder, family):
 @pytest.mark.parametrize("family", FAMILIES)
 def test_family_quantize_export_parity(family, folders, tmp_path):
     d = _load(folders[family], family)
-    calib = collect(d, CalibConfig(samples=2, steps=3, timesteps=2, guidance=d.family.default_guidance), cache_dir=tmp_path / "c", progress=False)
+    calib = collect(
+        d,
+        CalibConfig(samples=2, steps=3, timesteps=2, guidance=d.family.default_guidance),
+        cache_dir=tmp_path / "c",
+        progress=False,
+    )
     assert set(calib.shards[calib.timesteps[0]]) == {s.name for s in d.input_specs()}
     plan = quantize(d, load_recipe("minmax"), calib, bits="w8a8", progress=False)
-    assert plan.quantized_layers() and all(lp.name not in plan.layers for lp in plan.quantized_layers() if lp.name in d.skip)
+    assert plan.quantized_layers() and all(
+        lp.name not in plan.layers for lp in plan.quantized_layers() if lp.name in d.skip
+    )
     for target in ("tensorrt", "onnxruntime"):
         res = export(plan, d, tmp_path / target, target=target)
         model = onnx.load(str(res.qdq_onnx))
@@ -78,12 +85,21 @@ def test_fp_graph_matches_what_the_pipeline_feeds(family, folders):
 
     def hook(_m, args, kwargs, out):
         if not seen:
-            seen.append(({**dict(zip(("sample_or_hidden", "timestep"), args)), **kwargs}, out[0] if isinstance(out, tuple) else out.sample))
+            seen.append(
+                (
+                    {**dict(zip(("sample_or_hidden", "timestep"), args)), **kwargs},
+                    out[0] if isinstance(out, tuple) else out.sample,
+                )
+            )
 
     h = net.register_forward_hook(hook, with_kwargs=True)
     try:
         with torch.no_grad():
-            pipe(num_inference_steps=2, generator=torch.Generator().manual_seed(0), **CALL.get(family, dict(prompt="a red cat", output_type="latent")))
+            pipe(
+                num_inference_steps=2,
+                generator=torch.Generator().manual_seed(0),
+                **CALL.get(family, dict(prompt="a red cat", output_type="latent")),
+            )
     finally:
         h.remove()
     kwargs, ref = seen[0]
@@ -101,7 +117,11 @@ def test_fp_graph_matches_what_the_pipeline_feeds(family, folders):
             rows = torch.as_tensor(feeds[s.name]).float().reshape(n, -1)
             assert torch.cdist(rows, table).min(dim=1).values.max() < 1e-4, s.name
     got = OrtEngine(fp_onnx_proto(d)).run(feeds)["noise_pred"]
-    ref = d.family.split_learned_sigma(ref).numpy() if d.sample_name in ("hidden_states",) and ref.dim() == 4 else ref.numpy()
+    ref = (
+        d.family.split_learned_sigma(ref).numpy()
+        if d.sample_name in ("hidden_states",) and ref.dim() == 4
+        else ref.numpy()
+    )
     snr = 10 * np.log10((ref**2).sum() / max(((got - ref) ** 2).sum(), 1e-30))
     assert snr >= 60, f"{family}: SNR {snr:.1f} dB"
 

@@ -49,8 +49,23 @@ def test_gnn_learns_to_rank_unseen_configurations(tiny_dit):
     sens = {n: rng.uniform(0.0, 2.0) for n in layers}
     configs = sample_configs(layers, 160, seed=1, bits=(3, 4), methods=("uaq",))
     scores = [sum(sens[n] * (o.bits == 4) for n, o in c.items()) for c in configs]
-    pred = fit_predictor("gnn", tiny_dit, layers, options, OptionCache(), configs[:120], scores[:120], seed=0, training=GNNTraining(epochs=60, batch=32))
+    pred = fit_predictor(
+        "gnn",
+        tiny_dit,
+        layers,
+        options,
+        OptionCache(),
+        configs[:120],
+        scores[:120],
+        seed=0,
+        training=GNNTraining(epochs=60, batch=32),
+    )
     assert spearman(pred.predict(configs[120:]), torch.tensor(scores[120:])) > 0.8
-    untrained = train_gnn(type(pred)(pred.graph, pred.static, pred.errors), configs[:120], scores[:120], 0, GNNTraining(epochs=0))
-    mse = [float((p.predict(configs[:120]) - torch.tensor(scores[:120], dtype=torch.float64)).pow(2).mean()) for p in (pred, untrained)]
+    untrained = train_gnn(
+        type(pred)(pred.graph, pred.static, pred.errors), configs[:120], scores[:120], 0, GNNTraining(epochs=0)
+    )
+    mse = [
+        float((p.predict(configs[:120]) - torch.tensor(scores[:120], dtype=torch.float64)).pow(2).mean())
+        for p in (pred, untrained)
+    ]
     assert mse[0] < 0.3 * mse[1]  # it learned the scores, not only their order

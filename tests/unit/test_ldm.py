@@ -21,12 +21,16 @@ def test_tokenizer_spells_prompt_words_whole(tmp_path):
 def test_train_save_load(tmp_path):
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        card = train_ldm(tmp_path / "ldm", LdmTrainConfig(vae_steps=2, steps=2, warmup_steps=1, batch_size=4, vae_batch_size=4))
+        card = train_ldm(
+            tmp_path / "ldm", LdmTrainConfig(vae_steps=2, steps=2, warmup_steps=1, batch_size=4, vae_batch_size=4)
+        )
         import diffusers
 
         pipe = diffusers.StableDiffusionPipeline.from_pretrained(str(tmp_path / "ldm"))
     assert card["scaling_factor"] > 0 and pipe.vae.config.scaling_factor == card["scaling_factor"]
-    out = pipe("a handwritten seven", num_inference_steps=2, output_type="np", generator=torch.Generator().manual_seed(0)).images
+    out = pipe(
+        "a handwritten seven", num_inference_steps=2, output_type="np", generator=torch.Generator().manual_seed(0)
+    ).images
     assert out.shape == (1, 32, 32, 1)
     d = _from_pipeline(tmp_path / "ldm", LoadConfig(prompts=ldm_prompts()), DigitsLDM, "builtin:digits-ldm")
     assert d.family.feature_model and d.prompts[7] == "a handwritten seven" and d.sample_shape == (4, 8, 8)

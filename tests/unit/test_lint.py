@@ -19,7 +19,16 @@ def _graph(nodes, inits, inputs, outputs, opset=21):
     return helper.make_model(g, opset_imports=[helper.make_opsetid("", opset)])
 
 
-def conv_graph(act_scale=0.1, act_zp=0, w_axis=0, w_scale=None, zp_dtype=np.int8, scale_dtype=np.float16, cast=False, consumer="Conv"):
+def conv_graph(
+    act_scale=0.1,
+    act_zp=0,
+    w_axis=0,
+    w_scale=None,
+    zp_dtype=np.int8,
+    scale_dtype=np.float16,
+    cast=False,
+    consumer="Conv",
+):
     """x -> Q -> DQ -> Conv(W via DQ) -> y: the well-formed case with knobs to break it."""
     w_scale = np.full(4, 0.01) if w_scale is None else w_scale
     inits = [
@@ -86,8 +95,12 @@ def test_qdq_placement_outside_conv_matmul():
         helper.make_node("DequantizeLinear", ["xq", "s", "z"], ["xd"], name="dq"),
         helper.make_node("Relu", ["xd"], ["y"], name="relu"),
     ]
-    m = _graph(nodes, [_init("s", np.array(0.1, np.float16)), _init("z", np.array(0, np.int8))],
-               [helper.make_tensor_value_info("x", F16, [4])], [helper.make_tensor_value_info("y", F16, None)])
+    m = _graph(
+        nodes,
+        [_init("s", np.array(0.1, np.float16)), _init("z", np.array(0, np.int8))],
+        [helper.make_tensor_value_info("x", F16, [4])],
+        [helper.make_tensor_value_info("y", F16, None)],
+    )
     v = [v for v in lint(m).violations if v.rule == "qdq-placement"]
     assert v and v[0].node == "dq"
 
@@ -115,7 +128,11 @@ def test_no_qdq_on_attention_matmul():
 
 
 def test_shared_tensor_needs_one_q():
-    inits = [_init("s", np.array(0.1, np.float16)), _init("z", np.array(0, np.int8)), _init("w", np.ones((4, 4), np.float16))]
+    inits = [
+        _init("s", np.array(0.1, np.float16)),
+        _init("z", np.array(0, np.int8)),
+        _init("w", np.ones((4, 4), np.float16)),
+    ]
     nodes = []
     for i in range(2):
         nodes += [
@@ -123,8 +140,12 @@ def test_shared_tensor_needs_one_q():
             helper.make_node("DequantizeLinear", [f"xq{i}", "s", "z"], [f"xd{i}"], name=f"DQ{i}"),
             helper.make_node("MatMul", [f"xd{i}", "w"], [f"y{i}"], name=f"mm{i}"),
         ]
-    m = _graph(nodes, inits, [helper.make_tensor_value_info("x", F16, [2, 4])],
-               [helper.make_tensor_value_info(f"y{i}", F16, None) for i in range(2)])
+    m = _graph(
+        nodes,
+        inits,
+        [helper.make_tensor_value_info("x", F16, [2, 4])],
+        [helper.make_tensor_value_info(f"y{i}", F16, None) for i in range(2)],
+    )
     v = [v for v in lint(m).violations if v.rule == "shared-tensor"]
     assert v and v[0].node == "Q1"
 

@@ -18,7 +18,9 @@ def test_bare_denoiser_folders(tmp_path):
     with pytest.raises(DiffquantError, match="scheduler_config.json"):
         load_denoiser(str(tmp_path / "p" / "transformer"))  # never a silent fallback schedule
     (tmp_path / "p" / "scheduler").mkdir()
-    (tmp_path / "p" / "scheduler" / "scheduler_config.json").write_text(json.dumps({"_class_name": "DDIMScheduler", **scheduler_config()}))
+    (tmp_path / "p" / "scheduler" / "scheduler_config.json").write_text(
+        json.dumps({"_class_name": "DDIMScheduler", **scheduler_config()})
+    )
     back = load_denoiser(str(tmp_path / "p" / "transformer"))
     assert back.family.name == "dit" and back.scheduler["beta_schedule"] == "squaredcos_cap_v2"
     with torch.no_grad():

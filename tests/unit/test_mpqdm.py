@@ -31,7 +31,7 @@ def test_kurtosis_ranks_outlier_channels_and_bits_average_to_n():
     for n in (2, 3, 4):
         for g in range(6):
             bits = channel_bits(torch.arange(60), n, g, 6)
-            assert sum(bits) == 60 * n and bits[:g * 6] == (n + 1,) * (g * 6)
+            assert sum(bits) == 60 * n and bits[: g * 6] == (n + 1,) * (g * 6)
     assert int(order[0]) == 1
 
 
@@ -39,7 +39,18 @@ def test_kurtosis_ranks_outlier_channels_and_bits_average_to_n():
 def mixed(calib_cache):
     d = make_tiny_unet()
     calib = tiny_calib(d, calib_cache)
-    return d, calib, quantize(d, load_recipe("mpqdm", {**FAST, "omq": {"samples": 16, "search": "full"}}), calib, bits="w3a4", timestep_groups=1, progress=False)
+    return (
+        d,
+        calib,
+        quantize(
+            d,
+            load_recipe("mpqdm", {**FAST, "omq": {"samples": 16, "search": "full"}}),
+            calib,
+            bits="w3a4",
+            timestep_groups=1,
+            progress=False,
+        ),
+    )
 
 
 def test_omq_gives_mixed_channels_that_average_to_n(mixed):
@@ -63,7 +74,9 @@ def test_mixed_grids_lower_in_int8_keep_parity_and_are_linted(mixed, tmp_path, t
     model = onnx.load(str(res.qdq_onnx))
     assert lint(model, target=target).ok
     inits = {i.name: i for i in model.graph.initializer}
-    lp = next(lp for lp in plan.quantized_layers() if lp.weight and lp.weight.mixed and lp.op == "conv" and not lp.split)
+    lp = next(
+        lp for lp in plan.quantized_layers() if lp.weight and lp.weight.mixed and lp.op == "conv" and not lp.split
+    )
     codes = numpy_helper.to_array(inits[f"{lp.name}.weight_quantized"]).astype(np.int32)
     lo, hi = declared_limits("".join(map(str, lp.weight.bits)))
     flat = codes.reshape(len(codes), -1)
@@ -78,7 +91,9 @@ def test_mixed_grids_lower_in_int8_keep_parity_and_are_linted(mixed, tmp_path, t
     bad = codes.copy()
     c = int(np.argmin(lp.weight.bits))
     bad.reshape(len(bad), -1)[c, 0] = 3
-    inits[f"{lp.name}.weight_quantized"].CopyFrom(numpy_helper.from_array(bad.astype(np.int8), f"{lp.name}.weight_quantized"))
+    inits[f"{lp.name}.weight_quantized"].CopyFrom(
+        numpy_helper.from_array(bad.astype(np.int8), f"{lp.name}.weight_quantized")
+    )
     rep = lint(model, target=target)
     assert "weight-code-range" in rep.rules() and f"channel {c}" in str(rep.violations[0])
 

@@ -38,7 +38,9 @@ def test_openvino_engine_matches_fake_quant(make, calib_cache, tmp_path):
     calib = tiny_calib(d, calib_cache)
     plan = quantize(d, load_recipe("minmax"), calib, bits="w8a8", progress=False)
     res = export(plan, d, tmp_path / "run", target="tensorrt")
-    out = build(res.qdq_onnx, tmp_path / "ov", BuildConfig(backend="openvino", openvino=OvBuildConfig(batch=4, threads=2)))
+    out = build(
+        res.qdq_onnx, tmp_path / "ov", BuildConfig(backend="openvino", openvino=OvBuildConfig(batch=4, threads=2))
+    )
     meta = json.loads((out / "engine.json").read_text())
     e = meta["engines"][0]
     import openvino
@@ -77,21 +79,62 @@ def test_openvino_dynamic_batch_generate_and_validate(calib_cache, tmp_path, cap
     plan = quantize(d, load_recipe("minmax"), calib, bits="w8a8", progress=False)
     run = tmp_path / "run"
     res = export(plan, d, run, target="tensorrt")
-    assert main(["build", str(res.qdq_onnx), "--backend", "openvino", "--dynamic", "--max-batch", "8", "--threads", "1", "--out", str(tmp_path / "ov")]) == 0
+    assert (
+        main(
+            [
+                "build",
+                str(res.qdq_onnx),
+                "--backend",
+                "openvino",
+                "--dynamic",
+                "--max-batch",
+                "8",
+                "--threads",
+                "1",
+                "--out",
+                str(tmp_path / "ov"),
+            ]
+        )
+        == 0
+    )
     assert "OpenVINO" in capsys.readouterr().out
     engine, _ = EnginesFromFolder(tmp_path / "ov")
     with engine:
         for b in (1, 6):
             assert engine.run(calib.at(calib.timesteps[0], b).numpy())["noise_pred"].shape[0] == b
     png = tmp_path / "ov.png"
-    cmd = [sys.executable, "-c", BLOCK_TORCH, "generate", str(tmp_path / "ov"), "--prompt", "3", "-n", "2", "--steps", "3", "--out", str(png), "--quiet"]
+    cmd = [
+        sys.executable,
+        "-c",
+        BLOCK_TORCH,
+        "generate",
+        str(tmp_path / "ov"),
+        "--prompt",
+        "3",
+        "-n",
+        "2",
+        "--steps",
+        "3",
+        "--out",
+        str(png),
+        "--quiet",
+    ]
     p = subprocess.run(cmd, capture_output=True, text=True, cwd=Path(__file__).parents[2])
     assert p.returncode == 0, p.stderr
     assert png.stat().st_size > 0
     # validate --against openvino builds an engine in the run folder and compares it with fake-quant
     plan.save(run / "plan")
-    report = {"model": "tiny", "target": "tensorrt", "onnx": str(res.qdq_onnx), "graphs": [str(res.qdq_onnx)], "timestep_groups": [], "settings": {}}
+    report = {
+        "model": "tiny",
+        "target": "tensorrt",
+        "onnx": str(res.qdq_onnx),
+        "graphs": [str(res.qdq_onnx)],
+        "timestep_groups": [],
+        "settings": {},
+    }
     (run / "report.json").write_text(json.dumps(report))
-    r = validate(run, d, [(ts, calib.at(ts, 2)) for ts in calib.timesteps], ValidateConfig(against=["openvino"], progress=False))
+    r = validate(
+        run, d, [(ts, calib.at(ts, 2)) for ts in calib.timesteps], ValidateConfig(against=["openvino"], progress=False)
+    )
     assert {row.comparison for row in r.rows} == {"openvino"} and r.passed, r.table()
     assert (run / "engine-openvino" / "engine.json").exists()

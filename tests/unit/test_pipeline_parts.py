@@ -62,21 +62,43 @@ def test_text_parts_reproduce_encode_prompt(family, exported):
 @pytest.mark.parametrize("family", TEXT_FAMILIES)
 def test_fp_engine_pipeline_matches_diffusers(family, exported, tmp_path):
     folder, d, exp = exported[family]
-    engines = {label: build(exp, tmp_path / label, BuildConfig(backend="onnxruntime", denoiser=label)) for label in ("fp", "qdq")}
+    engines = {
+        label: build(exp, tmp_path / label, BuildConfig(backend="onnxruntime", denoiser=label))
+        for label in ("fp", "qdq")
+    }
     meta = json.loads((engines["fp"] / "engine.json").read_text())
-    assert {"vae_decoder", *(e["component"] for e in json.loads((exp / "runtime.json").read_text())["text"]["encoders"])} == set(meta["parts"])
+    assert {
+        "vae_decoder",
+        *(e["component"] for e in json.loads((exp / "runtime.json").read_text())["text"]["encoders"]),
+    } == set(meta["parts"])
     assert all(k.startswith(("runtime", "conditioning", "tokenizers/")) for k in meta["files_sha256"])
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        rows = compare_pipeline(load_pipeline(folder), d.family, engines, PipelineCheckConfig(prompts=["a red cat"], seeds=[0, 3], steps=4))
+        rows = compare_pipeline(
+            load_pipeline(folder), d.family, engines, PipelineCheckConfig(prompts=["a red cat"], seeds=[0, 3], steps=4)
+        )
     fp = [r for r in rows if r.engine == "fp"]
     assert len(fp) == 2 and all(r.passed and r.psnr_db >= 40 for r in fp), rows
     qdq = [r for r in rows if r.engine == "qdq"]
     assert len(qdq) == 2 and all(np.isfinite(r.psnr_db) and 0 < r.ssim <= 1 for r in qdq)
     # the quantized folder generates from text a user never exported, with torch blocked
     png = tmp_path / "dog.png"
-    cmd = [sys.executable, "-c", BLOCK_TORCH, "generate", str(engines["qdq"]), "--prompt", "a dog on a bike", "-n", "2", "--steps", "2",
-           "--out", str(png), "--quiet"]
+    cmd = [
+        sys.executable,
+        "-c",
+        BLOCK_TORCH,
+        "generate",
+        str(engines["qdq"]),
+        "--prompt",
+        "a dog on a bike",
+        "-n",
+        "2",
+        "--steps",
+        "2",
+        "--out",
+        str(png),
+        "--quiet",
+    ]
     p = subprocess.run(cmd, capture_output=True, text=True, cwd=Path(__file__).parents[2])
     assert p.returncode == 0 and png.exists(), p.stderr
 
@@ -85,8 +107,28 @@ def test_generate_from_text_without_torch(exported, tmp_path):
     _, _, exp = exported["sd"]
     assert main(["build", str(exp), "--backend", "onnxruntime", "--out", str(tmp_path / "eng")]) == 0
     png = tmp_path / "cats.png"
-    cmd = [sys.executable, "-c", BLOCK_TORCH, "generate", str(tmp_path / "eng"), "--prompt", "a red cat", "--negative-prompt", "a blue dog",
-           "-n", "2", "--steps", "3", "--guidance", "5", "--seed", "1", "--out", str(png), "--quiet"]
+    cmd = [
+        sys.executable,
+        "-c",
+        BLOCK_TORCH,
+        "generate",
+        str(tmp_path / "eng"),
+        "--prompt",
+        "a red cat",
+        "--negative-prompt",
+        "a blue dog",
+        "-n",
+        "2",
+        "--steps",
+        "3",
+        "--guidance",
+        "5",
+        "--seed",
+        "1",
+        "--out",
+        str(png),
+        "--quiet",
+    ]
     p = subprocess.run(cmd, capture_output=True, text=True, cwd=Path(__file__).parents[2])
     assert p.returncode == 0, p.stderr
     from PIL import Image
@@ -96,15 +138,28 @@ def test_generate_from_text_without_torch(exported, tmp_path):
     assert img.text["steps"] == "3" and img.text["plan_model_digest"]
     # the same seed gives the same bytes; a prompt the calibration never saw works (free text)
     again = tmp_path / "again.png"
-    assert subprocess.run(cmd[:-2] + [str(again), "--quiet"], capture_output=True, cwd=Path(__file__).parents[2]).returncode == 0
+    assert (
+        subprocess.run(
+            cmd[:-2] + [str(again), "--quiet"], capture_output=True, cwd=Path(__file__).parents[2]
+        ).returncode
+        == 0
+    )
     assert np.array_equal(np.asarray(Image.open(png)), np.asarray(Image.open(again)))
     # the caption sits above the images: without it the grid is shorter by it, and equal below it
     bare = tmp_path / "bare.png"
-    assert subprocess.run(cmd[:-2] + [str(bare), "--quiet", "--no-caption"], capture_output=True, cwd=Path(__file__).parents[2]).returncode == 0
+    assert (
+        subprocess.run(
+            cmd[:-2] + [str(bare), "--quiet", "--no-caption"], capture_output=True, cwd=Path(__file__).parents[2]
+        ).returncode
+        == 0
+    )
     full, plain = np.asarray(Image.open(png)), np.asarray(Image.open(bare))
     assert full.shape[0] > plain.shape[0] and np.array_equal(full[full.shape[0] - plain.shape[0] :], plain)
     # out-of-profile size and an overlong prompt: exit 2, one line, no traceback
-    for extra, msg in ((["--height", "64"], "outside this engine's profile"), (["--prompt", "a" * 3000], "over the limit")):
+    for extra, msg in (
+        (["--height", "64"], "outside this engine's profile"),
+        (["--prompt", "a" * 3000], "over the limit"),
+    ):
         p = subprocess.run(cmd + extra, capture_output=True, text=True, cwd=Path(__file__).parents[2])
         assert p.returncode == 2 and msg in p.stderr and "Traceback" not in p.stderr, p.stderr
     # a tokenizer changed after the build is refused (every file of the folder is hashed)

@@ -24,7 +24,9 @@ SMALL = {"configs": 24, "holdout": 6, "per_step": 2}
 
 
 def _plan(d, calib, request="w4a8", **options):
-    return quantize(d, load_recipe("qua2sedimo", {"qua2sedimo": {**SMALL, **options}}), calib, bits=request, progress=False)
+    return quantize(
+        d, load_recipe("qua2sedimo", {"qua2sedimo": {**SMALL, **options}}), calib, bits=request, progress=False
+    )
 
 
 def _midway(d) -> float:
@@ -46,9 +48,13 @@ def test_uaq_lowers_exactly_onto_symmetric_grids_widened_only_where_the_zero_poi
         fits = [bool(r.min() >= -(2 ** (bits - 1)) and r.max() < 2 ** (bits - 1)) for r in codes]
         assert [b == bits for b in widths] == fits and set(widths) <= {bits, bits + 1} and not all(fits)
         assert all(f for f, z in zip(fits, qw.zero) if z == 2 ** (bits - 1))
-        assert qw.zero.min() >= 0 and qw.zero.max() <= 2**bits - 1  # rows off zero (the last ones here) still hold 0 on the grid
+        assert (
+            qw.zero.min() >= 0 and qw.zero.max() <= 2**bits - 1
+        )  # rows off zero (the last ones here) still hold 0 on the grid
         assert avg == pytest.approx(qw.avg_bits())
-        assert (new - qw.dequantize()).abs().max() <= (scale - qw.scale).abs().max() * 2**bits + 1e-6  # only the FP16 scale rounding moves it
+        assert (new - qw.dequantize()).abs().max() <= (
+            scale - qw.scale
+        ).abs().max() * 2**bits + 1e-6  # only the FP16 scale rounding moves it
 
 
 def test_codebook_lowering_keeps_at_most_2_to_the_b_values_per_row_on_an_int8_grid():
@@ -91,11 +97,16 @@ def test_baselines_and_kmeans_policies(calib_cache):
         assert _midway(d) - 0.5 < q["research_bits"] <= _midway(d)
     largest = _plan(d, calib, search="largest-first", budget=_midway(d), bits=[3, 4])
     low = {n for n, o in largest.recipe["qua2sedimo"]["assignment"].items() if o == "uaq-w3"}
-    order = sorted((lp.name for lp in largest.quantized_layers() if lp.weight), key=lambda n: -largest.layers[n].weight_numel)
+    order = sorted(
+        (lp.name for lp in largest.quantized_layers() if lp.weight), key=lambda n: -largest.layers[n].weight_numel
+    )
     assert low and low == set(order[: len(low)])  # the largest layers, and only they, went down to 3 bits
     research = {"methods": ["kmeans-a"], "bits": [3, 4], "budget": 6.0}
     fp16 = _plan(d, calib, kmeans_lowering="fp16", **research)
-    assert all(lp.weight_site is None for lp in fp16.quantized_layers()) and fp16.recipe["qua2sedimo"]["deployed_bits"] == 16.0
+    assert (
+        all(lp.weight_site is None for lp in fp16.quantized_layers())
+        and fp16.recipe["qua2sedimo"]["deployed_bits"] == 16.0
+    )
     book = _plan(d, calib, kmeans_lowering="codebook", **research)
     assert all(lp.weight.bits == 8 for lp in book.quantized_layers() if lp.weight)
     regrid = _plan(d, calib, kmeans_lowering="regrid", **research)
@@ -104,7 +115,14 @@ def test_baselines_and_kmeans_policies(calib_cache):
 
 def test_bad_settings_are_refused_naming_the_option(tiny_dit, calib_cache):
     calib = tiny_calib(tiny_dit, calib_cache)
-    for bad in ({"budget": 1.0}, {"bits": [4, 3]}, {"bits": [3, 8]}, {"methods": ["gptq"]}, {"search": "anneal"}, {"holdout": 24}):
+    for bad in (
+        {"budget": 1.0},
+        {"bits": [4, 3]},
+        {"bits": [3, 8]},
+        {"methods": ["gptq"]},
+        {"search": "anneal"},
+        {"holdout": 24},
+    ):
         with pytest.raises(DiffquantError, match="qua2sedimo"):
             load_recipe("qua2sedimo", {"qua2sedimo": {**SMALL, **bad}})
     with pytest.raises(DiffquantError, match="no assignment fits"):
@@ -124,5 +142,7 @@ def test_a_qua2sedimo_plan_carries_its_sensitivity_report(tiny_unet, calib_cache
     assert [f.held for f in rep.findings][1] is not None  # a U-Net: the ResBlock finding is testable
     md = write_report(rep, tmp_path / "rep").read_text()
     assert "## The paper's findings, checked" in md and "uaq-w3" in md
-    assert sorted(p.name for p in (tmp_path / "rep").glob("*.png")) == [f"sensitivity_{k}.png" for k in ("assignment", "blocks", "layers", "op_types", "predictor")]
+    assert sorted(p.name for p in (tmp_path / "rep").glob("*.png")) == [
+        f"sensitivity_{k}.png" for k in ("assignment", "blocks", "layers", "op_types", "predictor")
+    ]
     assert report_from_plan(_plan(tiny_unet, calib, search="uniform")) is None

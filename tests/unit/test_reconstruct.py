@@ -49,8 +49,28 @@ def _output_error(d, plan, calib) -> float:
 def test_reconstruction_beats_nearest_rounding(make, calib_cache, tmp_path):
     d = make()
     calib = tiny_calib(d, calib_cache)
-    base = quantize(d, load_recipe("qdiffusion", {"reconstruct": {**FAST, "iters": 1, "learn_act_scales": False, "round_weight": 0.0, "warmup": 0.0, "lr": 0.0}}), calib, bits="w4a8", progress=False)
-    rec = quantize(d, load_recipe("qdiffusion", {"reconstruct": {**FAST, "iters": 150}}), calib, bits="w4a8", progress=False)
+    base = quantize(
+        d,
+        load_recipe(
+            "qdiffusion",
+            {
+                "reconstruct": {
+                    **FAST,
+                    "iters": 1,
+                    "learn_act_scales": False,
+                    "round_weight": 0.0,
+                    "warmup": 0.0,
+                    "lr": 0.0,
+                }
+            },
+        ),
+        calib,
+        bits="w4a8",
+        progress=False,
+    )
+    rec = quantize(
+        d, load_recipe("qdiffusion", {"reconstruct": {**FAST, "iters": 150}}), calib, bits="w4a8", progress=False
+    )
     # the rounded weights are on the plan's grid and the notes say what each unit gained
     for lp in rec.quantized_layers():
         if lp.weight:
@@ -62,8 +82,19 @@ def test_reconstruction_beats_nearest_rounding(make, calib_cache, tmp_path):
 
 def test_layer_granularity_makes_one_unit_per_layer(tiny_dit, calib_cache):
     calib = tiny_calib(tiny_dit, calib_cache)
-    plan = quantize(tiny_dit, load_recipe("qdiffusion", {"reconstruct": {**FAST, "granularity": "layer", "iters": 5}}), calib, bits="w4a8", progress=False)
-    units = {n.split("unit ")[1].split(":")[0] for lp in plan.quantized_layers() for n in lp.notes if "reconstructed in unit" in n}
+    plan = quantize(
+        tiny_dit,
+        load_recipe("qdiffusion", {"reconstruct": {**FAST, "granularity": "layer", "iters": 5}}),
+        calib,
+        bits="w4a8",
+        progress=False,
+    )
+    units = {
+        n.split("unit ")[1].split(":")[0]
+        for lp in plan.quantized_layers()
+        for n in lp.notes
+        if "reconstructed in unit" in n
+    }
     assert units == {lp.name for lp in plan.quantized_layers()}
 
 

@@ -9,13 +9,32 @@ from diffquant.eval.report import collapse_note
 
 
 def _report(fq: dict, passed: bool = False) -> dict:
-    t = {"timestep": 1.0, "passed": passed, "max_step_error": 0.0, "cosine": 0.9 if not passed else 1.0, "flip_rate": 0.01}
+    t = {
+        "timestep": 1.0,
+        "passed": passed,
+        "max_step_error": 0.0,
+        "cosine": 0.9 if not passed else 1.0,
+        "flip_rate": 0.01,
+    }
     return {
-        "model": "builtin:digits-sd", "family": {"family": "digits"}, "recipe": "minmax", "bits": "w3a3", "target": "tensorrt",
-        "onnx": "runs/x/unet.qdq.onnx", "graphs": ["runs/x/unet.qdq.onnx"],
+        "model": "builtin:digits-sd",
+        "family": {"family": "digits"},
+        "recipe": "minmax",
+        "bits": "w3a3",
+        "target": "tensorrt",
+        "onnx": "runs/x/unet.qdq.onnx",
+        "graphs": ["runs/x/unet.qdq.onnx"],
         "quality": {"fp": {"fd": 208.8, "accuracy": 1.0}, "fake_quant": fq, "quant": fq},
-        "parity": {"passed": passed, "max_step_error": 0.0, "cosine_min": t["cosine"], "max_abs": 1.0, "flip_rate": 0.01,
-                   "step_tolerance": 1.0, "cosine_threshold": 0.99, "per_timestep": [t]},
+        "parity": {
+            "passed": passed,
+            "max_step_error": 0.0,
+            "cosine_min": t["cosine"],
+            "max_abs": 1.0,
+            "flip_rate": 0.01,
+            "step_tolerance": 1.0,
+            "cosine_threshold": 0.99,
+            "per_timestep": [t],
+        },
     }
 
 
@@ -40,7 +59,15 @@ def test_a_passing_run_prints_what_it_wrote_and_the_next_command(capsys):
 def test_grids_carry_a_title_and_row_labels(tmp_path):
     x = np.zeros((6, 1, 8, 8), np.float32)
     plain = Image.open(save_grid_array(x, tmp_path / "a.png", ncol=3))
-    labelled = Image.open(save_grid_array(x, tmp_path / "b.png", ncol=3, title="FP | fake-quant | deployed\nfirst 6 of 60", row_labels=["zero", "seven"]))
+    labelled = Image.open(
+        save_grid_array(
+            x,
+            tmp_path / "b.png",
+            ncol=3,
+            title="FP | fake-quant | deployed\nfirst 6 of 60",
+            row_labels=["zero", "seven"],
+        )
+    )
     assert labelled.height > plain.height and labelled.width > plain.width
     ink = np.asarray(labelled)[: labelled.height - plain.height] < 128  # dark pixels of the title band
     assert ink.any()

@@ -32,13 +32,23 @@ def test_prompt_batch_protocol():
     assert b.noise.shape == (23, *d.sample_shape)
     assert torch.equal(b.noise[:7], prompt_batch(d, 7, seed=5).noise)  # sample i does not depend on n
     assert torch.equal(b.cond["encoder_hidden_states"], d.encode(b.ids)["encoder_hidden_states"])
-    assert torch.equal(b.uncond["encoder_hidden_states"], d.encode(torch.full((23,), d.null_id))["encoder_hidden_states"])
+    assert torch.equal(
+        b.uncond["encoder_hidden_states"], d.encode(torch.full((23,), d.null_id))["encoder_hidden_states"]
+    )
 
 
-@pytest.mark.parametrize("cfg", [
-    {"shift": 3.0},  # SD3: the scheduler's own sigma range, shifted
-    {"shift": 1.0, "use_dynamic_shifting": True, "base_shift": 0.5, "max_shift": 1.15},  # Flux: linspace sigmas, dynamic shift
-])
+@pytest.mark.parametrize(
+    "cfg",
+    [
+        {"shift": 3.0},  # SD3: the scheduler's own sigma range, shifted
+        {
+            "shift": 1.0,
+            "use_dynamic_shifting": True,
+            "base_shift": 0.5,
+            "max_shift": 1.15,
+        },  # Flux: linspace sigmas, dynamic shift
+    ],
+)
 def test_numpy_flow_euler_matches_diffusers(cfg):
     import numpy as np
     from diffusers import FlowMatchEulerDiscreteScheduler

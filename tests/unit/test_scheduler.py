@@ -28,7 +28,9 @@ def _run(ref, ours, steps: int, scale: bool) -> None:
     for t_ref, t in zip(ref.timesteps, ts):
         if scale:
             want = ref.scale_model_input(xt, t_ref).numpy()
-            np.testing.assert_allclose(ours.scale_input(x, t), want, atol=1e-6 * max(1.0, np.abs(want).max()), rtol=1e-5)
+            np.testing.assert_allclose(
+                ours.scale_input(x, t), want, atol=1e-6 * max(1.0, np.abs(want).max()), rtol=1e-5
+            )
         out = gen.standard_normal(x.shape).astype(np.float32)
         xt = ref.step(torch.from_numpy(out), t_ref, xt).prev_sample
         x = ours.step(out, t, x, steps)

@@ -2,7 +2,14 @@
 
 import torch
 
-from diffquant.pipeline.sensitivity import SampleProbe, apply_config, config_bits, sample_configs, score_config, weight_layers
+from diffquant.pipeline.sensitivity import (
+    SampleProbe,
+    apply_config,
+    config_bits,
+    sample_configs,
+    score_config,
+    weight_layers,
+)
 from diffquant.quant.weight_options import METHODS, OptionCache, WeightOption
 from tests.conftest import tiny_calib
 
@@ -38,10 +45,15 @@ def test_the_sample_probe_scores_whole_samples_from_the_calibration_seeds(tiny_u
     calib = tiny_calib(tiny_unet, calib_cache)
     probe = SampleProbe.build(tiny_unet, calib, 3)
     assert probe.reference.shape == (3, *tiny_unet.sample_shape) and probe.sampler.steps == calib.config.steps
-    assert torch.equal(probe.batch.noise, torch.randn(3, *tiny_unet.sample_shape, generator=torch.Generator().manual_seed(calib.config.seed)))
+    assert torch.equal(
+        probe.batch.noise,
+        torch.randn(3, *tiny_unet.sample_shape, generator=torch.Generator().manual_seed(calib.config.seed)),
+    )
     assert probe.score(tiny_unet) == 100.0  # the FP model reproduces its own samples (PSNR capped)
     cache, layers = OptionCache(), list(weight_layers(tiny_unet.model))
-    s4, s3 = (score_config(tiny_unet, {n: WeightOption("uaq", b) for n in layers}, cache, calib, probe=probe) for b in (4, 3))
+    s4, s3 = (
+        score_config(tiny_unet, {n: WeightOption("uaq", b) for n in layers}, cache, calib, probe=probe) for b in (4, 3)
+    )
     assert 100.0 > s4.sample_psnr > s3.sample_psnr > 0
     assert score_config(tiny_unet, {n: WeightOption("uaq", 4) for n in layers}, cache, calib).sample_psnr is None
 
@@ -53,14 +65,31 @@ def test_every_layer_of_both_builtin_models_has_an_op_type_and_a_block():
 
     sd, dit = (list(weight_layers(load_denoiser(f"builtin:{m}").model)) for m in ("digits-sd", "digits-dit"))
     assert "other" not in {op_type(n) for n in sd + dit}
-    assert op_type("time_embedding.linear_1") == op_type("transformer_blocks.0.norm1.emb.timestep_embedder.linear_2") == "time embedding"
+    assert (
+        op_type("time_embedding.linear_1")
+        == op_type("transformer_blocks.0.norm1.emb.timestep_embedder.linear_2")
+        == "time embedding"
+    )
     assert op_type("proj_out_2") == op_type("conv_out") == "final projection"
     assert op_type("down_blocks.1.attentions.0.proj_out") == "transformer proj in/out"
-    assert op_type("transformer_blocks.0.norm1.linear") == "adaLN" and op_type("pos_embed.proj") == op_type("conv_in") == "patchify"
+    assert (
+        op_type("transformer_blocks.0.norm1.linear") == "adaLN"
+        and op_type("pos_embed.proj") == op_type("conv_in") == "patchify"
+    )
     assert op_type("up_blocks.1.attentions.0.transformer_blocks.0.attn2.to_k") == "cross-attention"
     assert op_type("down_blocks.0.resnets.0.conv1") == "conv (ResBlock)"
     assert block_of("up_blocks.1.attentions.0.transformer_blocks.0.attn1.to_q") == "up_blocks.1"
-    assert block_of("transformer_blocks.3.ff.net.2") == "transformer_blocks.3" and block_of("conv_in") == "stem" and block_of("proj_out_1") == "head"
-    imp = layer_importance({"a.to_q": {"x": 0.0, "y": -2.0}, "b.to_k": {"x": -1.0, "y": -1.5}, "conv_out": {"x": 0.0, "y": -5.0}})
+    assert (
+        block_of("transformer_blocks.3.ff.net.2") == "transformer_blocks.3"
+        and block_of("conv_in") == "stem"
+        and block_of("proj_out_1") == "head"
+    )
+    imp = layer_importance(
+        {"a.to_q": {"x": 0.0, "y": -2.0}, "b.to_k": {"x": -1.0, "y": -1.5}, "conv_out": {"x": 0.0, "y": -5.0}}
+    )
     agg = group([{"op_type": op_type(n), "importance": v} for n, v in imp.items()], "op_type")
-    assert list(agg) == ["final projection", "attention Q/K/V"] and agg["attention Q/K/V"] == {"sum": 2.5, "mean": 1.25, "layers": 2.0}
+    assert list(agg) == ["final projection", "attention Q/K/V"] and agg["attention Q/K/V"] == {
+        "sum": 2.5,
+        "mean": 1.25,
+        "layers": 2.0,
+    }

@@ -23,7 +23,23 @@ def server(tmp_path_factory):
     root = tmp_path_factory.mktemp("serve")
     _, _, exp = export_tiny("sd", root, ["a red cat", "a blue dog"])
     eng = build(exp, root / "eng", BuildConfig(backend="onnxruntime"))
-    cmd = [sys.executable, "-c", BLOCK_TORCH, "serve", str(eng), "--port", "0", "--queue", "2", "--max-batch", "2", "--steps", "2", "--threads", "1"]
+    cmd = [
+        sys.executable,
+        "-c",
+        BLOCK_TORCH,
+        "serve",
+        str(eng),
+        "--port",
+        "0",
+        "--queue",
+        "2",
+        "--max-batch",
+        "2",
+        "--steps",
+        "2",
+        "--threads",
+        "1",
+    ]
     proc, url = start_server(cmd, Path(__file__).parents[2])
     yield url
     proc.terminate()
@@ -33,23 +49,34 @@ def server(tmp_path_factory):
 def test_generate_returns_a_png(server):
     from PIL import Image
 
-    r = httpx.post(f"{server}/generate", json={"prompt": "a lighthouse", "negative_prompt": "a dog", "seed": 7, "steps": 2}, timeout=120)
+    r = httpx.post(
+        f"{server}/generate",
+        json={"prompt": "a lighthouse", "negative_prompt": "a dog", "seed": 7, "steps": 2},
+        timeout=120,
+    )
     assert r.status_code == 200 and r.headers["content-type"] == "image/png", r.text
     img = Image.open(io.BytesIO(r.content))
     assert img.size == (32, 32) and img.text["prompt"] == "a lighthouse" and img.text["seed"] == "7"
-    again = httpx.post(f"{server}/generate", json={"prompt": "a lighthouse", "negative_prompt": "a dog", "seed": 7, "steps": 2}, timeout=120)
+    again = httpx.post(
+        f"{server}/generate",
+        json={"prompt": "a lighthouse", "negative_prompt": "a dog", "seed": 7, "steps": 2},
+        timeout=120,
+    )
     assert again.content == r.content  # same request, same seed: the same image
 
 
-@pytest.mark.parametrize("body, status, says", [
-    ({"prompt": ""}, 422, "prompt: empty"),
-    ({"prompt": "a" * 3000}, 422, "prompt"),
-    ({"prompt": "a cat", "steps": 0}, 422, "steps"),
-    ({"prompt": "a cat", "steps": 1000}, 422, "steps"),
-    ({"prompt": "a cat", "height": 64, "width": 64}, 422, "outside this engine's profile"),
-    ({"prompt": "a cat", "seed": "x"}, 422, "seed"),
-    ("{not json", 422, "JSON"),
-])
+@pytest.mark.parametrize(
+    "body, status, says",
+    [
+        ({"prompt": ""}, 422, "prompt: empty"),
+        ({"prompt": "a" * 3000}, 422, "prompt"),
+        ({"prompt": "a cat", "steps": 0}, 422, "steps"),
+        ({"prompt": "a cat", "steps": 1000}, 422, "steps"),
+        ({"prompt": "a cat", "height": 64, "width": 64}, 422, "outside this engine's profile"),
+        ({"prompt": "a cat", "seed": "x"}, 422, "seed"),
+        ("{not json", 422, "JSON"),
+    ],
+)
 def test_bad_requests_are_clean_4xx(server, body, status, says):
     if isinstance(body, str):
         r = httpx.post(f"{server}/generate", content=body, headers={"content-type": "application/json"}, timeout=30)

@@ -63,7 +63,11 @@ def test_split_half_shared_with_another_reader_gets_one_qdq(calib_cache, tmp_pat
     calib = tiny_calib(d, calib_cache)
     plan = quantize(d, load_recipe("qdiffusion", FAST), calib, bits="w8a8", progress=False)
     res = export(plan, d, tmp_path, target="tensorrt")
-    shared = [info for info in res.act_dq.values() if len(set(info["layers"])) > 1 and any(plan.layers[n].split for n in info["layers"])]
+    shared = [
+        info
+        for info in res.act_dq.values()
+        if len(set(info["layers"])) > 1 and any(plan.layers[n].split for n in info["layers"])
+    ]
     assert shared, "expected a skip tensor read by a split layer and another quantized layer"
     model = onnx.load(str(res.qdq_onnx))
     q_inputs = [n.input[0] for n in model.graph.node if n.op_type == "QuantizeLinear"]
@@ -73,7 +77,11 @@ def test_split_half_shared_with_another_reader_gets_one_qdq(calib_cache, tmp_pat
 def test_smoothquant_shares_one_vector_per_tensor_and_keeps_the_fp_function(tiny_unet, calib_cache):
     calib = tiny_calib(tiny_unet, calib_cache)
     plan = quantize(tiny_unet, load_recipe("modelopt-int8"), calib, progress=False)
-    smooth = {lp.name: lp.sites["input"].multiplier for lp in plan.quantized_layers() if lp.act and lp.sites["input"].multiplier is not None}
+    smooth = {
+        lp.name: lp.sites["input"].multiplier
+        for lp in plan.quantized_layers()
+        if lp.act and lp.sites["input"].multiplier is not None
+    }
     smoothed = set(smooth)
     assert smoothed and all(plan.layers[n].op == "linear" for n in smoothed)
     q = "down_blocks.0.attentions.0.transformer_blocks.0.attn1.to_q"
@@ -89,7 +97,11 @@ def test_smoothquant_shares_one_vector_per_tensor_and_keeps_the_fp_function(tiny
         y = torch.nn.functional.linear(x * m, plan.weights[n], lin.bias)
         assert torch.allclose(y, lin(x), atol=1e-4, rtol=1e-4)
     # their skip list: conv_shortcut and the time embedding stay FP
-    assert all("conv_shortcut" in n or "time_emb" in n or n in ("conv_in", "conv_out") for n in plan.skipped if "conv_shortcut" in n or "time_emb" in n)
+    assert all(
+        "conv_shortcut" in n or "time_emb" in n or n in ("conv_in", "conv_out")
+        for n in plan.skipped
+        if "conv_shortcut" in n or "time_emb" in n
+    )
     assert any("conv_shortcut" in n for n in plan.skipped)
 
 

@@ -34,11 +34,20 @@ def test_tcr_plan_scales_siblings_together_and_deploys_exactly(tiny_unet, calib_
     calib = tiny_calib(tiny_unet, calib_cache)
     recipe = load_recipe("tcaq", {"reconstruct": {"iters": 6, "samples": 16, "batch_size": 4, "par_rounds": 0}})
     plan = quantize(tiny_unet, recipe, calib, bits="w4a8", progress=False)
-    scaled = {n: lp.sites["input"].multiplier for n, lp in plan.layers.items() if lp.act and lp.sites["input"].multiplier is not None}
-    assert scaled and all(float(m.max()) <= 1.0 and float(m.min()) >= 1 / 10 - 1e-3 for m in scaled.values())  # 1/r, r in [1, R]
+    scaled = {
+        n: lp.sites["input"].multiplier
+        for n, lp in plan.layers.items()
+        if lp.act and lp.sites["input"].multiplier is not None
+    }
+    assert scaled and all(
+        float(m.max()) <= 1.0 and float(m.min()) >= 1 / 10 - 1e-3 for m in scaled.values()
+    )  # 1/r, r in [1, R]
     assert any(float(m.min()) < 0.99 for m in scaled.values())
     attn = [n.removesuffix(".to_q") for n in scaled if n.endswith("attn1.to_q")]
-    assert attn and all(torch.equal(scaled[f"{a}.to_q"], scaled[f"{a}.to_k"]) and torch.equal(scaled[f"{a}.to_q"], scaled[f"{a}.to_v"]) for a in attn)  # one tensor, one vector
+    assert attn and all(
+        torch.equal(scaled[f"{a}.to_q"], scaled[f"{a}.to_k"]) and torch.equal(scaled[f"{a}.to_q"], scaled[f"{a}.to_v"])
+        for a in attn
+    )  # one tensor, one vector
     res = export(plan, tiny_unet, tmp_path)
     model = onnx.load(str(res.qdq_onnx))
     assert lint(model).ok
@@ -58,21 +67,36 @@ def test_adaround_can_start_from_an_earlier_decision():
     decided = first.hard()
     again = AdaRound(w, scale, fmt, start=decided)
     assert torch.equal(again.hard(), decided)
-    assert (again.soft() - decided).abs().max() <= 0.02 * scale.max()  # starts within the margin of the decision, not saturated
+    assert (
+        again.soft() - decided
+    ).abs().max() <= 0.02 * scale.max()  # starts within the margin of the decision, not saturated
     assert torch.equal(fake_quant(decided, scale, fmt), decided)
 
 
 def test_par_rounds_reconstruct_on_the_quantized_models_trajectories(tiny_dit, calib_cache):
     calib = tiny_calib(tiny_dit, calib_cache)
     before = {p.name for p in calib.folder.parent.iterdir()}
-    plan = quantize(tiny_dit, load_recipe("tcaq", {"reconstruct": {**FAST["reconstruct"], "par_rounds": 2}}), calib, bits="w4a8", progress=False)
+    plan = quantize(
+        tiny_dit,
+        load_recipe("tcaq", {"reconstruct": {**FAST["reconstruct"], "par_rounds": 2}}),
+        calib,
+        bits="w4a8",
+        progress=False,
+    )
     titles = [r.title for r in plan.reports if r.pass_name == "reconstruct"]
-    assert len(titles) == 3 and "PAR round 1 of 2 (3 iterations" in titles[1] and "PAR round 2 of 2 (2 iterations" in titles[2]
+    assert (
+        len(titles) == 3
+        and "PAR round 1 of 2 (3 iterations" in titles[1]
+        and "PAR round 2 of 2 (2 iterations" in titles[2]
+    )
     new = sorted({p.name for p in calib.folder.parent.iterdir()} - before)
     assert len(new) == 2  # one trajectory set per round, each from the model as the previous round left it
     par = load_calib(calib.folder.parent / new[0])
     assert par.timesteps == calib.timesteps and len(par) == len(calib)
-    drift = max(float((par.shards[t]["hidden_states"] - calib.shards[t]["hidden_states"]).abs().max()) for t in calib.timesteps[1:])
+    drift = max(
+        float((par.shards[t]["hidden_states"] - calib.shards[t]["hidden_states"]).abs().max())
+        for t in calib.timesteps[1:]
+    )
     assert drift > 0  # the same seeds, moved by the quantized model
     for lp in plan.quantized_layers():
         if lp.weight:

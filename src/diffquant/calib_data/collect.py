@@ -29,7 +29,16 @@ from diffquant.models.denoiser import Denoiser
 from diffquant.models.inputs import NamedInputs
 from diffquant.models.sampler import SamplerConfig, prompt_batch, sample
 
-__all__ = ["CalibConfig", "CalibSet", "check_calib", "collect", "default_cache_dir", "load_calib", "pick_inputs", "pick_steps"]
+__all__ = [
+    "CalibConfig",
+    "CalibSet",
+    "check_calib",
+    "collect",
+    "default_cache_dir",
+    "load_calib",
+    "pick_inputs",
+    "pick_steps",
+]
 
 INDEX_VERSION = 2
 
@@ -93,14 +102,23 @@ def _settings_hash(denoiser: Denoiser, cfg: CalibConfig) -> str:
         cond.update(k.encode())
         cond.update(denoiser.conditioning[k].detach().float().contiguous().numpy().tobytes())
     key = json.dumps(
-        {"model": denoiser.name, "weights": weights_digest(denoiser), "cond": cond.hexdigest(), "family": denoiser.family.describe(),
-         "scheduler": denoiser.scheduler, **asdict(cfg), "v": INDEX_VERSION},
+        {
+            "model": denoiser.name,
+            "weights": weights_digest(denoiser),
+            "cond": cond.hexdigest(),
+            "family": denoiser.family.describe(),
+            "scheduler": denoiser.scheduler,
+            **asdict(cfg),
+            "v": INDEX_VERSION,
+        },
         sort_keys=True,
     )
     return hashlib.sha256(key.encode()).hexdigest()[:16]
 
 
-def collect(denoiser: Denoiser, cfg: CalibConfig | None = None, cache_dir: str | Path | None = None, progress: bool = True) -> CalibSet:
+def collect(
+    denoiser: Denoiser, cfg: CalibConfig | None = None, cache_dir: str | Path | None = None, progress: bool = True
+) -> CalibSet:
     """Collect calibration data for ``denoiser`` (or load it from the cache)."""
     cfg = cfg or CalibConfig()
     if cfg.guidance is None:
@@ -134,7 +152,13 @@ def collect(denoiser: Denoiser, cfg: CalibConfig | None = None, cache_dir: str |
             fname = f"step{i:03d}.safetensors"
             save_file({k: v.contiguous() for k, v in tensors.items()}, str(tmp / fname))
             shards.append({"file": fname, "step": i, "timestep": float(tensors["timestep"][0]), "count": tensors.size})
-        index = {"version": INDEX_VERSION, "model": denoiser.name, "config": asdict(cfg), "batched": sorted(denoiser.batched), "shards": shards}
+        index = {
+            "version": INDEX_VERSION,
+            "model": denoiser.name,
+            "config": asdict(cfg),
+            "batched": sorted(denoiser.batched),
+            "shards": shards,
+        }
         write_json(tmp / "index.json", index)
         if folder.exists():
             shutil.rmtree(folder)
@@ -148,11 +172,15 @@ def collect(denoiser: Denoiser, cfg: CalibConfig | None = None, cache_dir: str |
 def _read_index(folder: Path) -> tuple[dict, CalibConfig]:
     again = f"delete {folder} and collect again"
     if not (folder / "index.json").exists():
-        raise DiffquantError(f"{folder} is not a calibration folder: index.json is missing; make one with `diffquant calibrate`")
+        raise DiffquantError(
+            f"{folder} is not a calibration folder: index.json is missing; make one with `diffquant calibrate`"
+        )
     index = read_json(folder / "index.json", again, required=("version", "config", "shards", "batched"))
     where = f"{folder / 'index.json'}"
     if index["version"] != INDEX_VERSION:
-        raise DiffquantError(f"{where}: calibration index version {index['version']!r}; this diffquant reads version {INDEX_VERSION}: {again}")
+        raise DiffquantError(
+            f"{where}: calibration index version {index['version']!r}; this diffquant reads version {INDEX_VERSION}: {again}"
+        )
     cfg = CalibConfig(**typed_fields(CalibConfig, index["config"], f"{where}: config"))
     check_value(index["batched"], list[str], f"{where}: batched")
     for i, e in enumerate(check_value(index["shards"], list[dict], f"{where}: shards")):
@@ -175,16 +203,24 @@ def _check_shard(path: Path, tensors: dict, entry: dict, first: dict | None, bat
                 f"the FP model diverged or the file is damaged: {again}"
             )
         if k in batched and (v.ndim == 0 or len(v) != entry["count"]):
-            raise DiffquantError(f"calibration shard {path}: {k!r} has shape {list(v.shape)}, the index says {entry['count']} rows; {again}")
-    if "timestep" not in tensors or not torch.all(tensors["timestep"].float() == float(tensors["timestep"].reshape(-1)[0])):
+            raise DiffquantError(
+                f"calibration shard {path}: {k!r} has shape {list(v.shape)}, the index says {entry['count']} rows; {again}"
+            )
+    if "timestep" not in tensors or not torch.all(
+        tensors["timestep"].float() == float(tensors["timestep"].reshape(-1)[0])
+    ):
         raise DiffquantError(f"calibration shard {path}: 'timestep' is missing or not one value per shard; {again}")
     if first is not None:
         if set(tensors) != set(first):
-            raise DiffquantError(f"calibration shard {path} holds {sorted(tensors)}, the first shard {sorted(first)}; {again}")
+            raise DiffquantError(
+                f"calibration shard {path} holds {sorted(tensors)}, the first shard {sorted(first)}; {again}"
+            )
         for k, v in tensors.items():
             if k in batched and v.shape[1:] != first[k].shape[1:]:
-                raise DiffquantError(f"calibration shard {path}: {k!r} has per-sample shape {list(v.shape[1:])}, "
-                                     f"the first shard {list(first[k].shape[1:])}; {again}")
+                raise DiffquantError(
+                    f"calibration shard {path}: {k!r} has per-sample shape {list(v.shape[1:])}, "
+                    f"the first shard {list(first[k].shape[1:])}; {again}"
+                )
 
 
 def load_calib(folder: str | Path) -> CalibSet:
@@ -216,14 +252,20 @@ def check_calib(calib: CalibSet, denoiser: Denoiser) -> None:
     where = f"calibration folder {calib.folder}" if calib.folder else "calibration data"
     missing = sorted(set(ex) - set(got))
     if missing:
-        raise DiffquantError(f"{where} lacks the input(s) {missing} that {denoiser.name} takes; collect it for this model with `diffquant calibrate`")
+        raise DiffquantError(
+            f"{where} lacks the input(s) {missing} that {denoiser.name} takes; collect it for this model with `diffquant calibrate`"
+        )
     for k, v in ex.items():
         if k in ex.batched and tuple(got[k].shape[1:]) != tuple(v.shape[1:]):
-            raise DiffquantError(f"{where}: {k!r} has per-sample shape {list(got[k].shape[1:])}, {denoiser.name} takes "
-                                 f"{list(v.shape[1:])}; collect it for this model (and resolution) with `diffquant calibrate`")
+            raise DiffquantError(
+                f"{where}: {k!r} has per-sample shape {list(got[k].shape[1:])}, {denoiser.name} takes "
+                f"{list(v.shape[1:])}; collect it for this model (and resolution) with `diffquant calibrate`"
+            )
 
 
-def pick_inputs(calib: CalibSet, n_timesteps: int, n_samples: int, group_of=None, n_groups: int = 1) -> list[tuple[float, NamedInputs]]:
+def pick_inputs(
+    calib: CalibSet, n_timesteps: int, n_samples: int, group_of=None, n_groups: int = 1
+) -> list[tuple[float, NamedInputs]]:
     """Recorded (timestep, inputs) at about ``n_timesteps`` evenly spaced calibration
     timesteps, at least one in each of ``n_groups`` timestep groups (``group_of(t)`` -> index)."""
     group_of = group_of or (lambda t: 0)

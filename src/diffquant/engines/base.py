@@ -24,7 +24,9 @@ class BatchProfile:
         example = example or spec_shape
 
         def fill(b: int) -> tuple:
-            return tuple(b if d == "batch" else int(e) if isinstance(d, str) else int(d) for d, e in zip(spec_shape, example))
+            return tuple(
+                b if d == "batch" else int(e) if isinstance(d, str) else int(d) for d, e in zip(spec_shape, example)
+            )
 
         if not self.dynamic:
             return fill(self.batch), fill(self.batch), fill(self.batch)

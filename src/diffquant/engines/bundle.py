@@ -102,7 +102,9 @@ def _lint_or_refuse(onnx_path: Path, backend: str) -> dict:
     if not rep.ok:
         lines = "\n  ".join(str(v) for v in rep.violations[:15])
         more = f"\n  ... and {len(rep.violations) - 15} more" if len(rep.violations) > 15 else ""
-        raise DiffquantError(f"{onnx_path} fails the {target or lowered or 'tensorrt'} rules, so it is not built (nothing written):\n  {lines}{more}")
+        raise DiffquantError(
+            f"{onnx_path} fails the {target or lowered or 'tensorrt'} rules, so it is not built (nothing written):\n  {lines}{more}"
+        )
     return meta
 
 
@@ -127,10 +129,15 @@ def _source(onnx_path: str | Path, cfg: BuildConfig) -> tuple[Path, dict, list[d
     elif not src.exists():
         raise DiffquantError(f"ONNX file {src} does not exist")
     else:
-        runtime = _read_runtime(src.parent, "build needs the folder `diffquant export` / `run` wrote (it lists the graphs and the conditioning)")
+        runtime = _read_runtime(
+            src.parent,
+            "build needs the folder `diffquant export` / `run` wrote (it lists the graphs and the conditioning)",
+        )
         graphs = runtime.get("graphs") or [{"file": src.name, "timestep_range": []}]
         if src.name not in {g.get("file") for g in graphs}:
-            raise DiffquantError(f"{src.name} is not one of the exported graphs in {src.parent / RUNTIME_FILE}: {[g['file'] for g in graphs]}")
+            raise DiffquantError(
+                f"{src.name} is not one of the exported graphs in {src.parent / RUNTIME_FILE}: {[g['file'] for g in graphs]}"
+            )
     if cfg.denoiser not in ("qdq", "fp"):
         raise DiffquantError(f"denoiser must be qdq or fp, got {cfg.denoiser!r}")
     if cfg.denoiser == "fp":
@@ -165,8 +172,10 @@ def build(onnx_path: str | Path, out: str | Path, config: BuildConfig | None = N
         except DiffquantError as e:
             if not auto:
                 raise
-            raise DiffquantError(f"{e} (--backend auto picked tensorrt: {src.name} was lowered for it; "
-                                 "--backend openvino also builds it, for a CPU)") from None
+            raise DiffquantError(
+                f"{e} (--backend auto picked tensorrt: {src.name} was lowered for it; "
+                "--backend openvino also builds it, for a CPU)"
+            ) from None
     elif cfg.backend == "openvino":
         from diffquant.engines.openvino import import_openvino
 
@@ -180,15 +189,31 @@ def build(onnx_path: str | Path, out: str | Path, config: BuildConfig | None = N
             shutil.copy2(contained(src.parent, name, f"{src.parent / RUNTIME_FILE}: {name}"), tmp / name)
             side[name] = file_sha256(tmp / name)
         machine = {"cpu": cpu_info().to_dict()} if cfg.backend != "tensorrt" else {}
-        write_json(tmp / ENGINE_FILE, {"version": ENGINE_VERSION, "backend": cfg.backend, "built": time.strftime("%Y-%m-%dT%H:%M:%S"),
-                                       "config": asdict(cfg), **machine, "engines": entries, "parts": parts, "files_sha256": side,
-                                       "source": str(src.parent)})
+        write_json(
+            tmp / ENGINE_FILE,
+            {
+                "version": ENGINE_VERSION,
+                "backend": cfg.backend,
+                "built": time.strftime("%Y-%m-%dT%H:%M:%S"),
+                "config": asdict(cfg),
+                **machine,
+                "engines": entries,
+                "parts": parts,
+                "files_sha256": side,
+                "source": str(src.parent),
+            },
+        )
     return out
 
 
 def _build_one(onnx_file: Path, g: dict, meta: dict, runtime: dict, cfg: BuildConfig, tmp: Path) -> dict:
     """Build one timestep group's graph into ``tmp``; returns its engine.json entry."""
-    entry = {"onnx": g["file"], "onnx_sha256": file_sha256(onnx_file), "timestep_range": g["timestep_range"], "plan_model_digest": meta.get("diffquant.plan_model_digest", "")}
+    entry = {
+        "onnx": g["file"],
+        "onnx_sha256": file_sha256(onnx_file),
+        "timestep_range": g["timestep_range"],
+        "plan_model_digest": meta.get("diffquant.plan_model_digest", ""),
+    }
     if cfg.backend == "tensorrt":
         from diffquant.engines.tensorrt import build_trt_engine
 
@@ -204,7 +229,9 @@ def _build_one(onnx_file: Path, g: dict, meta: dict, runtime: dict, cfg: BuildCo
         import onnx
         import onnxruntime
 
-        model, entry["weights"] = fit_weights(onnx.load(str(onnx_file)), cpu_info(), cfg.ort_weights, where=str(onnx_file))
+        model, entry["weights"] = fit_weights(
+            onnx.load(str(onnx_file)), cpu_info(), cfg.ort_weights, where=str(onnx_file)
+        )
         entry["file"] = g["file"]
         if entry["weights"]["u8"]:
             onnx.save(model, str(tmp / g["file"]))
@@ -249,7 +276,9 @@ def _engine_meta(folder: Path) -> dict:
         raise DiffquantError(f"{folder} is not an engine folder (no {ENGINE_FILE}); make one with `diffquant build`")
     meta = read_json(path, again, required=("version", "backend", "engines"))
     if meta["version"] != ENGINE_VERSION:
-        raise DiffquantError(f"{path}: engine folder version {meta['version']!r}; this diffquant reads version {ENGINE_VERSION}: {again}")
+        raise DiffquantError(
+            f"{path}: engine folder version {meta['version']!r}; this diffquant reads version {ENGINE_VERSION}: {again}"
+        )
     check_value(meta["backend"], typing.Literal[BACKENDS], f"{path}: backend", again)
     engines = check_value(meta["engines"], list, f"{path}: engines", again)
     if not engines:
@@ -265,7 +294,9 @@ def _engine_meta(folder: Path) -> dict:
     for name, digest in hashes.items():
         side = contained(folder, name, f"{path}: files_sha256")
         if not side.is_file() or file_sha256(side) != digest:
-            raise DiffquantError(f"{side} {'is missing' if not side.is_file() else 'changed since the folder was built (hash mismatch)'}; {again}")
+            raise DiffquantError(
+                f"{side} {'is missing' if not side.is_file() else 'changed since the folder was built (hash mismatch)'}; {again}"
+            )
     return meta
 
 
@@ -278,7 +309,9 @@ def EnginesFromFolder(folder: str | Path, threads: int = 0) -> tuple[GroupedEngi
     runtime = _read_runtime(folder, "the engine folder is incomplete; build it again")
     missing = [n for n in _side_files(folder, runtime) if n not in meta.get("files_sha256", {})]
     if missing:
-        raise DiffquantError(f"{folder / ENGINE_FILE}: {missing} carry no recorded hash; build the engine folder again with `diffquant build`")
+        raise DiffquantError(
+            f"{folder / ENGINE_FILE}: {missing} carry no recorded hash; build the engine folder again with `diffquant build`"
+        )
     engines: list[Engine] = []
     try:
         for e in meta["engines"]:

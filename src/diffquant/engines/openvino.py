@@ -92,8 +92,14 @@ def build_ov_engine(onnx_path: Path, xml_path: Path, inputs: list[dict], cfg: Ov
     xml_path.with_suffix(".blob").write_bytes(blob.getvalue() if hasattr(blob, "getvalue") else bytes(blob))
     hint = compiled.get_property("INFERENCE_PRECISION_HINT")
     precision = hint.get_type_name() if hasattr(hint, "get_type_name") else str(hint)
-    return {**machine_key(ov, cfg.device), "precision": precision, "profile": profile, "build": asdict(cfg),
-            "ir": xml_path.name, "blob": xml_path.with_suffix(".blob").name}
+    return {
+        **machine_key(ov, cfg.device),
+        "precision": precision,
+        "profile": profile,
+        "build": asdict(cfg),
+        "ir": xml_path.name,
+        "blob": xml_path.with_suffix(".blob").name,
+    }
 
 
 class OvEngine(Engine):
@@ -104,7 +110,9 @@ class OvEngine(Engine):
         ov = import_openvino()
         path = Path(xml_path)
         if not path.exists():
-            raise DiffquantError(f"OpenVINO model {path} is missing; build the folder again with `diffquant build --backend openvino`")
+            raise DiffquantError(
+                f"OpenVINO model {path} is missing; build the folder again with `diffquant build --backend openvino`"
+            )
         cfg = OvBuildConfig(**{**meta.get("build", {}), **({"threads": threads} if threads else {})})
         core = ov.Core()
         blob = path.with_suffix(".blob")
@@ -114,7 +122,12 @@ class OvEngine(Engine):
             if blob.exists() and all(meta.get(k) == v for k, v in key.items()):
                 self.compiled = core.import_model(blob.read_bytes(), cfg.device, cfg.properties())
             else:
-                self.recompiled = "; ".join(f"{k}: built with {meta.get(k)!r}, here {v!r}" for k, v in key.items() if meta.get(k) != v) or "no compiled blob"
+                self.recompiled = (
+                    "; ".join(
+                        f"{k}: built with {meta.get(k)!r}, here {v!r}" for k, v in key.items() if meta.get(k) != v
+                    )
+                    or "no compiled blob"
+                )
                 self.compiled = core.compile_model(str(path), cfg.device, cfg.properties())
         except DiffquantError:
             raise
@@ -124,17 +137,25 @@ class OvEngine(Engine):
         outs = [o.get_any_name() for o in self.compiled.outputs]
         self.input_names = [_input_name(p, set(meta.get("profile", {}))) for p in self.compiled.inputs]
         self.output_names = outs
-        self._dtypes = {n: np.dtype(p.get_element_type().to_dtype()) for n, p in zip(self.input_names, self.compiled.inputs)}
+        self._dtypes = {
+            n: np.dtype(p.get_element_type().to_dtype()) for n, p in zip(self.input_names, self.compiled.inputs)
+        }
         self.max_batch = int(meta.get("profile", {}).get(self.input_names[0], [[0], [0], [0]])[2][0])
 
     def input_dtype(self, name: str) -> np.dtype:
         return self._dtypes[name]
 
     def run(self, feeds: dict[str, np.ndarray], outputs: list[str] | None = None) -> dict[str, np.ndarray]:
-        feeds = {k: np.ascontiguousarray(np.asarray(v).astype(self._dtypes[k], copy=False)) for k, v in feeds.items() if k in self._dtypes}
+        feeds = {
+            k: np.ascontiguousarray(np.asarray(v).astype(self._dtypes[k], copy=False))
+            for k, v in feeds.items()
+            if k in self._dtypes
+        }
         try:
             res = self.request.infer(feeds)
         except Exception as e:
             shapes = {k: v.shape for k, v in feeds.items()}
-            raise DiffquantError(f"OpenVINO inference failed for inputs {shapes} (outside the build profile? rebuild with --dynamic): {e}") from None
+            raise DiffquantError(
+                f"OpenVINO inference failed for inputs {shapes} (outside the build profile? rebuild with --dynamic): {e}"
+            ) from None
         return {n: np.array(res[self.compiled.output(n)]) for n in outputs or self.output_names}

@@ -18,7 +18,12 @@ __all__ = ["WEIGHT_MODES", "EngineFromOnnx", "FusedEngineFromOnnx", "OrtEngine",
 
 WEIGHT_MODES = ("auto", "s8", "u8")
 
-_ORT_TYPES = {"tensor(float)": np.float32, "tensor(float16)": np.float16, "tensor(int64)": np.int64, "tensor(int32)": np.int32}
+_ORT_TYPES = {
+    "tensor(float)": np.float32,
+    "tensor(float16)": np.float16,
+    "tensor(int64)": np.int64,
+    "tensor(int32)": np.int32,
+}
 
 
 def with_outputs(model: onnx.ModelProto, names: list[str], elem_type: int) -> onnx.ModelProto:
@@ -45,7 +50,9 @@ def _s8_weights(model: onnx.ModelProto) -> dict[str, tuple[onnx.TensorProto, onn
     return out
 
 
-def fit_weights(model: onnx.ModelProto, cpu: CpuInfo, mode: str = "auto", where: str = "the graph") -> tuple[onnx.ModelProto, dict]:
+def fit_weights(
+    model: onnx.ModelProto, cpu: CpuInfo, mode: str = "auto", where: str = "the graph"
+) -> tuple[onnx.ModelProto, dict]:
     """Make ``model``'s S8 weights exact on ``cpu``: ``auto`` rewrites to U8 (zero point 128, the
     same grid) only the weights whose codes would saturate a non-VNNI int16 pair sum, ``u8``
     rewrites all, ``s8`` keeps all and refuses a graph this CPU would saturate. Returns the
@@ -73,7 +80,9 @@ def fit_weights(model: onnx.ModelProto, cpu: CpuInfo, mode: str = "auto", where:
         zp = weights[name][1]
         if zp is None:
             raise DiffquantError(f"{where}: weight {name} has no zero point input; export it again with diffquant")
-        inits[zp.name].CopyFrom(numpy_helper.from_array(np.full(numpy_helper.to_array(zp).shape, 128, np.uint8), zp.name))
+        inits[zp.name].CopyFrom(
+            numpy_helper.from_array(np.full(numpy_helper.to_array(zp).shape, 128, np.uint8), zp.name)
+        )
     return out, counts
 
 
@@ -101,7 +110,9 @@ class OrtEngine(Engine):
         try:
             self.session = ort.InferenceSession(src, opts, providers=["CPUExecutionProvider"])
         except Exception as e:  # ORT raises its own exception types
-            raise DiffquantError(f"ONNX Runtime could not load {model if not isinstance(model, onnx.ModelProto) else 'the graph'}: {e}") from None
+            raise DiffquantError(
+                f"ONNX Runtime could not load {model if not isinstance(model, onnx.ModelProto) else 'the graph'}: {e}"
+            ) from None
         self.input_names = [i.name for i in self.session.get_inputs()]
         self.output_names = [o.name for o in self.session.get_outputs()]
         self._dtypes = {i.name: np.dtype(_ORT_TYPES.get(i.type, np.float32)) for i in self.session.get_inputs()}
@@ -127,4 +138,6 @@ def EngineFromOnnx(model: str | Path | onnx.ModelProto, backend: str = "onnxrunt
     `diffquant build --backend tensorrt`, then `EnginesFromFolder`."""
     if backend == "onnxruntime":
         return OrtEngine(model, **kwargs)
-    raise DiffquantError(f"backend {backend!r} cannot load an ONNX file directly; build an engine folder with `diffquant build --backend {backend}` and load it with EnginesFromFolder")
+    raise DiffquantError(
+        f"backend {backend!r} cannot load an ONNX file directly; build an engine folder with `diffquant build --backend {backend}` and load it with EnginesFromFolder"
+    )

@@ -65,7 +65,12 @@ def build_parts(src: Path, runtime: dict, backend: str, cfg, tmp: Path, sha) -> 
 
             from diffquant.exporters.fp16 import upcast_float16
 
-            rec["file"], rec["dtype"], rec["upcast_from"], rec["runner"] = entry["file"], "float32", "float16", "onnxruntime"
+            rec["file"], rec["dtype"], rec["upcast_from"], rec["runner"] = (
+                entry["file"],
+                "float32",
+                "float16",
+                "onnxruntime",
+            )
             onnx.save(upcast_float16(onnx.load(str(onnx_file))), str(tmp / rec["file"]))
         else:
             rec["file"] = entry["file"]
@@ -111,7 +116,9 @@ class DeployedPipeline:
     """The engines of a folder as a pipeline (a context manager): `conditioning` for prompts,
     `__call__` for images in [-1, 1] (latent models decoded by the VAE engine)."""
 
-    def __init__(self, folder: Path, denoiser: Engine, runtime: dict, parts: dict[str, Engine], meta: dict | None = None) -> None:
+    def __init__(
+        self, folder: Path, denoiser: Engine, runtime: dict, parts: dict[str, Engine], meta: dict | None = None
+    ) -> None:
         self.folder, self.denoiser, self.runtime, self.parts, self.meta = folder, denoiser, runtime, parts, meta or {}
         text = runtime.get("text")
         self.text = TextConditioner(folder, text, parts) if text else None
@@ -125,17 +132,27 @@ class DeployedPipeline:
 
     def check_size(self, height: int | None, width: int | None) -> None:
         """Refuse a size other than the engine's profile (the graphs have a static image size)."""
-        if (height or width) and self.resolution and (height or self.resolution[0], width or self.resolution[1]) != self.resolution:
+        if (
+            (height or width)
+            and self.resolution
+            and (height or self.resolution[0], width or self.resolution[1]) != self.resolution
+        ):
             h, w = self.resolution
-            raise DiffquantError(f"{height or h}x{width or w} is outside this engine's profile: it was exported for {h}x{w} images; "
-                                 f"export the model again with --resolution {h if not height else height},{w if not width else width}")
+            raise DiffquantError(
+                f"{height or h}x{width or w} is outside this engine's profile: it was exported for {h}x{w} images; "
+                f"export the model again with --resolution {h if not height else height},{w if not width else width}"
+            )
 
     def conditioning(self, req: PipelineRequest) -> Conditioning:
         """Conditional and unconditional rows for the request: encoded by the text engines where
         the folder has them (non-text inputs such as SDXL's time ids from the prompt table),
         else looked up in the prompt table."""
         if self.text is None:
-            ids = [self.table.prompt_id(req.prompts[i % len(req.prompts)]) for i in range(req.n)] if self.table.null_id > 1 else [0] * req.n
+            ids = (
+                [self.table.prompt_id(req.prompts[i % len(req.prompts)]) for i in range(req.n)]
+                if self.table.null_id > 1
+                else [0] * req.n
+            )
             return Conditioning.from_table(self.table, ids)
         unique = list(dict.fromkeys(req.prompts))
         rows = self.text(unique)
@@ -150,17 +167,32 @@ class DeployedPipeline:
         self.check_size(req.height, req.width)
         shape = tuple(self.runtime["sample_shape"])
         noise = np.concatenate([initial_noise(s, 1, shape) for s in req.seeds]) if req.seeds else None
-        return generate(self.denoiser, self.runtime, cond or self.conditioning(req), req.n, req.settings or GenerateConfig(), progress, noise)
+        return generate(
+            self.denoiser,
+            self.runtime,
+            cond or self.conditioning(req),
+            req.n,
+            req.settings or GenerateConfig(),
+            progress,
+            noise,
+        )
 
     def decode(self, latents: np.ndarray, batch: int = 4) -> np.ndarray:
         """Final latents -> images in [-1, 1] with the VAE-decoder engine (pixel models: as is)."""
         if not self.runtime.get("latent"):
             return np.clip(latents, -1, 1)
         if not self.decodes:
-            raise DiffquantError(f"{self.folder} holds no VAE decoder (exported by an older diffquant, or without pipeline parts); export and build it again")
+            raise DiffquantError(
+                f"{self.folder} holds no VAE decoder (exported by an older diffquant, or without pipeline parts); export and build it again"
+            )
         eng, spec = self.parts["vae_decoder"], self.runtime["vae"]["decoder"]
         per = min(batch, getattr(eng, "max_batch", 0) or batch)
-        outs = [eng.run({spec["input"]: latents[i : i + per].astype(eng.input_dtype(spec["input"]))}, [spec["output"]])[spec["output"]] for i in range(0, len(latents), per)]
+        outs = [
+            eng.run({spec["input"]: latents[i : i + per].astype(eng.input_dtype(spec["input"]))}, [spec["output"]])[
+                spec["output"]
+            ]
+            for i in range(0, len(latents), per)
+        ]
         return np.clip(np.concatenate(outs).astype(np.float32), -1, 1)
 
     def __call__(self, req: PipelineRequest, progress: bool = False) -> np.ndarray:
@@ -173,7 +205,13 @@ class DeployedPipeline:
         t2 = time.perf_counter()
         images = self.decode(lat)
         t3 = time.perf_counter()
-        self.last_timings = {"text_s": t1 - t0, "denoise_s": t2 - t1, "decode_s": t3 - t2, "total_s": t3 - t0, "images": req.n}
+        self.last_timings = {
+            "text_s": t1 - t0,
+            "denoise_s": t2 - t1,
+            "decode_s": t3 - t2,
+            "total_s": t3 - t0,
+            "images": req.n,
+        }
         return images
 
     def close(self) -> None:
@@ -197,7 +235,9 @@ def PipelineFromFolder(folder: str | Path, threads: int = 0) -> DeployedPipeline
         opened.callback(denoiser.close)
         meta = _engine_meta(folder)
         parts: dict[str, Engine] = {}
-        for name, rec in check_value(meta.get("parts", {}), dict[str, dict], f"{folder / 'engine.json'}: parts", "build the folder again").items():
+        for name, rec in check_value(
+            meta.get("parts", {}), dict[str, dict], f"{folder / 'engine.json'}: parts", "build the folder again"
+        ).items():
             parts[name] = _load_part(folder, rec, threads, file_sha256)
             opened.callback(parts[name].close)
         pipe = DeployedPipeline(folder, denoiser, runtime, parts, meta)

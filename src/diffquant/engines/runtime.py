@@ -21,7 +21,13 @@ class PromptTable:
     pooled embeddings, masks, time ids, class labels), exported by the quantizer so the runtime
     needs no text encoder; ``null_id`` is the negative / empty prompt. Static inputs ride along."""
 
-    def __init__(self, tables: dict[str, np.ndarray], prompts: list[str], null_id: int, static: dict[str, np.ndarray] | None = None) -> None:
+    def __init__(
+        self,
+        tables: dict[str, np.ndarray],
+        prompts: list[str],
+        null_id: int,
+        static: dict[str, np.ndarray] | None = None,
+    ) -> None:
         self.tables, self.prompts, self.null_id = tables, list(prompts), int(null_id)
         self.static = static or {}
 
@@ -45,8 +51,10 @@ class PromptTable:
         static = {k[7:]: v for k, v in data.items() if k.startswith("static.")}
         for name, table in tables.items():
             if table.ndim < 1 or table.shape[0] != null_id + 1:
-                raise DiffquantError(f"{path}: cond.{name} has {table.shape[0] if table.ndim else 0} rows, runtime.json expects {null_id + 1} "
-                                     f"(null_id {null_id} + 1); {again}")
+                raise DiffquantError(
+                    f"{path}: cond.{name} has {table.shape[0] if table.ndim else 0} rows, runtime.json expects {null_id + 1} "
+                    f"(null_id {null_id} + 1); {again}"
+                )
         return cls(tables, prompts, null_id, static)
 
     def prompt_id(self, prompt: str) -> int:
@@ -58,7 +66,9 @@ class PromptTable:
         if p.isdigit() and int(p) < self.null_id:
             return int(p)
         known = "; ".join(self.prompts[:10]) + (" ..." if len(self.prompts) > 10 else "")
-        raise DiffquantError(f"this model does not know the prompt {prompt!r}: the engine folder holds conditioning for its calibrated prompts only (text encoders are not deployed yet); known prompts: {known}")
+        raise DiffquantError(
+            f"this model does not know the prompt {prompt!r}: the engine folder holds conditioning for its calibrated prompts only (text encoders are not deployed yet); known prompts: {known}"
+        )
 
     def __call__(self, ids: np.ndarray) -> dict[str, np.ndarray]:
         idx = np.asarray(ids, dtype=np.int64)
@@ -82,7 +92,11 @@ class Conditioning:
 def initial_noise(seed: int, n: int, shape: tuple) -> np.ndarray:
     """The starting noise of ``n`` samples: image i from its own stream ``(seed, i)``, so an image
     does not change with the batch or the number of images asked for."""
-    return np.stack([np.random.default_rng([seed, i]).standard_normal(shape).astype(np.float32) for i in range(n)]) if n else np.zeros((0, *shape), np.float32)
+    return (
+        np.stack([np.random.default_rng([seed, i]).standard_normal(shape).astype(np.float32) for i in range(n)])
+        if n
+        else np.zeros((0, *shape), np.float32)
+    )
 
 
 @dataclass
@@ -97,7 +111,9 @@ class GenerateConfig:
     scheduler: str = "auto"
 
 
-def _feeds(engine: Engine, runtime: dict, x: np.ndarray, t: float, cond: dict[str, np.ndarray], static: dict, guidance: float) -> dict[str, np.ndarray]:
+def _feeds(
+    engine: Engine, runtime: dict, x: np.ndarray, t: float, cond: dict[str, np.ndarray], static: dict, guidance: float
+) -> dict[str, np.ndarray]:
     """One step's named inputs, from runtime.json's input specs and roles."""
     n, scale = len(x), runtime["sampler"].get("timestep_scale", 1.0)
     feeds = {}
@@ -117,8 +133,15 @@ def _feeds(engine: Engine, runtime: dict, x: np.ndarray, t: float, cond: dict[st
     return feeds
 
 
-def generate(engine: Engine, runtime: dict, conditioning: Conditioning, n: int, cfg: GenerateConfig, progress: bool = True,
-             noise: np.ndarray | None = None) -> np.ndarray:
+def generate(
+    engine: Engine,
+    runtime: dict,
+    conditioning: Conditioning,
+    n: int,
+    cfg: GenerateConfig,
+    progress: bool = True,
+    noise: np.ndarray | None = None,
+) -> np.ndarray:
     """Sample ``n`` outputs (row i of ``conditioning`` for image i; an unconditional model has
     no rows) with the model's own sampler from ``noise`` (default: `initial_noise` of
     ``cfg.seed``); returns the final latents [N, ...] (pixel models: images clipped to [-1, 1])."""
@@ -127,13 +150,17 @@ def generate(engine: Engine, runtime: dict, conditioning: Conditioning, n: int, 
     from diffquant.engines.scheduler import numpy_scheduler
 
     if runtime.get("version", 1) < 2:
-        raise DiffquantError("this engine folder was exported by an older diffquant (runtime.json version 1); export and build it again")
+        raise DiffquantError(
+            "this engine folder was exported by an older diffquant (runtime.json version 1); export and build it again"
+        )
     sched = numpy_scheduler(runtime, cfg.scheduler)
     sampler = runtime["sampler"]
     shape = tuple(runtime["sample_shape"])
     out_name = runtime.get("output", "noise_pred")
     guidance = float(sampler.get("default_guidance", 3.0) if cfg.guidance is None else cfg.guidance)
-    noise = (initial_noise(cfg.seed, n, shape) if noise is None else noise) * np.float32(sched.init_noise_sigma(cfg.steps))
+    noise = (initial_noise(cfg.seed, n, shape) if noise is None else noise) * np.float32(
+        sched.init_noise_sigma(cfg.steps)
+    )
     guided = sampler.get("guidance", "cfg") == "cfg" and guidance > 1.0
     # with CFG each image takes two rows of the engine batch (conditional + unconditional)
     limit = getattr(engine, "max_batch", 0) or 1 << 30
@@ -150,7 +177,9 @@ def generate(engine: Engine, runtime: dict, conditioning: Conditioning, n: int, 
         for t in timesteps:
             x_in = sched.scale_input(x, t)
             x_in = np.concatenate([x_in, x_in]) if guided else x_in
-            eps = engine.run(_feeds(engine, runtime, x_in, float(t), cond, conditioning.static, guidance), [out_name])[out_name].astype(np.float32)
+            eps = engine.run(_feeds(engine, runtime, x_in, float(t), cond, conditioning.static, guidance), [out_name])[
+                out_name
+            ].astype(np.float32)
             if guided:
                 ec, eu = eps[: len(x)], eps[len(x) :]
                 eps = eu + guidance * (ec - eu)

@@ -15,7 +15,15 @@ import numpy as np
 
 from diffquant.errors import DiffquantError
 
-__all__ = ["SCHEDULERS", "NumpyDDIM", "NumpyDPMSolver", "NumpyEuler", "NumpyFlowEuler", "numpy_scheduler", "scheduler_kind"]
+__all__ = [
+    "SCHEDULERS",
+    "NumpyDDIM",
+    "NumpyDPMSolver",
+    "NumpyEuler",
+    "NumpyFlowEuler",
+    "numpy_scheduler",
+    "scheduler_kind",
+]
 
 
 def _betas(cfg: dict) -> np.ndarray:
@@ -29,7 +37,9 @@ def _betas(cfg: dict) -> np.ndarray:
     if kind == "squaredcos_cap_v2":
         ab = lambda t: math.cos((t + 0.008) / 1.008 * math.pi / 2) ** 2  # noqa: E731
         return np.array([min(1 - ab((i + 1) / n) / ab(i / n), 0.999) for i in range(n)], dtype=np.float64)
-    raise DiffquantError(f"beta_schedule {kind!r} is not supported by the runtime sampler (linear, scaled_linear, squaredcos_cap_v2)")
+    raise DiffquantError(
+        f"beta_schedule {kind!r} is not supported by the runtime sampler (linear, scaled_linear, squaredcos_cap_v2)"
+    )
 
 
 class _Schedule:
@@ -61,7 +71,9 @@ class _Discrete(_Schedule):
     def _refuse(self, keys: tuple[str, ...], what: str) -> None:
         for k in keys:
             if self.config.get(k):
-                raise DiffquantError(f"scheduler option {k} is not supported by the runtime {what}; pass --scheduler ddim to sample with DDIM instead")
+                raise DiffquantError(
+                    f"scheduler option {k} is not supported by the runtime {what}; pass --scheduler ddim to sample with DDIM instead"
+                )
 
     def _sigmas(self, timesteps: np.ndarray) -> np.ndarray:
         """Karras sigmas sqrt((1 - a) / a) at ``timesteps`` (interpolated), then 0, in float32."""
@@ -120,9 +132,17 @@ class NumpyEuler(_Discrete):
 
     def __init__(self, config: dict) -> None:
         super().__init__(config)
-        self._refuse(("use_karras_sigmas", "use_exponential_sigmas", "use_beta_sigmas", "rescale_betas_zero_snr"), "Euler sampler")
-        if self.config.get("interpolation_type", "linear") != "linear" or self.config.get("timestep_type", "discrete") != "discrete":
-            raise DiffquantError("only Euler with linear interpolation and discrete timesteps is supported by the runtime; pass --scheduler ddim")
+        self._refuse(
+            ("use_karras_sigmas", "use_exponential_sigmas", "use_beta_sigmas", "rescale_betas_zero_snr"),
+            "Euler sampler",
+        )
+        if (
+            self.config.get("interpolation_type", "linear") != "linear"
+            or self.config.get("timestep_type", "discrete") != "discrete"
+        ):
+            raise DiffquantError(
+                "only Euler with linear interpolation and discrete timesteps is supported by the runtime; pass --scheduler ddim"
+            )
         self._ts: dict[int, tuple[np.ndarray, np.ndarray]] = {}
 
     def _schedule(self, steps: int) -> tuple[np.ndarray, np.ndarray]:
@@ -133,7 +153,9 @@ class NumpyEuler(_Discrete):
             if spacing == "linspace":
                 ts = np.linspace(0, n - 1, steps, dtype=np.float64)[::-1].copy()
             elif spacing == "leading":
-                ts = (np.arange(0, steps) * (n // steps)).round()[::-1].astype(np.float64) + int(self.config.get("steps_offset", 0))
+                ts = (np.arange(0, steps) * (n // steps)).round()[::-1].astype(np.float64) + int(
+                    self.config.get("steps_offset", 0)
+                )
             elif spacing == "trailing":
                 ts = np.arange(n, 0, -n / steps).round().astype(np.float64) - 1
             else:
@@ -147,7 +169,9 @@ class NumpyEuler(_Discrete):
 
     def init_noise_sigma(self, steps: int) -> float:
         top = float(self._schedule(steps)[1].max())
-        return top if self.config.get("timestep_spacing", "linspace") in ("linspace", "trailing") else (top**2 + 1) ** 0.5
+        return (
+            top if self.config.get("timestep_spacing", "linspace") in ("linspace", "trailing") else (top**2 + 1) ** 0.5
+        )
 
     def _sigma(self, t: float, steps: int) -> tuple[float, float]:
         ts, sig = self._schedule(steps)
@@ -176,12 +200,31 @@ class NumpyDPMSolver(_Discrete):
 
     def __init__(self, config: dict) -> None:
         super().__init__(config)
-        self._refuse(("use_karras_sigmas", "use_exponential_sigmas", "use_beta_sigmas", "use_lu_lambdas", "thresholding", "rescale_betas_zero_snr",
-                      "euler_at_final", "use_flow_sigmas"), "DPM-Solver++ sampler")
-        want = {"algorithm_type": "dpmsolver++", "solver_type": "midpoint", "solver_order": 2, "final_sigmas_type": "zero", "lower_order_final": True}
+        self._refuse(
+            (
+                "use_karras_sigmas",
+                "use_exponential_sigmas",
+                "use_beta_sigmas",
+                "use_lu_lambdas",
+                "thresholding",
+                "rescale_betas_zero_snr",
+                "euler_at_final",
+                "use_flow_sigmas",
+            ),
+            "DPM-Solver++ sampler",
+        )
+        want = {
+            "algorithm_type": "dpmsolver++",
+            "solver_type": "midpoint",
+            "solver_order": 2,
+            "final_sigmas_type": "zero",
+            "lower_order_final": True,
+        }
         for k, v in want.items():
             if self.config.get(k, v) != v:
-                raise DiffquantError(f"DPM-Solver {k}={self.config[k]!r} is not supported by the runtime (only {v!r}); pass --scheduler ddim")
+                raise DiffquantError(
+                    f"DPM-Solver {k}={self.config[k]!r} is not supported by the runtime (only {v!r}); pass --scheduler ddim"
+                )
         self.reset()
 
     def reset(self) -> None:
@@ -194,7 +237,9 @@ class NumpyDPMSolver(_Discrete):
         if spacing == "linspace":
             ts = np.linspace(0, n - 1, steps + 1).round()[::-1][:-1]
         elif spacing == "leading":
-            ts = (np.arange(0, steps + 1) * (n // (steps + 1))).round()[::-1][:-1] + int(self.config.get("steps_offset", 0))
+            ts = (np.arange(0, steps + 1) * (n // (steps + 1))).round()[::-1][:-1] + int(
+                self.config.get("steps_offset", 0)
+            )
         elif spacing == "trailing":
             ts = np.arange(n, 0, -n / steps).round() - 1
         else:
@@ -213,7 +258,13 @@ class NumpyDPMSolver(_Discrete):
         i = int(np.argmin(np.abs(self.ts - t)))
         a_s, s_s = self._alpha_sigma(float(self.sig[i]))
         x32, m = x.astype(np.float64), model_out.astype(np.float64)
-        x0 = (x32 - s_s * m) / a_s if self.prediction == "epsilon" else a_s * x32 - s_s * m if self.prediction == "v_prediction" else m
+        x0 = (
+            (x32 - s_s * m) / a_s
+            if self.prediction == "epsilon"
+            else a_s * x32 - s_s * m
+            if self.prediction == "v_prediction"
+            else m
+        )
         self.history = [*self.history[-1:], x0]
         a_t, s_t = self._alpha_sigma(float(self.sig[i + 1]))
         last = i == len(self.ts) - 1
@@ -240,7 +291,14 @@ class NumpyFlowEuler(_Schedule):
         self.num_train = int(self.config.get("num_train_timesteps", 1000))
         self.shift = float(self.config.get("shift", 1.0))
         self.dynamic = bool(self.config.get("use_dynamic_shifting", False))
-        for k in ("use_karras_sigmas", "use_exponential_sigmas", "use_beta_sigmas", "invert_sigmas", "shift_terminal", "stochastic_sampling"):
+        for k in (
+            "use_karras_sigmas",
+            "use_exponential_sigmas",
+            "use_beta_sigmas",
+            "invert_sigmas",
+            "shift_terminal",
+            "stochastic_sampling",
+        ):
             if self.config.get(k):
                 raise DiffquantError(f"scheduler option {k} is not supported by the runtime flow-matching sampler")
         if self.dynamic and mu is None:
@@ -262,7 +320,9 @@ class NumpyFlowEuler(_Schedule):
         if self.mode == "linspace":
             s = np.linspace(1.0, 1 / steps, steps).astype(np.float32)
         else:
-            train = (np.linspace(1, self.num_train, self.num_train, dtype=np.float32)[::-1] / self.num_train).astype(np.float32)
+            train = (np.linspace(1, self.num_train, self.num_train, dtype=np.float32)[::-1] / self.num_train).astype(
+                np.float32
+            )
             if not self.dynamic:
                 train = (self.shift * train / (1 + (self.shift - 1) * train)).astype(np.float32)
             t = np.linspace(float(train[0]) * self.num_train, float(train[-1]) * self.num_train, steps)
@@ -280,7 +340,12 @@ class NumpyFlowEuler(_Schedule):
         return (x.astype(np.float32) + (sig[i + 1] - sig[i]) * model_out.astype(np.float32)).astype(np.float32)
 
 
-SCHEDULERS = {"DDIMScheduler": "ddim", "EulerDiscreteScheduler": "euler", "DPMSolverMultistepScheduler": "dpm++", "FlowMatchEulerDiscreteScheduler": "flow"}
+SCHEDULERS = {
+    "DDIMScheduler": "ddim",
+    "EulerDiscreteScheduler": "euler",
+    "DPMSolverMultistepScheduler": "dpm++",
+    "FlowMatchEulerDiscreteScheduler": "flow",
+}
 
 
 def scheduler_kind(runtime: dict, asked: str = "auto") -> str:
@@ -288,7 +353,9 @@ def scheduler_kind(runtime: dict, asked: str = "auto") -> str:
     it has a numpy form (DDIM, Euler, DPM-Solver++, flow Euler), else DDIM on its schedule."""
     if runtime.get("sampler", {}).get("kind") == "flow":
         if asked not in ("auto", "flow"):
-            raise DiffquantError(f"--scheduler {asked}: a flow-matching model samples with the flow Euler scheduler only")
+            raise DiffquantError(
+                f"--scheduler {asked}: a flow-matching model samples with the flow Euler scheduler only"
+            )
         return "flow"
     if asked == "flow":
         raise DiffquantError("--scheduler flow is for flow-matching models; this one has a discrete (beta) schedule")

@@ -61,7 +61,12 @@ def device_key() -> dict:
     lib.cudaGetDeviceProperties(props, 0)
     name = props.raw[:256].split(b"\0", 1)[0].decode(errors="replace")
     cuda_ver = f"{ver.value // 1000}.{ver.value % 1000 // 10}"
-    return {"gpu": name, "compute_capability": f"{major.value}.{minor.value}", "cuda": cuda_ver, "tensorrt": trt.__version__}
+    return {
+        "gpu": name,
+        "compute_capability": f"{major.value}.{minor.value}",
+        "cuda": cuda_ver,
+        "tensorrt": trt.__version__,
+    }
 
 
 @dataclass
@@ -76,7 +81,9 @@ class TrtBuildConfig(BatchProfile):
 
 def _cache_path(cfg: TrtBuildConfig, key: dict) -> Path:
     folder = Path(cfg.timing_cache_dir or Path.home() / ".cache" / "diffquant" / "trt_timing")
-    tag = hashlib.sha256(f"{key['gpu']}|{key['compute_capability']}|{key['tensorrt']}|{key['cuda']}".encode()).hexdigest()[:16]
+    tag = hashlib.sha256(
+        f"{key['gpu']}|{key['compute_capability']}|{key['tensorrt']}|{key['cuda']}".encode()
+    ).hexdigest()[:16]
     return folder / f"timing-{tag}.cache"
 
 
@@ -114,7 +121,12 @@ def build_trt_engine(onnx_path: Path, engine_path: Path, inputs: list[dict], cfg
         tmp.write_bytes(bytes(serialized))
     with atomic_path(cache_file) as tmp:
         tmp.write_bytes(bytes(config.get_timing_cache().serialize()))
-    return {**key, "profile": {k: [list(s) for s in v] for k, v in shapes.items()}, "build": asdict(cfg), "timing_cache": str(cache_file)}
+    return {
+        **key,
+        "profile": {k: [list(s) for s in v] for k, v in shapes.items()},
+        "build": asdict(cfg),
+        "timing_cache": str(cache_file),
+    }
 
 
 class TrtEngine(Engine):
@@ -128,12 +140,20 @@ class TrtEngine(Engine):
 
         path = Path(engine_path)
         if not path.exists():
-            raise DiffquantError(f"engine file {path} does not exist; build it with `diffquant build ... --backend tensorrt`")
+            raise DiffquantError(
+                f"engine file {path} does not exist; build it with `diffquant build ... --backend tensorrt`"
+            )
         if meta:
             here = device_key()
-            wrong = [f"{k}: built for {meta.get(k)!r}, this machine has {here[k]!r}" for k in ("gpu", "compute_capability", "tensorrt", "cuda") if meta.get(k) != here[k]]
+            wrong = [
+                f"{k}: built for {meta.get(k)!r}, this machine has {here[k]!r}"
+                for k in ("gpu", "compute_capability", "tensorrt", "cuda")
+                if meta.get(k) != here[k]
+            ]
             if wrong:
-                raise DiffquantError(f"engine {path} does not match this machine ({'; '.join(wrong)}): rebuild it here with `diffquant build`")
+                raise DiffquantError(
+                    f"engine {path} does not match this machine ({'; '.join(wrong)}): rebuild it here with `diffquant build`"
+                )
         self._cuda, self._dt = cuda, DataType
         self._logger = trt.Logger(trt.Logger.WARNING)
         self.engine = trt.Runtime(self._logger).deserialize_cuda_engine(path.read_bytes())
@@ -154,7 +174,9 @@ class TrtEngine(Engine):
     def _buffer(self, name: str, shape: tuple):
         buf = self._buffers.get(name)
         if buf is None:
-            buf = self._buffers[name] = self._cuda.DeviceArray(shape=shape, dtype=self._dt.from_dtype(self._dtypes[name]))
+            buf = self._buffers[name] = self._cuda.DeviceArray(
+                shape=shape, dtype=self._dt.from_dtype(self._dtypes[name])
+            )
         buf.resize(shape)
         return buf
 

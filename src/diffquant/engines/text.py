@@ -34,7 +34,9 @@ def compose(expr: list, outs: dict[str, dict[str, np.ndarray]], masks: dict[str,
         return np.pad(x, [(0, 0)] * (x.ndim - 1) + [(0, width)])
     if op == "zeros":
         return np.zeros((n, *expr[1]), np.float32)
-    raise DiffquantError(f"runtime.json: text.compose: unknown operation {op!r}; export the model again with this diffquant")
+    raise DiffquantError(
+        f"runtime.json: text.compose: unknown operation {op!r}; export the model again with this diffquant"
+    )
 
 
 class TextConditioner:
@@ -58,12 +60,16 @@ class TextConditioner:
             try:
                 self.tokenizers[s["component"]] = Tokenizer.from_file(str(path))
             except Exception as e:  # tokenizers raises its own Exception type
-                raise DiffquantError(f"tokenizer file {path} is unreadable ({e}); build the engine folder again") from None
+                raise DiffquantError(
+                    f"tokenizer file {path} is unreadable ({e}); build the engine folder again"
+                ) from None
 
     def __call__(self, prompts: list[str]) -> dict[str, np.ndarray]:
         for p in prompts:
             if len(p) > MAX_PROMPT_CHARS:
-                raise DiffquantError(f"a prompt of {len(p)} characters is over the limit of {MAX_PROMPT_CHARS}; shorten it")
+                raise DiffquantError(
+                    f"a prompt of {len(p)} characters is over the limit of {MAX_PROMPT_CHARS}; shorten it"
+                )
         outs, masks = {}, {}
         for s in self.specs:
             name = s["component"]
@@ -74,7 +80,12 @@ class TextConditioner:
             feeds = {"input_ids": ids, **({"attention_mask": masks[name]} if s.get("feed_mask") else {})}
             engine = self.engines[name]
             per = getattr(engine, "max_batch", 0) or len(ids)
-            runs = [engine.run({k: v[i : i + per].astype(engine.input_dtype(k)) for k, v in feeds.items()}, list(s["outputs"])) for i in range(0, len(ids), per)]
+            runs = [
+                engine.run(
+                    {k: v[i : i + per].astype(engine.input_dtype(k)) for k, v in feeds.items()}, list(s["outputs"])
+                )
+                for i in range(0, len(ids), per)
+            ]
             outs[name] = {k: np.concatenate([r[k] for r in runs]).astype(np.float32) for k in s["outputs"]}
         return {k: compose(e, outs, masks, len(prompts)) for k, e in self.compose_exprs.items()}
 
@@ -83,7 +94,10 @@ class TextConditioner:
         per image), or, when none is given, zeros or the empty prompt as the pipeline does."""
         if prompts is None and self.unset_negative == "zeros":
             rows = self([""])
-            return {k: np.zeros((n, *v.shape[1:]), v.dtype) if np.issubdtype(v.dtype, np.floating) else np.repeat(v, n, 0) for k, v in rows.items()}
+            return {
+                k: np.zeros((n, *v.shape[1:]), v.dtype) if np.issubdtype(v.dtype, np.floating) else np.repeat(v, n, 0)
+                for k, v in rows.items()
+            }
         prompts = prompts or [""]
         rows = self(list(dict.fromkeys(prompts)))
         index = {p: i for i, p in enumerate(dict.fromkeys(prompts))}

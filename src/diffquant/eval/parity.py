@@ -83,7 +83,9 @@ def _weight_step_error(model: onnx.ModelProto, fq_model: torch.nn.Module) -> flo
             continue
         q = numpy_helper.to_array(inits[qn]).astype(np.float32)
         if f"{name}.half1.weight_quantized" in inits:  # shortcut split: two convs, halves of the input channels
-            q = np.concatenate([q, numpy_helper.to_array(inits[f"{name}.half1.weight_quantized"]).astype(np.float32)], axis=1)
+            q = np.concatenate(
+                [q, numpy_helper.to_array(inits[f"{name}.half1.weight_quantized"]).astype(np.float32)], axis=1
+            )
         attrs = dqs.get(qn, {})
         zp = inits.get(f"{name}.weight_zero_point")
         if zp is not None and not attrs.get("block_size"):  # zero points encode the grid (0, or 128 for U8)

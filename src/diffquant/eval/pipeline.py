@@ -56,26 +56,44 @@ def _reference_pipeline(pipe, kind: str):
     runtime has it; DDIM on the same schedule otherwise)."""
     import diffusers
 
-    cls = {"ddim": "DDIMScheduler", "euler": "EulerDiscreteScheduler", "dpm++": "DPMSolverMultistepScheduler", "flow": "FlowMatchEulerDiscreteScheduler"}[kind]
+    cls = {
+        "ddim": "DDIMScheduler",
+        "euler": "EulerDiscreteScheduler",
+        "dpm++": "DPMSolverMultistepScheduler",
+        "flow": "FlowMatchEulerDiscreteScheduler",
+    }[kind]
     if type(pipe.scheduler).__name__ != cls:
         pipe.scheduler = getattr(diffusers, cls).from_config(pipe.scheduler.config)
     return pipe
 
 
-def reference_images(pipe, family, prompt: str, noise: np.ndarray, steps: int, guidance: float, size: tuple[int, int]) -> np.ndarray:
+def reference_images(
+    pipe, family, prompt: str, noise: np.ndarray, steps: int, guidance: float, size: tuple[int, int]
+) -> np.ndarray:
     """The diffusers pipeline's images [N, C, H, W] in [-1, 1] for one prompt per row of ``noise``."""
     kwargs = family.reference_call([prompt] * len(noise))
     if kwargs is None:
-        raise DiffquantError(f"the {family.name} pipeline has no deterministic reference (it samples with fresh noise each step)")
+        raise DiffquantError(
+            f"the {family.name} pipeline has no deterministic reference (it samples with fresh noise each step)"
+        )
     logging.getLogger("diffusers").setLevel(logging.ERROR)
     with torch.no_grad(), warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        out = pipe(**kwargs, num_inference_steps=steps, guidance_scale=guidance, latents=torch.from_numpy(noise), output_type="np",
-                   height=size[0], width=size[1]).images
+        out = pipe(
+            **kwargs,
+            num_inference_steps=steps,
+            guidance_scale=guidance,
+            latents=torch.from_numpy(noise),
+            output_type="np",
+            height=size[0],
+            width=size[1],
+        ).images
     return np.asarray(out, np.float32).transpose(0, 3, 1, 2) * 2 - 1
 
 
-def compare_pipeline(pipe, family, engines: dict[str, str | Path], cfg: PipelineCheckConfig | None = None) -> list[ImageVerdict]:
+def compare_pipeline(
+    pipe, family, engines: dict[str, str | Path], cfg: PipelineCheckConfig | None = None
+) -> list[ImageVerdict]:
     """PSNR / SSIM of each engine folder's images (``{"fp": folder, "qdq": folder}``) against
     the diffusers pipeline ``pipe`` (FP32), per prompt, over ``cfg.seeds``."""
     cfg = cfg or PipelineCheckConfig()
@@ -87,7 +105,16 @@ def compare_pipeline(pipe, family, engines: dict[str, str | Path], cfg: Pipeline
             ref_pipe = _reference_pipeline(pipe, scheduler_kind(dp.runtime))
             shape = tuple(dp.runtime["sample_shape"])
             for prompt in cfg.prompts:
-                ours = np.concatenate([dp(PipelineRequest([prompt], 1, None, GenerateConfig(steps=cfg.steps, guidance=guidance, seed=s, batch=1))) for s in cfg.seeds])
+                ours = np.concatenate(
+                    [
+                        dp(
+                            PipelineRequest(
+                                [prompt], 1, None, GenerateConfig(steps=cfg.steps, guidance=guidance, seed=s, batch=1)
+                            )
+                        )
+                        for s in cfg.seeds
+                    ]
+                )
                 if prompt not in refs:
                     noise = np.concatenate([initial_noise(s, 1, shape) for s in cfg.seeds])
                     refs[prompt] = reference_images(ref_pipe, family, prompt, noise, cfg.steps, guidance, dp.resolution)

@@ -12,7 +12,16 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-__all__ = ["QualityScores", "cosine", "frechet_distance", "noise_fidelity", "psnr", "score_fidelity", "score_samples", "ssim"]
+__all__ = [
+    "QualityScores",
+    "cosine",
+    "frechet_distance",
+    "noise_fidelity",
+    "psnr",
+    "score_fidelity",
+    "score_samples",
+    "ssim",
+]
 
 
 @dataclass
@@ -69,7 +78,13 @@ def ssim(x: torch.Tensor, ref: torch.Tensor, window: int = 7, sigma: float = 1.5
 
 
 @torch.no_grad()
-def score_samples(samples: torch.Tensor, labels: torch.Tensor, classifier: torch.nn.Module, real: torch.Tensor, reference: torch.Tensor | None = None) -> QualityScores:
+def score_samples(
+    samples: torch.Tensor,
+    labels: torch.Tensor,
+    classifier: torch.nn.Module,
+    real: torch.Tensor,
+    reference: torch.Tensor | None = None,
+) -> QualityScores:
     """Score ``samples`` [N,1,H,W] asked to be ``labels``; ``real`` are the data set images and
     ``reference`` the FP model's samples from the same seeds (for PSNR / SSIM and the FD to
     them, which unlike the FD to the real data grows with every departure from the FP model)."""
@@ -80,7 +95,9 @@ def score_samples(samples: torch.Tensor, labels: torch.Tensor, classifier: torch
     if reference is not None:
         scores.psnr = psnr(samples, reference)
         scores.ssim = ssim(samples, reference)
-        scores.fd_fp = frechet_distance(feats, classifier.features(_classifier_size(reference, real)).numpy().astype(np.float64))
+        scores.fd_fp = frechet_distance(
+            feats, classifier.features(_classifier_size(reference, real)).numpy().astype(np.float64)
+        )
     return scores
 
 
@@ -96,7 +113,12 @@ def cosine(a: torch.Tensor, b: torch.Tensor) -> float:
 
 
 @torch.no_grad()
-def score_fidelity(images: torch.Tensor, ref_images: torch.Tensor, latents: torch.Tensor | None = None, ref_latents: torch.Tensor | None = None) -> QualityScores:
+def score_fidelity(
+    images: torch.Tensor,
+    ref_images: torch.Tensor,
+    latents: torch.Tensor | None = None,
+    ref_latents: torch.Tensor | None = None,
+) -> QualityScores:
     """Fidelity to the FP samples of the same seeds and prompts, for any model."""
     scores = QualityScores(psnr=psnr(images, ref_images), ssim=ssim(images, ref_images))
     if latents is not None and ref_latents is not None:
@@ -115,6 +137,9 @@ def noise_fidelity(fp, models: dict, inputs: list) -> list[dict]:
         for name, fn in models.items():
             got = fn(named).double()
             err = float(((got - ref) ** 2).sum())
-            row[name] = {"snr_db": float(10 * np.log10(float((ref**2).sum()) / max(err, 1e-30))), "cosine": cosine(got, ref)}
+            row[name] = {
+                "snr_db": float(10 * np.log10(float((ref**2).sum()) / max(err, 1e-30))),
+                "cosine": cosine(got, ref),
+            }
         rows.append(row)
     return rows

@@ -15,11 +15,20 @@ __all__ = ["SMALL_N", "collapse_note", "save_grid", "write_markdown"]
 SMALL_N = 500  # below this FD is dominated by its small-sample bias (published tables use N = 1000)
 
 
-def save_grid(images: torch.Tensor, path: str | Path, ncol: int = 10, zoom: int = 3, pad: int = 2, title: str = "",
-              row_labels: list[str] | None = None) -> Path:
+def save_grid(
+    images: torch.Tensor,
+    path: str | Path,
+    ncol: int = 10,
+    zoom: int = 3,
+    pad: int = 2,
+    title: str = "",
+    row_labels: list[str] | None = None,
+) -> Path:
     """Save images in [-1, 1] [N, C, H, W] (C = 1 or 3) as a grid PNG (``ncol`` per row), with an
     optional title and row labels."""
-    return save_grid_array(images.detach().float().numpy(), path, ncol=ncol, zoom=zoom, pad=pad, title=title, row_labels=row_labels)
+    return save_grid_array(
+        images.detach().float().numpy(), path, ncol=ncol, zoom=zoom, pad=pad, title=title, row_labels=row_labels
+    )
 
 
 def _fmt(v) -> str:
@@ -38,8 +47,10 @@ def collapse_note(quality: dict) -> str:
     acc, psnr = fq.get("accuracy"), fq.get("psnr")
     if (acc is not None and acc < 0.5) or (psnr is not None and psnr < 10.0):
         shown = ", ".join(f"{k} {v:.3g}" for k, v in (("accuracy", acc), ("PSNR vs FP dB", psnr)) if v is not None)
-        return (f"the fake-quant model itself has collapsed ({shown}): at these bits the quantized model no longer follows the FP one, "
-                "and tiny rounding differences send its trajectory elsewhere; give it more bits or a stronger recipe")
+        return (
+            f"the fake-quant model itself has collapsed ({shown}): at these bits the quantized model no longer follows the FP one, "
+            "and tiny rounding differences send its trajectory elsewhere; give it more bits or a stronger recipe"
+        )
     return ""
 
 
@@ -61,11 +72,21 @@ def write_markdown(report: dict, path: str | Path) -> Path:
         "| model | FD ↓ | accuracy ↑ | PSNR vs FP ↑ | SSIM vs FP ↑ | final-latent cosine ↑ |",
         "|---|---|---|---|---|---|",
     ]
-    for label, key in (("FP32 (torch)", "fp"), ("fake-quant (torch)", "fake_quant"), ("**deployed graph (ORT)**", "quant")):
+    for label, key in (
+        ("FP32 (torch)", "fp"),
+        ("fake-quant (torch)", "fake_quant"),
+        ("**deployed graph (ORT)**", "quant"),
+    ):
         r = q[key]
-        lines.append(f"| {label} | {_fmt(r.get('fd'))} | {_fmt(r.get('accuracy'))} | {_fmt(r.get('psnr'))} | {_fmt(r.get('ssim'))} | {_fmt(r.get('latent_cosine'))} |")
-    n_note = (f" **N = {st['samples']} is too small for FD to mean much**: FD is biased upward and noisy at small N; compare FD "
-              f"only between runs of equal N (published tables use N = 1000)." if st["samples"] < SMALL_N else "")
+        lines.append(
+            f"| {label} | {_fmt(r.get('fd'))} | {_fmt(r.get('accuracy'))} | {_fmt(r.get('psnr'))} | {_fmt(r.get('ssim'))} | {_fmt(r.get('latent_cosine'))} |"
+        )
+    n_note = (
+        f" **N = {st['samples']} is too small for FD to mean much**: FD is biased upward and noisy at small N; compare FD "
+        f"only between runs of equal N (published tables use N = 1000)."
+        if st["samples"] < SMALL_N
+        else ""
+    )
     collapsed = collapse_note(q)
     lines += [
         "",
@@ -77,7 +98,9 @@ def write_markdown(report: dict, path: str | Path) -> Path:
         "|---|---|---|---|---|",
     ]
     for r in report.get("noise_fidelity", []):
-        lines.append(f"| {r['timestep']:g} | {r['fake_quant']['snr_db']:.1f} | {r['fake_quant']['cosine']:.5f} | {r['quant']['snr_db']:.1f} | {r['quant']['cosine']:.5f} |")
+        lines.append(
+            f"| {r['timestep']:g} | {r['fake_quant']['snr_db']:.1f} | {r['fake_quant']['cosine']:.5f} | {r['quant']['snr_db']:.1f} | {r['quant']['cosine']:.5f} |"
+        )
     lines += [
         "",
         "Sample grids (same seeds and prompts): FP `samples_fp.png`, fake-quant `samples_fake_quant.png`, "
@@ -131,8 +154,10 @@ def _plan_section(report: dict) -> list[str]:
     b = report.get("plan_bits")
     out = ["", "## Plan", ""]
     if b:
-        out.append(f"Average weight bits {b['weight_bits']:.3f} ({b['weight_bits_with_scales']:.3f} with the FP16 scales); "
-                   f"activation widths {', '.join(map(str, b['act_bits'])) or 'FP'}; asked {b['request']}.")
+        out.append(
+            f"Average weight bits {b['weight_bits']:.3f} ({b['weight_bits_with_scales']:.3f} with the FP16 scales); "
+            f"activation widths {', '.join(map(str, b['act_bits'])) or 'FP'}; asked {b['request']}."
+        )
     for r in report.get("pass_reports", []):
         out += ["", PassReport.from_dict(r).markdown()]
     return out

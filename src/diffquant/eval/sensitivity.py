@@ -67,7 +67,10 @@ def _preferred(rows: list[dict]) -> tuple[float, int, int] | None:
     n = pairs = 0
     for r in rows:
         for bits in {int(k.rsplit("-w", 1)[1]) for k in r["effects"]}:
-            u, km = r["effects"].get(f"uaq-w{bits}"), [v for k, v in r["effects"].items() if k.startswith("kmeans") and k.endswith(f"-w{bits}")]
+            u, km = (
+                r["effects"].get(f"uaq-w{bits}"),
+                [v for k, v in r["effects"].items() if k.startswith("kmeans") and k.endswith(f"-w{bits}")],
+            )
             if u is None or not km:
                 return None
             uaq += r["weights"] * (u >= max(km))
@@ -85,22 +88,52 @@ def check_findings(rep: SensitivityReport) -> list[Finding]:
     out = []
     have = [t for t in ("time embedding", "final projection") if t in types]
     ranks = ", ".join(f"{t} #{ranked.index(t) + 1} of {len(ranked)} ({types[t]['mean']:.3g})" for t in have)
-    out.append(Finding("time embedding and final projection are the most sensitive (mean importance per layer)",
-                       None if len(have) < 2 else all(ranked.index(t) < 2 for t in have), f"{ranks}; top: {', '.join(ranked[:3])}"))
+    out.append(
+        Finding(
+            "time embedding and final projection are the most sensitive (mean importance per layer)",
+            None if len(have) < 2 else all(ranked.index(t) < 2 for t in have),
+            f"{ranks}; top: {', '.join(ranked[:3])}",
+        )
+    )
     unet = any(r["op_type"] == "conv (ResBlock)" for r in rows)
     res, att, selfatt = _mean(rows, ("conv (ResBlock)",)), _mean(rows, ATTENTION), _mean(rows, SELF_ATTENTION)
     overall = sum(r["importance"] for r in rows) / max(1, len(rows))
-    out.append(Finding("U-Nets: ResBlocks more sensitive than attention", (res > att) if unet and res is not None and att is not None else None,
-                       f"ResBlock convs {res:.3g} vs attention {att:.3g} per layer" if unet and res is not None and att is not None else "no U-Net ResBlocks here"))
-    out.append(Finding("DiTs: self-attention matters (above the mean layer)", (selfatt > overall) if not unet and selfatt is not None else None,
-                       f"self-attention {selfatt:.3g} vs all layers {overall:.3g} per layer" if not unet and selfatt is not None else "not a DiT"))
+    out.append(
+        Finding(
+            "U-Nets: ResBlocks more sensitive than attention",
+            (res > att) if unet and res is not None and att is not None else None,
+            f"ResBlock convs {res:.3g} vs attention {att:.3g} per layer"
+            if unet and res is not None and att is not None
+            else "no U-Net ResBlocks here",
+        )
+    )
+    out.append(
+        Finding(
+            "DiTs: self-attention matters (above the mean layer)",
+            (selfatt > overall) if not unet and selfatt is not None else None,
+            f"self-attention {selfatt:.3g} vs all layers {overall:.3g} per layer"
+            if not unet and selfatt is not None
+            else "not a DiT",
+        )
+    )
     pref = _preferred(rows)
     if pref is None:
-        out.append(Finding("U-Nets prefer uniform quantizers, DiTs k-means", None, "needs both UAQ and k-means options in the search"))
+        out.append(
+            Finding(
+                "U-Nets prefer uniform quantizers, DiTs k-means",
+                None,
+                "needs both UAQ and k-means options in the search",
+            )
+        )
     else:
         share, n, pairs = pref
-        out.append(Finding(f"{'U-Nets prefer uniform quantizers' if unet else 'DiTs prefer k-means'} (best predicted option at equal bits)",
-                           share > 0.5 if unet else share < 0.5, f"UAQ best for {share:.0%} of the weights ({n} of {pairs} layer-bit pairs)"))
+        out.append(
+            Finding(
+                f"{'U-Nets prefer uniform quantizers' if unet else 'DiTs prefer k-means'} (best predicted option at equal bits)",
+                share > 0.5 if unet else share < 0.5,
+                f"UAQ best for {share:.0%} of the weights ({n} of {pairs} layer-bit pairs)",
+            )
+        )
     return out
 
 
@@ -110,26 +143,60 @@ def _plots(rep: SensitivityReport, out: Path) -> list[tuple[str, str]]:
 
     rows = rep.layers
     kinds = list(dict.fromkeys(r["op_type"] for r in rows))
-    bar_chart([r["name"] for r in rows], [r["importance"] for r in rows], out / "sensitivity_layers.png", f"{rep.model}: importance per layer (dB of {rep.score})",
-              colors=[kinds.index(r["op_type"]) for r in rows])
+    bar_chart(
+        [r["name"] for r in rows],
+        [r["importance"] for r in rows],
+        out / "sensitivity_layers.png",
+        f"{rep.model}: importance per layer (dB of {rep.score})",
+        colors=[kinds.index(r["op_type"]) for r in rows],
+    )
     agg = {k: group(rows, key) for k, key in (("op", "op_type"), ("block", "block"))}
-    bar_chart(list(agg["op"]), [v["mean"] for v in agg["op"].values()], out / "sensitivity_op_types.png", f"{rep.model}: mean importance per layer, by operation type")
-    bar_chart(list(agg["block"]), [v["sum"] for v in agg["block"].values()], out / "sensitivity_blocks.png", f"{rep.model}: summed importance per block")
-    scatter({f"{k} (Spearman {v['spearman']:.2f})": v["held_out"] for k, v in rep.predictors.items()}, out / "sensitivity_predictor.png",
-            f"{rep.model}: held-out configurations", f"predicted {rep.score} (dB)", f"measured {rep.score} (dB)")
+    bar_chart(
+        list(agg["op"]),
+        [v["mean"] for v in agg["op"].values()],
+        out / "sensitivity_op_types.png",
+        f"{rep.model}: mean importance per layer, by operation type",
+    )
+    bar_chart(
+        list(agg["block"]),
+        [v["sum"] for v in agg["block"].values()],
+        out / "sensitivity_blocks.png",
+        f"{rep.model}: summed importance per block",
+    )
+    scatter(
+        {f"{k} (Spearman {v['spearman']:.2f})": v["held_out"] for k, v in rep.predictors.items()},
+        out / "sensitivity_predictor.png",
+        f"{rep.model}: held-out configurations",
+        f"predicted {rep.score} (dB)",
+        f"measured {rep.score} (dB)",
+    )
     labels = sorted(set(rep.assignment.values()))
     order = [r["name"] for r in rows if r["name"] in rep.assignment]
     block = {r["name"]: r["block"] for r in rows}
     marks = [(i, block[n]) for i, n in enumerate(order) if i == 0 or block[order[i - 1]] != block[n]]
-    strip([labels.index(rep.assignment[n]) for n in order], labels, out / "sensitivity_assignment.png", f"{rep.model}: chosen option per layer, in network order",
-          marks=marks)
-    return [("sensitivity_layers.png", "importance per layer"), ("sensitivity_op_types.png", "per operation type"), ("sensitivity_blocks.png", "per block"),
-            ("sensitivity_predictor.png", "predicted vs measured on held-out configurations"), ("sensitivity_assignment.png", "the chosen assignment")]
+    strip(
+        [labels.index(rep.assignment[n]) for n in order],
+        labels,
+        out / "sensitivity_assignment.png",
+        f"{rep.model}: chosen option per layer, in network order",
+        marks=marks,
+    )
+    return [
+        ("sensitivity_layers.png", "importance per layer"),
+        ("sensitivity_op_types.png", "per operation type"),
+        ("sensitivity_blocks.png", "per block"),
+        ("sensitivity_predictor.png", "predicted vs measured on held-out configurations"),
+        ("sensitivity_assignment.png", "the chosen assignment"),
+    ]
 
 
 def _table(header: list[str], rows: list[list]) -> list[str]:
     fmt = lambda v: f"{v:.3g}" if isinstance(v, float) else "-" if v is None else str(v)  # noqa: E731
-    return ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)] + ["| " + " | ".join(fmt(v) for v in r) + " |" for r in rows] + [""]
+    return (
+        ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+        + ["| " + " | ".join(fmt(v) for v in r) + " |" for r in rows]
+        + [""]
+    )
 
 
 def write_report(rep: SensitivityReport, out: str | Path) -> Path:
@@ -137,19 +204,38 @@ def write_report(rep: SensitivityReport, out: str | Path) -> Path:
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     plots = _plots(rep, out)
-    md = [f"# Sensitivity of {rep.model} (Qua2SeDiMo)", "", f"{rep.configs} random weight configurations scored; {rep.seconds:.1f} s on this machine.", ""]
+    md = [
+        f"# Sensitivity of {rep.model} (Qua2SeDiMo)",
+        "",
+        f"{rep.configs} random weight configurations scored; {rep.seconds:.1f} s on this machine.",
+        "",
+    ]
     md += [f"- {n}" for n in rep.notes] + ["", "## The paper's findings, checked", ""]
-    md += [f"- **{'held' if f.held else 'not held' if f.held is not None else 'not testable'}**: {f.claim}. {f.evidence}" for f in rep.findings] + [""]
-    md += ["## Predictors (held-out configurations)", ""] + _table(["predictor", "Spearman", "NDCG@10", "fit s"],
-                                                                    [[k, v["spearman"], v["ndcg10"], v["seconds"]] for k, v in rep.predictors.items()])
-    md += ["## Budgeted searches", ""] + _table(["budget", "search", "avg bits", f"measured {rep.score} dB", "used"],
-                                                [[s["budget"], s["search"], s["bits"], s["measured_db"], "yes" if s["used"] else ""] for s in rep.searches])
+    md += [
+        f"- **{'held' if f.held else 'not held' if f.held is not None else 'not testable'}**: {f.claim}. {f.evidence}"
+        for f in rep.findings
+    ] + [""]
+    md += ["## Predictors (held-out configurations)", ""] + _table(
+        ["predictor", "Spearman", "NDCG@10", "fit s"],
+        [[k, v["spearman"], v["ndcg10"], v["seconds"]] for k, v in rep.predictors.items()],
+    )
+    md += ["## Budgeted searches", ""] + _table(
+        ["budget", "search", "avg bits", f"measured {rep.score} dB", "used"],
+        [[s["budget"], s["search"], s["bits"], s["measured_db"], "yes" if s["used"] else ""] for s in rep.searches],
+    )
     for title, key in (("operation type", "op_type"), ("block", "block")):
         agg = group(rep.layers, key)
-        md += [f"## Importance per {title}", ""] + _table([title, "sum", "mean per layer", "layers"], [[k, v["sum"], v["mean"], int(v["layers"])] for k, v in agg.items()])
+        md += [f"## Importance per {title}", ""] + _table(
+            [title, "sum", "mean per layer", "layers"],
+            [[k, v["sum"], v["mean"], int(v["layers"])] for k, v in agg.items()],
+        )
     md += ["## Per layer (and the chosen assignment)", ""] + _table(
         ["layer", "op type", "block", "weights", "importance", "chosen"],
-        [[r["name"], r["op_type"], r["block"], r["weights"], r["importance"], rep.assignment.get(r["name"], "-")] for r in rep.layers])
+        [
+            [r["name"], r["op_type"], r["block"], r["weights"], r["importance"], rep.assignment.get(r["name"], "-")]
+            for r in rep.layers
+        ],
+    )
     md += ["## Plots", ""] + [f"![{c}]({p})" for p, c in plots] + [""]
     write_text(out / "sensitivity.md", "\n".join(md))
     write_json(out / "sensitivity.json", rep.to_dict())
@@ -160,6 +246,10 @@ def read_report(path: str | Path) -> SensitivityReport:
     """A report back from its ``sensitivity.json`` (to render it again)."""
     from diffquant._check import read_json
 
-    data = read_json(path, "write it again with `diffquant sensitivity`", required=("model", "layers", "predictors", "searches", "assignment"))
+    data = read_json(
+        path,
+        "write it again with `diffquant sensitivity`",
+        required=("model", "layers", "predictors", "searches", "assignment"),
+    )
     data["findings"] = [Finding(**f) for f in data.get("findings", [])]
     return SensitivityReport(**data)

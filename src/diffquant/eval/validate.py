@@ -51,7 +51,10 @@ COMPARISONS = {
     "openvino": ("torch-fake-quant", "openvino", 0.99, 17.0),
     "tensorrt": ("ort-qdq", "tensorrt", 0.99, 20.0),
 }
-ENGINE_BACKENDS = ("openvino", "tensorrt")  # comparisons that need an engine folder, skipped where the runtime is missing
+ENGINE_BACKENDS = (
+    "openvino",
+    "tensorrt",
+)  # comparisons that need an engine folder, skipped where the runtime is missing
 KNOWN = (*COMPARISONS, "pipeline")
 
 
@@ -104,21 +107,49 @@ class ValidationResult:
         return "NOT RUN" if self.not_run or not (self.rows or self.images) else "PASS"
 
     def to_dict(self) -> dict:
-        return {"run": self.run, "passed": self.passed, "verdict": self.verdict, "rows": [asdict(r) for r in self.rows],
-                "images": [r.to_dict() for r in self.images], "not_run": self.not_run, "inputs_file": self.inputs_file}
+        return {
+            "run": self.run,
+            "passed": self.passed,
+            "verdict": self.verdict,
+            "rows": [asdict(r) for r in self.rows],
+            "images": [r.to_dict() for r in self.images],
+            "not_run": self.not_run,
+            "inputs_file": self.inputs_file,
+        }
 
     def table(self) -> str:
-        lines = ["| comparison | timestep | output | cosine | SNR dB | max abs | verdict |", "|---|---|---|---|---|---|---|"] if self.rows or self.not_run else []
+        lines = (
+            [
+                "| comparison | timestep | output | cosine | SNR dB | max abs | verdict |",
+                "|---|---|---|---|---|---|---|",
+            ]
+            if self.rows or self.not_run
+            else []
+        )
         for r in self.rows:
-            verdict = "PASS" if r.passed else f"**FAIL** (needs cosine >= {r.cosine_threshold:g}, SNR >= {r.snr_threshold:g} dB)"
-            lines.append(f"| {r.comparison} | {r.timestep:g} | {r.output} | {r.cosine:.6f} | {r.snr_db:.1f} | {r.max_abs:.3g} | {verdict} |")
+            verdict = (
+                "PASS"
+                if r.passed
+                else f"**FAIL** (needs cosine >= {r.cosine_threshold:g}, SNR >= {r.snr_threshold:g} dB)"
+            )
+            lines.append(
+                f"| {r.comparison} | {r.timestep:g} | {r.output} | {r.cosine:.6f} | {r.snr_db:.1f} | {r.max_abs:.3g} | {verdict} |"
+            )
         for name, why in self.not_run.items():
             lines.append(f"| {name} | – | – | – | – | – | not run: {why} |")
         if self.images:
-            lines += ["", "Pipeline images against the diffusers FP pipeline (same prompts, noise, scheduler):", "",
-                      "| denoiser engine | prompt | seed | PSNR dB | SSIM | verdict |", "|---|---|---|---|---|---|"]
-            lines += [f"| {r.engine} | {r.prompt} | {r.seed} | {r.psnr_db:.1f} | {r.ssim:.4f} | "
-                      f"{'PASS' if r.passed else f'**FAIL** (needs PSNR >= {r.threshold_db:g} dB)'} |" for r in self.images]
+            lines += [
+                "",
+                "Pipeline images against the diffusers FP pipeline (same prompts, noise, scheduler):",
+                "",
+                "| denoiser engine | prompt | seed | PSNR dB | SSIM | verdict |",
+                "|---|---|---|---|---|---|",
+            ]
+            lines += [
+                f"| {r.engine} | {r.prompt} | {r.seed} | {r.psnr_db:.1f} | {r.ssim:.4f} | "
+                f"{'PASS' if r.passed else f'**FAIL** (needs PSNR >= {r.threshold_db:g} dB)'} |"
+                for r in self.images
+            ]
         return "\n".join(lines)
 
     def hints(self) -> list[str]:
@@ -217,7 +248,9 @@ def validate(run_dir: str | Path, denoiser, inputs: list, cfg: ValidateConfig | 
         "torch-fake-quant": lambda: _torch_fn(_fq(denoiser, plan, report.get("target", "tensorrt")), out_name),
         "ort-fp32": lambda: _engine_fn(_keep(opened, OrtEngine(run / "unet.fp32.onnx"))),
         "ort-qdq": lambda: _engine_fn(_keep(opened, GroupedEngine([OrtEngine(g) for g in graphs], ranges))),
-        "ort-qdq-fused": lambda: _engine_fn(_keep(opened, GroupedEngine([FusedEngineFromOnnx(g) for g in graphs], ranges))),
+        "ort-qdq-fused": lambda: _engine_fn(
+            _keep(opened, GroupedEngine([FusedEngineFromOnnx(g) for g in graphs], ranges))
+        ),
         "openvino": lambda: _engine_fn(_keep(opened, _built_engine(run, cfg.engine, "openvino"))),
         "tensorrt": lambda: _engine_fn(_keep(opened, _built_engine(run, cfg.engine, "tensorrt"))),
     }
@@ -235,13 +268,20 @@ def validate(run_dir: str | Path, denoiser, inputs: list, cfg: ValidateConfig | 
                 continue
             results = Comparator.run(runners, data_loader=feeds)
             (_, ref_iters), (_, cand_iters) = results[0], results[1]
-            cos_f, snr_f = CosineSimilarityCompareFunc(cosine_similarity_threshold=cos_thr), SnrCompareFunc(snr_threshold=snr_thr)
+            cos_f, snr_f = (
+                CosineSimilarityCompareFunc(cosine_similarity_threshold=cos_thr),
+                SnrCompareFunc(snr_threshold=snr_thr),
+            )
             for ts, r_it, c_it in zip(timesteps, ref_iters, cand_iters):
                 cos_v, snr_v = cos_f(r_it, c_it), snr_f(r_it, c_it)
                 for out in r_it:
                     cos, snr, mx = _metrics(r_it[out], c_it[out])
                     ok = bool(cos_v[out]) and bool(snr_v[out])
-                    graph = graphs[group_index(ts, ranges)] if "qdq" in cand_name or cand_name in ENGINE_BACKENDS else run / "unet.fp32.onnx"
+                    graph = (
+                        graphs[group_index(ts, ranges)]
+                        if "qdq" in cand_name or cand_name in ENGINE_BACKENDS
+                        else run / "unet.fp32.onnx"
+                    )
                     result.rows.append(OutputVerdict(name, ts, out, cos, snr, mx, cos_thr, snr_thr, ok, str(graph)))
     finally:
         for e in opened:
@@ -249,7 +289,10 @@ def validate(run_dir: str | Path, denoiser, inputs: list, cfg: ValidateConfig | 
     if "pipeline" in cfg.against:
         _pipeline_check(run, report, denoiser, cfg, result)
     write_json(run / "validate.json", result.to_dict())
-    write_text(run / "validate.md", f"# Validation of {run}\n\n{result.table()}\n\n" + "\n".join(f"- {h}" for h in result.hints()) + "\n")
+    write_text(
+        run / "validate.md",
+        f"# Validation of {run}\n\n{result.table()}\n\n" + "\n".join(f"- {h}" for h in result.hints()) + "\n",
+    )
     return result
 
 
@@ -261,9 +304,13 @@ def _pipeline_check(run: Path, report: dict, denoiser, cfg: ValidateConfig, resu
     from diffquant.models.loading import load_pipeline
 
     model = report.get("model", "")
-    folder = weights_dir() / "digits-ldm" if model == "builtin:digits-ldm" else Path(model)  # the builtin that is a pipeline
+    folder = (
+        weights_dir() / "digits-ldm" if model == "builtin:digits-ldm" else Path(model)
+    )  # the builtin that is a pipeline
     if not (folder / "model_index.json").is_file():
-        result.not_run["pipeline"] = f"{report.get('model')} is not a diffusers pipeline folder (nothing to compare the images with)"
+        result.not_run["pipeline"] = (
+            f"{report.get('model')} is not a diffusers pipeline folder (nothing to compare the images with)"
+        )
         return
     if not (run / "runtime.json").is_file() or "vae" not in read_json(run / "runtime.json", "export the run again"):
         result.not_run["pipeline"] = "the run holds no pipeline parts (made by an older diffquant); run it again"
@@ -299,7 +346,9 @@ def _built_engine(run: Path, folder: str, backend: str) -> Engine:
     if not folder:
         folder = str(run / f"engine-{backend}")
         if not Path(folder).exists():
-            report = read_json(run / "report.json", "make the run folder again with `diffquant run`", required=("onnx",))
+            report = read_json(
+                run / "report.json", "make the run folder again with `diffquant run`", required=("onnx",)
+            )
             shape = dict(batch=16, dynamic=True, max_batch=64)
             cfg = BuildConfig(backend=backend, tensorrt=TrtBuildConfig(**shape), openvino=OvBuildConfig(**shape))
             build(run / Path(report["onnx"]).name, folder, cfg)

@@ -6,7 +6,19 @@ without torch: `diffquant build` lints graphs on machines that only have the run
 
 from importlib import import_module
 
-__all__ = ["ExportResult", "LintReport", "PartsConfig", "Violation", "export", "export_fp_onnx", "export_parts", "fp_onnx_proto", "lint", "load_onnx", "lower_plan"]
+__all__ = [
+    "ExportResult",
+    "LintReport",
+    "PartsConfig",
+    "Violation",
+    "export",
+    "export_fp_onnx",
+    "export_parts",
+    "fp_onnx_proto",
+    "lint",
+    "load_onnx",
+    "lower_plan",
+]
 
 _WHERE = {
     "ExportResult": "writer",

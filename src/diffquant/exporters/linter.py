@@ -19,7 +19,10 @@ __all__ = ["LintReport", "Violation", "declared_limits", "lint", "load_onnx"]
 WEIGHT_CONSUMERS = {"Conv", "ConvTranspose", "MatMul", "Gemm"}
 ACT_CONSUMERS = WEIGHT_CONSUMERS | {"Add"}
 INT4 = {onnx.TensorProto.INT4, onnx.TensorProto.UINT4}
-ALLOWED_Q_TYPES = {"tensorrt": {onnx.TensorProto.INT8, onnx.TensorProto.INT4}, "onnxruntime": {onnx.TensorProto.INT8, onnx.TensorProto.UINT8, onnx.TensorProto.INT4}}
+ALLOWED_Q_TYPES = {
+    "tensorrt": {onnx.TensorProto.INT8, onnx.TensorProto.INT4},
+    "onnxruntime": {onnx.TensorProto.INT8, onnx.TensorProto.UINT8, onnx.TensorProto.INT4},
+}
 SYMMETRIC_ZERO_POINT = {onnx.TensorProto.UINT8: 128}
 
 
@@ -59,7 +62,9 @@ def load_onnx(path: str | Path) -> onnx.ModelProto:
     except Exception as e:  # protobuf raises DecodeError and friends
         raise DiffquantError(f"{path} is not a readable ONNX model ({type(e).__name__}: {e})") from None
     if not model.graph.node:
-        raise DiffquantError(f"{path} holds no graph ({path.stat().st_size} bytes: empty or truncated); export it again")
+        raise DiffquantError(
+            f"{path} holds no graph ({path.stat().st_size} bytes: empty or truncated); export it again"
+        )
     return model
 
 
@@ -131,7 +136,11 @@ def lint(model: onnx.ModelProto, path: str = "<memory>", target: str | None = No
                 a, b = node.input[0], node.input[1]
                 weight_b = (dq := g.from_dq(b)) is not None and g.is_const(dq.input[0]) or g.is_const(b)
                 if not weight_b and (g.from_dq(a) or g.from_dq(b)):
-                    add("attention-matmul", node, "Q/DQ on an activation x activation MatMul (attention Q.K or P.V): keep it in FP16")
+                    add(
+                        "attention-matmul",
+                        node,
+                        "Q/DQ on an activation x activation MatMul (attention Q.K or P.V): keep it in FP16",
+                    )
             continue
         is_q = node.op_type == "QuantizeLinear"
         rep.n_q += is_q
@@ -147,11 +156,19 @@ def lint(model: onnx.ModelProto, path: str = "<memory>", target: str | None = No
             continue
         scale = g.consts[s].astype(np.float64)
         if not (scale > 0).all():
-            add("scale-positive", node, f"scale {s!r} has {(scale <= 0).sum()} non-positive value(s) (tiny amax rounded to 0?)")
+            add(
+                "scale-positive",
+                node,
+                f"scale {s!r} has {(scale <= 0).sum()} non-positive value(s) (tiny amax rounded to 0?)",
+            )
         float_name = x if is_q else node.output[0]
         ft = g.types.get(float_name)
         if ft and g.const_types.get(s) != ft:
-            add("scale-dtype", node, f"scale dtype {onnx.TensorProto.DataType.Name(g.const_types[s])} differs from tensor dtype {onnx.TensorProto.DataType.Name(ft)}")
+            add(
+                "scale-dtype",
+                node,
+                f"scale dtype {onnx.TensorProto.DataType.Name(g.const_types[s])} differs from tensor dtype {onnx.TensorProto.DataType.Name(ft)}",
+            )
         # zero point: all zero, signed
         qtype = g.const_types.get(zp) if zp else (g.types.get(x) if not is_q else onnx.TensorProto.UINT8)
         if zp:
@@ -160,7 +177,11 @@ def lint(model: onnx.ModelProto, path: str = "<memory>", target: str | None = No
                 add("zero-point", node, f"zero point {zp!r} is not all {want} ({target} graphs are symmetric only)")
         if qtype is not None and qtype not in allowed:
             names = "/".join(onnx.TensorProto.DataType.Name(t) for t in sorted(allowed))
-            hint = " (this graph may have been lowered for another target: export with --target tensorrt)" if target == "tensorrt" else ""
+            hint = (
+                " (this graph may have been lowered for another target: export with --target tensorrt)"
+                if target == "tensorrt"
+                else ""
+            )
             add("q-type", node, f"quantized type {onnx.TensorProto.DataType.Name(qtype)} is not {names}{hint}")
         if qtype in INT4:
             uses_int4_or_blocks = True
@@ -169,7 +190,11 @@ def lint(model: onnx.ModelProto, path: str = "<memory>", target: str | None = No
             if g.is_const(x):
                 continue
             if scale.size != 1:
-                add("per-tensor-activations", node, f"activation {x!r} is quantized with {scale.size} scales; TensorRT needs one per tensor")
+                add(
+                    "per-tensor-activations",
+                    node,
+                    f"activation {x!r} is quantized with {scale.size} scales; TensorRT needs one per tensor",
+                )
             if qtype in INT4:
                 add("int4-weight-only", node, f"activation {x!r} quantized to INT4; INT4 is weight-only")
             continue
@@ -182,32 +207,56 @@ def lint(model: onnx.ModelProto, path: str = "<memory>", target: str | None = No
             w = g.consts[x]
             for c in consumers:
                 if c.op_type not in WEIGHT_CONSUMERS:
-                    add("qdq-placement", node, f"weight DQ feeds {c.op_type} {c.name!r}; only Conv/MatMul/Gemm take quantized weights")
+                    add(
+                        "qdq-placement",
+                        node,
+                        f"weight DQ feeds {c.op_type} {c.name!r}; only Conv/MatMul/Gemm take quantized weights",
+                    )
                     continue
                 if qtype in INT4:
                     if c.op_type not in ("MatMul", "Gemm"):
-                        add("int4-weight-only", node, f"INT4 weight feeds {c.op_type} {c.name!r}; TensorRT has no INT4 convolution")
+                        add(
+                            "int4-weight-only",
+                            node,
+                            f"INT4 weight feeds {c.op_type} {c.name!r}; TensorRT has no INT4 convolution",
+                        )
                     if target == "tensorrt" and block not in (64, 128):
                         add("int4-weight-only", node, f"INT4 weight needs block_size 64 or 128 along K, got {block}")
                     elif block < 16 or block & (block - 1):
-                        add("int4-weight-only", node, f"MatMulNBits needs a power-of-two block_size >= 16 along K, got {block}")
+                        add(
+                            "int4-weight-only",
+                            node,
+                            f"MatMulNBits needs a power-of-two block_size >= 16 along K, got {block}",
+                        )
                 if scale.size > 1 and not block:
                     axis = _attr(node, "axis", 1)
                     axis = axis % w.ndim
                     want = _output_axis(c, w.ndim)
                     if axis != want:
-                        add("per-channel-weights", node, f"weight scales on axis {axis}, but {c.op_type} {c.name!r} has output channels on axis {want}")
+                        add(
+                            "per-channel-weights",
+                            node,
+                            f"weight scales on axis {axis}, but {c.op_type} {c.name!r} has output channels on axis {want}",
+                        )
         else:
             prod = g.producer.get(x)
             if prod is None or prod.op_type != "QuantizeLinear":
                 add("qdq-placement", node, f"DequantizeLinear of non-constant {x!r} has no QuantizeLinear producer")
             for c in consumers if target == "tensorrt" else ():
                 if c.op_type not in ACT_CONSUMERS:
-                    add("qdq-placement", node, f"activation DQ feeds {c.op_type} {c.name!r}; Q/DQ belongs only on inputs of Conv/MatMul/Gemm (or Add)")
+                    add(
+                        "qdq-placement",
+                        node,
+                        f"activation DQ feeds {c.op_type} {c.name!r}; Q/DQ belongs only on inputs of Conv/MatMul/Gemm (or Add)",
+                    )
     for tensor, qs in q_readers.items():
         if len(qs) > 1 and not g.is_const(tensor):
             for q in qs[1:]:
-                add("shared-tensor", q, f"tensor {tensor!r} has {len(qs)} QuantizeLinear nodes; shared tensors need one Q/DQ for all readers")
+                add(
+                    "shared-tensor",
+                    q,
+                    f"tensor {tensor!r} has {len(qs)} QuantizeLinear nodes; shared tensors need one Q/DQ for all readers",
+                )
     _check_weight_grids(model, g, add)
     if uses_int4_or_blocks and opset < 21:
         rep.violations.append(Violation("opset", "<model>", f"INT4 or block_size needs opset >= 21, model has {opset}"))
@@ -244,5 +293,9 @@ def _check_weight_grids(model: onnx.ModelProto, g, add) -> None:
         bad = np.nonzero((codes.min(axis=1) < lo) | (codes.max(axis=1) > hi))[0]
         if len(bad):
             c = int(bad[0])
-            add("weight-code-range", dq, f"{name}: channel {c} has codes in [{codes[c].min()}, {codes[c].max()}] outside its declared "
-                f"[{lo[c % len(lo)]}, {hi[c % len(hi)]}] ({len(bad)} channel(s) out of range)")
+            add(
+                "weight-code-range",
+                dq,
+                f"{name}: channel {c} has codes in [{codes[c].min()}, {codes[c].max()}] outside its declared "
+                f"[{lo[c % len(lo)]}, {hi[c % len(hi)]}] ({len(bad)} channel(s) out of range)",
+            )

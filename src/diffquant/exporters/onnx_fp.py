@@ -40,7 +40,9 @@ def _rms_norm(g, x, normalized_shape, weight, eps):
 
     eps_v = sh._maybe_get_const(eps, "f")  # torch's default (eps None) is the machine epsilon
     eps_v = float(torch.finfo(torch.float32).eps) if eps_v is None or sh._is_none(eps) else float(eps_v)
-    mean = g.op("ReduceMean", g.op("Mul", x, x), g.op("Constant", value_t=torch.tensor([-1], dtype=torch.int64)), keepdims_i=1)
+    mean = g.op(
+        "ReduceMean", g.op("Mul", x, x), g.op("Constant", value_t=torch.tensor([-1], dtype=torch.int64)), keepdims_i=1
+    )
     denom = g.op("Sqrt", g.op("Add", mean, g.op("Constant", value_t=torch.tensor(eps_v, dtype=torch.float32))))
     out = g.op("Div", x, g.op("CastLike", denom, x))
     return out if sh._is_none(weight) else g.op("Mul", out, weight)
@@ -90,26 +92,43 @@ def fp_onnx_proto(denoiser: Denoiser, float_dtype: str = "float32", batch: int =
     example = denoiser.example_inputs(batch)
     # float inputs take the graph's dtype, except the timestep and guidance scale (see above)
     args = tuple(
-        example[s.name].to(dtype) if example[s.name].is_floating_point() and s.role not in ("timestep", "guidance") else example[s.name]
+        example[s.name].to(dtype)
+        if example[s.name].is_floating_point() and s.role not in ("timestep", "guidance")
+        else example[s.name]
         for s in specs
     )
     axes = {**{s.name: s.dynamic_axes for s in specs}, denoiser.output_names[0]: {0: "batch"}}
     proto = module_onnx_proto(model, args, [s.name for s in specs], list(denoiser.output_names), axes, denoiser.name)
-    meta = {"diffquant.model": denoiser.name, "diffquant.float_dtype": float_dtype, "diffquant.module_prefix": MODULE_PREFIX}
+    meta = {
+        "diffquant.model": denoiser.name,
+        "diffquant.float_dtype": float_dtype,
+        "diffquant.module_prefix": MODULE_PREFIX,
+    }
     for k, v in meta.items():
         proto.metadata_props.add(key=k, value=v)
     return proto
 
 
-def module_onnx_proto(module: torch.nn.Module, args: tuple, inputs: list[str], outputs: list[str], dynamic_axes: dict, what: str) -> onnx.ModelProto:
+def module_onnx_proto(
+    module: torch.nn.Module, args: tuple, inputs: list[str], outputs: list[str], dynamic_axes: dict, what: str
+) -> onnx.ModelProto:
     """Export ``module(*args)`` with the TorchScript exporter (constant folding off, so layer
     names survive), upgraded to opset 21: the one export path of denoisers and pipeline parts."""
     buf = io.BytesIO()
     torch.onnx.register_custom_op_symbolic("aten::rms_norm", _rms_norm, TORCHSCRIPT_OPSET)
     with warnings.catch_warnings(), torch.no_grad(), _trace_friendly_ops():
         warnings.simplefilter("ignore")
-        torch.onnx.export(module, args, buf, dynamo=False, opset_version=TORCHSCRIPT_OPSET, input_names=inputs, output_names=outputs,
-                          dynamic_axes=dynamic_axes, do_constant_folding=False)
+        torch.onnx.export(
+            module,
+            args,
+            buf,
+            dynamo=False,
+            opset_version=TORCHSCRIPT_OPSET,
+            input_names=inputs,
+            output_names=outputs,
+            dynamic_axes=dynamic_axes,
+            do_constant_folding=False,
+        )
     proto = onnx.load_model_from_string(buf.getvalue())
     try:
         return onnx.version_converter.convert_version(proto, OPSET)
@@ -129,7 +148,14 @@ def save_onnx(proto: onnx.ModelProto, path: str | Path) -> Path:
     out = onnx.ModelProto()
     out.CopyFrom(proto)  # saving as external data rewrites the tensors in place
     with atomic_path(path) as tmp:
-        onnx.save_model(out, str(tmp), save_as_external_data=True, all_tensors_to_one_file=True, location=path.name + ".data", size_threshold=1024)
+        onnx.save_model(
+            out,
+            str(tmp),
+            save_as_external_data=True,
+            all_tensors_to_one_file=True,
+            location=path.name + ".data",
+            size_threshold=1024,
+        )
         onnx.checker.check_model(str(tmp))
     return path
 

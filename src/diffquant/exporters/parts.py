@@ -82,10 +82,18 @@ class _TextGraph(nn.Module):
 
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None) -> tuple[torch.Tensor, ...]:
         hidden = "penultimate" in self.spec.outputs
-        out = self.encoder(input_ids, attention_mask=attention_mask if self.spec.feed_mask else None, output_hidden_states=hidden, return_dict=True)
+        out = self.encoder(
+            input_ids,
+            attention_mask=attention_mask if self.spec.feed_mask else None,
+            output_hidden_states=hidden,
+            return_dict=True,
+        )
         pooled = getattr(out, "text_embeds", None)
-        got = {"last_hidden_state": out.last_hidden_state, "penultimate": out.hidden_states[-2] if hidden else None,
-               "pooled": pooled if pooled is not None else getattr(out, "pooler_output", None)}
+        got = {
+            "last_hidden_state": out.last_hidden_state,
+            "penultimate": out.hidden_states[-2] if hidden else None,
+            "pooled": pooled if pooled is not None else getattr(out, "pooler_output", None),
+        }
         return tuple(got[o] for o in self.spec.outputs)
 
 
@@ -118,7 +126,9 @@ def tokenizer_json(tok, spec: TextEncoderSpec) -> str:
 
     backend = getattr(tok, "backend_tokenizer", None)
     if backend is None:
-        raise DiffquantError(f"{spec.tokenizer}: {type(tok).__name__} has no `tokenizers` form to deploy; save the pipeline with a fast tokenizer (tokenizer.json)")
+        raise DiffquantError(
+            f"{spec.tokenizer}: {type(tok).__name__} has no `tokenizers` form to deploy; save the pipeline with a fast tokenizer (tokenizer.json)"
+        )
     t = Tokenizer.from_str(backend.to_str())
     t.enable_truncation(spec.max_length)
     t.enable_padding(length=spec.max_length, pad_id=int(tok.pad_token_id), pad_token=str(tok.pad_token))
@@ -150,7 +160,10 @@ def _dtype(cfg: PartsConfig, target: str, peak: float) -> tuple[str, str]:
     if target == "onnxruntime":
         return "float32", "onnxruntime target: FP32 graphs"
     if peak > FP16_SAFE:
-        return "float32", f"max |activation| {peak:.3g} on the calibration prompts is over half of FP16's 65504: kept FP32"
+        return (
+            "float32",
+            f"max |activation| {peak:.3g} on the calibration prompts is over half of FP16's 65504: kept FP32",
+        )
     return "float16", f"max |activation| {peak:.3g}: fits FP16"
 
 
@@ -171,7 +184,10 @@ def _check_onnx(path: Path, feeds: dict[str, np.ndarray], refs: dict[str, np.nda
         if "float16" not in str(e) and "NOT_IMPLEMENTED" not in str(e):
             raise
         up = upcast_float16(onnx.load(str(path)))
-        sess, how = ort.InferenceSession(up.SerializeToString(), opts, providers=["CPUExecutionProvider"]), "FP16 weights, FP32 arithmetic (no FP16 CPU kernels)"
+        sess, how = (
+            ort.InferenceSession(up.SerializeToString(), opts, providers=["CPUExecutionProvider"]),
+            "FP16 weights, FP32 arithmetic (no FP16 CPU kernels)",
+        )
         outs = sess.run(list(refs), _typed(sess, feeds))
     return {k: snr_db(refs[k], o) for k, o in zip(refs, outs)}, how
 
@@ -188,7 +204,9 @@ class _Exporter:
         self.d, self.out, self.target, self.cfg = denoiser, out, target, cfg
         self.reports: list[PartReport] = []
 
-    def _write(self, name: str, module: nn.Module, args: tuple, inputs: list[str], outputs: list[str], axes: dict, peak: float) -> tuple[Path, str, str]:
+    def _write(
+        self, name: str, module: nn.Module, args: tuple, inputs: list[str], outputs: list[str], axes: dict, peak: float
+    ) -> tuple[Path, str, str]:
         dtype, why = _dtype(self.cfg, self.target, peak)
         m = copy.deepcopy(module).eval()
         if dtype == "float16":
@@ -221,7 +239,19 @@ class _Exporter:
         axes = {**{i: {0: "batch"} for i in inputs}, **{o: {0: "batch"} for o in spec.outputs}}
         path, dtype, why = self._write(spec.component, graph, args, inputs, list(spec.outputs), axes, peak)
         snr, how = _check_onnx(path, dict(zip(inputs, (a.numpy() for a in args))), refs)
-        self.reports.append(PartReport(spec.component, path.name, dtype, why, peak, snr, how, SNR_MIN_DB[dtype], ids.tolist() == [list(t) for t in theirs]))
+        self.reports.append(
+            PartReport(
+                spec.component,
+                path.name,
+                dtype,
+                why,
+                peak,
+                snr,
+                how,
+                SNR_MIN_DB[dtype],
+                ids.tolist() == [list(t) for t in theirs],
+            )
+        )
         return {**spec.to_dict(), "file": path.name, "tokenizer_file": tok_file.as_posix(), "dtype": dtype}
 
     def vae(self, encoder: bool) -> dict:
@@ -239,10 +269,18 @@ class _Exporter:
         path, dtype, why = self._write(name, graph, (x,), [inp], [outp], {inp: {0: "batch"}, outp: {0: "batch"}}, peak)
         snr, how = _check_onnx(path, {inp: x.numpy()}, {outp: ref})
         self.reports.append(PartReport(name, path.name, dtype, why, peak, snr, how, SNR_MIN_DB[dtype]))
-        return {"file": path.name, "input": inp, "output": outp, "dtype": dtype, "shape": [*ref.shape[1:]] if not encoder else list(x.shape[1:])}
+        return {
+            "file": path.name,
+            "input": inp,
+            "output": outp,
+            "dtype": dtype,
+            "shape": [*ref.shape[1:]] if not encoder else list(x.shape[1:]),
+        }
 
 
-def export_parts(denoiser: Denoiser, out: Path, target: str, cfg: PartsConfig | None = None) -> tuple[dict, list[PartReport]]:
+def export_parts(
+    denoiser: Denoiser, out: Path, target: str, cfg: PartsConfig | None = None
+) -> tuple[dict, list[PartReport]]:
     """Export the text encoders (with tokenizers) and the VAE decoder (and encoder on request) of
     ``denoiser``'s pipeline into ``out``; returns runtime.json's ``text`` / ``vae`` sections and
     one report per part. A denoiser without a pipeline (builtin digits, bare folders) has none."""

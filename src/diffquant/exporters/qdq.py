@@ -92,7 +92,9 @@ def _find_weight_consumer(graph: gs.Graph, weight_name: str, layer: str) -> tupl
     """The Conv / MatMul / Gemm reading ``weight_name`` (through a Transpose for Linear)."""
     tensors = graph.tensors()
     if weight_name not in tensors:
-        raise DiffquantError(f"layer {layer}: weight {weight_name!r} is not in the exported graph (was it exported with constant folding?)")
+        raise DiffquantError(
+            f"layer {layer}: weight {weight_name!r} is not in the exported graph (was it exported with constant folding?)"
+        )
     for node in tensors[weight_name].outputs:
         if node.op in ("Conv", "Gemm"):
             return node, "direct"
@@ -107,7 +109,16 @@ def code_range(fmt: QuantFormat) -> tuple[int, int]:
     return (int(lo.min()), int(hi.max())) if fmt.mixed else (lo, hi)
 
 
-def _weight_dq(lp: LayerPlan, w: torch.Tensor, scale: torch.Tensor, node: gs.Node, how: str, fdtype, prof: TargetProfile, pts: torch.Tensor | None = None) -> tuple[gs.Variable, dict]:
+def _weight_dq(
+    lp: LayerPlan,
+    w: torch.Tensor,
+    scale: torch.Tensor,
+    node: gs.Node,
+    how: str,
+    fdtype,
+    prof: TargetProfile,
+    pts: torch.Tensor | None = None,
+) -> tuple[gs.Variable, dict]:
     fmt: QuantFormat = lp.weight
     q = quantize_int(w.float(), scale.float(), fmt)
     name = lp.name
@@ -116,7 +127,9 @@ def _weight_dq(lp: LayerPlan, w: torch.Tensor, scale: torch.Tensor, node: gs.Nod
         big = int(pts.max())
         lo, hi = code_range(fmt)
         if not isinstance(fmt.granularity, PerAxis) or lo * 2**big < -128 or hi * 2**big > 127:
-            raise DiffquantError(f"layer {name}: power-of-two exponents up to {big} do not fit {fmt.bits}-bit weight codes inside INT8")
+            raise DiffquantError(
+                f"layer {name}: power-of-two exponents up to {big} do not fit {fmt.bits}-bit weight codes inside INT8"
+            )
         q = q * torch.exp2(big - pts).reshape([1, -1] + [1] * (q.dim() - 2))
         scale = scale.float() / 2**big
         if float(scale.min()) < MIN_SCALE:
@@ -148,10 +161,21 @@ def _weight_dq(lp: LayerPlan, w: torch.Tensor, scale: torch.Tensor, node: gs.Nod
     wz = gs.Constant(f"{name}.weight_zero_point", np.full(scale.shape, zp, wdt))
     out = gs.Variable(f"{name}.weight_dq", dtype=fdtype)
     dq = gs.Node("DequantizeLinear", f"{name}.weight_DequantizeLinear", {"axis": axis}, [wq, ws, wz], [out])
-    grid = f" (per-channel {min(fmt.bits)}..{max(fmt.bits)}-bit grids)" if fmt.mixed else "" if fmt.bits == 8 else f" ({fmt.bits}-bit grid)"
+    grid = (
+        f" (per-channel {min(fmt.bits)}..{max(fmt.bits)}-bit grids)"
+        if fmt.mixed
+        else ""
+        if fmt.bits == 8
+        else f" ({fmt.bits}-bit grid)"
+    )
     bits = "".join(map(str, fmt.bits)) if fmt.mixed else fmt.bits
     declared = {"axis": axis, "bits": bits, "shift": big, "zero_point": zp}
-    return out, {"node": dq, "axis": axis, "desc": f"{wdt.name.upper()}{grid} per-channel axis {axis}{shift}", "grid": (wq.name, declared)}
+    return out, {
+        "node": dq,
+        "axis": axis,
+        "desc": f"{wdt.name.upper()}{grid} per-channel axis {axis}{shift}",
+        "grid": (wq.name, declared),
+    }
 
 
 def lower_plan(
@@ -172,12 +196,16 @@ def lower_plan(
         raise DiffquantError(f"unknown target {target!r}; available: {', '.join(TARGETS)}")
     prof = TARGETS[target]
     if plan.state not in ("frozen", "exported"):
-        raise DiffquantError(f"plan for {plan.model} is {plan.state!r}: export needs a frozen plan (finish `diffquant quantize`)")
+        raise DiffquantError(
+            f"plan for {plan.model} is {plan.state!r}: export needs a frozen plan (finish `diffquant quantize`)"
+        )
     if not 0 <= group < plan.n_groups:
         raise DiffquantError(f"timestep group {group} does not exist; the plan has {plan.n_groups}")
     research = [str(s.key) for lp in plan.quantized_layers() for s in lp.sites.values() if s.format.research_only]
     if research:
-        raise DiffquantError(f"site {research[0]} has a {plan.sites[research[0]].format.kind} grid, which is research only (no Q/DQ form): evaluate it in fake-quant, or re-quantize with a uniform recipe")
+        raise DiffquantError(
+            f"site {research[0]} has a {plan.sites[research[0]].format.kind} grid, which is research only (no Q/DQ form): evaluate it in fake-quant, or re-quantize with a uniform recipe"
+        )
     fdtype = graph_float_dtype(fp_model)
     graph = gs.import_onnx(fp_model)
     tensors = graph.tensors()
@@ -190,7 +218,9 @@ def lower_plan(
     for lp in plan.quantized_layers():
         if lp.act and not lp.split:
             mult = plan.act_multiplier(lp.name, group)
-            readers[_find_weight_consumer(graph, f"{MODULE_PREFIX}{lp.name}.weight", lp.name)[0].name] = None if mult is None else _bytes(mult)
+            readers[_find_weight_consumer(graph, f"{MODULE_PREFIX}{lp.name}.weight", lp.name)[0].name] = (
+                None if mult is None else _bytes(mult)
+            )
     for lp in plan.quantized_layers():
         weight_name = f"{MODULE_PREFIX}{lp.name}.weight"
         node, how = _find_weight_consumer(graph, weight_name, lp.name)
@@ -198,14 +228,30 @@ def lower_plan(
         if lp.split and lp.act:
             if node.op != "Conv" or not lp.weight:
                 raise DiffquantError(f"layer {lp.name}: a shortcut split lowers only on a conv with quantized weights")
-            add = _split_conv(graph, node, lp, _plan_weight(lp, plan, weights, tensors[weight_name]), plan, group, act_q, result, prof, fdtype, info)
+            add = _split_conv(
+                graph,
+                node,
+                lp,
+                _plan_weight(lp, plan, weights, tensors[weight_name]),
+                plan,
+                group,
+                act_q,
+                result,
+                prof,
+                fdtype,
+                info,
+            )
             if prof.requantize_conv_outputs:  # after the Add: the same output rounding as fake-quant (not fused)
-                info["output"] = _requantize_output(graph, add, lp, plan.out_scale(lp.name, group), prof, fdtype, result)
+                info["output"] = _requantize_output(
+                    graph, add, lp, plan.out_scale(lp.name, group), prof, fdtype, result
+                )
             result.realized[lp.name] = info
             continue
         if lp.weight:
             w = _plan_weight(lp, plan, weights, tensors[weight_name])
-            dq_out, wi = _weight_dq(lp, w, plan.weight_scale(lp.name), node, how, fdtype, prof, plan.pts_exponents(lp.name, group))
+            dq_out, wi = _weight_dq(
+                lp, w, plan.weight_scale(lp.name), node, how, fdtype, prof, plan.pts_exponents(lp.name, group)
+            )
             graph.nodes.append(wi["node"])
             node.inputs[1] = dq_out
             if "int4" in wi:
@@ -218,7 +264,19 @@ def lower_plan(
         if lp.act:
             x = node.inputs[0]
             mult = plan.act_multiplier(lp.name, group)
-            node.inputs[0] = _shared_qdq(graph, x, lp, float(plan.act_scale(lp.name, group)), mult, node.op, act_q, result, prof, fdtype, readers=readers)
+            node.inputs[0] = _shared_qdq(
+                graph,
+                x,
+                lp,
+                float(plan.act_scale(lp.name, group)),
+                mult,
+                node.op,
+                act_q,
+                result,
+                prof,
+                fdtype,
+                readers=readers,
+            )
             clip = "" if lp.act.bits == 8 else f", Clip to {lp.act.bits}-bit range"
             info["act"] = f"{np.dtype(prof.act_dtype).name.upper()} per-tensor{clip}"
             if mult is not None:
@@ -229,8 +287,11 @@ def lower_plan(
             info["output"] = _requantize_output(graph, node, lp, plan.out_scale(lp.name, group), prof, fdtype, result)
         result.realized[lp.name] = info
     for site in plan.operands.values():  # DAQ's attention probabilities: no Q/DQ in either target's graph
-        result.realized[str(site.key)] = {"op": "Softmax -> P.V", "weight": "-",
-                                          "act": f"P: {site.format.kind} {site.format.max_bits}-bit in the research form only; deployed in floating point"}
+        result.realized[str(site.key)] = {
+            "op": "Softmax -> P.V",
+            "weight": "-",
+            "act": f"P: {site.format.kind} {site.format.max_bits}-bit in the research form only; deployed in floating point",
+        }
     graph.cleanup().toposort()
     model = gs.export_onnx(graph)
     for init in model.graph.initializer:  # onnx-graphsurgeon writes int8 bytes; pack the INT4 ones
@@ -264,7 +325,20 @@ def _bytes(v) -> bytes:
     return np.asarray(v, dtype=np.float32).tobytes()
 
 
-def _shared_qdq(graph, x: gs.Variable, lp: LayerPlan, scale: float, mult, op: str, act_q: dict, result: LoweringResult, prof: TargetProfile, fdtype, kind: str = "act", readers: dict | None = None) -> gs.Variable:
+def _shared_qdq(
+    graph,
+    x: gs.Variable,
+    lp: LayerPlan,
+    scale: float,
+    mult,
+    op: str,
+    act_q: dict,
+    result: LoweringResult,
+    prof: TargetProfile,
+    fdtype,
+    kind: str = "act",
+    readers: dict | None = None,
+) -> gs.Variable:
     """The activation Q/DQ of tensor ``x`` for layer ``lp``: reused when another quantized layer
     already reads ``x`` (it must have the same scale and multiplier: one Q/DQ per tensor), else
     ``[per-channel multiplier ->] [Clip ->] Q -> DQ``, the multiplier folded into the producer
@@ -325,7 +399,9 @@ def _const_values(t) -> np.ndarray | None:
     return None
 
 
-def _fold_multiplier(x: gs.Variable, mult: np.ndarray, channels_last: bool, key: bytes, readers: dict, fdtype, base: str) -> str:
+def _fold_multiplier(
+    x: gs.Variable, mult: np.ndarray, channels_last: bool, key: bytes, readers: dict, fdtype, base: str
+) -> str:
     """Fold the per-channel multiplier into the node producing ``x``, if exact: every reader of
     ``x`` is a quantized layer taking this very multiplier (or a Shape), and the producer is a
     LayerNormalization over the channel axis with constant scale (and bias), or a ``Mul`` by a
@@ -378,7 +454,19 @@ def _plan_weight(lp: LayerPlan, plan: QuantPlan, weights, init) -> torch.Tensor:
     return w
 
 
-def _split_conv(graph, node: gs.Node, lp: LayerPlan, w: torch.Tensor, plan: QuantPlan, group: int, act_q: dict, result: LoweringResult, prof: TargetProfile, fdtype, info: dict) -> gs.Node:
+def _split_conv(
+    graph,
+    node: gs.Node,
+    lp: LayerPlan,
+    w: torch.Tensor,
+    plan: QuantPlan,
+    group: int,
+    act_q: dict,
+    result: LoweringResult,
+    prof: TargetProfile,
+    fdtype,
+    info: dict,
+) -> gs.Node:
     """Shortcut split, lowered exactly: conv([h, skip], W) = conv(h, W[:, :c]) + conv(skip, W[:, c:]).
     Each half conv reads its own DQ (a Q/DQ on each concat input, the skip one shared with the
     other quantized reader of that tensor) and INT8 weights on the same per-channel scales, so
@@ -386,7 +474,9 @@ def _split_conv(graph, node: gs.Node, lp: LayerPlan, w: torch.Tensor, plan: Quan
     linter's qdq-placement rule), and the original Concat keeps feeding the FP GroupNorm path."""
     cat = node.inputs[0].inputs[0] if node.inputs[0].inputs else None
     if cat is None or cat.op != "Concat" or len(cat.inputs) != 2 or cat.attrs.get("axis") not in (1, -3):
-        raise DiffquantError(f"layer {lp.name}: the plan splits its input, but the graph does not feed it a two-input channel Concat")
+        raise DiffquantError(
+            f"layer {lp.name}: the plan splits its input, but the graph does not feed it a two-input channel Concat"
+        )
     c, scale = lp.split, plan.weight_scale(lp.name)
     half1 = LayerPlan.new(f"{lp.name}.half1", lp.op, lp.rule, lp.weight, lp.act)
     w0, wi = _weight_dq(lp, w[:, :c], scale, node, "direct", fdtype, prof)
@@ -394,7 +484,19 @@ def _split_conv(graph, node: gs.Node, lp: LayerPlan, w: torch.Tensor, plan: Quan
     graph.nodes += [wi["node"], wi1["node"]]
     result.weight_grids.update(dict([wi["grid"], wi1["grid"]]))
     dqs = [
-        _shared_qdq(graph, piece, LayerPlan.new(lp.name, lp.op, lp.rule, None, lp.act), float(plan.act_scale(lp.name, group, half)), None, "Conv", act_q, result, prof, fdtype, kind=f"act{half}")
+        _shared_qdq(
+            graph,
+            piece,
+            LayerPlan.new(lp.name, lp.op, lp.rule, None, lp.act),
+            float(plan.act_scale(lp.name, group, half)),
+            None,
+            "Conv",
+            act_q,
+            result,
+            prof,
+            fdtype,
+            kind=f"act{half}",
+        )
         for half, piece in enumerate(cat.inputs)
     ]
     y = node.outputs[0]
@@ -406,11 +508,21 @@ def _split_conv(graph, node: gs.Node, lp: LayerPlan, w: torch.Tensor, plan: Quan
     graph.nodes.append(add)
     clip = "" if lp.act.bits == 8 else f", Clip to {lp.act.bits}-bit range"
     info["weight"] = f"{wi['desc']}, split in two convs at input channel {c}"
-    info["act"] = f"{np.dtype(prof.act_dtype).name.upper()} per-tensor{clip}, one Q/DQ per concat input (shortcut split: two convs + Add)"
+    info["act"] = (
+        f"{np.dtype(prof.act_dtype).name.upper()} per-tensor{clip}, one Q/DQ per concat input (shortcut split: two convs + Add)"
+    )
     return add
 
 
-def _requantize_output(graph: gs.Graph, node: gs.Node, lp: LayerPlan, scale: float | None, prof: TargetProfile, fdtype, result: LoweringResult) -> str:
+def _requantize_output(
+    graph: gs.Graph,
+    node: gs.Node,
+    lp: LayerPlan,
+    scale: float | None,
+    prof: TargetProfile,
+    fdtype,
+    result: LoweringResult,
+) -> str:
     """Put a Q/DQ on a conv's output so ONNX Runtime fuses QLinearConv; without a recorded
     output scale the conv stays unfused (correct, but slower on CPU)."""
     if scale is None:
@@ -423,7 +535,17 @@ def _requantize_output(graph: gs.Graph, node: gs.Node, lp: LayerPlan, scale: flo
     return f"{np.dtype(prof.act_dtype).name.upper()} Q/DQ on the output (fuses to QLinearConv)"
 
 
-def _qdq(graph: gs.Graph, x: gs.Variable, base: str, kind: str, scale: float, fmt: QuantFormat, prof: TargetProfile, fdtype, out: gs.Variable | None = None) -> gs.Variable:
+def _qdq(
+    graph: gs.Graph,
+    x: gs.Variable,
+    base: str,
+    kind: str,
+    scale: float,
+    fmt: QuantFormat,
+    prof: TargetProfile,
+    fdtype,
+    out: gs.Variable | None = None,
+) -> gs.Variable:
     """Append ``[Clip ->] QuantizeLinear -> DequantizeLinear`` on ``x``; names ``<base>.<kind>_*``."""
     s = gs.Constant(f"{base}.{kind}_scale", np.array(scale, dtype=fdtype))
     z = gs.Constant(f"{base}.{kind}_zero_point", np.array(prof.act_zero_point, dtype=prof.act_dtype))

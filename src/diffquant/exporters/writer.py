@@ -45,7 +45,12 @@ def graph_file(group: int, n_groups: int) -> str:
 
 
 def export(
-    plan: QuantPlan, denoiser: Denoiser, out_dir: str | Path, target: str = "tensorrt", float_dtype: str | None = None, parts: PartsConfig | None = None
+    plan: QuantPlan,
+    denoiser: Denoiser,
+    out_dir: str | Path,
+    target: str = "tensorrt",
+    float_dtype: str | None = None,
+    parts: PartsConfig | None = None,
 ) -> ExportResult:
     """Write ``unet.fp32.onnx`` (ladder step 1), the deployable Q/DQ graph(s), ``realized.json``,
     the pipeline parts (text encoders with tokenizers, VAE decoder; `exporters.parts`, checked in
@@ -62,7 +67,9 @@ def export(
     fp32 = fp_onnx_proto(denoiser, "float32")
     fdtype = float_dtype or TARGETS[target].float_dtype
     base = fp32 if fdtype == "float32" else fp_onnx_proto(denoiser, fdtype)
-    lowered = [lower_plan(base, plan, target, weights=denoiser.model.state_dict(), group=g) for g in range(plan.n_groups)]
+    lowered = [
+        lower_plan(base, plan, target, weights=denoiser.model.state_dict(), group=g) for g in range(plan.n_groups)
+    ]
     reports = []
     for g, low in enumerate(lowered):
         name = graph_file(g, plan.n_groups)
@@ -77,16 +84,43 @@ def export(
         graphs.append(out / graph_file(g, plan.n_groups))
         save_onnx(low.model, graphs[-1])
     groups = plan.timestep_groups or [[]]
-    write_json(out / "realized.json", {"target": target, "float_dtype": fdtype, "layers": lowered[0].realized, "skipped": plan.skipped, "timestep_groups": plan.timestep_groups})
+    write_json(
+        out / "realized.json",
+        {
+            "target": target,
+            "float_dtype": fdtype,
+            "layers": lowered[0].realized,
+            "skipped": plan.skipped,
+            "timestep_groups": plan.timestep_groups,
+        },
+    )
     sections, part_reports = export_parts(denoiser, out, target, parts)
     if part_reports:
         write_json(out / "parts.json", {"target": target, "parts": [r.to_dict() for r in part_reports]})
-    write_runtime_bundle(denoiser, out, target, plan.request, [{"file": p.name, "timestep_range": r} for p, r in zip(graphs, groups)], sections)
+    write_runtime_bundle(
+        denoiser,
+        out,
+        target,
+        plan.request,
+        [{"file": p.name, "timestep_range": r} for p, r in zip(graphs, groups)],
+        sections,
+    )
     plan.state = "exported"
-    return ExportResult(out / "unet.fp32.onnx", graphs[0], lowered[0].realized, lowered[0].act_dq, reports[0], graphs, plan.timestep_groups, part_reports)
+    return ExportResult(
+        out / "unet.fp32.onnx",
+        graphs[0],
+        lowered[0].realized,
+        lowered[0].act_dq,
+        reports[0],
+        graphs,
+        plan.timestep_groups,
+        part_reports,
+    )
 
 
-def write_runtime_bundle(denoiser: Denoiser, out: Path, target: str, bits: str, graphs: list[dict], parts: dict | None = None) -> None:
+def write_runtime_bundle(
+    denoiser: Denoiser, out: Path, target: str, bits: str, graphs: list[dict], parts: dict | None = None
+) -> None:
     """What `generate` needs without torch: the prompt table (every conditioning input, one row
     per calibrated prompt and the negative / null row last), the static inputs, the sampler
     (scheduler config, kind, flow-matching arguments, how timesteps are fed), the named input
@@ -94,7 +128,9 @@ def write_runtime_bundle(denoiser: Denoiser, out: Path, target: str, bits: str, 
     parts (``text``: encoders, tokenizers and how their outputs make the conditioning; ``vae``)."""
     fam = denoiser.family
     tensors = {f"cond.{k}": np.ascontiguousarray(v.numpy()) for k, v in denoiser.conditioning.items()}
-    tensors.update({f"static.{k}": np.ascontiguousarray(v.numpy()) for k, v in fam.static_inputs(denoiser.conditioning).items()})
+    tensors.update(
+        {f"static.{k}": np.ascontiguousarray(v.numpy()) for k, v in fam.static_inputs(denoiser.conditioning).items()}
+    )
     with atomic_path(out / CONDITIONING_FILE) as tmp:
         save_file(tensors or {"empty": np.zeros(1, np.float32)}, str(tmp))
     example = denoiser.example_inputs(1)
@@ -113,7 +149,12 @@ def write_runtime_bundle(denoiser: Denoiser, out: Path, target: str, bits: str, 
             "latent": denoiser.vae is not None,
             "inputs": inputs,
             "output": denoiser.output_names[0],
-            "conditioning": {"file": CONDITIONING_FILE, "prompts": list(denoiser.prompts), "null_id": denoiser.null_id, "separator": fam.prompt_separator},
+            "conditioning": {
+                "file": CONDITIONING_FILE,
+                "prompts": list(denoiser.prompts),
+                "null_id": denoiser.null_id,
+                "separator": fam.prompt_separator,
+            },
             "sampler": {
                 "kind": fam.sampler,
                 "guidance": fam.guidance,

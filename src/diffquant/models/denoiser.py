@@ -72,7 +72,9 @@ class Denoiser(nn.Module):
         self.specs = family.input_specs()
         for s in self.specs:
             if s.role == "cond" and s.name not in self.conditioning:
-                raise DiffquantError(f"{name}: the {family.name} family needs conditioning {s.name!r}, which its encoders did not produce")
+                raise DiffquantError(
+                    f"{name}: the {family.name} family needs conditioning {s.name!r}, which its encoders did not produce"
+                )
 
     @property
     def vae(self) -> nn.Module | None:
@@ -112,7 +114,9 @@ class Denoiser(nn.Module):
         ids = torch.as_tensor(ids, dtype=torch.int64)
         return {k: v[ids] for k, v in self.conditioning.items()}
 
-    def step_inputs(self, x: torch.Tensor, t: float, cond: dict[str, torch.Tensor], guidance: float | None = None) -> NamedInputs:
+    def step_inputs(
+        self, x: torch.Tensor, t: float, cond: dict[str, torch.Tensor], guidance: float | None = None
+    ) -> NamedInputs:
         """The named inputs of one sampler step: latents ``x``, scheduler timestep ``t`` (the
         family converts it), conditioning rows, the guidance scale where it is an input."""
         n = len(x)
@@ -124,7 +128,9 @@ class Denoiser(nn.Module):
             elif s.role == "timestep":
                 feeds[s.name] = torch.full((n,), self.family.model_timestep(t))
             elif s.role == "guidance":
-                feeds[s.name] = torch.full((n,), float(guidance if guidance is not None else self.family.default_guidance))
+                feeds[s.name] = torch.full(
+                    (n,), float(guidance if guidance is not None else self.family.default_guidance)
+                )
             elif s.role == "static":
                 feeds[s.name] = static[s.name]
             else:

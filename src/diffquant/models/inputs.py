@@ -60,7 +60,10 @@ class NamedInputs(dict):
     def cat(parts: list[NamedInputs]) -> NamedInputs:
         """Concatenate batches (static inputs are taken from the first)."""
         first = parts[0]
-        return NamedInputs({k: (torch.cat([p[k] for p in parts]) if k in first.batched else v) for k, v in first.items()}, first.batched)
+        return NamedInputs(
+            {k: (torch.cat([p[k] for p in parts]) if k in first.batched else v) for k, v in first.items()},
+            first.batched,
+        )
 
     def clone(self) -> NamedInputs:
         return NamedInputs({k: v.clone() for k, v in self.items()}, self.batched)

@@ -25,7 +25,15 @@ from tqdm.auto import tqdm
 from diffquant.models.data import CLASS_WORDS
 from diffquant.models.train import cosine_lr, ema_step
 
-__all__ = ["CALIB_TEMPLATES", "EVAL_TEMPLATE", "LDM_SIZE", "LdmTrainConfig", "build_ldm_parts", "ldm_prompts", "train_ldm"]
+__all__ = [
+    "CALIB_TEMPLATES",
+    "EVAL_TEMPLATE",
+    "LDM_SIZE",
+    "LdmTrainConfig",
+    "build_ldm_parts",
+    "ldm_prompts",
+    "train_ldm",
+]
 
 LDM_SIZE = 32
 EVAL_TEMPLATE = "a handwritten {}"  # the prompts quality is measured with: held out from calibration
@@ -70,13 +78,43 @@ def build_ldm_parts(vocab_size: int) -> dict:
     from diffusers import AutoencoderKL, UNet2DConditionModel
     from transformers import CLIPTextConfig, CLIPTextModel
 
-    vae = AutoencoderKL(in_channels=1, out_channels=1, latent_channels=4, block_out_channels=(16, 32, 32), layers_per_block=1, norm_num_groups=8,
-                        down_block_types=("DownEncoderBlock2D",) * 3, up_block_types=("UpDecoderBlock2D",) * 3, sample_size=LDM_SIZE)
-    text = CLIPTextModel(CLIPTextConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4, vocab_size=vocab_size,
-                                        max_position_embeddings=TEXT_LENGTH, projection_dim=64, bos_token_id=0, eos_token_id=1, pad_token_id=1))
-    unet = UNet2DConditionModel(sample_size=LDM_SIZE // 4, in_channels=4, out_channels=4, down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
-                                up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"), block_out_channels=(48, 96), layers_per_block=1,
-                                cross_attention_dim=64, attention_head_dim=8, norm_num_groups=8)
+    vae = AutoencoderKL(
+        in_channels=1,
+        out_channels=1,
+        latent_channels=4,
+        block_out_channels=(16, 32, 32),
+        layers_per_block=1,
+        norm_num_groups=8,
+        down_block_types=("DownEncoderBlock2D",) * 3,
+        up_block_types=("UpDecoderBlock2D",) * 3,
+        sample_size=LDM_SIZE,
+    )
+    text = CLIPTextModel(
+        CLIPTextConfig(
+            hidden_size=64,
+            intermediate_size=128,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            vocab_size=vocab_size,
+            max_position_embeddings=TEXT_LENGTH,
+            projection_dim=64,
+            bos_token_id=0,
+            eos_token_id=1,
+            pad_token_id=1,
+        )
+    )
+    unet = UNet2DConditionModel(
+        sample_size=LDM_SIZE // 4,
+        in_channels=4,
+        out_channels=4,
+        down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
+        up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
+        block_out_channels=(48, 96),
+        layers_per_block=1,
+        cross_attention_dim=64,
+        attention_head_dim=8,
+        norm_num_groups=8,
+    )
     return {"vae": vae, "text_encoder": text, "unet": unet}
 
 
@@ -151,7 +189,9 @@ def _train_unet(parts: dict, tok, lat: tuple, y: torch.Tensor, cfg: LdmTrainConf
         t = torch.randint(0, len(alphas), (len(idx),), generator=gen)
         noise = torch.randn(z0.shape, generator=gen)
         a = alphas[t].view(-1, 1, 1, 1)
-        pred = unet(a.sqrt() * z0 + (1 - a).sqrt() * noise, t, encoder_hidden_states=text(_tokenize(tok, prompts))[0]).sample
+        pred = unet(
+            a.sqrt() * z0 + (1 - a).sqrt() * noise, t, encoder_hidden_states=text(_tokenize(tok, prompts))[0]
+        ).sample
         loss = F.mse_loss(pred, noise)
         opt.zero_grad()
         loss.backward()
@@ -190,13 +230,29 @@ def train_ldm(out: str | Path, cfg: LdmTrainConfig | None = None) -> dict:
             lat = _encode_dataset(parts["vae"], x)
             parts["vae"].register_to_config(scaling_factor=lat[2])
             loss = _train_unet(parts, tok, lat, y, cfg, gen, bar)
-        pipe = StableDiffusionPipeline(vae=parts["vae"], text_encoder=parts["text_encoder"].eval(), tokenizer=tok, unet=parts["unet"].eval(),
-                                       scheduler=DDIMScheduler(**scheduler_config()), safety_checker=None, feature_extractor=None,
-                                       requires_safety_checker=False)
+        pipe = StableDiffusionPipeline(
+            vae=parts["vae"],
+            text_encoder=parts["text_encoder"].eval(),
+            tokenizer=tok,
+            unet=parts["unet"].eval(),
+            scheduler=DDIMScheduler(**scheduler_config()),
+            safety_checker=None,
+            feature_extractor=None,
+            requires_safety_checker=False,
+        )
         pipe.save_pretrained(str(tmp), safe_serialization=True)
         for f in (tmp / ".tok").iterdir():
             f.unlink()
         (tmp / ".tok").rmdir()
-    return {"name": "digits-ldm", "train_config": asdict(cfg), "scheduler": scheduler_config(), "train_seconds": round(time.time() - start, 1),
-            "torch": torch.__version__, "vae_final_loss": vae_loss, "final_loss": loss, "scaling_factor": lat[2],
-            "eval_prompts": ldm_prompts(), "calib_templates": list(CALIB_TEMPLATES)}
+    return {
+        "name": "digits-ldm",
+        "train_config": asdict(cfg),
+        "scheduler": scheduler_config(),
+        "train_seconds": round(time.time() - start, 1),
+        "torch": torch.__version__,
+        "vae_final_loss": vae_loss,
+        "final_loss": loss,
+        "scaling_factor": lat[2],
+        "eval_prompts": ldm_prompts(),
+        "calib_templates": list(CALIB_TEMPLATES),
+    }

@@ -21,14 +21,32 @@ from diffquant.models.data import CLASS_WORDS
 from diffquant.models.denoiser import Denoiser
 from diffquant.models.families import DigitsDiT, DigitsLDM, DigitsSD, family_for, supported_classes
 
-__all__ = ["DDIM_SCHEDULERS", "FLOW_SCHEDULERS", "LoadConfig", "default_prompts", "load_classifier", "load_denoiser", "load_pipeline", "read_prompts"]
+__all__ = [
+    "DDIM_SCHEDULERS",
+    "FLOW_SCHEDULERS",
+    "LoadConfig",
+    "default_prompts",
+    "load_classifier",
+    "load_denoiser",
+    "load_pipeline",
+    "read_prompts",
+]
 
 DENOISER_FOLDERS = ("unet", "transformer")
 # schedulers whose config is a discrete beta schedule: sampled with DDIM on that schedule
 DDIM_SCHEDULERS = (
-    "DDIMScheduler", "DDPMScheduler", "PNDMScheduler", "EulerDiscreteScheduler", "EulerAncestralDiscreteScheduler",
-    "DPMSolverMultistepScheduler", "DPMSolverSinglestepScheduler", "LMSDiscreteScheduler", "UniPCMultistepScheduler",
-    "HeunDiscreteScheduler", "DEISMultistepScheduler", "KDPM2DiscreteScheduler",
+    "DDIMScheduler",
+    "DDPMScheduler",
+    "PNDMScheduler",
+    "EulerDiscreteScheduler",
+    "EulerAncestralDiscreteScheduler",
+    "DPMSolverMultistepScheduler",
+    "DPMSolverSinglestepScheduler",
+    "LMSDiscreteScheduler",
+    "UniPCMultistepScheduler",
+    "HeunDiscreteScheduler",
+    "DEISMultistepScheduler",
+    "KDPM2DiscreteScheduler",
 )
 FLOW_SCHEDULERS = ("FlowMatchEulerDiscreteScheduler",)
 MAX_PROMPT_CHARS = 2000
@@ -54,13 +72,17 @@ def read_prompts(path: str | Path) -> list[str]:
     try:
         lines = path.read_text(encoding="utf-8").splitlines()
     except (OSError, UnicodeDecodeError) as e:
-        raise DiffquantError(f"prompts file {path} is unreadable ({e}); give a UTF-8 text file, one prompt per line") from None
+        raise DiffquantError(
+            f"prompts file {path} is unreadable ({e}); give a UTF-8 text file, one prompt per line"
+        ) from None
     prompts = [ln.strip() for ln in lines if ln.strip()]
     if not prompts:
         raise DiffquantError(f"prompts file {path} holds no prompt; write one prompt per line")
     long = [p for p in prompts if len(p) > MAX_PROMPT_CHARS]
     if long:
-        raise DiffquantError(f"prompts file {path}: a line of {len(long[0])} characters is not a prompt (limit {MAX_PROMPT_CHARS}); is it the right file?")
+        raise DiffquantError(
+            f"prompts file {path}: a line of {len(long[0])} characters is not a prompt (limit {MAX_PROMPT_CHARS}); is it the right file?"
+        )
     return prompts
 
 
@@ -100,7 +122,9 @@ def _builtin_ldm(cfg: LoadConfig) -> Denoiser:
 
     folder = weights_dir() / "digits-ldm"
     if not (folder / "model_index.json").exists():
-        raise DiffquantError(f"builtin model digits-ldm is not trained ({folder} is missing); run `diffquant zoo train digits-ldm`")
+        raise DiffquantError(
+            f"builtin model digits-ldm is not trained ({folder} is missing); run `diffquant zoo train digits-ldm`"
+        )
     if cfg.resolution:
         raise DiffquantError("builtin:digits-ldm draws 32x32 images; --resolution is for pipeline folders")
     return _from_pipeline(folder, LoadConfig(prompts=cfg.prompts or ldm_prompts()), DigitsLDM, "builtin:digits-ldm")
@@ -121,7 +145,9 @@ def _scheduler(folder: Path, denoiser_dir: str) -> dict:
     cfg = _json(path)
     cls = cfg.get("_class_name", "")
     if cls not in DDIM_SCHEDULERS + FLOW_SCHEDULERS:
-        raise DiffquantError(f"{path}: scheduler {cls!r} is not supported; supported: {', '.join(DDIM_SCHEDULERS + FLOW_SCHEDULERS)}")
+        raise DiffquantError(
+            f"{path}: scheduler {cls!r} is not supported; supported: {', '.join(DDIM_SCHEDULERS + FLOW_SCHEDULERS)}"
+        )
     return {k: v for k, v in cfg.items() if not k.startswith("_") or k == "_class_name"}
 
 
@@ -130,7 +156,10 @@ def _check_weights(folder: Path) -> None:
     read them with ``weights_only=True``) after a warning."""
     bins = [p for p in folder.rglob("*.bin") if not p.name.startswith("training_args")]
     if bins and not list(folder.rglob("*.safetensors")):
-        warnings.warn(f"{folder} holds only .bin weights; they are loaded with weights_only=True, but convert them to safetensors", stacklevel=3)
+        warnings.warn(
+            f"{folder} holds only .bin weights; they are loaded with weights_only=True, but convert them to safetensors",
+            stacklevel=3,
+        )
 
 
 def load_pipeline(folder: Path):
@@ -141,11 +170,26 @@ def load_pipeline(folder: Path):
     name = index.get("_class_name", "")
     cls = getattr(diffusers, name, None)
     if cls is None:
-        raise DiffquantError(f"{folder / 'model_index.json'}: pipeline class {name!r} is not in diffusers {diffusers.__version__}")
-    for part in ("tokenizer", "tokenizer_2", "tokenizer_3", "text_encoder", "text_encoder_2", "text_encoder_3", "vae", "unet", "transformer", "scheduler"):
+        raise DiffquantError(
+            f"{folder / 'model_index.json'}: pipeline class {name!r} is not in diffusers {diffusers.__version__}"
+        )
+    for part in (
+        "tokenizer",
+        "tokenizer_2",
+        "tokenizer_3",
+        "text_encoder",
+        "text_encoder_2",
+        "text_encoder_3",
+        "vae",
+        "unet",
+        "transformer",
+        "scheduler",
+    ):
         entry = index.get(part)
         if isinstance(entry, list) and entry[0] is not None and not (folder / part).is_dir():
-            raise DiffquantError(f"{folder / 'model_index.json'} names {part} ({entry[1]}), but {folder / part} is missing; save the whole pipeline again with save_pretrained")
+            raise DiffquantError(
+                f"{folder / 'model_index.json'} names {part} ({entry[1]}), but {folder / part} is missing; save the whole pipeline again with save_pretrained"
+            )
     _check_weights(folder)
     logging.getLogger("diffusers").setLevel(logging.ERROR)
     try:
@@ -163,7 +207,10 @@ def _truncation_warning(pipe, prompts: list[str]) -> None:
     limit = tok.model_max_length
     long = sum(1 for p in prompts if len(tok(p).input_ids) > limit)
     if long:
-        warnings.warn(f"{long} prompt(s) are longer than the tokenizer's {limit} tokens and were truncated, as the pipeline does", stacklevel=3)
+        warnings.warn(
+            f"{long} prompt(s) are longer than the tokenizer's {limit} tokens and were truncated, as the pipeline does",
+            stacklevel=3,
+        )
 
 
 def _from_pipeline(folder: Path, cfg: LoadConfig, family_cls=None, name: str = "") -> Denoiser:
@@ -171,22 +218,37 @@ def _from_pipeline(folder: Path, cfg: LoadConfig, family_cls=None, name: str = "
     model = getattr(pipe, "unet", None) or getattr(pipe, "transformer", None)
     if model is None:
         raise DiffquantError(f"{folder}: the pipeline has no unet or transformer to quantize")
-    family = family_cls(model.eval(), pipe, cfg.resolution) if family_cls else family_for(model.eval(), pipe, cfg.resolution)
+    family = (
+        family_cls(model.eval(), pipe, cfg.resolution) if family_cls else family_for(model.eval(), pipe, cfg.resolution)
+    )
     sched = _scheduler(folder, folder.name)
     if (family.sampler == "flow") != (sched["_class_name"] in FLOW_SCHEDULERS):
-        raise DiffquantError(f"{folder}: a {family.name} model with a {sched['_class_name']}; expected a {'flow-matching' if family.sampler == 'flow' else 'discrete'} scheduler")
+        raise DiffquantError(
+            f"{folder}: a {family.name} model with a {sched['_class_name']}; expected a {'flow-matching' if family.sampler == 'flow' else 'discrete'} scheduler"
+        )
     prompts = cfg.prompts or family.default_prompts() or default_prompts()
     needs = [s.name for s in family.input_specs() if s.role == "cond" and s.name != "class_labels"]
     if needs:
         for part in ("tokenizer", "text_encoder"):
             if getattr(pipe, part, None) is None and getattr(pipe, f"{part}_2", None) is None:
-                raise DiffquantError(f"{folder}: the {family.name} pipeline needs its {part}, which the folder lacks; save the whole pipeline with save_pretrained")
+                raise DiffquantError(
+                    f"{folder}: the {family.name} pipeline needs its {part}, which the folder lacks; save the whole pipeline with save_pretrained"
+                )
         _truncation_warning(pipe, prompts)
     with torch.no_grad():
         cond = family.encode(pipe, prompts)
     text = family.text_plan(pipe)
     parts = {n: getattr(pipe, n) for e in (text.encoders if text else []) for n in (e.component, e.tokenizer)}
-    return Denoiser(name or str(folder), family, model, sched, cond, prompts, vae=getattr(pipe, "vae", None), text=(text, parts) if text else None)
+    return Denoiser(
+        name or str(folder),
+        family,
+        model,
+        sched,
+        cond,
+        prompts,
+        vae=getattr(pipe, "vae", None),
+        text=(text, parts) if text else None,
+    )
 
 
 def _from_component(folder: Path, cfg: LoadConfig) -> Denoiser:
@@ -196,7 +258,9 @@ def _from_component(folder: Path, cfg: LoadConfig) -> Denoiser:
 
     cls_name = _json(folder / "config.json").get("_class_name", "")
     if cls_name not in supported_classes():
-        raise DiffquantError(f"{folder / 'config.json'}: model class {cls_name!r} is not supported; supported: {', '.join(supported_classes())}")
+        raise DiffquantError(
+            f"{folder / 'config.json'}: model class {cls_name!r} is not supported; supported: {', '.join(supported_classes())}"
+        )
     _check_weights(folder)
     try:
         model = getattr(diffusers, cls_name).from_pretrained(str(folder), local_files_only=True)
@@ -236,7 +300,9 @@ def _from_folder(path: Path, cfg: LoadConfig) -> Denoiser:
     for sub in DENOISER_FOLDERS:
         if (path / sub / "config.json").exists():
             return _from_component(path / sub, cfg)
-    raise DiffquantError(f"{path} is not a diffusers model folder: no model_index.json or config.json (save it with save_pretrained)")
+    raise DiffquantError(
+        f"{path} is not a diffusers model folder: no model_index.json or config.json (save it with save_pretrained)"
+    )
 
 
 def load_denoiser(spec: str, cfg: LoadConfig | None = None) -> Denoiser:
@@ -247,9 +313,13 @@ def load_denoiser(spec: str, cfg: LoadConfig | None = None) -> Denoiser:
         if name == "digits-ldm":
             return _builtin_ldm(cfg)
         if name not in ("digits-sd", "digits-dit"):
-            raise DiffquantError(f"unknown builtin denoiser {name!r}; choose builtin:digits-sd, builtin:digits-dit or builtin:digits-ldm")
+            raise DiffquantError(
+                f"unknown builtin denoiser {name!r}; choose builtin:digits-sd, builtin:digits-dit or builtin:digits-ldm"
+            )
         if cfg.prompts or cfg.resolution:
-            raise DiffquantError(f"{spec} has fixed class-word prompts and a 16x16 size; --prompts and --resolution are for pipeline folders")
+            raise DiffquantError(
+                f"{spec} has fixed class-word prompts and a 16x16 size; --prompts and --resolution are for pipeline folders"
+            )
         return _builtin(name)
     path = Path(spec)
     if path.exists():
@@ -258,7 +328,9 @@ def load_denoiser(spec: str, cfg: LoadConfig | None = None) -> Denoiser:
         return _from_folder(path, cfg)
     if spec.count("/") == 1 and not spec.startswith((".", "/")):
         return _from_hub(spec, cfg)
-    raise DiffquantError(f"model {spec!r} not found: pass builtin:digits-sd, builtin:digits-dit, builtin:digits-ldm, a folder, or a hub id")
+    raise DiffquantError(
+        f"model {spec!r} not found: pass builtin:digits-sd, builtin:digits-dit, builtin:digits-ldm, a folder, or a hub id"
+    )
 
 
 def load_classifier():

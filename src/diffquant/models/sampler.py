@@ -17,7 +17,16 @@ from tqdm.auto import tqdm
 
 from diffquant.models.inputs import NamedInputs
 
-__all__ = ["EpsFn", "PromptBatch", "SamplerConfig", "class_ids", "initial_noise", "make_scheduler", "prompt_batch", "sample"]
+__all__ = [
+    "EpsFn",
+    "PromptBatch",
+    "SamplerConfig",
+    "class_ids",
+    "initial_noise",
+    "make_scheduler",
+    "prompt_batch",
+    "sample",
+]
 
 EpsFn = Callable[[NamedInputs], torch.Tensor]
 
@@ -56,7 +65,12 @@ class PromptBatch:
 
     def take(self, sl: slice) -> PromptBatch:
         """Samples ``sl`` of this batch."""
-        return PromptBatch(self.ids[sl], self.noise[sl], {k: v[sl] for k, v in self.cond.items()}, {k: v[sl] for k, v in self.uncond.items()})
+        return PromptBatch(
+            self.ids[sl],
+            self.noise[sl],
+            {k: v[sl] for k, v in self.cond.items()},
+            {k: v[sl] for k, v in self.uncond.items()},
+        )
 
 
 def prompt_batch(denoiser, n: int, seed: int) -> PromptBatch:

@@ -33,8 +33,12 @@ class ActStats:
 
     amax: dict[str, dict[float, float]] = field(default_factory=lambda: defaultdict(dict))
     out_amax: dict[str, dict[float, float]] = field(default_factory=lambda: defaultdict(dict))
-    samples: dict[str, dict[float, list[torch.Tensor]]] = field(default_factory=lambda: defaultdict(lambda: defaultdict(list)))
-    sample_amax: dict[str, dict[float, list[float]]] = field(default_factory=lambda: defaultdict(lambda: defaultdict(list)))
+    samples: dict[str, dict[float, list[torch.Tensor]]] = field(
+        default_factory=lambda: defaultdict(lambda: defaultdict(list))
+    )
+    sample_amax: dict[str, dict[float, list[float]]] = field(
+        default_factory=lambda: defaultdict(lambda: defaultdict(list))
+    )
     channel_amax: dict[str, torch.Tensor] = field(default_factory=dict)
     channel_amax_t: dict[str, dict[float, torch.Tensor]] = field(default_factory=lambda: defaultdict(dict))
     groups: dict[str, str] = field(default_factory=dict)
@@ -46,7 +50,9 @@ class ActStats:
     def min_mean_amax(self, key: str, timesteps: list[float] | None = None) -> float:
         """NVIDIA's diffusion reduction: per timestep the mean over samples of each sample's
         input range, then the minimum over timesteps."""
-        per_t = [sum(v) / len(v) for t, v in self.sample_amax[key].items() if v and (timesteps is None or t in timesteps)]
+        per_t = [
+            sum(v) / len(v) for t, v in self.sample_amax[key].items() if v and (timesteps is None or t in timesteps)
+        ]
         return min(per_t)
 
     @staticmethod
@@ -205,7 +211,9 @@ def observe_activations(
         handles.append(modules[name].register_forward_hook(make_out_hook(name)))
     try:
         total = sum(1 for _ in calib.batches(batch_size))
-        for i, (ts, inputs) in enumerate(tqdm(calib.batches(batch_size), total=total, desc="observe", leave=False, disable=not progress)):
+        for i, (ts, inputs) in enumerate(
+            tqdm(calib.batches(batch_size), total=total, desc="observe", leave=False, disable=not progress)
+        ):
             current["t"] = ts
             if i == 0:  # the first batch also records concat pieces (for grouping split halves)
                 with rec:

@@ -23,7 +23,9 @@ class Costs:
         return sum(self.bits[n][o] for n, o in config.items()) / sum(self.numel[n] for n in config)
 
 
-def penalized_top1(effects: dict[str, dict[str, float]], costs: Costs, budget: float, iters: int = 60) -> dict[str, str] | None:
+def penalized_top1(
+    effects: dict[str, dict[str, float]], costs: Costs, budget: float, iters: int = 60
+) -> dict[str, str] | None:
     """Per layer argmax(effect - lambda * bits per weight); the smallest lambda (bisected) whose
     configuration meets ``budget``; None if even the cheapest options exceed it."""
 
@@ -64,7 +66,9 @@ def greedy_knapsack(effects: dict[str, dict[str, float]], costs: Costs, budget: 
     return _refill(effects, costs, budget, config)
 
 
-def _refill(effects: dict[str, dict[str, float]], costs: Costs, budget: float, config: dict[str, str]) -> dict[str, str]:
+def _refill(
+    effects: dict[str, dict[str, float]], costs: Costs, budget: float, config: dict[str, str]
+) -> dict[str, str]:
     """Spend what the last step down left: while some layer's move to a better option still fits
     ``budget``, take the one with the most predicted gain per bit added."""
     while True:

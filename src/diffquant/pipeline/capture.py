@@ -81,7 +81,11 @@ def capture(model: nn.Module, unit: nn.Module, data, batch: int, want_inputs: bo
 
     def collate(vals):
         v0 = vals[0]
-        if isinstance(v0, torch.Tensor) and v0.dim() > 0 and all(isinstance(v, torch.Tensor) and v.shape[0] == n for v, n in zip(vals, sizes)):
+        if (
+            isinstance(v0, torch.Tensor)
+            and v0.dim() > 0
+            and all(isinstance(v, torch.Tensor) and v.shape[0] == n for v, n in zip(vals, sizes))
+        ):
             return ("batched", torch.cat([v.detach() for v in vals]))
         return ("const", v0)
 
@@ -102,8 +106,6 @@ def per_sample_loss(out: torch.Tensor, tgt: torch.Tensor) -> torch.Tensor:
     err = (out - tgt).pow(2)
     channels = err.shape[1] if err.dim() == 4 else err.shape[-1]
     return err.reshape(len(err), -1).mean(dim=1) * channels
-
-
 
 
 def layer_output(mod: nn.Module, x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:

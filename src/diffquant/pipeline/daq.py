@@ -67,7 +67,9 @@ class DAQConfig:
         if not self.alternatives or set(self.alternatives) - set(ALTERNATIVES):
             raise ValueError(f"alternatives must be a non-empty list of {ALTERNATIVES}, got {self.alternatives}")
         if not 0 <= self.bits <= 8 or not 0 < self.p_value < 1 or self.samples < 100:
-            raise ValueError(f"need bits 0..8 (0: the plan's), p_value in (0, 1), samples >= 100; got {self.bits}, {self.p_value}, {self.samples}")
+            raise ValueError(
+                f"need bits 0..8 (0: the plan's), p_value in (0, 1), samples >= 100; got {self.bits}, {self.p_value}, {self.samples}"
+            )
 
 
 class ProbsRecorder:
@@ -125,9 +127,19 @@ def daq_pass(ctx: PassContext, cfg: DAQConfig) -> None:
     act = parse_bits(plan.request).act
     bits = cfg.bits or (act.bits if act is not None else 0)
     if not bits:
-        raise DiffquantError(f"daq: the plan's bits {plan.request} leave activations in floating point, so P has no bit width; set daq.bits (e.g. 8)")
-    cols = ["attention", "group", "P values", "x_min", "alpha", "tail"] + [f"{h} vs {a}" for a in cfg.alternatives for h in ("LLR", "p")] + ["choice"]
-    report = PassReport("daq", f"DAQ: post-softmax quantizers at {bits} bits (research form; the deployed graph keeps P in floating point)", cols)
+        raise DiffquantError(
+            f"daq: the plan's bits {plan.request} leave activations in floating point, so P has no bit width; set daq.bits (e.g. 8)"
+        )
+    cols = (
+        ["attention", "group", "P values", "x_min", "alpha", "tail"]
+        + [f"{h} vs {a}" for a in cfg.alternatives for h in ("LLR", "p")]
+        + ["choice"]
+    )
+    report = PassReport(
+        "daq",
+        f"DAQ: post-softmax quantizers at {bits} bits (research form; the deployed graph keeps P in floating point)",
+        cols,
+    )
     plan.reports.append(report)
     if not names:
         report.notes.append("this denoiser has no attention modules")
@@ -144,7 +156,11 @@ def daq_pass(ctx: PassContext, cfg: DAQConfig) -> None:
             fmt = QuantFormat(bits=bits, kind=kind)
             top = recs[name].amax[g]
             scale = top if kind == "log2" else top / fmt.qmax
-            plan.operands[str(SiteKey(name, "operand", g))] = Site(SiteKey(name, "operand", g), fmt, round_scale(torch.tensor([max(scale, 1e-8)])))
+            plan.operands[str(SiteKey(name, "operand", g))] = Site(
+                SiteKey(name, "operand", g), fmt, round_scale(torch.tensor([max(scale, 1e-8)]))
+            )
             report.rows.append([name, g, len(x)] + evidence + [kind])
     chosen = [r[-1] for r in report.rows]
-    report.notes.append(f"{chosen.count('log2')} of {len(chosen)} site-groups log2 (power law), {chosen.count('uniform')} uniform")
+    report.notes.append(
+        f"{chosen.count('log2')} of {len(chosen)} site-groups log2 (power law), {chosen.count('uniform')} uniform"
+    )

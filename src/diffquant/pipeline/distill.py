@@ -166,8 +166,14 @@ class Distiller:
             self.members.setdefault(g, []).append(str(site.key))
 
     def optimizer(self) -> torch.optim.Optimizer:
-        groups = [{"params": [lo.a, lo.b], "lr": float(self.weight_steps[n].detach().mean()) / self.cfg.lora_lr_div} for n, lo in self.loras.items()]
-        groups += [{"params": list(self.weight_steps.values()), "lr": self.cfg.weight_lr}, {"params": list(self.act_steps.values()), "lr": self.cfg.act_lr}]
+        groups = [
+            {"params": [lo.a, lo.b], "lr": float(self.weight_steps[n].detach().mean()) / self.cfg.lora_lr_div}
+            for n, lo in self.loras.items()
+        ]
+        groups += [
+            {"params": list(self.weight_steps.values()), "lr": self.cfg.weight_lr},
+            {"params": list(self.act_steps.values()), "lr": self.cfg.act_lr},
+        ]
         return torch.optim.AdamW([g for g in groups if g["params"]], weight_decay=self.cfg.weight_decay)
 
     def guided(self, model, inputs, use_cfg: bool, guidance: float) -> torch.Tensor:
@@ -198,7 +204,9 @@ class Distiller:
         for name, lora in self.loras.items():
             m = self.qmods[name]
             self.plan.weights[name] = (m.weight.detach() + lora.delta().detach()).float().clone()
-            self.plan.layers[name].weight_site.scale = round_scale(self.weight_steps[name].detach().clamp(min=MIN_SCALE))
+            self.plan.layers[name].weight_site.scale = round_scale(
+                self.weight_steps[name].detach().clamp(min=MIN_SCALE)
+            )
         sites = self.plan.sites
         for g, step in self.act_steps.items():
             value = round_scale(step.detach().clamp(min=MIN_SCALE))
@@ -254,9 +262,15 @@ def _train(dist: Distiller, report: PassReport) -> None:
                 for p in steps:
                     p.clamp_(min=MIN_SCALE)
             if not math.isfinite(window["mse"][-1]):
-                raise DiffquantError(f"efficientdm: the distillation loss diverged at step {it}; lower the learning rates")
+                raise DiffquantError(
+                    f"efficientdm: the distillation loss diverged at step {it}; lower the learning rates"
+                )
             prev = {k: v.detach() for k, v in dist.feats.items()} if dist.tap else None
-            x = sched.step(e_q.detach(), t, x).prev_sample if flow else sched.step(e_q.detach(), t, x, eta=0.0).prev_sample
+            x = (
+                sched.step(e_q.detach(), t, x).prev_sample
+                if flow
+                else sched.step(e_q.detach(), t, x, eta=0.0).prev_sample
+            )
             it += 1
             bar.update(1)
             if it % 50 == 0 or it == cfg.iters:
@@ -276,13 +290,22 @@ def efficientdm_pass(ctx: PassContext, cfg: EfficientDMConfig) -> None:
     merge and re-quantize (see the module docstring)."""
     for lp in ctx.plan.quantized_layers():
         if any(site.scale is None for key, site in lp.sites.items() if key != "output"):
-            raise DiffquantError(f"efficientdm: layer {lp.name} has no scales yet; run a range pass (minmax) before efficientdm in the recipe")
+            raise DiffquantError(
+                f"efficientdm: layer {lp.name} has no scales yet; run a range pass (minmax) before efficientdm in the recipe"
+            )
     torch.manual_seed(cfg.seed)
     t0 = time.time()
     dist = Distiller(ctx, cfg)
-    trd = {"off": "no TRD", "detached": "TRD detached (as released)", "on": f"TRD x {cfg.trd_weight:g} every {cfg.trd_every} steps"}[cfg.trd]
-    report = PassReport("efficientdm", f"Low-rank distillation ({cfg.iters} steps along {cfg.steps}-step trajectories of {cfg.batch_size}, LoRA rank {cfg.rank}, {trd})",
-                        ["step", "noise MSE (mean over the last 50)", "TRD loss"])
+    trd = {
+        "off": "no TRD",
+        "detached": "TRD detached (as released)",
+        "on": f"TRD x {cfg.trd_weight:g} every {cfg.trd_every} steps",
+    }[cfg.trd]
+    report = PassReport(
+        "efficientdm",
+        f"Low-rank distillation ({cfg.iters} steps along {cfg.steps}-step trajectories of {cfg.batch_size}, LoRA rank {cfg.rank}, {trd})",
+        ["step", "noise MSE (mean over the last 50)", "TRD loss"],
+    )
     ctx.plan.reports.append(report)
     try:
         if cfg.iters:
@@ -290,4 +313,6 @@ def efficientdm_pass(ctx: PassContext, cfg: EfficientDMConfig) -> None:
     finally:
         dist.close()
     dist.harden()
-    report.notes.append(f"{len(dist.loras)} LoRA adapters merged, {len(dist.act_steps)} activation steps per timestep group learned; {time.time() - t0:.0f} s")
+    report.notes.append(
+        f"{len(dist.loras)} LoRA adapters merged, {len(dist.act_steps)} activation steps per timestep group learned; {time.time() - t0:.0f} s"
+    )

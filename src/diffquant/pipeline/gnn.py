@@ -24,12 +24,35 @@ from diffquant.pipeline.predictor import RidgePredictor
 from diffquant.pipeline.sensitivity import OP_TYPES, block_of, op_type, weight_layers
 from diffquant.quant.weight_options import METHODS, OptionCache, WeightOption
 
-__all__ = ["GATv2Layer", "GNNPredictor", "GNNTraining", "LayerGraph", "denoiser_graph", "fit_predictor", "static_features", "train_gnn"]
+__all__ = [
+    "GATv2Layer",
+    "GNNPredictor",
+    "GNNTraining",
+    "LayerGraph",
+    "denoiser_graph",
+    "fit_predictor",
+    "static_features",
+    "train_gnn",
+]
 
 KINDS = ("add", "matmul", "norm")
-COMBINE = {"add": "add", "__add__": "add", "__radd__": "add", "add_": "add", "__iadd__": "add",
-           "matmul": "matmul", "__matmul__": "matmul", "bmm": "matmul", "baddbmm": "matmul", "einsum": "matmul", "scaled_dot_product_attention": "matmul",
-           "layer_norm": "norm", "group_norm": "norm", "instance_norm": "norm", "rms_norm": "norm"}
+COMBINE = {
+    "add": "add",
+    "__add__": "add",
+    "__radd__": "add",
+    "add_": "add",
+    "__iadd__": "add",
+    "matmul": "matmul",
+    "__matmul__": "matmul",
+    "bmm": "matmul",
+    "baddbmm": "matmul",
+    "einsum": "matmul",
+    "scaled_dot_product_attention": "matmul",
+    "layer_norm": "norm",
+    "group_norm": "norm",
+    "instance_norm": "norm",
+    "rms_norm": "norm",
+}
 TYPES = [t for t, _ in OP_TYPES] + ["final projection", "patchify", "other"]
 
 
@@ -62,7 +85,11 @@ class _Tracer(TorchFunctionMode):
         inputs = [t for t in _tensors(args) + _tensors(list(kwargs.values())) if id(t) in self.reach]
         parents = frozenset().union(*(self.reach[id(t)] for t in inputs))
         name = getattr(func, "__name__", "")
-        weight = next((self.weights[id(a)] for a in args[1:2] if id(a) in self.weights), None) if name in ("linear", "conv2d") else None
+        weight = (
+            next((self.weights[id(a)] for a in args[1:2] if id(a) in self.weights), None)
+            if name in ("linear", "conv2d")
+            else None
+        )
         kind = COMBINE.get(name)
         if weight is not None or (kind and (kind == "norm" or len({id(t) for t in inputs}) >= 2)):
             me = weight if weight is not None else self.n_layers + len(self.combine)
@@ -125,7 +152,14 @@ class GATv2Layer(nn.Module):
 class GNNPredictor(nn.Module):
     """Node features -> 4 GATv2 layers of width 64 -> mean + max pooling -> score (standardized)."""
 
-    def __init__(self, graph: LayerGraph, static: torch.Tensor, errors: dict[tuple[str, WeightOption], float], width: int = 64, depth: int = 4) -> None:
+    def __init__(
+        self,
+        graph: LayerGraph,
+        static: torch.Tensor,
+        errors: dict[tuple[str, WeightOption], float],
+        width: int = 64,
+        depth: int = 4,
+    ) -> None:
         super().__init__()
         self.graph, self.static, self.errors = graph, static, errors
         self.embed = nn.Linear(static.shape[1] + len(METHODS) + 2, width)
@@ -165,8 +199,12 @@ def static_features(graph: LayerGraph, denoiser: Denoiser) -> torch.Tensor:
     mods = weight_layers(denoiser.model)
     sizes = [mods[n].weight.numel() for n in graph.layers]
     blocks = list(dict.fromkeys(block_of(n) for n in graph.layers))
-    rows = [[s * len(sizes) / sum(sizes), blocks.index(block_of(n)) / max(1, len(blocks) - 1), 1.0] + _one_hot(op_type(n), TYPES) + [0.0] * len(KINDS)
-            for n, s in zip(graph.layers, sizes)]
+    rows = [
+        [s * len(sizes) / sum(sizes), blocks.index(block_of(n)) / max(1, len(blocks) - 1), 1.0]
+        + _one_hot(op_type(n), TYPES)
+        + [0.0] * len(KINDS)
+        for n, s in zip(graph.layers, sizes)
+    ]
     rows += [[0.0, 0.0, 0.0] + [0.0] * len(TYPES) + _one_hot(k, KINDS) for k in graph.combine]
     return torch.tensor(rows)
 
@@ -182,7 +220,13 @@ class GNNTraining:
     rank_weight: float = 1.0
 
 
-def train_gnn(model: GNNPredictor, configs: list[dict[str, WeightOption]], scores: list[float], seed: int, cfg: GNNTraining | None = None) -> GNNPredictor:
+def train_gnn(
+    model: GNNPredictor,
+    configs: list[dict[str, WeightOption]],
+    scores: list[float],
+    seed: int,
+    cfg: GNNTraining | None = None,
+) -> GNNPredictor:
     """Fit ``model`` to ``scores`` (seeded)."""
     cfg = cfg or GNNTraining()
     gen = torch.Generator().manual_seed(seed)
@@ -207,8 +251,17 @@ def train_gnn(model: GNNPredictor, configs: list[dict[str, WeightOption]], score
 _GRAPHS: dict[tuple[int, tuple[str, ...]], LayerGraph] = {}
 
 
-def fit_predictor(kind: str, denoiser: Denoiser, layers: list[str], options: list[WeightOption], cache: OptionCache,
-                  configs: list[dict[str, WeightOption]], scores: list[float], seed: int = 0, training: GNNTraining | None = None):
+def fit_predictor(
+    kind: str,
+    denoiser: Denoiser,
+    layers: list[str],
+    options: list[WeightOption],
+    cache: OptionCache,
+    configs: list[dict[str, WeightOption]],
+    scores: list[float],
+    seed: int = 0,
+    training: GNNTraining | None = None,
+):
     """A fitted predictor of ``kind`` (``ridge`` or ``gnn``) with ``predict(configs)``."""
     if kind == "ridge":
         return RidgePredictor(layers, options).fit(configs, scores)

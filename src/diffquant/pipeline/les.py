@@ -29,7 +29,13 @@ from diffquant.pipeline.capture import capture, layer_output, per_sample_loss, p
 from diffquant.pipeline.context import PassContext
 from diffquant.pipeline.minmax import plan_weight
 from diffquant.pipeline.registry import register_pass
-from diffquant.pipeline.smoothquant import input_channel_amax, scalable_layers, scaling_groups, smoothing_factors, write_smoothing
+from diffquant.pipeline.smoothquant import (
+    input_channel_amax,
+    scalable_layers,
+    scaling_groups,
+    smoothing_factors,
+    write_smoothing,
+)
 from diffquant.pipeline.weighting import make_weighting
 from diffquant.quant.fake import MIN_SCALE, fake_quant
 from diffquant.quant.format import PerAxis
@@ -66,7 +72,6 @@ class LESConfig:
             raise ValueError(f"alpha must be in [0, 1], got {self.alpha}")
 
 
-
 def _quant_out(mod: nn.Module, lp, x: torch.Tensor, w: torch.Tensor, tau: torch.Tensor) -> torch.Tensor:
     """The layer on Q(X / tau) and Q(tau * W), with dynamic ranges and straight-through rounding."""
     conv = isinstance(mod, nn.Conv2d)
@@ -84,17 +89,28 @@ def les_pass(ctx: PassContext, cfg: LESConfig) -> None:
     layers = scalable_layers(ctx, cfg.ops, "les")
     for n in layers:
         if not isinstance(plan.layers[n].weight.granularity, PerAxis):
-            raise DiffquantError(f"les: layer {n} has {type(plan.layers[n].weight.granularity).__name__} weight scales; LES needs per-channel weights")
+            raise DiffquantError(
+                f"les: layer {n} has {type(plan.layers[n].weight.granularity).__name__} weight scales; LES needs per-channel weights"
+            )
     if not layers:
         return
     readers = [lp.name for lp in plan.quantized_layers() if lp.act and not lp.split]
-    stats = observe_activations(ctx.denoiser, readers, ctx.calib, progress=ctx.progress, channel_amax=set(layers) if cfg.init == "smoothquant" else None)
+    stats = observe_activations(
+        ctx.denoiser,
+        readers,
+        ctx.calib,
+        progress=ctx.progress,
+        channel_amax=set(layers) if cfg.init == "smoothquant" else None,
+    )
     members = scaling_groups(ctx, layers, readers, stats, "LES")
     data = pick_samples(ctx, cfg.samples)
     modules = dict(ctx.denoiser.model.named_modules())
     gen = torch.Generator().manual_seed(cfg.seed)
-    report = PassReport("les", f"Learned equivalent scaling ({cfg.iters} iterations, init {cfg.init}, {cfg.timestep_weighting} weighting)",
-                        ["input group", "layers", "loss before", "after", "tau min", "tau max", "s"])
+    report = PassReport(
+        "les",
+        f"Learned equivalent scaling ({cfg.iters} iterations, init {cfg.init}, {cfg.timestep_weighting} weighting)",
+        ["input group", "layers", "loss before", "after", "tau min", "tau max", "s"],
+    )
     plan.reports.append(report)
     bar = tqdm(members.items(), desc="les", disable=not ctx.progress)
     for lead, names in bar:
@@ -111,14 +127,22 @@ def les_pass(ctx: PassContext, cfg: LESConfig) -> None:
             tau, before, after = _train(ctx, cfg, modules, names, weights, tau0, data, gen)
             how = f"LES ({cfg.iters} iters, init {cfg.init}, {cfg.timestep_weighting} weighting): dynamic-quant output loss {before:.4g} -> {after:.4g} ({time.time() - t0:.0f} s)"
         else:
-            how = f"equivalent scaling by the SmoothQuant heuristic (alpha {cfg.alpha:g}), untrained" if cfg.init == "smoothquant" else "LES with 0 iterations and init 1: no scaling"
+            how = (
+                f"equivalent scaling by the SmoothQuant heuristic (alpha {cfg.alpha:g}), untrained"
+                if cfg.init == "smoothquant"
+                else "LES with 0 iterations and init 1: no scaling"
+            )
         if len(names) > 1:
             how += f"; vector shared with {', '.join(n for n in names if n != lead) if len(names) < 4 else f'{len(names) - 1} layers reading the same tensor'}"
         write_smoothing(ctx, names, tau, how)
-        report.rows.append([lead, len(names), before, after, float(tau.min()), float(tau.max()), round(time.time() - t0, 1)])
+        report.rows.append(
+            [lead, len(names), before, after, float(tau.min()), float(tau.max()), round(time.time() - t0, 1)]
+        )
 
 
-def _train(ctx: PassContext, cfg: LESConfig, modules: dict, names: list[str], weights: dict, tau0: torch.Tensor, data, gen) -> tuple[torch.Tensor, float, float]:
+def _train(
+    ctx: PassContext, cfg: LESConfig, modules: dict, names: list[str], weights: dict, tau0: torch.Tensor, data, gen
+) -> tuple[torch.Tensor, float, float]:
     """Train one input group's tau = exp(theta) from ``tau0``; returns (tau, loss before, after)."""
     plan = ctx.plan
     theta = nn.Parameter(torch.log(tau0.clamp(min=2.0**-12, max=2.0**10)))
@@ -130,7 +154,10 @@ def _train(ctx: PassContext, cfg: LESConfig, modules: dict, names: list[str], we
         targets = {n: torch.cat([layer_output(modules[n], x[i], weights[n]) for i in chunks]) for n in names}
 
     def loss_at(idx: torch.Tensor, tau: torch.Tensor) -> torch.Tensor:
-        return sum(per_sample_loss(_quant_out(modules[n], plan.layers[n], x[idx], weights[n], tau), targets[n][idx]) for n in names)
+        return sum(
+            per_sample_loss(_quant_out(modules[n], plan.layers[n], x[idx], weights[n], tau), targets[n][idx])
+            for n in names
+        )
 
     def mean_loss(tau: torch.Tensor) -> float:
         with torch.no_grad():

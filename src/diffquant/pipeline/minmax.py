@@ -44,9 +44,13 @@ class MinMaxConfig:
             if getattr(self, f) not in REDUCTIONS + (("",) if f == "conv_act_reduce" else ()):
                 raise ValueError(f"{f} must be one of {REDUCTIONS}, got {getattr(self, f)!r}")
         if self.batch_size < 1 or self.mse_candidates < 1:
-            raise ValueError(f"batch_size and mse_candidates must be >= 1, got {self.batch_size} and {self.mse_candidates}")
+            raise ValueError(
+                f"batch_size and mse_candidates must be >= 1, got {self.batch_size} and {self.mse_candidates}"
+            )
         if not 0.0 < self.percentile <= 100.0 or not 0.0 < self.mse_step <= 1.0 or self.mse_p <= 0.0:
-            raise ValueError(f"percentile must be in (0, 100], mse_step in (0, 1], mse_p > 0; got {self.percentile}, {self.mse_step}, {self.mse_p}")
+            raise ValueError(
+                f"percentile must be in (0, 100], mse_step in (0, 1], mse_p > 0; got {self.percentile}, {self.mse_step}, {self.mse_p}"
+            )
 
 
 REDUCTIONS = ("max", "mean", "min-mean")
@@ -72,7 +76,11 @@ def calibrate_weights(ctx: PassContext, cfg: MinMaxConfig) -> None:
 
 def smoothing_multipliers(plan) -> dict[str, torch.Tensor]:
     """Per-input-channel multipliers already decided (equivalent scaling), by layer."""
-    return {lp.name: s.multiplier for lp in plan.quantized_layers() if (s := lp.sites.get("input")) is not None and s.multiplier is not None}
+    return {
+        lp.name: s.multiplier
+        for lp in plan.quantized_layers()
+        if (s := lp.sites.get("input")) is not None and s.multiplier is not None
+    }
 
 
 def observe_plan_inputs(ctx: PassContext, keep_samples: bool, batch_size: int) -> ActStats:
@@ -81,8 +89,14 @@ def observe_plan_inputs(ctx: PassContext, keep_samples: bool, batch_size: int) -
     layers = [lp.name for lp in ctx.plan.quantized_layers() if lp.act]
     splits = {lp.name: lp.split for lp in ctx.plan.quantized_layers() if lp.act and lp.split}
     return observe_activations(
-        ctx.denoiser, layers, ctx.calib, keep_samples=keep_samples, batch_size=batch_size, progress=ctx.progress,
-        splits=splits, multipliers=smoothing_multipliers(ctx.plan),
+        ctx.denoiser,
+        layers,
+        ctx.calib,
+        keep_samples=keep_samples,
+        batch_size=batch_size,
+        progress=ctx.progress,
+        splits=splits,
+        multipliers=smoothing_multipliers(ctx.plan),
     )
 
 

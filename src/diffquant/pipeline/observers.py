@@ -23,7 +23,9 @@ def percentile_amax(values: torch.Tensor, pct: float, dim: int | None = None) ->
     return torch.quantile(a, pct / 100.0, dim=dim)
 
 
-def mse_amax(values: torch.Tensor, amax: torch.Tensor, fmt: QuantFormat, candidates: int = 80, step: float = 0.01, p: float = 2.4) -> torch.Tensor:
+def mse_amax(
+    values: torch.Tensor, amax: torch.Tensor, fmt: QuantFormat, candidates: int = 80, step: float = 0.01, p: float = 2.4
+) -> torch.Tensor:
     """Shrink ``amax`` in ``step`` fractions over ``candidates`` tries and keep, per row (or for
     the whole tensor when ``amax`` is a scalar), the range with the lowest L_p error."""
     per_row = amax.dim() == 1
@@ -42,13 +44,23 @@ def mse_amax(values: torch.Tensor, amax: torch.Tensor, fmt: QuantFormat, candida
     return best if per_row else best.reshape(())
 
 
-def weight_amax(weight: torch.Tensor, fmt: QuantFormat, method: str = "minmax", pct: float = 99.99, candidates: int = 80, step: float = 0.01, p: float = 2.4) -> torch.Tensor:
+def weight_amax(
+    weight: torch.Tensor,
+    fmt: QuantFormat,
+    method: str = "minmax",
+    pct: float = 99.99,
+    candidates: int = 80,
+    step: float = 0.01,
+    p: float = 2.4,
+) -> torch.Tensor:
     """Per-output-channel range of a Conv/Linear weight by ``method``; for a block format, one
     range per block of ``block_size`` input elements (shape [out, in // block])."""
     if isinstance(fmt.granularity, PerBlock):
         o, k, size = weight.shape[0], weight.shape[1], fmt.granularity.size
         rows = weight.detach().float().reshape(o * (k // size), size)
-        return weight_amax(rows, QuantFormat(bits=fmt.bits, granularity=PerAxis(0)), method, pct, candidates, step, p).reshape(o, -1)
+        return weight_amax(
+            rows, QuantFormat(bits=fmt.bits, granularity=PerAxis(0)), method, pct, candidates, step, p
+        ).reshape(o, -1)
     w = weight.detach().float().reshape(weight.shape[0], -1)
     amax = w.abs().amax(dim=1)
     if method == "percentile":

@@ -84,7 +84,6 @@ def channel_bits(order: torch.Tensor, n_bits: int, g: int, k: int) -> tuple[int,
     return tuple(int(b) for b in bits)
 
 
-
 def _order(w: torch.Tensor, x_amax: torch.Tensor, cfg: OMQConfig, gen: torch.Generator) -> torch.Tensor:
     """Output channels, most outlier-prone first."""
     if cfg.select == "random":
@@ -96,7 +95,9 @@ def _order(w: torch.Tensor, x_amax: torch.Tensor, cfg: OMQConfig, gen: torch.Gen
     return torch.argsort(kurtosis(ws.reshape(len(ws), -1)), descending=True, stable=True)
 
 
-def _search(mod: nn.Module, w: torch.Tensor, x: torch.Tensor, n_bits: int, order: torch.Tensor, cfg: OMQConfig) -> list[tuple[int, QuantFormat, torch.Tensor, float]]:
+def _search(
+    mod: nn.Module, w: torch.Tensor, x: torch.Tensor, n_bits: int, order: torch.Tensor, cfg: OMQConfig
+) -> list[tuple[int, QuantFormat, torch.Tensor, float]]:
     """(g, format, scale, output MSE) for every candidate g."""
     k = w.shape[0] // 10
     top = 1 if cfg.search == "official" else cfg.max_g
@@ -106,7 +107,9 @@ def _search(mod: nn.Module, w: torch.Tensor, x: torch.Tensor, n_bits: int, order
         out = []
         for g in range(top + 1):
             fmt = QuantFormat(bits=channel_bits(order, n_bits, g, k) if g else n_bits, granularity=PerAxis(0))
-            scale = scale_from_amax(weight_amax(w, fmt, "mse", candidates=cfg.mse_candidates, step=cfg.mse_step, p=cfg.mse_p), fmt)
+            scale = scale_from_amax(
+                weight_amax(w, fmt, "mse", candidates=cfg.mse_candidates, step=cfg.mse_step, p=cfg.mse_p), fmt
+            )
             wq = fake_quant(w, scale, fmt)
             got = torch.cat([layer_output(mod, x[i : i + 256], wq) for i in range(0, len(x), 256)])
             out.append((g, fmt, scale, float((got - ref).pow(2).mean())))
@@ -117,15 +120,22 @@ def _search(mod: nn.Module, w: torch.Tensor, x: torch.Tensor, n_bits: int, order
 def omq_pass(ctx: PassContext, cfg: OMQConfig) -> None:
     """Choose per-output-channel bit widths (N-1 / N / N+1) for every N-bit per-channel weight."""
     plan = ctx.plan
-    names = [lp.name for lp in plan.quantized_layers() if lp.weight and isinstance(lp.weight.granularity, PerAxis) and not lp.weight.mixed and 2 <= lp.weight.bits <= 7]
+    names = [
+        lp.name
+        for lp in plan.quantized_layers()
+        if lp.weight and isinstance(lp.weight.granularity, PerAxis) and not lp.weight.mixed and 2 <= lp.weight.bits <= 7
+    ]
     if not names:
         return
     stats = observe_activations(ctx.denoiser, names, ctx.calib, progress=ctx.progress, channel_amax=set(names))
     data = pick_samples(ctx, cfg.samples)
     modules = dict(ctx.denoiser.model.named_modules())
     gen = torch.Generator().manual_seed(cfg.seed)
-    report = PassReport("omq", f"Outlier-driven mixed quantization (g searched over {'{0, 1}' if cfg.search == 'official' else f'0..{cfg.max_g}'}, channels by {cfg.select})",
-                        ["layer", "c_out", "N", "g", "channels at N-1 / N / N+1", "output MSE at g = 0", "chosen", "s"])
+    report = PassReport(
+        "omq",
+        f"Outlier-driven mixed quantization (g searched over {'{0, 1}' if cfg.search == 'official' else f'0..{cfg.max_g}'}, channels by {cfg.select})",
+        ["layer", "c_out", "N", "g", "channels at N-1 / N / N+1", "output MSE at g = 0", "chosen", "s"],
+    )
     plan.reports.append(report)
     for name in tqdm(names, desc="omq", disable=not ctx.progress):
         t0 = time.time()
@@ -139,5 +149,9 @@ def omq_pass(ctx: PassContext, cfg: OMQConfig) -> None:
         g, fmt, scale, mse = min(cands, key=lambda c: c[3])
         lp.weight_site.format, lp.weight_site.scale = fmt, scale
         counts = [sum(1 for b in fmt.bits if b == n_bits + d) for d in (-1, 0, 1)] if fmt.mixed else [0, w.shape[0], 0]
-        lp.notes.append(f"OMQ: g = {g} ({' / '.join(map(str, counts))} channels at {n_bits - 1} / {n_bits} / {n_bits + 1} bits), output MSE {cands[0][3]:.4g} -> {mse:.4g}")
-        report.rows.append([name, w.shape[0], n_bits, g, " / ".join(map(str, counts)), cands[0][3], mse, round(time.time() - t0, 1)])
+        lp.notes.append(
+            f"OMQ: g = {g} ({' / '.join(map(str, counts))} channels at {n_bits - 1} / {n_bits} / {n_bits + 1} bits), output MSE {cands[0][3]:.4g} -> {mse:.4g}"
+        )
+        report.rows.append(
+            [name, w.shape[0], n_bits, g, " / ".join(map(str, counts)), cands[0][3], mse, round(time.time() - t0, 1)]
+        )

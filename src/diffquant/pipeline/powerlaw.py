@@ -81,7 +81,12 @@ def _loglik_lognormal(tail: np.ndarray, xmin: float) -> np.ndarray:
 
     def per_value(mu: float, sigma: float) -> np.ndarray:
         z_min = (math.log(xmin) - mu) / sigma
-        return -logs - math.log(sigma * math.sqrt(2 * math.pi)) - (logs - mu) ** 2 / (2 * sigma**2) - special.log_ndtr(-z_min)
+        return (
+            -logs
+            - math.log(sigma * math.sqrt(2 * math.pi))
+            - (logs - mu) ** 2 / (2 * sigma**2)
+            - special.log_ndtr(-z_min)
+        )
 
     def neg(theta: np.ndarray) -> float:
         return -float(per_value(theta[0], math.exp(theta[1])).sum())
@@ -95,7 +100,11 @@ def compare(fit: PowerLawFit, alternative: str) -> Comparison:
     """Vuong's test of the fitted power law against ``alternative`` on the same tail."""
     if alternative not in ALTERNATIVES:
         raise ValueError(f"alternative must be one of {ALTERNATIVES}, got {alternative!r}")
-    other = _loglik_exponential(fit.tail, fit.xmin) if alternative == "exponential" else _loglik_lognormal(fit.tail, fit.xmin)
+    other = (
+        _loglik_exponential(fit.tail, fit.xmin)
+        if alternative == "exponential"
+        else _loglik_lognormal(fit.tail, fit.xmin)
+    )
     d = fit.loglik() - other
     sd = float(d.std())
     p = 1.0 if sd == 0 else float(special.erfc(abs(d.sum()) / (sd * math.sqrt(2 * len(d)))))

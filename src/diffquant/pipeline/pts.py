@@ -100,26 +100,41 @@ def pts_pass(ctx: PassContext, cfg: PTSConfig) -> None:
     names = _candidates(ctx, cfg)
     for n in names:
         if plan.layers[n].sites["input"].scale is None or plan.layers[n].weight_site.scale is None:
-            raise DiffquantError(f"pts: layer {n} has no scales yet; run a range pass (minmax) before pts in the recipe")
+            raise DiffquantError(
+                f"pts: layer {n} has no scales yet; run a range pass (minmax) before pts in the recipe"
+            )
     groups: dict[str, list[str]] = {}
     for n in names:
         groups.setdefault(plan.layers[n].input_group or n, []).append(n)
     # layers outside the selection that read a selected tensor must get the same factors
-    for n in (lp.name for lp in plan.quantized_layers() if lp.act and lp.input_group in groups and lp.name not in names):
+    for n in (
+        lp.name for lp in plan.quantized_layers() if lp.act and lp.input_group in groups and lp.name not in names
+    ):
         if plan.layers[n].split or not plan.layers[n].weight:
-            raise DiffquantError(f"pts: layer {n} shares its input with {plan.layers[n].input_group} but cannot take power-of-two factors")
+            raise DiffquantError(
+                f"pts: layer {n} shares its input with {plan.layers[n].input_group} but cannot take power-of-two factors"
+            )
         groups[plan.layers[n].input_group].append(n)
     if not groups:
         return
     data = pick_samples(ctx, cfg.samples)
     modules = dict(ctx.denoiser.model.named_modules())
     ranges = [[i for i, t in enumerate(data[1]) if plan.group_of(t) == g] for g in range(plan.n_groups)]
-    report = PassReport("pts", f"Power-of-two scaling ({cfg.select}, agreement {cfg.agreement:g})",
-                        ["input group", "layers", "timestep group", "k budget", "channels per k (0, 1, ...)", "median agreement"])
+    report = PassReport(
+        "pts",
+        f"Power-of-two scaling ({cfg.select}, agreement {cfg.agreement:g})",
+        ["input group", "layers", "timestep group", "k budget", "channels per k (0, 1, ...)", "median agreement"],
+    )
     plan.reports.append(report)
     for lead, members in groups.items():
         budget = min([cfg.max_k] + [pts_budget(plan.layers[n].weight) for n in members])
-        why = "max_k is 0" if cfg.max_k == 0 else "its weight codes leave no room to shift inside INT8" if budget == 0 else ""
+        why = (
+            "max_k is 0"
+            if cfg.max_k == 0
+            else "its weight codes leave no room to shift inside INT8"
+            if budget == 0
+            else ""
+        )
         # the weight scale s_w / 2^K must stay a normal FP16 number
         while budget > 0 and min(float(plan.weight_scale(n).min()) for n in members) / 2.0**budget < MIN_SCALE:
             budget -= 1
@@ -138,12 +153,19 @@ def pts_pass(ctx: PassContext, cfg: PTSConfig) -> None:
         ks, notes = [], []
         for g, idx in enumerate(ranges):
             scale = plan.act_scale(lead, g).float()
-            errors = torch.cat([_channel_errors(x[idx[i : i + 256]], scale, fmt, budget, conv) for i in range(0, len(idx), 256)], dim=1)
+            errors = torch.cat(
+                [_channel_errors(x[idx[i : i + 256]], scale, fmt, budget, conv) for i in range(0, len(idx), 256)], dim=1
+            )
             k, share = select_exponents(errors, cfg.select, cfg.agreement)
             ks.append(k)
             hist = {int(v): int((k == v).sum()) for v in range(budget + 1)}
-            notes.append(f"group {g}: k histogram {hist}" + (f", median agreement {float(share.median()):.2f}" if cfg.select == "vote" else ""))
-            report.rows.append([lead, len(members), g, budget, " / ".join(str(c) for c in hist.values()), float(share.median())])
+            notes.append(
+                f"group {g}: k histogram {hist}"
+                + (f", median agreement {float(share.median()):.2f}" if cfg.select == "vote" else "")
+            )
+            report.rows.append(
+                [lead, len(members), g, budget, " / ".join(str(c) for c in hist.values()), float(share.median())]
+            )
         k = torch.stack(ks)
         for n in members:
             plan.layers[n].sites["input"].pts = k.clone()

@@ -45,13 +45,29 @@ from diffquant.pipeline.gnn import fit_predictor
 from diffquant.pipeline.minmax import plan_weight
 from diffquant.pipeline.predictor import RidgePredictor, ndcg_at_k, spearman
 from diffquant.pipeline.registry import register_pass
-from diffquant.pipeline.sensitivity import SampleProbe, block_of, layer_importance, op_type, sample_configs, score_config
+from diffquant.pipeline.sensitivity import (
+    SampleProbe,
+    block_of,
+    layer_importance,
+    op_type,
+    sample_configs,
+    score_config,
+)
 from diffquant.quant.fake import round_scale
 from diffquant.quant.format import PerAxis, QuantFormat
 from diffquant.quant.plan import PassReport
 from diffquant.quant.weight_options import METHODS, OptionCache, WeightOption, uaq
 
-__all__ = ["Qua2SeDiMoConfig", "Sensitivity", "lower_codebook", "lower_uaq", "marginal_effects", "measure_sensitivity", "qua2sedimo_pass", "score_configs"]
+__all__ = [
+    "Qua2SeDiMoConfig",
+    "Sensitivity",
+    "lower_codebook",
+    "lower_uaq",
+    "marginal_effects",
+    "measure_sensitivity",
+    "qua2sedimo_pass",
+    "score_configs",
+]
 
 SEARCHES = ("best", "penalized", "greedy", "random", "largest-first", "uniform")
 PREDICTORS = ("ridge", "gnn")
@@ -89,12 +105,16 @@ class Qua2SeDiMoConfig:
         if not self.methods or set(self.methods) - set(METHODS):
             raise ValueError(f"methods must be a non-empty list of {METHODS}, got {self.methods}")
         if len(self.bits) < 2 or sorted(set(self.bits)) != self.bits or not (2 <= self.bits[0] and self.bits[-1] <= 7):
-            raise ValueError(f"bits must list two or more widths within 2..7, ascending (the paper: [3, 4]; a widened 7-bit UAQ row still fits INT8), got {self.bits}")
+            raise ValueError(
+                f"bits must list two or more widths within 2..7, ascending (the paper: [3, 4]; a widened 7-bit UAQ row still fits INT8), got {self.bits}"
+            )
         if not 2 <= self.uniform <= 7:
             raise ValueError(f"uniform (the width of search: uniform) must be 2..7, got {self.uniform}")
         if self.configs < 10 or not 0 <= self.holdout < self.configs or self.per_step < 1 or self.probe_samples < 1:
-            raise ValueError(f"need configs >= 10, 0 <= holdout < configs, per_step >= 1, probe_samples >= 1; "
-                             f"got {self.configs}, {self.holdout}, {self.per_step}, {self.probe_samples}")
+            raise ValueError(
+                f"need configs >= 10, 0 <= holdout < configs, per_step >= 1, probe_samples >= 1; "
+                f"got {self.configs}, {self.holdout}, {self.per_step}, {self.probe_samples}"
+            )
         if not 2.0 <= self.budget <= 16.0:
             raise ValueError(f"budget is average weight bits, 2..16; got {self.budget}")
 
@@ -120,13 +140,22 @@ class Sensitivity:
     held_out: list[tuple[float, float]] = field(default_factory=list)  # (predicted, measured)
     probe: SampleProbe | None = None
 
-    def measure(self, denoiser: Denoiser, calib: CalibSet, config: dict[str, WeightOption], cache: OptionCache, per_step: int) -> float:
+    def measure(
+        self, denoiser: Denoiser, calib: CalibSet, config: dict[str, WeightOption], cache: OptionCache, per_step: int
+    ) -> float:
         """One configuration's score, as the sampled ones were scored."""
         s = score_config(denoiser, config, cache, calib, per_step, probe=self.probe)
         return s.snr_db if self.probe is None else s.sample_psnr
 
 
-def measure_sensitivity(denoiser: Denoiser, calib: CalibSet, layers: list[str], cfg: Qua2SeDiMoConfig, cache: OptionCache, progress: bool = True) -> Sensitivity:
+def measure_sensitivity(
+    denoiser: Denoiser,
+    calib: CalibSet,
+    layers: list[str],
+    cfg: Qua2SeDiMoConfig,
+    cache: OptionCache,
+    progress: bool = True,
+) -> Sensitivity:
     """Sample and score ``cfg.configs`` configurations, fit the predictor on all but the last
     ``holdout``, measure its rank correlation on those, then refit on all of them."""
     t0 = time.time()
@@ -137,7 +166,9 @@ def measure_sensitivity(denoiser: Denoiser, calib: CalibSet, layers: list[str], 
     rho = ndcg = float("nan")
     held: list[tuple[float, float]] = []
     if cfg.holdout:
-        pred = fit_predictor(cfg.predictor, denoiser, layers, cfg.options, cache, configs[:n_train], scores[:n_train], cfg.seed)
+        pred = fit_predictor(
+            cfg.predictor, denoiser, layers, cfg.options, cache, configs[:n_train], scores[:n_train], cfg.seed
+        )
         got, true = pred.predict(configs[n_train:]), torch.tensor(scores[n_train:])
         rho, ndcg = spearman(got, true), ndcg_at_k(got, true, 10)
         held = [(float(a), float(b)) for a, b in zip(got, true)]
@@ -146,13 +177,23 @@ def measure_sensitivity(denoiser: Denoiser, calib: CalibSet, layers: list[str], 
     return Sensitivity(layers, configs, scores, effects, rho, ndcg, time.time() - t0, pred, held, probe)
 
 
-def score_configs(denoiser: Denoiser, calib: CalibSet, configs: list[dict[str, WeightOption]], cache: OptionCache, per_step: int, progress: bool = True,
-                  probe: SampleProbe | None = None) -> list[float]:
+def score_configs(
+    denoiser: Denoiser,
+    calib: CalibSet,
+    configs: list[dict[str, WeightOption]],
+    cache: OptionCache,
+    per_step: int,
+    progress: bool = True,
+    probe: SampleProbe | None = None,
+) -> list[float]:
     """Each configuration's noise SNR vs FP (dB) on ``per_step`` inputs per calibration timestep,
     or with a ``probe`` its sample PSNR (dB)."""
     with torch.no_grad():
         reference = {ts: denoiser(**calib.at(ts, per_step)) for ts in calib.timesteps}
-    scored = [score_config(denoiser, c, cache, calib, per_step, reference, probe) for c in tqdm(configs, desc="scoring configurations", disable=not progress)]
+    scored = [
+        score_config(denoiser, c, cache, calib, per_step, reference, probe)
+        for c in tqdm(configs, desc="scoring configurations", disable=not progress)
+    ]
     return [s.snr_db if probe is None else s.sample_psnr for s in scored]
 
 
@@ -179,34 +220,71 @@ def _fallback(layers: list[str], costs: Costs, cfg: Qua2SeDiMoConfig, order: lis
     return config
 
 
-def _search(ctx: PassContext, layers: list[str], weights: dict, cache: OptionCache, costs: Costs, cfg: Qua2SeDiMoConfig, report: PassReport) -> dict[str, str]:
+def _search(
+    ctx: PassContext,
+    layers: list[str],
+    weights: dict,
+    cache: OptionCache,
+    costs: Costs,
+    cfg: Qua2SeDiMoConfig,
+    report: PassReport,
+) -> dict[str, str]:
     """The assignment (layer -> option label) the configured search picks."""
     if cfg.search == "uniform":
         return {n: f"uaq-w{cfg.uniform}" for n in layers}
     if cfg.search in ("random", "largest-first"):
         order = list(layers)
-        random.Random(cfg.seed).shuffle(order) if cfg.search == "random" else order.sort(key=lambda n: -weights[n].numel())
+        random.Random(cfg.seed).shuffle(order) if cfg.search == "random" else order.sort(
+            key=lambda n: -weights[n].numel()
+        )
         return _fallback(layers, costs, cfg, order)
     sens = measure_sensitivity(ctx.denoiser, ctx.calib, layers, cfg, cache, ctx.progress)
-    how = f"noise SNR vs FP, {cfg.per_step} inputs per calibration timestep" if cfg.score == "noise" else f"PSNR of {cfg.probe_samples} samples vs FP"
-    report.notes.append(f"predictor {cfg.predictor}: {cfg.configs} configurations scored ({how}), held-out {cfg.holdout}: Spearman {sens.spearman:.3f}, NDCG@10 {sens.ndcg10:.3f}; {sens.seconds:.1f} s")
-    found = {"penalized": penalized_top1(sens.effects, costs, cfg.budget), "greedy": greedy_knapsack(sens.effects, costs, cfg.budget)}
+    how = (
+        f"noise SNR vs FP, {cfg.per_step} inputs per calibration timestep"
+        if cfg.score == "noise"
+        else f"PSNR of {cfg.probe_samples} samples vs FP"
+    )
+    report.notes.append(
+        f"predictor {cfg.predictor}: {cfg.configs} configurations scored ({how}), held-out {cfg.holdout}: Spearman {sens.spearman:.3f}, NDCG@10 {sens.ndcg10:.3f}; {sens.seconds:.1f} s"
+    )
+    found = {
+        "penalized": penalized_top1(sens.effects, costs, cfg.budget),
+        "greedy": greedy_knapsack(sens.effects, costs, cfg.budget),
+    }
     if all(v is None for v in found.values()):
         cheapest = costs.avg_bits({n: min(costs.bits[n], key=costs.bits[n].get) for n in layers})
-        raise DiffquantError(f"qua2sedimo.budget={cfg.budget}: no assignment fits (the cheapest options average {cheapest:.2f} bits); raise the budget")
+        raise DiffquantError(
+            f"qua2sedimo.budget={cfg.budget}: no assignment fits (the cheapest options average {cheapest:.2f} bits); raise the budget"
+        )
     measured = {}
     opts = {o.label: o for o in cfg.options}
     for name, conf in found.items():
         if conf is not None:
-            measured[name] = sens.measure(ctx.denoiser, ctx.calib, {n: opts[o] for n, o in conf.items()}, cache, cfg.per_step)
-            report.notes.append(f"search {name}: {costs.avg_bits(conf):.3f} bits, measured {cfg.score} score {measured[name]:.2f} dB")
+            measured[name] = sens.measure(
+                ctx.denoiser, ctx.calib, {n: opts[o] for n, o in conf.items()}, cache, cfg.per_step
+            )
+            report.notes.append(
+                f"search {name}: {costs.avg_bits(conf):.3f} bits, measured {cfg.score} score {measured[name]:.2f} dB"
+            )
     pick = max(measured, key=measured.get) if cfg.search == "best" else cfg.search
     if found.get(pick) is None:
-        raise DiffquantError(f"qua2sedimo.search={pick}: no assignment within budget {cfg.budget}; raise the budget or use search: greedy")
+        raise DiffquantError(
+            f"qua2sedimo.search={pick}: no assignment within budget {cfg.budget}; raise the budget or use search: greedy"
+        )
     report.notes.append(f"used: {pick}")
     ctx.plan.recipe.setdefault("qua2sedimo", {}).update(
-        spearman=sens.spearman, ndcg10=sens.ndcg10, configs=cfg.configs, search_s=round(sens.seconds, 1), held_out=sens.held_out,
-        importance=layer_importance(sens.effects), effects=sens.effects, searches=dict(measured), used=pick, predictor=cfg.predictor, score=cfg.score)
+        spearman=sens.spearman,
+        ndcg10=sens.ndcg10,
+        configs=cfg.configs,
+        search_s=round(sens.seconds, 1),
+        held_out=sens.held_out,
+        importance=layer_importance(sens.effects),
+        effects=sens.effects,
+        searches=dict(measured),
+        used=pick,
+        predictor=cfg.predictor,
+        score=cfg.score,
+    )
     return found[pick]
 
 
@@ -217,13 +295,19 @@ def lower_uaq(weight: torch.Tensor, bits: int) -> tuple[torch.Tensor, torch.Tens
     qw = uaq(weight, bits)
     scale = round_scale(qw.scale)
     rows = qw.codes.reshape(len(scale), -1).float() - qw.zero[:, None]
-    widths = tuple(bits if (r.min() >= -(2 ** (bits - 1)) and r.max() <= 2 ** (bits - 1) - 1) else bits + 1 for r in rows)
-    assert all(r.abs().max() <= 2**bits for r in rows), "UAQ zero points lie on the grid, so b + 1 bits hold every shifted row"
+    widths = tuple(
+        bits if (r.min() >= -(2 ** (bits - 1)) and r.max() <= 2 ** (bits - 1) - 1) else bits + 1 for r in rows
+    )
+    assert all(r.abs().max() <= 2**bits for r in rows), (
+        "UAQ zero points lie on the grid, so b + 1 bits hold every shifted row"
+    )
     w = (rows * scale[:, None]).reshape(weight.shape).to(weight.dtype)
     return w, scale, widths, qw.avg_bits()
 
 
-def _lower(ctx: PassContext, name: str, w: torch.Tensor, opt: WeightOption, cache: OptionCache, cfg: Qua2SeDiMoConfig) -> list:
+def _lower(
+    ctx: PassContext, name: str, w: torch.Tensor, opt: WeightOption, cache: OptionCache, cfg: Qua2SeDiMoConfig
+) -> list:
     """Write ``name``'s chosen option into the plan; the report row (research and deployed form)."""
     lp = ctx.plan.layers[name]
     research = cache.get(w, opt)
@@ -247,7 +331,9 @@ def _lower(ctx: PassContext, name: str, w: torch.Tensor, opt: WeightOption, cach
     d_err = float((new.float() - w.float()).norm() / w.float().norm().clamp_min(1e-12))
     widened = sum(1 for b in widths if b > opt.bits)
     how = f"uaq-w{opt.bits}" + (" (re-gridded)" if opt.research_only else "")
-    lp.notes.append(f"Qua2SeDiMo: {opt.label}, deployed {how}: {len(widths) - widened} rows exact at {opt.bits} bits, {widened} widened to {opt.bits + 1}")
+    lp.notes.append(
+        f"Qua2SeDiMo: {opt.label}, deployed {how}: {len(widths) - widened} rows exact at {opt.bits} bits, {widened} widened to {opt.bits + 1}"
+    )
     return row + [how, round(d_bits, 3), round(d_err, 4), f"{len(widths) - widened} / {widened}"]
 
 
@@ -257,14 +343,33 @@ def qua2sedimo_pass(ctx: PassContext, cfg: Qua2SeDiMoConfig) -> None:
     plan = ctx.plan
     layers = [lp.name for lp in plan.quantized_layers() if lp.weight_site is not None]
     if plan.weights.keys() & set(layers):
-        raise DiffquantError("qua2sedimo must run before passes that replace weights (it scores the model's own weights); move it up in the recipe")
+        raise DiffquantError(
+            "qua2sedimo must run before passes that replace weights (it scores the model's own weights); move it up in the recipe"
+        )
     weights = {n: plan_weight(ctx, n).float() for n in layers}
     cache = OptionCache(None)
     costs = Costs({n: w.numel() for n, w in weights.items()}, {})
     for n, w in tqdm(weights.items(), desc="qua2sedimo options", disable=not ctx.progress or cfg.search == "uniform"):
-        costs.bits[n] = {o.label: cache.get(w, o).avg_bits() * w.numel() for o in cfg.options} if cfg.search != "uniform" else {}
-    report = PassReport("qua2sedimo", f"Qua2SeDiMo weight assignment (search {cfg.search}, budget {cfg.budget} bits)",
-                        ["layer", "op type", "block", "weights", "research", "research bits", "research error", "deployed", "deployed bits", "deployed error", "rows exact / widened"])
+        costs.bits[n] = (
+            {o.label: cache.get(w, o).avg_bits() * w.numel() for o in cfg.options} if cfg.search != "uniform" else {}
+        )
+    report = PassReport(
+        "qua2sedimo",
+        f"Qua2SeDiMo weight assignment (search {cfg.search}, budget {cfg.budget} bits)",
+        [
+            "layer",
+            "op type",
+            "block",
+            "weights",
+            "research",
+            "research bits",
+            "research error",
+            "deployed",
+            "deployed bits",
+            "deployed error",
+            "rows exact / widened",
+        ],
+    )
     plan.reports.append(report)
     t0 = time.time()
     assignment = _search(ctx, layers, weights, cache, costs, cfg, report)
@@ -276,12 +381,21 @@ def qua2sedimo_pass(ctx: PassContext, cfg: Qua2SeDiMoConfig) -> None:
     numel = sum(w.numel() for w in weights.values())
     research = sum(r[5] * r[3] for r in report.rows) / numel
     deployed = sum(r[8] * r[3] for r in report.rows) / numel
-    summary = {"research_bits": round(research, 4), "deployed_bits": round(deployed, 4), "budget": cfg.budget, "search": cfg.search, "noise_snr_db": round(snr, 3),
-               "assignment": assignment, "wall_s": round(time.time() - t0, 1)}
+    summary = {
+        "research_bits": round(research, 4),
+        "deployed_bits": round(deployed, 4),
+        "budget": cfg.budget,
+        "search": cfg.search,
+        "noise_snr_db": round(snr, 3),
+        "assignment": assignment,
+        "wall_s": round(time.time() - t0, 1),
+    }
     plan.recipe.setdefault("qua2sedimo", {}).update(summary)
     report.notes.append(f"the assignment's noise SNR vs FP (research weights, FP activations): {snr:.2f} dB")
-    report.notes.append(f"average weight bits (FP16 overhead counted): research {research:.3f}, deployed {deployed:.3f}; "
-                        f"the symmetric grids (widened rows at b + 1) average {plan.bits.weight_bits:.3f} bits before scales")
+    report.notes.append(
+        f"average weight bits (FP16 overhead counted): research {research:.3f}, deployed {deployed:.3f}; "
+        f"the symmetric grids (widened rows at b + 1) average {plan.bits.weight_bits:.3f} bits before scales"
+    )
 
 
 def lower_codebook(qw) -> tuple[torch.Tensor, torch.Tensor, float]:

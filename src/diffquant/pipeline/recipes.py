@@ -67,8 +67,15 @@ class Recipe:
 
 
 RECIPE_TYPES: dict[str, Any] = {
-    "name": str, "version": int, "description": str, "bits": str, "targeting": list, "use_default_skip": bool,
-    "default_skip_bits": str, "timestep_groups": int, "passes": list,
+    "name": str,
+    "version": int,
+    "description": str,
+    "bits": str,
+    "targeting": list,
+    "use_default_skip": bool,
+    "default_skip_bits": str,
+    "timestep_groups": int,
+    "passes": list,
 }
 RECIPE_VERSION = 1
 
@@ -99,7 +106,9 @@ def _read_recipe(path: Path) -> dict:
         raise DiffquantError(f"{path}: unknown recipe keys {sorted(unknown)}; allowed: {sorted(RECIPE_TYPES)}")
     data = {k: check_value(v, RECIPE_TYPES[k], f"{path}: {k}") for k, v in data.items()}
     if data.get("version", RECIPE_VERSION) != RECIPE_VERSION:
-        raise DiffquantError(f"{path}: version {data['version']} is not a recipe version this diffquant reads ({RECIPE_VERSION})")
+        raise DiffquantError(
+            f"{path}: version {data['version']} is not a recipe version this diffquant reads ({RECIPE_VERSION})"
+        )
     if data.get("timestep_groups", 1) < 1:
         raise DiffquantError(f"{path}: timestep_groups must be >= 1, got {data['timestep_groups']}")
     for key in ("bits", "default_skip_bits"):
@@ -120,11 +129,15 @@ def _passes(data: dict, path: Path, overrides: dict[str, dict]) -> list[tuple[st
     for i, p in enumerate(data.get("passes", [])):
         where = f"{path}: passes[{i}]"
         if not isinstance(p, dict) or not isinstance(p.get("name"), str) or set(p) - {"name", "config"}:
-            raise DiffquantError(f"{where}: expected a mapping with a 'name' (a pass name) and an optional 'config' mapping, got {p!r}")
+            raise DiffquantError(
+                f"{where}: expected a mapping with a 'name' (a pass name) and an optional 'config' mapping, got {p!r}"
+            )
         config = check_value(p.get("config") or {}, dict, f"{where}: config")
         passes.append((p["name"], make_config(p["name"], {**config, **overrides.pop(p["name"], {})}, where)))
     if overrides:
-        raise DiffquantError(f"--set names passes that recipe {path.stem!r} does not run: {sorted(overrides)}; it runs {[n for n, _ in passes]}")
+        raise DiffquantError(
+            f"--set names passes that recipe {path.stem!r} does not run: {sorted(overrides)}; it runs {[n for n, _ in passes]}"
+        )
     return passes
 
 
@@ -149,7 +162,10 @@ def load_recipe(name_or_path: str | Path, overrides: dict[str, dict] | None = No
 def _rules(denoiser: Denoiser, recipe: Recipe, extra: list[Rule] | None) -> list[Rule]:
     rules = list(recipe.targeting)
     if recipe.use_default_skip and recipe.default_skip_bits:
-        rules += [Rule(pattern=p, bits=recipe.default_skip_bits, name=f"default-{recipe.default_skip_bits} {p}") for p in denoiser.skip]
+        rules += [
+            Rule(pattern=p, bits=recipe.default_skip_bits, name=f"default-{recipe.default_skip_bits} {p}")
+            for p in denoiser.skip
+        ]
     elif recipe.use_default_skip:
         rules += [Rule(pattern=p, quantize=False, name=f"default-skip {p}") for p in denoiser.skip]
     return rules + list(extra or [])
@@ -176,7 +192,11 @@ def _decide_formats(plan: QuantPlan, denoiser: Denoiser, targets: dict, setting)
             if dec.op == "linear":
                 widths.add(k)
             if dec.op != "linear" or k % wf.granularity.size:
-                why = "convolutions have no block format" if dec.op != "linear" else f"K = {k} is not a multiple of {wf.granularity.size}"
+                why = (
+                    "convolutions have no block format"
+                    if dec.op != "linear"
+                    else f"K = {k} is not a multiple of {wf.granularity.size}"
+                )
                 wf = QuantFormat(bits=wf.bits, granularity=PerAxis(0))
                 notes.append(f"weights per output channel, not blocks: {why}")
             else:
@@ -211,10 +231,14 @@ def quantize(
     setting = parse_bits(bits or recipe.bits)
     check_calib(calib, denoiser)
     targets = decide_targets(denoiser, recipe, extra_rules)
-    plan = QuantPlan(model=denoiser.name, model_digest=weights_digest(denoiser.model), request=setting.text, recipe=recipe.to_dict())
+    plan = QuantPlan(
+        model=denoiser.name, model_digest=weights_digest(denoiser.model), request=setting.text, recipe=recipe.to_dict()
+    )
     if timestep_groups > 1:
         try:
-            plan.timestep_groups = split_groups(calib.timesteps, timestep_groups, denoiser.scheduler["num_train_timesteps"])
+            plan.timestep_groups = split_groups(
+                calib.timesteps, timestep_groups, denoiser.scheduler["num_train_timesteps"]
+            )
         except ValueError as e:
             raise DiffquantError(f"--timestep-groups: {e}") from None
     _decide_formats(plan, denoiser, targets, setting)

@@ -102,7 +102,9 @@ class ReconstructConfig:
         if not 0.0 <= self.warmup < 1.0:
             raise ValueError(f"warmup is a share of the iterations in [0, 1), got {self.warmup}")
         if self.par_rounds < 0 or not 0.0 < self.par_decay <= 1.0:
-            raise ValueError(f"par_rounds must be >= 0 and par_decay in (0, 1], got {self.par_rounds}, {self.par_decay}")
+            raise ValueError(
+                f"par_rounds must be >= 0 and par_decay in (0, 1], got {self.par_rounds}, {self.par_decay}"
+            )
 
 
 class AdaRound(nn.Module):
@@ -150,7 +152,10 @@ def _units(ctx: PassContext, granularity: str) -> list[tuple[str, list[str]]]:
         units += [(n, [n]) for n in layers if n not in held]
     order: list[str] = []
     modules = dict(ctx.denoiser.model.named_modules())
-    handles = [modules[u].register_forward_pre_hook(lambda _m, _a, u=u: order.append(u) if u not in order else None) for u, _ in units]
+    handles = [
+        modules[u].register_forward_pre_hook(lambda _m, _a, u=u: order.append(u) if u not in order else None)
+        for u, _ in units
+    ]
     try:
         with torch.no_grad():
             ctx.denoiser(**ctx.calib.at(ctx.calib.timesteps[0], 2))
@@ -175,7 +180,11 @@ def _ckpt_key(ctx: PassContext, cfg: ReconstructConfig) -> str:
         plan.pop(k, None)
     for lp in plan["layers"]:
         lp.pop("notes", None)
-    h.update(json.dumps({"plan": plan, "cfg": asdict(cfg), "calib": ctx.calib.folder.name}, sort_keys=True, default=str).encode())
+    h.update(
+        json.dumps(
+            {"plan": plan, "cfg": asdict(cfg), "calib": ctx.calib.folder.name}, sort_keys=True, default=str
+        ).encode()
+    )
     tensors = ctx.plan.tensors()
     for k in sorted(tensors):
         h.update(k.encode())
@@ -210,18 +219,33 @@ def reconstruct_pass(ctx: PassContext, cfg: ReconstructConfig) -> None:
     """Reconstruct every unit in forward order, then the PAR rounds (see the module docstring)."""
     for lp in ctx.plan.quantized_layers():
         if any(site.scale is None for key, site in lp.sites.items() if key != "output"):
-            raise DiffquantError(f"reconstruct: layer {lp.name} has no scales yet; run a range pass (minmax) before reconstruct in the recipe")
-    base = {lp.name: plan_weight(ctx, lp.name).detach().float().clone() for lp in ctx.plan.quantized_layers() if lp.weight}
-    _reconstruct_round(ctx, cfg, f"Reconstruction ({cfg.iters} iterations per unit, {cfg.granularity}s, inputs {cfg.inputs})", None)
+            raise DiffquantError(
+                f"reconstruct: layer {lp.name} has no scales yet; run a range pass (minmax) before reconstruct in the recipe"
+            )
+    base = {
+        lp.name: plan_weight(ctx, lp.name).detach().float().clone() for lp in ctx.plan.quantized_layers() if lp.weight
+    }
+    _reconstruct_round(
+        ctx, cfg, f"Reconstruction ({cfg.iters} iterations per unit, {cfg.granularity}s, inputs {cfg.inputs})", None
+    )
     for k in range(1, cfg.par_rounds + 1):
         t0 = time.time()
-        calib = collect(_fake_quant_copy(ctx), ctx.calib.config, cache_dir=ctx.calib.folder.parent, progress=ctx.progress)  # a calibration set, cached beside the FP one
+        calib = collect(
+            _fake_quant_copy(ctx), ctx.calib.config, cache_dir=ctx.calib.folder.parent, progress=ctx.progress
+        )  # a calibration set, cached beside the FP one
         rcfg = dataclasses.replace(cfg, iters=max(1, round(cfg.iters * cfg.par_decay**k)), par_rounds=0)
-        _reconstruct_round(dataclasses.replace(ctx, calib=calib), rcfg, f"PAR round {k} of {cfg.par_rounds} ({rcfg.iters} iterations per unit) on "
-                           f"{len(calib)} inputs from the fake-quant model's own trajectories (collected in {time.time() - t0:.0f} s)", base)
+        _reconstruct_round(
+            dataclasses.replace(ctx, calib=calib),
+            rcfg,
+            f"PAR round {k} of {cfg.par_rounds} ({rcfg.iters} iterations per unit) on "
+            f"{len(calib)} inputs from the fake-quant model's own trajectories (collected in {time.time() - t0:.0f} s)",
+            base,
+        )
 
 
-def _reconstruct_round(ctx: PassContext, cfg: ReconstructConfig, title: str, base: dict[str, torch.Tensor] | None) -> None:
+def _reconstruct_round(
+    ctx: PassContext, cfg: ReconstructConfig, title: str, base: dict[str, torch.Tensor] | None
+) -> None:
     """One pass over the units on ``ctx.calib``; ``base``: the weights the first round started
     from (a PAR round starts its rounding from the plan's current decision on them)."""
     key = _ckpt_key(ctx, cfg)
@@ -230,7 +254,9 @@ def _reconstruct_round(ctx: PassContext, cfg: ReconstructConfig, title: str, bas
     if (ckpt / "state.json").exists():
         state = json.loads((ckpt / "state.json").read_text())
         if state.get("key") != key:
-            raise DiffquantError(f"{ckpt} holds a reconstruction checkpoint of other settings; delete it or choose another checkpoint_dir")
+            raise DiffquantError(
+                f"{ckpt} holds a reconstruction checkpoint of other settings; delete it or choose another checkpoint_dir"
+            )
         done = list(state["done"])
     torch.manual_seed(cfg.seed)
     fp = ctx.denoiser
@@ -270,7 +296,9 @@ def _reconstruct_round(ctx: PassContext, cfg: ReconstructConfig, title: str, bas
         job = _Unit(unit, names, {g: m for g, m in members.items() if owner[g] == unit} if learn else {}, base)
         before, after, touched = _train_unit(ctx, cfg, fp, qd, qmods, job, data)
         for n in names:
-            ctx.plan.layers[n].notes.append(f"reconstructed in unit {unit}: output loss {before:.4g} -> {after:.4g} ({time.time() - t0:.0f} s)")
+            ctx.plan.layers[n].notes.append(
+                f"reconstructed in unit {unit}: output loss {before:.4g} -> {after:.4g} ({time.time() - t0:.0f} s)"
+            )
         report.rows.append([unit, len(names), before, after, round(time.time() - t0, 1)])
         ckpt.mkdir(parents=True, exist_ok=True)
         with atomic_path(ckpt / f"{i:03d}.safetensors") as tmp:
@@ -289,7 +317,9 @@ def _fake_quant_copy(ctx: PassContext):
     return qd
 
 
-def _train_unit(ctx, cfg: ReconstructConfig, fp, qd, qmods, job: _Unit, data) -> tuple[float, float, dict[str, torch.Tensor]]:
+def _train_unit(
+    ctx, cfg: ReconstructConfig, fp, qd, qmods, job: _Unit, data
+) -> tuple[float, float, dict[str, torch.Tensor]]:
     """Train one unit; writes its hardened tensors into the plan. Returns (loss before, after,
     the plan tensors it changed by file key)."""
     unit, names = job.name, job.layers
@@ -303,7 +333,9 @@ def _train_unit(ctx, cfg: ReconstructConfig, fp, qd, qmods, job: _Unit, data) ->
     plan = ctx.plan
     weighting = make_weighting(cfg.timestep_weighting, sorted(set(data[1])))
     gen = torch.Generator().manual_seed(cfg.seed)
-    by_group = [torch.nonzero(torch.tensor([plan.group_of(t) == g for t in data[1]])).reshape(-1) for g in range(plan.n_groups)]
+    by_group = [
+        torch.nonzero(torch.tensor([plan.group_of(t) == g for t in data[1]])).reshape(-1) for g in range(plan.n_groups)
+    ]
     by_group = [(g, idx) for g, idx in enumerate(by_group) if len(idx)]
     warm = int(cfg.warmup * cfg.iters)
 
@@ -326,7 +358,11 @@ def _train_unit(ctx, cfg: ReconstructConfig, fp, qd, qmods, job: _Unit, data) ->
     for name in names:
         m, lp = qmods[name], plan.layers[name]
         if lp.weight:
-            rounders[name] = AdaRound(m.weight, m.weight_scale, lp.weight) if job.base is None else AdaRound(job.base[name], m.weight_scale, lp.weight, start=m.weight)
+            rounders[name] = (
+                AdaRound(m.weight, m.weight_scale, lp.weight)
+                if job.base is None
+                else AdaRound(job.base[name], m.weight_scale, lp.weight, start=m.weight)
+            )
             m.weight_fn = rounders[name].soft
         m.set_ste(True)
     act_params: dict[str, nn.Parameter] = {}

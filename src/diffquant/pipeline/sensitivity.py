@@ -25,7 +25,15 @@ from diffquant.quant.targeting import QUANTIZABLE
 from diffquant.quant.weight_options import METHODS, OptionCache, WeightOption
 
 __all__ = [
-    "ConfigScore", "SampleProbe", "apply_config", "block_of", "config_bits", "layer_importance", "op_type", "sample_configs", "score_config",
+    "ConfigScore",
+    "SampleProbe",
+    "apply_config",
+    "block_of",
+    "config_bits",
+    "layer_importance",
+    "op_type",
+    "sample_configs",
+    "score_config",
     "weight_layers",
 ]
 
@@ -35,7 +43,9 @@ def weight_layers(model: nn.Module) -> dict[str, nn.Module]:
     return {n: m for n, m in model.named_modules() if isinstance(m, QUANTIZABLE)}
 
 
-def sample_configs(layers: list[str], m: int, seed: int = 0, bits: tuple[int, ...] = (3, 4), methods: tuple[str, ...] = METHODS) -> list[dict[str, WeightOption]]:
+def sample_configs(
+    layers: list[str], m: int, seed: int = 0, bits: tuple[int, ...] = (3, 4), methods: tuple[str, ...] = METHODS
+) -> list[dict[str, WeightOption]]:
     """``m`` random configurations as the paper draws them: per configuration p ~ U(0, 1); each
     layer takes the low bit width with probability p (else one of the others, uniformly: the
     paper has only two), and a method uniformly."""
@@ -43,7 +53,12 @@ def sample_configs(layers: list[str], m: int, seed: int = 0, bits: tuple[int, ..
     out = []
     for _ in range(m):
         p = rng.random()
-        out.append({n: WeightOption(rng.choice(methods), bits[0] if rng.random() < p else rng.choice(bits[1:])) for n in layers})
+        out.append(
+            {
+                n: WeightOption(rng.choice(methods), bits[0] if rng.random() < p else rng.choice(bits[1:]))
+                for n in layers
+            }
+        )
     return out
 
 
@@ -78,8 +93,15 @@ class ConfigScore:
     sample_psnr: float | None = None
 
 
-def score_config(denoiser: Denoiser, config: dict[str, WeightOption], cache: OptionCache, calib: CalibSet, per_step: int = 4,
-                 reference: dict[float, torch.Tensor] | None = None, probe: SampleProbe | None = None) -> ConfigScore:
+def score_config(
+    denoiser: Denoiser,
+    config: dict[str, WeightOption],
+    cache: OptionCache,
+    calib: CalibSet,
+    per_step: int = 4,
+    reference: dict[float, torch.Tensor] | None = None,
+    probe: SampleProbe | None = None,
+) -> ConfigScore:
     """Score ``config`` on ``per_step`` recorded inputs at every calibration timestep (pass the FP
     predictions as ``reference``, timestep -> tensor, to reuse them), and by ``probe``'s samples."""
     q = apply_config(denoiser, config, cache)
@@ -116,7 +138,11 @@ class SampleProbe:
     def build(cls, denoiser: Denoiser, calib: CalibSet, n: int) -> SampleProbe:
         c = calib.config
         guidance = c.guidance if c.guidance is not None else denoiser.family.default_guidance
-        probe = cls(prompt_batch(denoiser, n, c.seed), SamplerConfig(steps=c.steps, guidance=guidance, batch_size=n), torch.empty(0))
+        probe = cls(
+            prompt_batch(denoiser, n, c.seed),
+            SamplerConfig(steps=c.steps, guidance=guidance, batch_size=n),
+            torch.empty(0),
+        )
         probe.reference = probe.images(denoiser)
         return probe
 

@@ -21,7 +21,15 @@ from diffquant.pipeline.minmax import plan_weight
 from diffquant.pipeline.registry import register_pass
 from diffquant.quant.fake import round_scale
 
-__all__ = ["SmoothQuantConfig", "input_channel_amax", "scalable_layers", "scaling_groups", "smoothing_factors", "smoothquant_pass", "write_smoothing"]
+__all__ = [
+    "SmoothQuantConfig",
+    "input_channel_amax",
+    "scalable_layers",
+    "scaling_groups",
+    "smoothing_factors",
+    "smoothquant_pass",
+    "write_smoothing",
+]
 
 
 @dataclass
@@ -57,7 +65,9 @@ def smoothquant_pass(ctx: PassContext, cfg: SmoothQuantConfig) -> None:
     layers = [lp.name for lp in ctx.plan.quantized_layers() if lp.act and lp.op in cfg.ops and not lp.split]
     if not layers:
         return
-    stats = observe_activations(ctx.denoiser, layers, ctx.calib, batch_size=cfg.batch_size, progress=ctx.progress, channel_amax=set(layers))
+    stats = observe_activations(
+        ctx.denoiser, layers, ctx.calib, batch_size=cfg.batch_size, progress=ctx.progress, channel_amax=set(layers)
+    )
     members: dict[str, list[str]] = {}
     for name in layers:
         members.setdefault(stats.lead(name), []).append(name)
@@ -76,7 +86,9 @@ def scalable_layers(ctx: PassContext, ops: list[str], what: str) -> list[str]:
     layers = [lp.name for lp in plan.quantized_layers() if lp.act and lp.weight and lp.op in ops and not lp.split]
     for n in layers:
         if plan.layers[n].sites["input"].multiplier is not None:
-            raise DiffquantError(f"{what}: layer {n} is already scaled by an earlier pass; use one equivalent-scaling pass per recipe")
+            raise DiffquantError(
+                f"{what}: layer {n} is already scaled by an earlier pass; use one equivalent-scaling pass per recipe"
+            )
     return layers
 
 
@@ -89,7 +101,9 @@ def scaling_groups(ctx: PassContext, layers: list[str], readers: list[str], stat
         members.setdefault(stats.lead(n), []).append(n)
     for lead in [g for g, names in members.items() if not set(names) <= set(layers)]:
         for n in set(members.pop(lead)) & set(layers):
-            ctx.plan.layers[n].notes.append(f"{what} skipped: its input is also read by a quantized layer that {what} does not scale")
+            ctx.plan.layers[n].notes.append(
+                f"{what} skipped: its input is also read by a quantized layer that {what} does not scale"
+            )
     return members
 
 

@@ -71,9 +71,14 @@ def tcr_pass(ctx: PassContext, cfg: TCRConfig) -> None:
     if not layers:
         return
     readers = [lp.name for lp in plan.quantized_layers() if lp.act and not lp.split]
-    stats = observe_activations(ctx.denoiser, readers, ctx.calib, batch_size=cfg.batch_size, progress=ctx.progress, channel_amax=set(layers))
-    report = PassReport("tcr", f"Timestep-channel joint reparameterization (r capped at {cfg.r_max:g})",
-                        ["input group", "layers", "channels", "r max", "r mean", "capped", "act range before", "after"])
+    stats = observe_activations(
+        ctx.denoiser, readers, ctx.calib, batch_size=cfg.batch_size, progress=ctx.progress, channel_amax=set(layers)
+    )
+    report = PassReport(
+        "tcr",
+        f"Timestep-channel joint reparameterization (r capped at {cfg.r_max:g})",
+        ["input group", "layers", "channels", "r max", "r mean", "capped", "act range before", "after"],
+    )
     plan.reports.append(report)
     for lead, names in scaling_groups(ctx, layers, readers, stats, "TCR").items():
         per_t = stats.channel_amax_t[lead]
@@ -82,7 +87,24 @@ def tcr_pass(ctx: PassContext, cfg: TCRConfig) -> None:
         capped = int((r >= cfg.r_max).sum())
         if bool((r == 1).all()):  # r_max 1 (TCR off), or channels already level: no Mul in the graph
             continue
-        write_smoothing(ctx, names, r, f"TCR: r in [{float(r.min()):.3g}, {float(r.max()):.3g}] over {len(r)} channels ({capped} at the cap {cfg.r_max:g}), "
-                                       f"from {len(per_t)} calibration timesteps" + (f"; shared with {len(names) - 1} layers reading the same tensor" if len(names) > 1 else ""))
+        write_smoothing(
+            ctx,
+            names,
+            r,
+            f"TCR: r in [{float(r.min()):.3g}, {float(r.max()):.3g}] over {len(r)} channels ({capped} at the cap {cfg.r_max:g}), "
+            f"from {len(per_t)} calibration timesteps"
+            + (f"; shared with {len(names) - 1} layers reading the same tensor" if len(names) > 1 else ""),
+        )
         amax = stats.channel_amax[lead]
-        report.rows.append([lead, len(names), len(r), float(r.max()), float(r.mean()), capped, float(amax.max()), float((amax / r).max())])
+        report.rows.append(
+            [
+                lead,
+                len(names),
+                len(r),
+                float(r.max()),
+                float(r.mean()),
+                capped,
+                float(amax.max()),
+                float((amax / r).max()),
+            ]
+        )

@@ -18,7 +18,14 @@ import torch
 
 from diffquant.errors import DiffquantError
 
-__all__ = ["TIMESTEP_WEIGHTINGS", "AdaptiveWeighting", "LinearWeighting", "TimestepWeighting", "UniformWeighting", "make_weighting"]
+__all__ = [
+    "TIMESTEP_WEIGHTINGS",
+    "AdaptiveWeighting",
+    "LinearWeighting",
+    "TimestepWeighting",
+    "UniformWeighting",
+    "make_weighting",
+]
 
 
 class TimestepWeighting(Protocol):
@@ -84,11 +91,17 @@ class AdaptiveWeighting(UniformWeighting):
             self.ema[float(v)] = mean if prev is None else self.momentum * prev + (1 - self.momentum) * mean
 
 
-TIMESTEP_WEIGHTINGS: dict[str, type] = {"uniform": UniformWeighting, "linear": LinearWeighting, "adaptive": AdaptiveWeighting}
+TIMESTEP_WEIGHTINGS: dict[str, type] = {
+    "uniform": UniformWeighting,
+    "linear": LinearWeighting,
+    "adaptive": AdaptiveWeighting,
+}
 
 
 def make_weighting(name: str, timesteps: list[float]) -> TimestepWeighting:
     """Build the registered weighting ``name`` for a unit calibrated on ``timesteps``."""
     if name not in TIMESTEP_WEIGHTINGS:
-        raise DiffquantError(f"unknown timestep weighting {name!r}; available: {', '.join(sorted(TIMESTEP_WEIGHTINGS))}")
+        raise DiffquantError(
+            f"unknown timestep weighting {name!r}; available: {', '.join(sorted(TIMESTEP_WEIGHTINGS))}"
+        )
     return TIMESTEP_WEIGHTINGS[name](timesteps)

@@ -24,13 +24,29 @@ import torch.nn.functional as F
 from torch import nn
 from torch.overrides import TorchFunctionMode
 
-__all__ = ["ExplicitAttention", "ProbsQuant", "attention_modules", "explicit_attention", "install_probs_hooks", "remove_probs_hooks"]
+__all__ = [
+    "ExplicitAttention",
+    "ProbsQuant",
+    "attention_modules",
+    "explicit_attention",
+    "install_probs_hooks",
+    "remove_probs_hooks",
+]
 
 ProbsHook = Callable[[torch.Tensor], torch.Tensor]
 
 
-def explicit_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, hook: ProbsHook, attn_mask: torch.Tensor | None = None,
-                       dropout_p: float = 0.0, is_causal: bool = False, scale: float | None = None, enable_gqa: bool = False) -> torch.Tensor:
+def explicit_attention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    hook: ProbsHook,
+    attn_mask: torch.Tensor | None = None,
+    dropout_p: float = 0.0,
+    is_causal: bool = False,
+    scale: float | None = None,
+    enable_gqa: bool = False,
+) -> torch.Tensor:
     """``F.scaled_dot_product_attention`` written out (no dropout: inference), with ``hook`` on P."""
     if enable_gqa and k.shape[-3] != q.shape[-3]:
         rep = q.shape[-3] // k.shape[-3]

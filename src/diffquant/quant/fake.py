@@ -11,7 +11,16 @@ import torch
 from diffquant.errors import DiffquantError
 from diffquant.quant.format import PerAxis, PerTensor, QuantFormat
 
-__all__ = ["MIN_SCALE", "broadcast_scale", "code_limits", "fake_quant", "log2_fake_quant", "quantize_int", "round_scale", "scale_from_amax"]
+__all__ = [
+    "MIN_SCALE",
+    "broadcast_scale",
+    "code_limits",
+    "fake_quant",
+    "log2_fake_quant",
+    "quantize_int",
+    "round_scale",
+    "scale_from_amax",
+]
 
 # Smallest normal FP16 value: scales below it would be subnormal or round to 0 in an FP16 graph.
 MIN_SCALE = 2.0**-14

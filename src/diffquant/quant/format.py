@@ -14,7 +14,17 @@ import torch
 
 from diffquant.errors import DiffquantError
 
-__all__ = ["KINDS", "BitSetting", "Granularity", "PerAxis", "PerBlock", "PerTensor", "QuantFormat", "parse_bits", "pts_budget"]
+__all__ = [
+    "KINDS",
+    "BitSetting",
+    "Granularity",
+    "PerAxis",
+    "PerBlock",
+    "PerTensor",
+    "QuantFormat",
+    "parse_bits",
+    "pts_budget",
+]
 
 KINDS = ("uniform", "log2")  # log2: research only (no deployable lowering)
 
@@ -85,7 +95,9 @@ class QuantFormat:
         if isinstance(self.bits, tuple) and not isinstance(self.granularity, PerAxis):
             raise DiffquantError("per-channel bit widths need a per-axis granularity")
         if not self.symmetric:
-            raise DiffquantError("asymmetric grids are not supported: TensorRT needs zero points of 0; use symmetric: true")
+            raise DiffquantError(
+                "asymmetric grids are not supported: TensorRT needs zero points of 0; use symmetric: true"
+            )
         if not isinstance(self.granularity, PerTensor | PerAxis | PerBlock):
             raise DiffquantError(f"granularity must be PerTensor, PerAxis or PerBlock, got {self.granularity!r}")
         if self.kind not in KINDS:
@@ -123,14 +135,27 @@ class QuantFormat:
         """Short text for tables: ``int4 per-channel``, ``int1..3 per-channel``, ``int4 blocks of 64``."""
         bits = f"{min(self.bits)}..{max(self.bits)}" if self.mixed else str(self.bits)
         g = self.granularity
-        where = "per-tensor" if isinstance(g, PerTensor) else f"blocks of {g.size}" if isinstance(g, PerBlock) else "per-channel" if g.axis == 0 else f"per-axis {g.axis}"
+        where = (
+            "per-tensor"
+            if isinstance(g, PerTensor)
+            else f"blocks of {g.size}"
+            if isinstance(g, PerBlock)
+            else "per-channel"
+            if g.axis == 0
+            else f"per-axis {g.axis}"
+        )
         return f"{self.kind + ' ' if self.research_only else ''}int{bits} {where}"
 
     def with_bits(self, bits: int | tuple[int, ...]) -> QuantFormat:
         return QuantFormat(bits=bits, granularity=self.granularity, symmetric=self.symmetric, kind=self.kind)
 
     def to_dict(self) -> dict:
-        return {"bits": list(self.bits) if self.mixed else self.bits, "granularity": self.granularity.to_dict(), "symmetric": self.symmetric, "kind": self.kind}
+        return {
+            "bits": list(self.bits) if self.mixed else self.bits,
+            "granularity": self.granularity.to_dict(),
+            "symmetric": self.symmetric,
+            "kind": self.kind,
+        }
 
     @classmethod
     def from_dict(cls, d: dict) -> QuantFormat:
@@ -185,7 +210,9 @@ def parse_bits(text: str) -> BitSetting:
     K = 16 means activations stay in floating point."""
     m = _BITS_RE.match(text.strip().lower())
     if not m:
-        raise DiffquantError(f"bad bits string {text!r}: expected wNaK such as w8a8, w4a8, w4a6, w8a16, or w4g64a16 (blocks)")
+        raise DiffquantError(
+            f"bad bits string {text!r}: expected wNaK such as w8a8, w4a8, w4a6, w8a16, or w4g64a16 (blocks)"
+        )
     wb, block, ab = int(m.group(1)), int(m.group(2) or 0), int(m.group(3))
     if not 2 <= wb <= 8 or not (2 <= ab <= 8 or ab == 16):
         raise DiffquantError(f"bad bits string {text!r}: weight bits must be 2..8, activation bits 2..8 or 16")

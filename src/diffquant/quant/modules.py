@@ -21,7 +21,16 @@ from diffquant.quant.format import QuantFormat
 from diffquant.quant.plan import OUT_FORMAT, LayerPlan, QuantPlan, weights_digest
 from diffquant.quant.site import Site, SiteKey, input_multiplier, pts_at, step_at
 
-__all__ = ["OUT_FORMAT", "QuantConv2d", "QuantLinear", "SiteQuantizer", "apply_plan", "fake_quant_forms", "quant_modules", "smooth_input"]
+__all__ = [
+    "OUT_FORMAT",
+    "QuantConv2d",
+    "QuantLinear",
+    "SiteQuantizer",
+    "apply_plan",
+    "fake_quant_forms",
+    "quant_modules",
+    "smooth_input",
+]
 
 
 def smooth_input(x: torch.Tensor, multiplier: torch.Tensor, conv: bool) -> torch.Tensor:
@@ -100,7 +109,9 @@ class _QuantMixin:
         self.weight_quantizer = SiteQuantizer(lp.weight_site) if lp.weight_site is not None else None
         self.input_quantizers = nn.ModuleList([SiteQuantizer(s) for s in lp.input_sites])
         out = lp.output_site
-        self.output_quantizer = SiteQuantizer(out) if with_output and out is not None and out.scale is not None else None
+        self.output_quantizer = (
+            SiteQuantizer(out) if with_output and out is not None and out.scale is not None else None
+        )
         self.split = lp.split
         self.capture = False
         self.captured = None
@@ -199,8 +210,14 @@ def _set_submodule(root: nn.Module, name: str, module: nn.Module) -> None:
     setattr(parent, child, module)
 
 
-def apply_plan(model: nn.Module, plan: QuantPlan, check_digest: bool = True, target: str = "tensorrt", require_frozen: bool = True,
-               operands: bool = True) -> nn.Module:
+def apply_plan(
+    model: nn.Module,
+    plan: QuantPlan,
+    check_digest: bool = True,
+    target: str = "tensorrt",
+    require_frozen: bool = True,
+    operands: bool = True,
+) -> nn.Module:
     """Replace every quantized layer of ``model`` (in place) by its fake-quant wrapper, loaded
     with the plan's sites and any replacement weights. Returns ``model``.
 
@@ -259,7 +276,9 @@ def _install_group_hook(model: nn.Module, plan: QuantPlan) -> None:
             raise DiffquantError("a plan with timestep groups needs the timestep argument to pick activation scales")
         groups = {plan.group_of(float(v)) for v in torch.as_tensor(t).reshape(-1).tolist()}
         if len(groups) != 1:
-            raise DiffquantError(f"one batch mixes timestep groups {sorted(groups)}; run each group's timesteps separately")
+            raise DiffquantError(
+                f"one batch mixes timestep groups {sorted(groups)}; run each group's timesteps separately"
+            )
         g = groups.pop()
         for m in [*quant_modules(root).values(), *(x for x in root.modules() if isinstance(x, ProbsQuant))]:
             m.set_group(g)

@@ -26,8 +26,17 @@ from diffquant.quant.format import PerAxis, PerTensor, QuantFormat
 from diffquant.quant.site import Site, SiteKey, input_multiplier, pts_at
 
 __all__ = [
-    "OUT_FORMAT", "PLAN_VERSION", "STATES", "BitsSummary", "LayerPlan", "PassReport", "QuantPlan",
-    "input_multiplier", "pts_at", "reduce_range", "weights_digest",
+    "OUT_FORMAT",
+    "PLAN_VERSION",
+    "STATES",
+    "BitsSummary",
+    "LayerPlan",
+    "PassReport",
+    "QuantPlan",
+    "input_multiplier",
+    "pts_at",
+    "reduce_range",
+    "weights_digest",
 ]
 
 PLAN_VERSION = 2
@@ -52,7 +61,16 @@ class LayerPlan:
     weight_numel: int = 0
 
     @classmethod
-    def new(cls, name: str, op: str, rule: str, weight: QuantFormat | None, act: QuantFormat | None, weight_numel: int = 0, notes: list[str] | None = None) -> LayerPlan:
+    def new(
+        cls,
+        name: str,
+        op: str,
+        rule: str,
+        weight: QuantFormat | None,
+        act: QuantFormat | None,
+        weight_numel: int = 0,
+        notes: list[str] | None = None,
+    ) -> LayerPlan:
         """A layer with a weight site and / or an input site (plus its output site)."""
         lp = cls(name=name, op=op, rule=rule, notes=list(notes or []), weight_numel=weight_numel)
         if weight is not None:
@@ -99,14 +117,28 @@ class LayerPlan:
         self.sites["input#1"] = Site(SiteKey(self.name, "input", 1), self.sites["input"].format)
 
     def to_dict(self) -> dict:
-        return {"name": self.name, "op": self.op, "rule": self.rule, "split": self.split, "weight_numel": self.weight_numel,
-                "notes": list(self.notes), "sites": [s.to_dict() for s in self.sites.values()]}
+        return {
+            "name": self.name,
+            "op": self.op,
+            "rule": self.rule,
+            "split": self.split,
+            "weight_numel": self.weight_numel,
+            "notes": list(self.notes),
+            "sites": [s.to_dict() for s in self.sites.values()],
+        }
 
     @classmethod
     def from_dict(cls, d: dict, tensors: dict[str, torch.Tensor]) -> LayerPlan:
         sites = [Site.from_dict(s, tensors) for s in d.get("sites", [])]
-        return cls(name=d["name"], op=d["op"], rule=d["rule"], sites={s.key.local: s for s in sites}, notes=list(d.get("notes", [])),
-                   split=int(d.get("split", 0)), weight_numel=int(d.get("weight_numel", 0)))
+        return cls(
+            name=d["name"],
+            op=d["op"],
+            rule=d["rule"],
+            sites={s.key.local: s for s in sites},
+            notes=list(d.get("notes", [])),
+            split=int(d.get("split", 0)),
+            weight_numel=int(d.get("weight_numel", 0)),
+        )
 
 
 @dataclass
@@ -121,16 +153,29 @@ class PassReport:
 
     def markdown(self) -> str:
         fmt = lambda v: f"{v:.4g}" if isinstance(v, float) else str(v)  # noqa: E731
-        lines = [f"### {self.title} (`{self.pass_name}`)", "", "| " + " | ".join(self.columns) + " |", "|" + "---|" * len(self.columns)]
+        lines = [
+            f"### {self.title} (`{self.pass_name}`)",
+            "",
+            "| " + " | ".join(self.columns) + " |",
+            "|" + "---|" * len(self.columns),
+        ]
         lines += ["| " + " | ".join(fmt(v) for v in r) + " |" for r in self.rows]
         return "\n".join(lines + [""] + [f"- {n}" for n in self.notes])
 
     def to_dict(self) -> dict:
-        return {"pass": self.pass_name, "title": self.title, "columns": list(self.columns), "rows": [list(r) for r in self.rows], "notes": list(self.notes)}
+        return {
+            "pass": self.pass_name,
+            "title": self.title,
+            "columns": list(self.columns),
+            "rows": [list(r) for r in self.rows],
+            "notes": list(self.notes),
+        }
 
     @classmethod
     def from_dict(cls, d: dict) -> PassReport:
-        return cls(d["pass"], d["title"], list(d["columns"]), [list(r) for r in d.get("rows", [])], list(d.get("notes", [])))
+        return cls(
+            d["pass"], d["title"], list(d["columns"]), [list(r) for r in d.get("rows", [])], list(d.get("notes", []))
+        )
 
 
 @dataclass(frozen=True)
@@ -148,8 +193,12 @@ class BitsSummary:
         return f"w{self.weight_bits:.2f}a{acts} ({self.weight_bits_with_scales:.2f} weight bits with scales; asked {self.request})"
 
     def to_dict(self) -> dict:
-        return {"request": self.request, "weight_bits": round(self.weight_bits, 4),
-                "weight_bits_with_scales": round(self.weight_bits_with_scales, 4), "act_bits": list(self.act_bits)}
+        return {
+            "request": self.request,
+            "weight_bits": round(self.weight_bits, 4),
+            "weight_bits_with_scales": round(self.weight_bits_with_scales, 4),
+            "act_bits": list(self.act_bits),
+        }
 
 
 @dataclass
@@ -227,11 +276,15 @@ class QuantPlan:
             ws = lp.weight_site
             if ws is not None and lp.weight_numel:
                 per_row = lp.weight_numel / len(ws.format.bits) if ws.format.mixed else 0
-                grid += sum(b * per_row for b in ws.format.bits) if ws.format.mixed else ws.format.bits * lp.weight_numel
+                grid += (
+                    sum(b * per_row for b in ws.format.bits) if ws.format.mixed else ws.format.bits * lp.weight_numel
+                )
                 n += lp.weight_numel
                 extra += SCALE_BITS * (ws.scale.numel() if ws.scale is not None else 1)
             acts.update(s.format.max_bits for s in lp.input_sites)
-        return BitsSummary(self.request, grid / n if n else 16.0, (grid + extra) / n if n else 16.0, tuple(sorted(acts)))
+        return BitsSummary(
+            self.request, grid / n if n else 16.0, (grid + extra) / n if n else 16.0, tuple(sorted(acts))
+        )
 
     def freeze(self) -> None:
         """Check every site has its tensors, then mark the plan frozen."""
@@ -244,15 +297,21 @@ class QuantPlan:
         for lp in self.quantized_layers():
             for site in lp.input_sites:
                 if site.pts is not None and site.pts.shape[0] != self.n_groups:
-                    raise DiffquantError(f"plan: site {site.key} has PTS exponents for {site.pts.shape[0]} timestep groups, the plan has {self.n_groups}")
+                    raise DiffquantError(
+                        f"plan: site {site.key} has PTS exponents for {site.pts.shape[0]} timestep groups, the plan has {self.n_groups}"
+                    )
             for key, site in lp.sites.items():
                 if key == "output":
                     continue
                 what = "weight" if key == "weight" else "activation"
                 if site.scale is None:
-                    raise DiffquantError(f"plan: layer {lp.name} has a{'n' if what[0] == 'a' else ''} {what} format but no {what} scale ({site.key})")
+                    raise DiffquantError(
+                        f"plan: layer {lp.name} has a{'n' if what[0] == 'a' else ''} {what} format but no {what} scale ({site.key})"
+                    )
                 if what == "activation" and site.scale.numel() != self.n_groups:
-                    raise DiffquantError(f"plan: layer {lp.name} needs {self.n_groups} activation scales (one per timestep group), has {site.scale.numel()}")
+                    raise DiffquantError(
+                        f"plan: layer {lp.name} needs {self.n_groups} activation scales (one per timestep group), has {site.scale.numel()}"
+                    )
             if lp.split and "input#1" not in lp.sites:
                 raise DiffquantError(f"plan: layer {lp.name} has a shortcut split but no site for its second half")
 
@@ -285,16 +344,25 @@ class QuantPlan:
         layers = {d["name"]: LayerPlan.from_dict(d, tensors) for d in data["layers"]}
         operands = {d["key"]: Site.from_dict(d, tensors) for d in data.get("operands", [])}
         return cls(
-            model=data["model"], model_digest=data["model_digest"], request=data["request"], recipe=data.get("recipe", {}),
-            layers=layers, weights={k[: -len(".weight")]: v for k, v in tensors.items() if k.endswith(".weight") and ":" not in k},
-            operands=operands, reports=[PassReport.from_dict(r) for r in data.get("reports", [])], state=data["state"],
-            version=data["version"], skipped=data.get("skipped", {}),
+            model=data["model"],
+            model_digest=data["model_digest"],
+            request=data["request"],
+            recipe=data.get("recipe", {}),
+            layers=layers,
+            weights={k[: -len(".weight")]: v for k, v in tensors.items() if k.endswith(".weight") and ":" not in k},
+            operands=operands,
+            reports=[PassReport.from_dict(r) for r in data.get("reports", [])],
+            state=data["state"],
+            version=data["version"],
+            skipped=data.get("skipped", {}),
             timestep_groups=[list(map(float, r)) for r in data.get("timestep_groups", [])],
         )
 
     def copy(self) -> QuantPlan:
         """An independent copy (tensors cloned)."""
-        return QuantPlan.from_json(json.loads(json.dumps(self.to_json())), {k: v.clone() for k, v in self.tensors().items()})
+        return QuantPlan.from_json(
+            json.loads(json.dumps(self.to_json())), {k: v.clone() for k, v in self.tensors().items()}
+        )
 
     def save(self, folder: str | Path) -> Path:
         """Write ``plan.json`` and ``plan.safetensors`` into ``folder`` (each atomically)."""
@@ -316,15 +384,21 @@ class QuantPlan:
             raise DiffquantError(f"no plan at {folder}: expected plan.json and plan.safetensors there")
         data = read_json(jpath, "re-run `diffquant quantize`", required=("version",))
         if data.get("version") != PLAN_VERSION:
-            raise DiffquantError(f"{jpath}: plan version {data.get('version')} is not supported (expected {PLAN_VERSION}); re-run `diffquant quantize`")
+            raise DiffquantError(
+                f"{jpath}: plan version {data.get('version')} is not supported (expected {PLAN_VERSION}); re-run `diffquant quantize`"
+            )
         try:
             tensors = load_file(str(tpath))
         except (SafetensorError, OSError) as e:
-            raise DiffquantError(f"{tpath} is not a readable safetensors file ({e}); re-run `diffquant quantize`") from None
+            raise DiffquantError(
+                f"{tpath} is not a readable safetensors file ({e}); re-run `diffquant quantize`"
+            ) from None
         try:
             plan = cls.from_json(data, tensors)
         except (KeyError, TypeError, ValueError, AttributeError) as e:
-            raise DiffquantError(f"{jpath}: malformed plan ({type(e).__name__}: {e}); re-run `diffquant quantize`") from None
+            raise DiffquantError(
+                f"{jpath}: malformed plan ({type(e).__name__}: {e}); re-run `diffquant quantize`"
+            ) from None
         plan._check_loaded(data.get("tensors"), tensors, jpath)
         return plan
 
@@ -338,7 +412,9 @@ class QuantPlan:
             if key not in tensors:
                 raise DiffquantError(f"{jpath}: tensor {key!r} is missing from plan.safetensors; {again}")
             if list(tensors[key].shape) != list(shape):
-                raise DiffquantError(f"{jpath}: tensor {key!r} has shape {list(tensors[key].shape)} in plan.safetensors, plan.json says {shape}; {again}")
+                raise DiffquantError(
+                    f"{jpath}: tensor {key!r} has shape {list(tensors[key].shape)} in plan.safetensors, plan.json says {shape}; {again}"
+                )
         try:
             self._check_sites()
         except DiffquantError as e:

@@ -40,8 +40,10 @@ class Rule:
             parse_bits(self.bits)
 
     def matches(self, layer: str, module: nn.Module) -> bool:
-        if self.classes and type(module).__name__ not in self.classes and not any(
-            c.__name__ in self.classes for c in type(module).__mro__
+        if (
+            self.classes
+            and type(module).__name__ not in self.classes
+            and not any(c.__name__ in self.classes for c in type(module).__mro__)
         ):
             return False
         return fnmatch.fnmatchcase(layer, self.pattern)

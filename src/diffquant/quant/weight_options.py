@@ -32,7 +32,9 @@ class WeightOption:
 
     def __post_init__(self) -> None:
         if self.method not in METHODS or not 1 <= self.bits <= 8:
-            raise ValueError(f"weight option {self.method!r} at {self.bits} bits: method must be one of {METHODS}, bits 1..8")
+            raise ValueError(
+                f"weight option {self.method!r} at {self.bits} bits: method must be one of {METHODS}, bits 1..8"
+            )
 
     @property
     def label(self) -> str:
@@ -82,7 +84,13 @@ class QuantizedWeight:
 
     def tensors(self) -> dict[str, torch.Tensor]:
         out = {"codes": self.codes}
-        out.update({k: v for k, v in (("scale", self.scale), ("zero", self.zero), ("centroids", self.centroids)) if v is not None})
+        out.update(
+            {
+                k: v
+                for k, v in (("scale", self.scale), ("zero", self.zero), ("centroids", self.centroids))
+                if v is not None
+            }
+        )
         return out
 
 
@@ -92,7 +100,10 @@ def uaq(weight: torch.Tensor, bits: int, p: float = 2.4) -> QuantizedWeight:
     ``CLIP_RATIOS``) with the lowest L``p`` error of that row."""
     w = weight.detach().float().reshape(weight.shape[0], -1)
     levels = 2**bits - 1
-    lo0, hi0 = w.min(dim=1).values.clamp(max=0.0), w.max(dim=1).values.clamp(min=0.0)  # the grid holds 0: zero points in [0, 2^b - 1]
+    lo0, hi0 = (
+        w.min(dim=1).values.clamp(max=0.0),
+        w.max(dim=1).values.clamp(min=0.0),
+    )  # the grid holds 0: zero points in [0, 2^b - 1]
     best_err = torch.full((w.shape[0],), float("inf"))
     best = (torch.ones_like(lo0), torch.zeros_like(lo0))
     for r in CLIP_RATIOS:
@@ -125,7 +136,9 @@ def kmeans_codebook(rows: torch.Tensor, k: int, iters: int = 25) -> tuple[torch.
 
 def _assign(x: torch.Tensor, c: torch.Tensor, chunk: int = 1 << 16) -> torch.Tensor:
     """Nearest centroid of every value, in column chunks (the [R, N, k] distances stay small)."""
-    return torch.cat([(x[:, i : i + chunk, None] - c[:, None, :]).abs().argmin(dim=2) for i in range(0, x.shape[1], chunk)], dim=1)
+    return torch.cat(
+        [(x[:, i : i + chunk, None] - c[:, None, :]).abs().argmin(dim=2) for i in range(0, x.shape[1], chunk)], dim=1
+    )
 
 
 def quantize_option(weight: torch.Tensor, option: WeightOption) -> QuantizedWeight:

@@ -20,7 +20,9 @@ from diffquant.models.inputs import InputSpec
 __all__ = ["Family", "calculate_shift", "chunked"]
 
 
-def calculate_shift(seq_len: int, base_seq: int = 256, max_seq: int = 4096, base_shift: float = 0.5, max_shift: float = 1.15) -> float:
+def calculate_shift(
+    seq_len: int, base_seq: int = 256, max_seq: int = 4096, base_shift: float = 0.5, max_shift: float = 1.15
+) -> float:
     """Resolution-dependent shift mu of flow-matching schedules (linear in the image token count)."""
     m = (max_shift - base_shift) / (max_seq - base_seq)
     return seq_len * m + base_shift - m * base_seq
@@ -139,4 +141,9 @@ class Family(ABC):
 
     def describe(self) -> dict:
         """What the report says about this family."""
-        return {"family": self.name, "sampler": self.sampler, "guidance": self.guidance, "resolution": list(self.resolution)}
+        return {
+            "family": self.name,
+            "sampler": self.sampler,
+            "guidance": self.guidance,
+            "resolution": list(self.resolution),
+        }

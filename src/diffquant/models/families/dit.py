@@ -26,7 +26,9 @@ class DiT(Family):
         return [*self.base_specs(), InputSpec("class_labels", "int64", ("batch",))]
 
     def call(self, model, inputs: dict) -> torch.Tensor:
-        out = model(inputs["hidden_states"], timestep=inputs["timestep"], class_labels=inputs["class_labels"], return_dict=False)[0]
+        out = model(
+            inputs["hidden_states"], timestep=inputs["timestep"], class_labels=inputs["class_labels"], return_dict=False
+        )[0]
         return self.split_learned_sigma(out)
 
     @property
@@ -50,5 +52,8 @@ class DiT(Family):
             elif key in labels:
                 ids.append(int(labels[key]))
             else:
-                raise DiffquantError(f"{p!r} is not a class of this DiT: give class indices 0..{self.n_classes - 1}" + (" or ImageNet label names" if labels else ""))
+                raise DiffquantError(
+                    f"{p!r} is not a class of this DiT: give class indices 0..{self.n_classes - 1}"
+                    + (" or ImageNet label names" if labels else "")
+                )
         return {"class_labels": torch.tensor([*ids, self.n_classes], dtype=torch.int64)}  # the null class last

@@ -19,7 +19,16 @@ class Flux(Family):
     classes = ("FluxTransformer2DModel",)
     sampler = "flow"
     # NVIDIA's list: embedders, adaLN modulation of double and single blocks, final layer
-    skip = ("x_embedder", "context_embedder", "time_text_embed.*", "*.norm1.linear", "*.norm1_context.linear", "*.norm.linear", "norm_out.*", "proj_out")
+    skip = (
+        "x_embedder",
+        "context_embedder",
+        "time_text_embed.*",
+        "*.norm1.linear",
+        "*.norm1_context.linear",
+        "*.norm.linear",
+        "norm_out.*",
+        "proj_out",
+    )
     block_types = ("FluxTransformerBlock", "FluxSingleTransformerBlock")
     default_guidance = 3.5
     patch = 2
@@ -59,9 +68,14 @@ class Flux(Family):
 
     def call(self, model, inputs: dict) -> torch.Tensor:
         return model(
-            hidden_states=inputs["hidden_states"], timestep=inputs["timestep"], guidance=inputs.get("guidance"),
-            pooled_projections=inputs["pooled_projections"], encoder_hidden_states=inputs["encoder_hidden_states"],
-            txt_ids=inputs["txt_ids"], img_ids=inputs["img_ids"], return_dict=False,
+            hidden_states=inputs["hidden_states"],
+            timestep=inputs["timestep"],
+            guidance=inputs.get("guidance"),
+            pooled_projections=inputs["pooled_projections"],
+            encoder_hidden_states=inputs["encoder_hidden_states"],
+            txt_ids=inputs["txt_ids"],
+            img_ids=inputs["img_ids"],
+            return_dict=False,
         )[0]
 
     T5_LENGTH = 512  # the length `encode` pads to (the pipeline's default)
@@ -70,9 +84,17 @@ class Flux(Family):
         """CLIP's pooled output and the T5 sequence."""
         if getattr(pipe, "text_encoder", None) is None or getattr(pipe, "text_encoder_2", None) is None:
             return None
-        encs = [TextEncoderSpec("text_encoder", "tokenizer", pipe.tokenizer.model_max_length, ("pooled",)),
-                TextEncoderSpec("text_encoder_2", "tokenizer_2", self.T5_LENGTH, ("last_hidden_state",))]
-        return TextPlan(encs, {"pooled_projections": ["out", "text_encoder", "pooled"], "encoder_hidden_states": ["out", "text_encoder_2", "last_hidden_state"]})
+        encs = [
+            TextEncoderSpec("text_encoder", "tokenizer", pipe.tokenizer.model_max_length, ("pooled",)),
+            TextEncoderSpec("text_encoder_2", "tokenizer_2", self.T5_LENGTH, ("last_hidden_state",)),
+        ]
+        return TextPlan(
+            encs,
+            {
+                "pooled_projections": ["out", "text_encoder", "pooled"],
+                "encoder_hidden_states": ["out", "text_encoder_2", "last_hidden_state"],
+            },
+        )
 
     def reference_call(self, prompts: list[str]) -> dict | None:
         return {"prompt": prompts, "max_sequence_length": self.T5_LENGTH}
@@ -82,7 +104,10 @@ class Flux(Family):
             return pipe.encode_prompt(ps, None, device="cpu", max_sequence_length=self.T5_LENGTH)
 
         parts = chunked(enc, [*prompts, ""])  # the empty prompt last (only used with --guidance and true CFG)
-        return {"encoder_hidden_states": torch.cat([p[0] for p in parts]), "pooled_projections": torch.cat([p[1] for p in parts])}
+        return {
+            "encoder_hidden_states": torch.cat([p[0] for p in parts]),
+            "pooled_projections": torch.cat([p[1] for p in parts]),
+        }
 
     def static_inputs(self, cond: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         h, w = self.tokens_hw
@@ -97,5 +122,7 @@ class Flux(Family):
     def flow_kwargs(self, steps: int, scheduler: dict) -> dict:
         g = scheduler.get
         seq = self.sample_shape()[0]
-        mu = calculate_shift(seq, g("base_image_seq_len", 256), g("max_image_seq_len", 4096), g("base_shift", 0.5), g("max_shift", 1.15))
+        mu = calculate_shift(
+            seq, g("base_image_seq_len", 256), g("max_image_seq_len", 4096), g("base_shift", 0.5), g("max_shift", 1.15)
+        )
         return {"sigmas": np.linspace(1.0, 1 / steps, steps).tolist(), "mu": mu}

@@ -38,14 +38,21 @@ class PixArt(Family):
             InputSpec("encoder_attention_mask", "int64", ("batch", self.text_len)),
         ]
         if self.additional:
-            specs += [InputSpec("resolution", "float32", ("batch", 2)), InputSpec("aspect_ratio", "float32", ("batch", 1))]
+            specs += [
+                InputSpec("resolution", "float32", ("batch", 2)),
+                InputSpec("aspect_ratio", "float32", ("batch", 1)),
+            ]
         return specs
 
     def call(self, model, inputs: dict) -> torch.Tensor:
         added = {"resolution": inputs.get("resolution"), "aspect_ratio": inputs.get("aspect_ratio")}
         out = model(
-            inputs["hidden_states"], encoder_hidden_states=inputs["encoder_hidden_states"], encoder_attention_mask=inputs["encoder_attention_mask"],
-            timestep=inputs["timestep"], added_cond_kwargs=added, return_dict=False,
+            inputs["hidden_states"],
+            encoder_hidden_states=inputs["encoder_hidden_states"],
+            encoder_attention_mask=inputs["encoder_attention_mask"],
+            timestep=inputs["timestep"],
+            added_cond_kwargs=added,
+            return_dict=False,
         )[0]
         return self.split_learned_sigma(out)
 
@@ -54,8 +61,16 @@ class PixArt(Family):
         caption cleaning, which needs bs4 and ftfy and is off by default)."""
         if getattr(pipe, "text_encoder", None) is None:
             return None
-        enc = TextEncoderSpec("text_encoder", "tokenizer", self.text_len, ("last_hidden_state",), feed_mask=True, lowercase=True)
-        return TextPlan([enc], {"encoder_hidden_states": ["out", "text_encoder", "last_hidden_state"], "encoder_attention_mask": ["mask", "text_encoder"]})
+        enc = TextEncoderSpec(
+            "text_encoder", "tokenizer", self.text_len, ("last_hidden_state",), feed_mask=True, lowercase=True
+        )
+        return TextPlan(
+            [enc],
+            {
+                "encoder_hidden_states": ["out", "text_encoder", "last_hidden_state"],
+                "encoder_attention_mask": ["mask", "text_encoder"],
+            },
+        )
 
     def reference_call(self, prompts: list[str]) -> dict | None:
         return {"prompt": prompts, "use_resolution_binning": False, "max_sequence_length": self.text_len}

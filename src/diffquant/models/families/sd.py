@@ -37,13 +37,21 @@ class StableDiffusion(Family):
 
     def call(self, model, inputs: dict) -> torch.Tensor:
         extra = {} if (added := self.added_cond(inputs)) is None else {"added_cond_kwargs": added}
-        return model(inputs["sample"], inputs["timestep"], encoder_hidden_states=inputs["encoder_hidden_states"], return_dict=False, **extra)[0]
+        return model(
+            inputs["sample"],
+            inputs["timestep"],
+            encoder_hidden_states=inputs["encoder_hidden_states"],
+            return_dict=False,
+            **extra,
+        )[0]
 
     def text_plan(self, pipe) -> TextPlan | None:
         if getattr(pipe, "text_encoder", None) is None:
             return None
         mask = bool(getattr(pipe.text_encoder.config, "use_attention_mask", False))
-        enc = TextEncoderSpec("text_encoder", "tokenizer", pipe.tokenizer.model_max_length, ("last_hidden_state",), feed_mask=mask)
+        enc = TextEncoderSpec(
+            "text_encoder", "tokenizer", pipe.tokenizer.model_max_length, ("last_hidden_state",), feed_mask=mask
+        )
         return TextPlan([enc], {"encoder_hidden_states": ["out", "text_encoder", "last_hidden_state"]})
 
     def encode(self, pipe, prompts: list[str]) -> dict[str, torch.Tensor]:

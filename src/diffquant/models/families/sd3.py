@@ -18,7 +18,15 @@ class SD3(Family):
     classes = ("SD3Transformer2DModel",)
     sampler = "flow"
     # NVIDIA's list: patch / position embedding, time-text embedding, context embedder, adaLN, final layer
-    skip = ("pos_embed.*", "time_text_embed.*", "context_embedder", "*.norm1.linear", "*.norm1_context.linear", "norm_out.*", "proj_out")
+    skip = (
+        "pos_embed.*",
+        "time_text_embed.*",
+        "context_embedder",
+        "*.norm1.linear",
+        "*.norm1_context.linear",
+        "norm_out.*",
+        "proj_out",
+    )
     block_types = ("JointTransformerBlock",)
     default_guidance = 7.0
 
@@ -31,8 +39,11 @@ class SD3(Family):
 
     def call(self, model, inputs: dict) -> torch.Tensor:
         return model(
-            hidden_states=inputs["hidden_states"], timestep=inputs["timestep"], encoder_hidden_states=inputs["encoder_hidden_states"],
-            pooled_projections=inputs["pooled_projections"], return_dict=False,
+            hidden_states=inputs["hidden_states"],
+            timestep=inputs["timestep"],
+            encoder_hidden_states=inputs["encoder_hidden_states"],
+            pooled_projections=inputs["pooled_projections"],
+            return_dict=False,
         )[0]
 
     T5_LENGTH = 256  # the pipeline's default max_sequence_length
@@ -44,22 +55,47 @@ class SD3(Family):
         if getattr(pipe, "text_encoder", None) is None or getattr(pipe, "text_encoder_2", None) is None:
             return None
         clip_len = pipe.tokenizer.model_max_length
-        encs = [TextEncoderSpec(n, t, clip_len, ("penultimate", "pooled")) for n, t in (("text_encoder", "tokenizer"), ("text_encoder_2", "tokenizer_2"))]
+        encs = [
+            TextEncoderSpec(n, t, clip_len, ("penultimate", "pooled"))
+            for n, t in (("text_encoder", "tokenizer"), ("text_encoder_2", "tokenizer_2"))
+        ]
         dim = self.config.joint_attention_dim
         t5: list = ["zeros", [clip_len, dim]]
         if getattr(pipe, "text_encoder_3", None) is not None:
             encs.append(TextEncoderSpec("text_encoder_3", "tokenizer_3", self.T5_LENGTH, ("last_hidden_state",)))
             t5 = ["out", "text_encoder_3", "last_hidden_state"]
-        clip = ["pad", dim, ["cat", -1, ["out", "text_encoder", "penultimate"], ["out", "text_encoder_2", "penultimate"]]]
-        return TextPlan(encs, {"encoder_hidden_states": ["cat", -2, clip, t5],
-                               "pooled_projections": ["cat", -1, ["out", "text_encoder", "pooled"], ["out", "text_encoder_2", "pooled"]]})
+        clip = [
+            "pad",
+            dim,
+            ["cat", -1, ["out", "text_encoder", "penultimate"], ["out", "text_encoder_2", "penultimate"]],
+        ]
+        return TextPlan(
+            encs,
+            {
+                "encoder_hidden_states": ["cat", -2, clip, t5],
+                "pooled_projections": [
+                    "cat",
+                    -1,
+                    ["out", "text_encoder", "pooled"],
+                    ["out", "text_encoder_2", "pooled"],
+                ],
+            },
+        )
 
     def reference_call(self, prompts: list[str]) -> dict | None:
         return {"prompt": prompts, "max_sequence_length": self.T5_LENGTH}
 
     def encode(self, pipe, prompts: list[str]) -> dict[str, torch.Tensor]:
         def enc(ps):
-            return pipe.encode_prompt(ps, None, None, device="cpu", do_classifier_free_guidance=True, negative_prompt="", max_sequence_length=self.T5_LENGTH)
+            return pipe.encode_prompt(
+                ps,
+                None,
+                None,
+                device="cpu",
+                do_classifier_free_guidance=True,
+                negative_prompt="",
+                max_sequence_length=self.T5_LENGTH,
+            )
 
         parts = chunked(enc, prompts)
         return {
@@ -73,4 +109,12 @@ class SD3(Family):
         h, w = self.latent_hw
         seq = (h // self.patch) * (w // self.patch)
         g = scheduler.get
-        return {"mu": calculate_shift(seq, g("base_image_seq_len", 256), g("max_image_seq_len", 4096), g("base_shift", 0.5), g("max_shift", 1.16))}
+        return {
+            "mu": calculate_shift(
+                seq,
+                g("base_image_seq_len", 256),
+                g("max_image_seq_len", 4096),
+                g("base_shift", 0.5),
+                g("max_shift", 1.16),
+            )
+        }

@@ -59,10 +59,20 @@ class StableDiffusionXL(StableDiffusion):
         if getattr(pipe, "text_encoder_2", None) is None:
             return None
         names = [n for n in ("text_encoder", "text_encoder_2") if getattr(pipe, n, None) is not None]
-        encs = [TextEncoderSpec(n, n.replace("text_encoder", "tokenizer"), getattr(pipe, n.replace("text_encoder", "tokenizer")).model_max_length,
-                                ("penultimate", "pooled") if n == "text_encoder_2" else ("penultimate",)) for n in names]
+        encs = [
+            TextEncoderSpec(
+                n,
+                n.replace("text_encoder", "tokenizer"),
+                getattr(pipe, n.replace("text_encoder", "tokenizer")).model_max_length,
+                ("penultimate", "pooled") if n == "text_encoder_2" else ("penultimate",),
+            )
+            for n in names
+        ]
         hidden = [["out", n, "penultimate"] for n in names]
-        compose = {"encoder_hidden_states": ["cat", -1, *hidden] if len(hidden) > 1 else hidden[0], "text_embeds": ["out", "text_encoder_2", "pooled"]}
+        compose = {
+            "encoder_hidden_states": ["cat", -1, *hidden] if len(hidden) > 1 else hidden[0],
+            "text_embeds": ["out", "text_encoder_2", "pooled"],
+        }
         zeros = bool(getattr(pipe.config, "force_zeros_for_empty_prompt", True))
         return TextPlan(encs, compose, "zeros" if zeros else "empty")
 

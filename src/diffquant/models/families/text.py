@@ -50,4 +50,8 @@ class TextPlan:
     unset_negative: str = "empty"
 
     def to_dict(self) -> dict:
-        return {"encoders": [e.to_dict() for e in self.encoders], "compose": self.compose, "unset_negative": self.unset_negative}
+        return {
+            "encoders": [e.to_dict() for e in self.encoders],
+            "compose": self.compose,
+            "unset_negative": self.unset_negative,
+        }
