@@ -132,7 +132,8 @@ def fingerprint(cache: str, cases: list = CASES, pipelines: list = PIPELINE_CASE
                 }
         out[f"{model} {recipe} {bits}"] = entry
         print(
-            f"{model} {recipe} {bits}: {len(entry['plan'])} plan tensors, {len(entry['tensorrt'])} / {len(entry['onnxruntime'])} Q/DQ initializers",
+            f"{model} {recipe} {bits}: {len(entry['plan'])} plan tensors, {len(entry['tensorrt'])} / "
+            f"{len(entry['onnxruntime'])} Q/DQ initializers",
             flush=True,
         )
     for model, recipe, bits, target in pipelines:
@@ -141,10 +142,11 @@ def fingerprint(cache: str, cases: list = CASES, pipelines: list = PIPELINE_CASE
     return out
 
 
-def _json_sha(path: Path, drop: tuple[str, ...] = ()) -> str:
-    """Hash of a JSON file's content, keys sorted, machine- and time-dependent keys dropped."""
+def _json_shas(path: Path, key: str, drop: tuple[str, ...] = ()) -> dict[str, str]:
+    """Hashes of a JSON file's top-level values, one per key (keys sorted inside), so a changed
+    section is named on its own; machine- and time-dependent keys dropped."""
     d = json.loads(path.read_text())
-    return _sha(json.dumps({k: v for k, v in d.items() if k not in drop}, sort_keys=True).encode())
+    return {f"{key}:{k}": _sha(json.dumps(v, sort_keys=True).encode()) for k, v in d.items() if k not in drop}
 
 
 def _folders(model: str, recipe: str, bits: str, target: str, cache: str) -> dict:
@@ -163,7 +165,7 @@ def _folders(model: str, recipe: str, bits: str, target: str, cache: str) -> dic
                 key = f"{folder}/{f.relative_to(root)}"
                 if f.suffix == ".json":
                     # machine, time and path dependent: the build time, the source folder, the CPU
-                    files[key] = _json_sha(f, drop=("built", "source", "cpu"))
+                    files.update(_json_shas(f, key, drop=("built", "source", "cpu")))
                 elif f.suffix == ".onnx":
                     g = onnx.load(str(f))
                     files[key] = _sha(
@@ -176,18 +178,36 @@ def _folders(model: str, recipe: str, bits: str, target: str, cache: str) -> dic
     return {"files": files}
 
 
+def _meta() -> dict:
+    """What the fingerprint ran on: the commit (and whether the tree had changes) and versions."""
+    import subprocess
+
+    import onnxruntime
+    import torch
+
+    def git(*args: str) -> str:
+        try:
+            return subprocess.run(["git", *args], capture_output=True, text=True, check=True).stdout.strip()
+        except (OSError, subprocess.CalledProcessError):
+            return ""
+
+    versions = {"torch": torch.__version__, "onnx": onnx.__version__, "onnxruntime": onnxruntime.__version__}
+    return {"commit": git("rev-parse", "HEAD"), "dirty": bool(git("status", "--porcelain", "src")), **versions}
+
+
 def compare(a: dict, b: dict, only: str | None = None) -> list[str]:
     """Graph initializers must match by name and value; plan tensors by value only (as a
     multiset), because the plan's file keys may be renamed by a refactor; files of the
     export and engine folders by name and content."""
     diffs = []
-    for case in sorted(c for c in set(a) | set(b) if not only or only in c):
+    for case in sorted(c for c in set(a) | set(b) if (not only or only in c) and not c.startswith("_")):
         for part in ("plan", "tensorrt", "onnxruntime", "files"):
             x, y = a.get(case, {}).get(part, {}), b.get(case, {}).get(part, {})
             if part == "plan":
                 if sorted(x.values()) != sorted(y.values()):
                     diffs.append(
-                        f"{case} plan: tensor values differ ({len(x)} vs {len(y)} tensors, {len(set(x.values()) ^ set(y.values()))} values in one only)"
+                        f"{case} plan: tensor values differ ({len(x)} vs {len(y)} tensors, "
+                        f"{len(set(x.values()) ^ set(y.values()))} values in one only)"
                     )
                 continue
             bad = sorted(k for k in set(x) | set(y) if x.get(k) != y.get(k))
@@ -208,12 +228,14 @@ def main() -> int:
     pipelines = [c for c in PIPELINE_CASES if only in " ".join(c)]
     with tempfile.TemporaryDirectory() as tmp:
         fp = fingerprint(a.cache or tmp, cases, pipelines)
+    fp["_meta"] = _meta()
     Path(a.out).write_text(json.dumps(fp, indent=1, sort_keys=True) + "\n")
     if a.compare:
         diffs = compare(json.loads(Path(a.compare).read_text()), fp, a.only)
         for d in diffs:
             print("DIFF", d)
-        print(f"{len(fp)} cases compared: {'identical' if not diffs else f'{len(diffs)} parts differ'}")
+        n = sum(1 for k in fp if not k.startswith("_"))
+        print(f"{n} cases compared: {'identical' if not diffs else f'{len(diffs)} parts differ'}")
         return 1 if diffs else 0
     return 0
 

@@ -24,9 +24,9 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 from diffquant._io import write_json, write_text  # noqa: E402
-from diffquant.engines.bundle import BuildConfig, build  # noqa: E402
+from diffquant.engines.build import BuildConfig, build  # noqa: E402
 from diffquant.engines.cpu import cpu_info  # noqa: E402
-from diffquant.engines.pipeline import PipelineFromFolder, PipelineRequest  # noqa: E402
+from diffquant.engines.deployed import PipelineFromFolder, PipelineRequest  # noqa: E402
 from diffquant.engines.runtime import GenerateConfig  # noqa: E402
 from tests.pipelines import export_minmax, export_tiny, start_server  # noqa: E402
 
@@ -156,25 +156,29 @@ def main() -> int:
         "",
         f"Written by `python benchmarks/pipeline_cpu.py`. CPU: {meta['cpu']}; {a.steps} steps, one image, "
         f"median of {a.repeats} runs; ONNX Runtime engine folders; digits-ldm is the trained builtin (32x32 images, "
-        "4x8x8 latents), the others tiny random-weight pipelines (their numbers show the pipeline's overheads more than a real "
+        "4x8x8 latents), the others tiny random-weight pipelines (their numbers show the pipeline's overheads more "
+        "than a real "
         "model's compute).",
         "",
         "| family | denoiser | text encoding ms | denoising ms / step | decoding ms | total ms |",
         "|---|---|---|---|---|---|",
     ]
     lines += [
-        f"| {r['family']} | {r['denoiser']} | {1000 * r['text_s']:.1f} | {r['step_ms']:.1f} | {1000 * r['decode_s']:.1f} | {1000 * r['total_s']:.0f} |"
+        f"| {r['family']} | {r['denoiser']} | {1000 * r['text_s']:.1f} | {r['step_ms']:.1f} | "
+        f"{1000 * r['decode_s']:.1f} | {1000 * r['total_s']:.0f} |"
         for r in rows
     ]
     if serve:
         lines += [
             "",
-            f"`diffquant serve` ({serve['family']}, {serve['denoiser']}, {a.steps} steps): {serve['clients']} concurrent clients x "
+            f"`diffquant serve` ({serve['family']}, {serve['denoiser']}, {a.steps} steps): {serve['clients']} "
+            "concurrent clients x "
             f"{a.per_client} requests, queue {2 * serve['clients']}, batches of up to 4",
             "",
             "| requests | PNGs | 503 | images / s | p50 s | p95 s | engine runs |",
             "|---|---|---|---|---|---|---|",
-            f"| {serve['requests']} | {serve['ok']} | {serve['busy_503']} | {serve['images_per_s']:.2f} | {serve['p50_s']:.2f} | {serve['p95_s']:.2f} | {serve['batches']} |",
+            f"| {serve['requests']} | {serve['ok']} | {serve['busy_503']} | {serve['images_per_s']:.2f} | "
+            f"{serve['p50_s']:.2f} | {serve['p95_s']:.2f} | {serve['batches']} |",
         ]
     write_text(out / "pipeline_cpu.md", "\n".join(lines) + "\n")
     return 0

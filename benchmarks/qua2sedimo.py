@@ -2,8 +2,8 @@
 fake-quant beside it: uniform UAQ W4A8 / W3A8, the `qua2sedimo` recipe at budgets 3.5 / 3.7 / 3.9
 average weight bits (overhead counted), the paper's bit set [3, 4] at 3.7, random assignments and
 largest-layers-first at the same budgets, and the research option set (all six options, k-means
-centroids deployed on an INT8 per-channel grid: the research numerics within half an 8-bit step). Same activation calibration (A8, static MSE)
-in every row.
+centroids deployed on an INT8 per-channel grid: the research numerics within half an 8-bit
+step). Same activation calibration (A8, static MSE) in every row.
 
     python benchmarks/qua2sedimo.py                   # N = 1000, both models
     python benchmarks/qua2sedimo.py --samples 100 --models digits-dit
@@ -62,13 +62,19 @@ def write_table(rows: list[dict], path: Path) -> None:
         "# Qua2SeDiMo budget study",
         "",
         "Written by `python benchmarks/qua2sedimo.py`. Deployed: the onnxruntime Q/DQ graph (N as listed);",
-        "fake-quant: the torch model of the same plan. FD to FP / PSNR / SSIM are against the FP samples of the same seeds.",
-        "Bits: average weight bits with FP16 scales, zero points and codebooks counted (the paper's accounting), over every",
-        "conv / linear; `deployed bits` differ from `research bits` only where a k-means layer is lowered (centroids in 8 bits).",
-        "Configurations are scored by the PSNR of 20 samples against FP from the calibration seeds (the recipe's default),",
+        "fake-quant: the torch model of the same plan. FD to FP / PSNR / SSIM are against the FP samples of the "
+        "same seeds.",
+        "Bits: average weight bits with FP16 scales, zero points and codebooks counted (the paper's accounting), "
+        "over every",
+        "conv / linear; `deployed bits` differ from `research bits` only where a k-means layer is lowered "
+        "(centroids in 8 bits).",
+        "Configurations are scored by the PSNR of 20 samples against FP from the calibration seeds (the recipe's "
+        "default),",
         "except the noise-SNR-scores, bits [3, 4], GNN and research rows, which were scored by noise SNR.",
-        "Noise SNR column: the chosen assignment's noise prediction vs FP on calibration inputs (weights only). Spearman /",
-        "NDCG@10: the predictor on held-out configurations (M scored in all), of whichever score the row used. `search s`:",
+        "Noise SNR column: the chosen assignment's noise prediction vs FP on calibration inputs (weights only). "
+        "Spearman /",
+        "NDCG@10: the predictor on held-out configurations (M scored in all), of whichever score the row used. "
+        "`search s`:",
         "sampling, scoring, fitting and searching; rows ran 2-3 at a time on the 2 cores, one thread each.",
         "",
     ]
@@ -77,7 +83,8 @@ def write_table(rows: list[dict], path: Path) -> None:
         lines += [
             f"## {model}",
             "",
-            "| row | research bits | deployed bits | FD to FP | PSNR | SSIM | accuracy | fake-quant FD to FP | fake-quant PSNR "
+            "| row | research bits | deployed bits | FD to FP | PSNR | SSIM | accuracy | fake-quant FD to FP | "
+            "fake-quant PSNR "
             "| noise SNR dB | Spearman | NDCG@10 | M | search s | parity steps |",
             "|" + "---|" * 15,
         ]
@@ -87,9 +94,12 @@ def write_table(rows: list[dict], path: Path) -> None:
                 continue
             q = d.get("qua2sedimo", {})
             lines.append(
-                f"| {label} | {_fmt(q.get('research_bits'), 3)} | {_fmt(q.get('deployed_bits'), 3)} | {_fmt(d.get('fd_fp'))} | {_fmt(d['psnr'], 2)} "
-                f"| {_fmt(d['ssim'], 4)} | {_fmt(d['accuracy'], 3)} | {_fmt(f and f.get('fd_fp'))} | {_fmt(f and f['psnr'], 2)} "
-                f"| {_fmt(q.get('noise_snr_db'), 2)} | {_fmt(q.get('spearman'), 3)} | {_fmt(q.get('ndcg10'), 3)} | {q.get('configs', '-')} "
+                f"| {label} | {_fmt(q.get('research_bits'), 3)} | {_fmt(q.get('deployed_bits'), 3)} | "
+                f"{_fmt(d.get('fd_fp'))} | {_fmt(d['psnr'], 2)} "
+                f"| {_fmt(d['ssim'], 4)} | {_fmt(d['accuracy'], 3)} | {_fmt(f and f.get('fd_fp'))} | "
+                f"{_fmt(f and f['psnr'], 2)} "
+                f"| {_fmt(q.get('noise_snr_db'), 2)} | {_fmt(q.get('spearman'), 3)} | {_fmt(q.get('ndcg10'), 3)} | "
+                f"{q.get('configs', '-')} "
                 f"| {_fmt(q.get('search_s'))} | {_fmt(d.get('parity_max_step_error'), 2)} |"
             )
         lines.append("")
@@ -105,7 +115,7 @@ def main() -> int:
     only = set(filter(None, a.only.split(",")))
     torch.manual_seed(0)
     for model in a.models.split(","):
-        b = Bench(model, a.samples, a.fq_samples, not a.quiet)
+        b = Bench(model, a.samples, a.fq_samples, progress=not a.quiet)
         add_fp_row(b, rows, grids)
         have = {tuple(r[k] for k in KEYS) for r in rows}
         for label, bits, ov in sorted(ROWS, key=lambda r: FIRST.index(r[0]) if r[0] in FIRST else len(FIRST)):
@@ -115,7 +125,8 @@ def main() -> int:
             merge_rows(rows, new)
             d = new[0]
             print(
-                f"{model:10s} {label:40s} bits {d['qua2sedimo']['deployed_bits']:.3f} FD-FP {d.get('fd_fp', 0):7.1f} PSNR {d['psnr']:6.2f}",
+                f"{model:10s} {label:40s} bits {d['qua2sedimo']['deployed_bits']:.3f} FD-FP {d.get('fd_fp', 0):7.1f} "
+                f"PSNR {d['psnr']:6.2f}",
                 flush=True,
             )
             write_json(jpath, rows)

@@ -41,7 +41,7 @@ from diffquant.engines.ort import fit_weights  # noqa: E402
 from diffquant.exporters import export  # noqa: E402
 from diffquant.exporters.onnx_fp import fp_onnx_proto  # noqa: E402
 from diffquant.models.loading import LoadConfig, load_denoiser  # noqa: E402
-from diffquant.pipeline import load_recipe, quantize  # noqa: E402
+from diffquant.passes import load_recipe, quantize  # noqa: E402
 from diffquant.quant import apply_plan  # noqa: E402
 
 RESULTS = Path(__file__).parent / "results"
@@ -108,7 +108,7 @@ class _Reader:
         return next(self.it, None)
 
 
-def _peers(fp32: Path, feeds: list[dict], work: Path, transformer: bool) -> tuple[list[Graph], dict]:
+def _peers(fp32: Path, feeds: list[dict], work: Path, *, transformer: bool) -> tuple[list[Graph], dict]:
     """The peers' own W8A8 quantizers on the same FP32 graph and calibration inputs (NNCF told
     a transformer is one, as its docs ask)."""
     graphs, skipped = [], {}
@@ -175,7 +175,8 @@ def ov_survives(path: Path, feeds: dict) -> str:
     return (
         ""
         if p.returncode == 0
-        else f"OpenVINO failed on it (exit {p.returncode}: {p.stderr.strip().splitlines()[-1][:120] if p.stderr.strip() else 'crashed'})"
+        else f"OpenVINO failed on it (exit {p.returncode}: "
+        f"{p.stderr.strip().splitlines()[-1][:120] if p.stderr.strip() else 'crashed'})"
     )
 
 
@@ -339,7 +340,8 @@ def bench_model(model: str, a, work: Path) -> tuple[list[dict], dict]:
             r = {"model": model, "batch": batch, **r, "ratio_vs_fp32": r["step_ms_median"] / base}
             rows.append(r)
             print(
-                f"{model:10s} b{batch:<3d} {r['runtime']:13s} {r['graph']:46s} {r['bits']:5s} {r['step_ms_median']:9.2f} ms  x{r['ratio_vs_fp32']:5.2f}",
+                f"{model:10s} b{batch:<3d} {r['runtime']:13s} {r['graph']:46s} {r['bits']:5s} "
+                f"{r['step_ms_median']:9.2f} ms  x{r['ratio_vs_fp32']:5.2f}",
                 flush=True,
             )
     return rows, skipped
@@ -360,17 +362,20 @@ def verdicts(rows: list[dict], batch: int = 2) -> list[str]:
         floats = [r for r in same if r["bits"] in ("fp32", "fp16")]
         fbest = min(floats, key=lambda r: r["step_ms_median"])
         checks = [
-            f"{best['ratio_vs_fp32']:.2f}x ONNX Runtime FP32 ({'ok' if best['ratio_vs_fp32'] <= 0.4 else 'MISSES'} <= 0.4)",
+            f"{best['ratio_vs_fp32']:.2f}x ONNX Runtime FP32 ({'ok' if best['ratio_vs_fp32'] <= 0.4 else 'MISSES'} "
+            "<= 0.4)",
             f"{best['step_ms_median'] / fbest['step_ms_median']:.2f}x {fbest['runtime']} {fbest['graph']} "
             f"({'ok' if best['step_ms_median'] <= 0.8 * fbest['step_ms_median'] else 'MISSES'} <= 0.8)",
         ]
         for p in peers:
             checks.append(
-                f"{best['step_ms_median'] / p['step_ms_median']:.2f}x {p['graph']} ({'ok' if best['step_ms_median'] <= p['step_ms_median'] else 'SLOWER'})"
+                f"{best['step_ms_median'] / p['step_ms_median']:.2f}x {p['graph']} "
+                f"({'ok' if best['step_ms_median'] <= p['step_ms_median'] else 'SLOWER'})"
             )
         cos = best.get("cos_vs_fake_quant")
         out.append(
-            f"- **{model}**, batch {batch}: best is {best['graph']} {best['bits']} on {best['runtime']}, {best['step_ms_median']:.1f} ms: "
+            f"- **{model}**, batch {batch}: best is {best['graph']} {best['bits']} on {best['runtime']}, "
+            f"{best['step_ms_median']:.1f} ms: "
             + "; ".join(checks)
             + (f"; cosine to fake-quant >= {cos:.4f} on every recorded timestep" if cos is not None else "")
         )
@@ -385,11 +390,16 @@ def write_results(rows: list[dict], skipped: dict, env: dict, a) -> None:
     lines = [
         "# CPU runtime per denoiser step: ONNX Runtime and OpenVINO, ours and the peers'",
         "",
-        f"`python benchmarks/runtime_cpu.py --models {a.models} --batches {a.batches} --bits {a.bits}` on **{env['cpu']['model']}** "
-        f"({env['cpu']['arch']}; ISA flags: {' '.join(env['cpu']['flags'])}), {a.threads} threads; onnxruntime {env['onnxruntime']}, "
-        f"openvino {env['openvino']}, nncf {env['nncf']}; {env['date']}. Median of {a.rounds} x {a.iters} runs per graph and runtime, all "
-        "interleaved in one process; **ratio against ONNX Runtime FP32 of the same model and batch**. Random weights (W8A8/W4A8 minmax plans "
-        "from diffquant's stages); cosines are the minimum over the recorded timesteps at batch 2 (fake-quant: the plan's torch model).",
+        f"`python benchmarks/runtime_cpu.py --models {a.models} --batches {a.batches} --bits {a.bits}` on "
+        f"**{env['cpu']['model']}** "
+        f"({env['cpu']['arch']}; ISA flags: {' '.join(env['cpu']['flags'])}), {a.threads} threads; onnxruntime "
+        f"{env['onnxruntime']}, "
+        f"openvino {env['openvino']}, nncf {env['nncf']}; {env['date']}. Median of {a.rounds} x {a.iters} runs per "
+        "graph and runtime, all "
+        "interleaved in one process; **ratio against ONNX Runtime FP32 of the same model and batch**. Random weights "
+        "(W8A8/W4A8 minmax plans "
+        "from diffquant's stages); cosines are the minimum over the recorded timesteps at batch 2 (fake-quant: the "
+        "plan's torch model).",
         "",
         "## Against the bar (batch 2)",
         "",
@@ -400,7 +410,8 @@ def write_results(rows: list[dict], skipped: dict, env: dict, a) -> None:
         lines += [
             f"## {model}, batch {batch}",
             "",
-            "| graph | runtime | bits | step ms | ratio vs ORT FP32 | file MB | cos vs fake-quant | cos vs FP32 | weights |",
+            "| graph | runtime | bits | step ms | ratio vs ORT FP32 | file MB | cos vs fake-quant | cos vs FP32 | "
+            "weights |",
             "|---|---|---|---|---|---|---|---|---|",
         ]
         for r in sorted(
@@ -409,7 +420,8 @@ def write_results(rows: list[dict], skipped: dict, env: dict, a) -> None:
             fq = "–" if r["cos_vs_fake_quant"] is None else f"{r['cos_vs_fake_quant']:.4f}"
             fp = "–" if r["cos_vs_fp32"] is None else f"{r['cos_vs_fp32']:.4f}"
             lines.append(
-                f"| {r['graph']} | {r['runtime']} | {r['bits']} | {r['step_ms_median']:.1f} | {r['ratio_vs_fp32']:.2f} | {r['file_mb']:.1f} | {fq} | {fp} | {r['note'] or '–'} |"
+                f"| {r['graph']} | {r['runtime']} | {r['bits']} | {r['step_ms_median']:.1f} | "
+                f"{r['ratio_vs_fp32']:.2f} | {r['file_mb']:.1f} | {fq} | {fp} | {r['note'] or '–'} |"
             )
         lines.append("")
     lines += [

@@ -7,7 +7,8 @@ uniform grid, the quantizer DAQ improves on) and no P quantizers at all, PAR rou
 
     python benchmarks/tcaq.py                                  # everything (hours on 2 cores)
     python benchmarks/tcaq.py --models digits-dit --only "tcaq,qdiffusion" --bits w4a6
-    python benchmarks/tcaq.py --models digits-dit --only "tcaq: TCR off" --ablation-bits w6a6   # an effect at the paper's bits
+    # an effect at the paper's bits:
+    python benchmarks/tcaq.py --models digits-dit --only "tcaq: TCR off" --ablation-bits w6a6
 
 Rows go into benchmarks/results/quality.json (kept rows are skipped, so a stopped run continues;
 the qdiffusion / dmq rows are the quality table's own); the table is benchmarks/results/tcaq.md.
@@ -34,8 +35,8 @@ from quality import (
 )  # noqa: E402
 
 from diffquant._io import write_json  # noqa: E402
-from diffquant.pipeline import load_recipe  # noqa: E402
-from diffquant.pipeline.recipes import Recipe  # noqa: E402
+from diffquant.passes import load_recipe  # noqa: E402
+from diffquant.passes.recipes import Recipe  # noqa: E402
 
 BITS = ("w8a8", "w6a6", "w4a8", "w4a6", "w4a4")
 RECIPES = ("tcaq", "qdiffusion", "dmq")
@@ -69,7 +70,8 @@ def write_table(rows: list[dict], path: Path, ablation_bits: str) -> None:
         "# TCAQ-DM",
         "",
         "Written by `python benchmarks/tcaq.py`. Deployed: the onnxruntime Q/DQ graph; research: the torch fake-quant",
-        "of the same plan (DAQ's attention-probability quantizers act only there). FD to FP / PSNR against the FP samples",
+        "of the same plan (DAQ's attention-probability quantizers act only there). FD to FP / PSNR against the FP "
+        "samples",
         "of the same seeds. `quantize s`: the recipe's wall time on 2 cores (rows ran 2-4 at a time, one thread each).",
         "qdiffusion / dmq rows are the quality table's own.",
         "",
@@ -101,7 +103,8 @@ def _line(by: dict, recipe: str, bits: str, lead: str) -> list[str]:
     if d is None:
         return []
     return [
-        f"{lead}| {_fmt(d.get('fd_fp'))} | {_fmt(d['psnr'], 2)} | {_fmt(f and f.get('fd_fp'))} | {_fmt(f and f['psnr'], 2)} "
+        f"{lead}| {_fmt(d.get('fd_fp'))} | {_fmt(d['psnr'], 2)} | {_fmt(f and f.get('fd_fp'))} | "
+        f"{_fmt(f and f['psnr'], 2)} "
         f"| {_fmt(d.get('quantize_s'), 0)} | {_fmt(d.get('parity_max_step_error'), 2)} |"
     ]
 
@@ -133,7 +136,7 @@ def main() -> int:
     out, grids, jpath, rows = open_results(a.out)
     torch.manual_seed(0)
     for model in a.models.split(","):
-        b = Bench(model, a.samples, a.fq_samples, not a.quiet)
+        b = Bench(model, a.samples, a.fq_samples, progress=not a.quiet)
         add_fp_row(b, rows, grids)
         have = {tuple(r[k] for k in KEYS) for r in rows}
         for label, bits, recipe, ov in _jobs(a):
@@ -143,7 +146,8 @@ def main() -> int:
             merge_rows(rows, new)
             d, f = new
             print(
-                f"{model:10s} {label:28s} {bits} FD-FP {d.get('fd_fp', 0):7.1f} PSNR {d['psnr']:6.2f} | research FD-FP {f.get('fd_fp', 0):7.1f} "
+                f"{model:10s} {label:28s} {bits} FD-FP {d.get('fd_fp', 0):7.1f} PSNR {d['psnr']:6.2f} | research "
+                f"FD-FP {f.get('fd_fp', 0):7.1f} "
                 f"PSNR {f['psnr']:6.2f} | {d['quantize_s']:.0f} s",
                 flush=True,
             )

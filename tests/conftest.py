@@ -6,9 +6,9 @@ import pytest
 import torch
 
 from diffquant.calib_data import CalibConfig, collect
-from diffquant.models.builtin import scheduler_config
 from diffquant.models.denoiser import Denoiser
 from diffquant.models.families import DiT, StableDiffusion
+from diffquant.zoo.builtin import scheduler_config
 
 WORDS = [str(i) for i in range(10)]
 

@@ -65,7 +65,7 @@ def _t5_tokenizer(folder: Path):
     )
 
 
-def _clip(projection: bool = False, hidden: int = 32, proj: int = 32):
+def _clip(*, projection: bool = False, hidden: int = 32, proj: int = 32):
     from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
 
     cfg = CLIPTextConfig(
@@ -222,9 +222,9 @@ def _build(family: str, tmp: Path):
             transformer=tr.eval(),
             scheduler=d.FlowMatchEulerDiscreteScheduler(shift=3.0),
             vae=_vae(shift=0.1),
-            text_encoder=_clip(True),
+            text_encoder=_clip(projection=True),
             tokenizer=_clip_tokenizer(tmp / "t1"),
-            text_encoder_2=_clip(True),
+            text_encoder_2=_clip(projection=True),
             tokenizer_2=_clip_tokenizer(tmp / "t2"),
             text_encoder_3=_t5(),
             tokenizer_3=_t5_tokenizer(tmp / "t3"),
@@ -318,7 +318,7 @@ def export_minmax(
     with its pipeline parts to ``root/exp-<name>``."""
     from diffquant.calib_data import CalibConfig, collect
     from diffquant.exporters import export
-    from diffquant.pipeline import load_recipe, quantize
+    from diffquant.passes import load_recipe, quantize
 
     cfg = CalibConfig(samples=samples, steps=steps, timesteps=timesteps, guidance=d.family.default_guidance)
     calib = collect(d, cfg, cache_dir=root / f"c-{name}", progress=False)

@@ -9,7 +9,7 @@ __all__ = ["__version__", "export", "quantize"]
 def __getattr__(name: str):
     # stage entry points, imported lazily so `import diffquant` stays light
     if name == "quantize":
-        from diffquant.pipeline import quantize
+        from diffquant.passes import quantize
 
         return quantize
     if name == "export":

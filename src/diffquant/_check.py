@@ -31,9 +31,15 @@ def _describe(tp: Any) -> str:
         return "a mapping"
     if tp is type(None):
         return "null"
-    return {bool: "true or false", int: "an integer", float: "a number", str: "a string"}.get(
-        tp, getattr(tp, "__name__", str(tp))
-    )
+    names = {
+        bool: "true or false",
+        int: "an integer",
+        float: "a number",
+        str: "a string",
+        dict: "a mapping",
+        list: "a list",
+    }
+    return names.get(tp, getattr(tp, "__name__", str(tp)))
 
 
 def _matches(value: Any, tp: Any) -> tuple[bool, Any]:
@@ -52,18 +58,28 @@ def _matches(value: Any, tp: Any) -> tuple[bool, Any]:
                 return True, v
         return False, value
     if origin in (list, tuple):
-        if not isinstance(value, (list, tuple)):
-            return False, value
-        args = [a for a in typing.get_args(tp) if a is not Ellipsis]
-        items = []
-        for item in value:
-            ok, v = _matches(item, args[0]) if args else (True, item)
-            if not ok:
-                return False, value
-            items.append(v)
-        return True, origin(items)
+        return _sequence(value, tp, origin)
     if origin is dict:
         return isinstance(value, dict), value
+    return _scalar(value, tp)
+
+
+def _sequence(value: Any, tp: Any, origin: type) -> tuple[bool, Any]:
+    """A list or tuple whose every item matches the annotation's item type."""
+    if not isinstance(value, (list, tuple)):
+        return False, value
+    args = [a for a in typing.get_args(tp) if a is not Ellipsis]
+    items = []
+    for item in value:
+        ok, v = _matches(item, args[0]) if args else (True, item)
+        if not ok:
+            return False, value
+        items.append(v)
+    return True, origin(items)
+
+
+def _scalar(value: Any, tp: Any) -> tuple[bool, Any]:
+    """bool, int (not a bool), a finite float (ints accepted), str, or any other class."""
     if tp is bool:
         return isinstance(value, bool), value
     if tp is int:
@@ -98,7 +114,8 @@ def typed_fields(cls: type, values: dict, where: str) -> dict:
     out = {k: check_value(v, hints[k], f"{where}: {k}") for k, v in values.items()}
     if "version" in out and "version" in fields and out["version"] != fields["version"].default:
         raise DiffquantError(
-            f"{where}: version {out['version']} is not one this diffquant reads (it reads version {fields['version'].default}); "
+            f"{where}: version {out['version']} is not one this diffquant reads (it reads version "
+            f"{fields['version'].default}); "
             "write the options for that version or upgrade diffquant"
         )
     return out

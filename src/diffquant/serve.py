@@ -20,7 +20,7 @@ from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from diffquant.engines.pipeline import DeployedPipeline, PipelineFromFolder, PipelineRequest
+from diffquant.engines.deployed import DeployedPipeline, PipelineFromFolder, PipelineRequest
 from diffquant.engines.runtime import GenerateConfig
 from diffquant.engines.text import MAX_PROMPT_CHARS
 from diffquant.errors import DiffquantError
@@ -128,7 +128,7 @@ def create_app(folder: str | Path, cfg: ServeConfig | None = None):
     pipe = PipelineFromFolder(folder, threads=cfg.threads)
     jobs: queue.Queue = queue.Queue(maxsize=cfg.queue)
     worker = _Worker(pipe, jobs, cfg)
-    digest = next((e.get("plan_model_digest", "") for e in pipe.meta.get("engines", [])), "")
+    digest = pipe.meta.plan_model_digest
     text_model = pipe.text is not None
 
     class GenerateBody(BaseModel):

@@ -13,7 +13,7 @@ import torch.nn.functional as F
 
 from diffquant.cli import main
 from diffquant.engines import GenerateConfig
-from diffquant.engines.pipeline import PipelineFromFolder, PipelineRequest
+from diffquant.engines.deployed import PipelineFromFolder, PipelineRequest
 from diffquant.models.loading import load_classifier
 from tests.pipelines import BLOCK_TORCH
 

@@ -5,7 +5,7 @@ import copy
 import pytest
 import torch
 
-from diffquant.pipeline import load_recipe, quantize
+from diffquant.passes import load_recipe, quantize
 from diffquant.quant import apply_plan
 from tests.conftest import make_tiny_unet, tiny_calib
 

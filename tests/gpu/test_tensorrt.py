@@ -11,7 +11,7 @@ import pytest
 from diffquant.engines import BuildConfig, EnginesFromFolder, OrtEngine, build
 from diffquant.errors import DiffquantError
 from diffquant.exporters import export
-from diffquant.pipeline import load_recipe, quantize
+from diffquant.passes import load_recipe, quantize
 from tests.conftest import make_tiny_unet, tiny_calib
 
 try:
@@ -40,7 +40,7 @@ def test_build_run_and_compare_with_ort(exported, tmp_path):
         tmp_path / "eng",
         BuildConfig(
             backend="tensorrt",
-            tensorrt=TrtBuildConfig(batch=4, dynamic=True, max_batch=8, timing_cache_dir=str(tmp_path / "tc")),
+            settings=TrtBuildConfig(batch=4, dynamic=True, max_batch=8, timing_cache_dir=str(tmp_path / "tc")),
         ),
     )
     meta = json.loads((out / "engine.json").read_text())
@@ -71,7 +71,7 @@ def test_engine_for_another_gpu_is_refused(exported, tmp_path):
 def test_pipeline_folder_on_tensorrt_draws_what_onnxruntime_draws(tmp_path):
     """The whole pipeline (FP16 text encoder and VAE decoder engines, FP32 denoiser) against the
     same folder built for ONNX Runtime (FP16 parts up-cast): the images agree to FP16 rounding."""
-    from diffquant.engines.pipeline import PipelineFromFolder, PipelineRequest
+    from diffquant.engines.deployed import PipelineFromFolder, PipelineRequest
     from diffquant.engines.runtime import GenerateConfig
     from tests.pipelines import export_tiny
 
@@ -80,7 +80,7 @@ def test_pipeline_folder_on_tensorrt_draws_what_onnxruntime_draws(tmp_path):
         exp,
         tmp_path / "trt",
         BuildConfig(
-            backend="tensorrt", denoiser="fp", tensorrt=TrtBuildConfig(batch=2, timing_cache_dir=str(tmp_path / "tc"))
+            backend="tensorrt", denoiser="fp", settings=TrtBuildConfig(batch=2, timing_cache_dir=str(tmp_path / "tc"))
         ),
     )
     ort = build(exp, tmp_path / "ort", BuildConfig(backend="onnxruntime", denoiser="fp"))

@@ -186,7 +186,7 @@ def _shards(folder: Path) -> list[Path]:
     return sorted(folder.glob("step*.safetensors"))
 
 
-def _drop_cond(folder: Path, every: bool) -> None:
+def _drop_cond(folder: Path, *, every: bool) -> None:
     for shard in _shards(folder)[: None if every else 1]:
         t = load_file(str(shard))
         del t["class_labels"]

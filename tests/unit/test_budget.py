@@ -6,7 +6,7 @@ import random
 
 import pytest
 
-from diffquant.pipeline.budget import Costs, greedy_knapsack, penalized_top1
+from diffquant.passes.qua2sedimo.budget import Costs, greedy_knapsack, penalized_top1
 
 
 def _problem(seed: int = 0):

@@ -77,7 +77,7 @@ def test_plan_set_applies_or_rejects(capsys):
 
 
 def test_unexpected_errors_are_one_line_unless_debug(tmp_path, capsys, monkeypatch):
-    import diffquant.cli as cli
+    import diffquant.cli.quantize as cli
 
     def boom(a):
         raise RuntimeError("kaboom")

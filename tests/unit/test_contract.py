@@ -8,7 +8,7 @@ import pytest
 
 from diffquant.eval import check_parity
 from diffquant.exporters import export, lint
-from diffquant.pipeline import load_recipe, quantize
+from diffquant.passes import load_recipe, quantize
 from diffquant.quant import apply_plan
 from tests.conftest import make_tiny_dit, make_tiny_unet, tiny_calib
 

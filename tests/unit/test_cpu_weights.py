@@ -19,7 +19,7 @@ from diffquant.engines.ort import fit_weights
 from diffquant.errors import DiffquantError
 from diffquant.eval import check_parity
 from diffquant.exporters import export
-from diffquant.pipeline import load_recipe, quantize
+from diffquant.passes import load_recipe, quantize
 from diffquant.quant import PerAxis, apply_plan, reduce_range
 from tests.conftest import make_tiny_unet, tiny_calib
 

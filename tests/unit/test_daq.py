@@ -13,9 +13,9 @@ import torch.nn.functional as F
 
 from diffquant.eval import check_parity
 from diffquant.exporters import export, lint
-from diffquant.pipeline import load_recipe, quantize
-from diffquant.pipeline.daq import DAQConfig
-from diffquant.pipeline.powerlaw import compare, fit_power_law
+from diffquant.passes import load_recipe, quantize
+from diffquant.passes.daq import DAQConfig
+from diffquant.passes.observe.powerlaw import compare, fit_power_law
 from diffquant.quant import QuantPlan, apply_plan
 from diffquant.quant.attention import ProbsQuant, attention_modules, explicit_attention
 from diffquant.quant.format import QuantFormat

@@ -12,9 +12,9 @@ from onnx import numpy_helper
 from diffquant.errors import DiffquantError
 from diffquant.eval import check_parity
 from diffquant.exporters import export, lint
-from diffquant.pipeline import load_recipe, quantize
-from diffquant.pipeline.pts import select_exponents
-from diffquant.pipeline.weighting import AdaptiveWeighting, LinearWeighting, make_weighting
+from diffquant.passes import load_recipe, quantize
+from diffquant.passes.observe.weighting import AdaptiveWeighting, LinearWeighting, make_weighting
+from diffquant.passes.pts import select_exponents
 from diffquant.quant import QuantPlan, apply_plan
 from diffquant.quant.fake import fake_quant
 from diffquant.quant.format import PerAxis, QuantFormat, pts_budget

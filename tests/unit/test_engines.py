@@ -23,9 +23,9 @@ from diffquant.engines.ort import fit_weights
 from diffquant.engines.scheduler import NumpyDDIM
 from diffquant.eval import check_parity
 from diffquant.exporters import export, lint
-from diffquant.models.builtin import scheduler_config
-from diffquant.pipeline import load_recipe, quantize
+from diffquant.passes import load_recipe, quantize
 from diffquant.quant import PerBlock, apply_plan
+from diffquant.zoo.builtin import scheduler_config
 from tests.conftest import make_tiny_dit, make_tiny_unet, tiny_calib
 from tests.pipelines import BLOCK_TORCH
 
@@ -128,7 +128,7 @@ def test_timestep_groups_export_one_graph_per_group(calib_cache, tmp_path):
         np.testing.assert_allclose(
             engine.run(feeds)["noise_pred"], only_g1.run(feeds)["noise_pred"], rtol=1e-3, atol=1e-3
         )
-    assert [g["file"] for g in runtime["graphs"]] == ["unet.qdq.g0.onnx", "unet.qdq.g1.onnx"]
+    assert [g.file for g in runtime.graphs] == ["unet.qdq.g0.onnx", "unet.qdq.g1.onnx"]
 
 
 @pytest.mark.parametrize(

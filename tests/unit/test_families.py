@@ -18,7 +18,7 @@ from diffquant.errors import DiffquantError
 from diffquant.eval import check_parity
 from diffquant.exporters import export, fp_onnx_proto, lint
 from diffquant.models.loading import LoadConfig, load_denoiser
-from diffquant.pipeline import load_recipe, quantize
+from diffquant.passes import load_recipe, quantize
 from diffquant.quant import apply_plan
 from tests.pipelines import FAMILIES, make_pipeline
 

@@ -5,10 +5,10 @@ import random
 
 import torch
 
-from diffquant.pipeline.gnn import GATv2Layer, GNNTraining, denoiser_graph, fit_predictor, train_gnn
-from diffquant.pipeline.predictor import spearman
-from diffquant.pipeline.sensitivity import sample_configs, weight_layers
-from diffquant.quant.weight_options import OptionCache, WeightOption
+from diffquant.passes.qua2sedimo.gnn import GATv2Layer, GNNTraining, Space, denoiser_graph, fit_predictor, train_gnn
+from diffquant.passes.qua2sedimo.options import OptionCache, WeightOption
+from diffquant.passes.qua2sedimo.predictor import spearman
+from diffquant.passes.qua2sedimo.sensitivity import sample_configs, weight_layers
 
 
 def test_layer_graph_connects_every_weight_layer_through_combine_nodes(tiny_dit, tiny_unet):
@@ -51,10 +51,7 @@ def test_gnn_learns_to_rank_unseen_configurations(tiny_dit):
     scores = [sum(sens[n] * (o.bits == 4) for n, o in c.items()) for c in configs]
     pred = fit_predictor(
         "gnn",
-        tiny_dit,
-        layers,
-        options,
-        OptionCache(),
+        Space(tiny_dit, layers, options, OptionCache()),
         configs[:120],
         scores[:120],
         seed=0,

@@ -7,8 +7,8 @@ import warnings
 import torch
 
 from diffquant.models.families import DigitsLDM
-from diffquant.models.ldm import LdmTrainConfig, ldm_prompts, train_ldm, write_tokenizer
 from diffquant.models.loading import LoadConfig, _from_pipeline
+from diffquant.zoo.ldm import LdmTrainConfig, ldm_prompts, train_ldm, write_tokenizer
 
 
 def test_tokenizer_spells_prompt_words_whole(tmp_path):

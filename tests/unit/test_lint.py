@@ -20,6 +20,7 @@ def _graph(nodes, inits, inputs, outputs, opset=21):
 
 
 def conv_graph(
+    *,
     act_scale=0.1,
     act_zp=0,
     w_axis=0,
@@ -105,7 +106,7 @@ def test_qdq_placement_outside_conv_matmul():
     assert v and v[0].node == "dq"
 
 
-def _attention(quantize_scores: bool):
+def _attention(*, quantize_scores: bool):
     """q, k activations -> MatMul (Q.K): with Q/DQ on its inputs when asked."""
     inits = [_init("s", np.array(0.1, np.float16)), _init("z", np.array(0, np.int8))]
     nodes = []
@@ -122,8 +123,8 @@ def _attention(quantize_scores: bool):
 
 
 def test_no_qdq_on_attention_matmul():
-    assert lint(_attention(False)).ok
-    v = [v for v in lint(_attention(True)).violations if v.rule == "attention-matmul"]
+    assert lint(_attention(quantize_scores=False)).ok
+    v = [v for v in lint(_attention(quantize_scores=True)).violations if v.rule == "attention-matmul"]
     assert v and v[0].node == "attn_qk"
 
 

@@ -6,8 +6,8 @@ import pytest
 import torch
 
 from diffquant.errors import DiffquantError
-from diffquant.models.builtin import scheduler_config
 from diffquant.models.loading import load_denoiser
+from diffquant.zoo.builtin import scheduler_config
 from tests.conftest import make_tiny_dit, make_tiny_unet
 
 

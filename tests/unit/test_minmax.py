@@ -9,9 +9,10 @@ from torch import nn
 from diffquant.calib_data import CalibConfig, CalibSet
 from diffquant.errors import DiffquantError
 from diffquant.models.inputs import NamedInputs
-from diffquant.pipeline.context import PassContext
-from diffquant.pipeline.minmax import MinMaxConfig, minmax_pass, observe_plan_inputs
-from diffquant.pipeline.observers import weight_amax
+from diffquant.passes.context import PassContext
+from diffquant.passes.minmax import MinMaxConfig, minmax_pass
+from diffquant.passes.observe.activations import observe_plan_inputs
+from diffquant.passes.observe.observers import weight_amax
 from diffquant.quant import LayerPlan, PerAxis, QuantFormat, QuantPlan
 
 
@@ -43,7 +44,7 @@ def _plan(layers):
 
 def test_activation_ranges_keyed_by_timestep():
     ctx = PassContext(denoiser=Toy(), plan=_plan(["fc1"]), calib=_calib(), progress=False)
-    assert observe_plan_inputs(ctx, False, 256).amax["fc1:input"] == {10.0: 10.0, 20.0: 20.0}
+    assert observe_plan_inputs(ctx).amax["fc1:input"] == {10.0: 10.0, 20.0: 20.0}
     minmax_pass(ctx, MinMaxConfig())
     assert float(ctx.plan.act_scale("fc1")) == pytest.approx(20.0 / 127, rel=1e-3)
     ctx2 = PassContext(denoiser=Toy(), plan=_plan(["fc1"]), calib=_calib(), progress=False)

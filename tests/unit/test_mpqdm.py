@@ -11,10 +11,10 @@ from onnx import numpy_helper
 
 from diffquant.exporters import export, lint
 from diffquant.exporters.linter import declared_limits
-from diffquant.pipeline import load_recipe, quantize
-from diffquant.pipeline.context import PassContext
-from diffquant.pipeline.distill import Distiller, EfficientDMConfig, trd_loss
-from diffquant.pipeline.omq import channel_bits, kurtosis
+from diffquant.passes import load_recipe, quantize
+from diffquant.passes.context import PassContext
+from diffquant.passes.efficientdm import Distiller, EfficientDMConfig, trd_loss
+from diffquant.passes.omq import channel_bits, kurtosis
 from diffquant.quant import apply_plan
 from tests.conftest import make_tiny_unet, tiny_calib
 

@@ -21,7 +21,7 @@ from diffquant.engines import BuildConfig, EnginesFromFolder, build  # noqa: E40
 from diffquant.engines.openvino import OvBuildConfig, OvEngine  # noqa: E402
 from diffquant.errors import DiffquantError  # noqa: E402
 from diffquant.exporters import export  # noqa: E402
-from diffquant.pipeline import load_recipe, quantize  # noqa: E402
+from diffquant.passes import load_recipe, quantize  # noqa: E402
 from diffquant.quant import apply_plan  # noqa: E402
 from tests.conftest import make_tiny_dit, make_tiny_unet, tiny_calib  # noqa: E402
 from tests.unit.test_engines import BLOCK_TORCH  # noqa: E402
@@ -39,7 +39,7 @@ def test_openvino_engine_matches_fake_quant(make, calib_cache, tmp_path):
     plan = quantize(d, load_recipe("minmax"), calib, bits="w8a8", progress=False)
     res = export(plan, d, tmp_path / "run", target="tensorrt")
     out = build(
-        res.qdq_onnx, tmp_path / "ov", BuildConfig(backend="openvino", openvino=OvBuildConfig(batch=4, threads=2))
+        res.qdq_onnx, tmp_path / "ov", BuildConfig(backend="openvino", settings=OvBuildConfig(batch=4, threads=2))
     )
     meta = json.loads((out / "engine.json").read_text())
     e = meta["engines"][0]

@@ -15,14 +15,15 @@ import numpy as np
 import pytest
 import torch
 
+from diffquant.artifacts import RuntimeSpec
 from diffquant.cli import main
-from diffquant.engines.bundle import BuildConfig, build
+from diffquant.engines.build import BuildConfig, build
+from diffquant.engines.deployed import PipelineFromFolder, PipelineRequest
 from diffquant.engines.ort import OrtEngine
-from diffquant.engines.pipeline import PipelineFromFolder, PipelineRequest
 from diffquant.engines.runtime import GenerateConfig
 from diffquant.engines.text import TextConditioner
 from diffquant.errors import DiffquantError
-from diffquant.eval.pipeline import PipelineCheckConfig, compare_pipeline
+from diffquant.eval.pipeline_parity import PipelineCheckConfig, compare_pipeline
 from diffquant.exporters.parts import PartsConfig, export_parts
 from diffquant.models.loading import load_pipeline
 from tests.pipelines import BLOCK_TORCH, export_tiny
@@ -42,12 +43,12 @@ def exported(tmp_path_factory):
 @pytest.mark.parametrize("family", TEXT_FAMILIES)
 def test_text_parts_reproduce_encode_prompt(family, exported):
     folder, d, exp = exported[family]
-    runtime = json.loads((exp / "runtime.json").read_text())
+    runtime = RuntimeSpec.read(exp)
     parts = json.loads((exp / "parts.json").read_text())["parts"]
     assert all(p["ok"] and p["dtype"] == "float32" for p in parts), parts
     assert all(p["tokenizer_identical"] for p in parts if p["name"].startswith("text_encoder"))
-    engines = {e["component"]: OrtEngine(exp / e["file"]) for e in runtime["text"]["encoders"]}
-    text = TextConditioner(exp, runtime["text"], engines)
+    engines = {e.component: OrtEngine(exp / e.file) for e in runtime.text.encoders}
+    text = TextConditioner(exp, runtime.text, engines)
     ours = text(PROMPTS)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
@@ -186,7 +187,7 @@ def test_negative_prompt_and_seeds_change_images(exported):
 
 def test_tensorrt_target_parts_fp16_unless_they_overflow(exported, tmp_path):
     folder, d, _ = exported["sd"]
-    sections, reports = export_parts(d, tmp_path, "tensorrt")
+    _, _, reports = export_parts(d, tmp_path, "tensorrt")
     assert {r.name: r.dtype for r in reports} == {"text_encoder": "float16", "vae_decoder": "float16"}
     assert all(r.ok and min(r.snr_db.values()) > 30 for r in reports), reports
     # an encoder whose activations leave FP16's range stays FP32, and says why
@@ -195,7 +196,7 @@ def test_tensorrt_target_parts_fp16_unless_they_overflow(exported, tmp_path):
     with torch.no_grad():
         enc.final_layer_norm.weight.mul_(1e5)
     try:
-        _, reports = export_parts(d, tmp_path / "hot", "tensorrt", PartsConfig())
+        _, _, reports = export_parts(d, tmp_path / "hot", "tensorrt", PartsConfig())
     finally:
         with torch.no_grad():
             enc.final_layer_norm.weight.copy_(saved)

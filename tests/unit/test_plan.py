@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from diffquant.errors import DiffquantError
-from diffquant.pipeline import load_recipe, quantize
+from diffquant.passes import load_recipe, quantize
 from diffquant.quant import QuantPlan, apply_plan, quant_modules
 from tests.conftest import make_tiny_unet, tiny_calib
 

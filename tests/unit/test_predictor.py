@@ -4,9 +4,9 @@ import random
 
 import torch
 
-from diffquant.pipeline.predictor import RidgePredictor, ndcg_at_k, spearman
-from diffquant.pipeline.sensitivity import sample_configs
-from diffquant.quant.weight_options import METHODS, WeightOption
+from diffquant.passes.qua2sedimo.options import METHODS, WeightOption
+from diffquant.passes.qua2sedimo.predictor import RidgePredictor, ndcg_at_k, spearman
+from diffquant.passes.qua2sedimo.sensitivity import sample_configs
 
 
 def test_rank_metrics():

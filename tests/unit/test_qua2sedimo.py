@@ -11,13 +11,13 @@ import torch
 from diffquant.errors import DiffquantError
 from diffquant.eval import check_parity
 from diffquant.exporters import export, lint
-from diffquant.pipeline import load_recipe, quantize
-from diffquant.pipeline.qua2sedimo import lower_codebook, lower_uaq
-from diffquant.pipeline.sensitivity import config_bits, weight_layers
+from diffquant.passes import load_recipe, quantize
+from diffquant.passes.qua2sedimo.lowering import lower_codebook, lower_uaq
+from diffquant.passes.qua2sedimo.options import OptionCache, WeightOption, quantize_option, uaq
+from diffquant.passes.qua2sedimo.sensitivity import config_bits, weight_layers
 from diffquant.quant import apply_plan
 from diffquant.quant.fake import fake_quant
 from diffquant.quant.format import PerAxis, QuantFormat
-from diffquant.quant.weight_options import OptionCache, WeightOption, quantize_option, uaq
 from tests.conftest import make_tiny_dit, make_tiny_unet, tiny_calib
 
 SMALL = {"configs": 24, "holdout": 6, "per_step": 2}
@@ -130,9 +130,8 @@ def test_bad_settings_are_refused_naming_the_option(tiny_dit, calib_cache):
 
 
 def test_a_qua2sedimo_plan_carries_its_sensitivity_report(tiny_unet, calib_cache, tmp_path):
-    from diffquant.eval.sensitivity import write_report
+    from diffquant.passes.qua2sedimo.report import report_from_plan, write_report
     from diffquant.quant import QuantPlan
-    from diffquant.sensitivity_job import report_from_plan
 
     calib = tiny_calib(tiny_unet, calib_cache)
     plan = _plan(tiny_unet, calib, budget=_midway(tiny_unet), bits=[3, 4])
@@ -140,7 +139,7 @@ def test_a_qua2sedimo_plan_carries_its_sensitivity_report(tiny_unet, calib_cache
     rep = report_from_plan(QuantPlan.load(tmp_path / "plan"))  # from the saved plan, as a run writes it
     assert {r["name"] for r in rep.layers} == set(plan.recipe["qua2sedimo"]["assignment"])
     assert [f.held for f in rep.findings][1] is not None  # a U-Net: the ResBlock finding is testable
-    md = write_report(rep, tmp_path / "rep").read_text()
+    md = write_report(rep, tmp_path / "rep")[0].read_text()
     assert "## The paper's findings, checked" in md and "uaq-w3" in md
     assert sorted(p.name for p in (tmp_path / "rep").glob("*.png")) == [
         f"sensitivity_{k}.png" for k in ("assignment", "blocks", "layers", "op_types", "predictor")

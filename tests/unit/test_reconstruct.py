@@ -6,9 +6,9 @@ import copy
 import pytest
 import torch
 
-from diffquant.pipeline import load_recipe, quantize
-from diffquant.pipeline.reconstruct import AdaRound
-from diffquant.pipeline.weighting import TIMESTEP_WEIGHTINGS, UniformWeighting
+from diffquant.passes import load_recipe, quantize
+from diffquant.passes.observe.weighting import TIMESTEP_WEIGHTINGS, UniformWeighting
+from diffquant.passes.reconstruct import AdaRound
 from diffquant.quant import apply_plan
 from diffquant.quant.fake import fake_quant
 from diffquant.quant.format import PerAxis, QuantFormat
@@ -139,7 +139,7 @@ def test_checkpoint_resume_gives_the_same_plan(tiny_unet, calib_cache, tmp_path,
 
 def test_reconstruct_needs_scales_first(tiny_dit, calib_cache, tmp_path):
     from diffquant.errors import DiffquantError
-    from diffquant.pipeline.recipes import Recipe
+    from diffquant.passes.recipes import Recipe
 
     calib = tiny_calib(tiny_dit, calib_cache)
     r = load_recipe("qdiffusion")

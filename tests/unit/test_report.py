@@ -4,11 +4,12 @@ import numpy as np
 from PIL import Image
 
 from diffquant._png import save_grid_array
-from diffquant.cli import _print_summary
+from diffquant.artifacts import RunReport
+from diffquant.cli.quantize import print_summary as _print_summary
 from diffquant.eval.report import collapse_note
 
 
-def _report(fq: dict, passed: bool = False) -> dict:
+def _report(fq: dict, *, passed: bool = False) -> RunReport:
     t = {
         "timestep": 1.0,
         "passed": passed,
@@ -16,26 +17,29 @@ def _report(fq: dict, passed: bool = False) -> dict:
         "cosine": 0.9 if not passed else 1.0,
         "flip_rate": 0.01,
     }
-    return {
-        "model": "builtin:digits-sd",
-        "family": {"family": "digits"},
-        "recipe": "minmax",
-        "bits": "w3a3",
-        "target": "tensorrt",
-        "onnx": "runs/x/unet.qdq.onnx",
-        "graphs": ["runs/x/unet.qdq.onnx"],
-        "quality": {"fp": {"fd": 208.8, "accuracy": 1.0}, "fake_quant": fq, "quant": fq},
-        "parity": {
-            "passed": passed,
-            "max_step_error": 0.0,
-            "cosine_min": t["cosine"],
-            "max_abs": 1.0,
-            "flip_rate": 0.01,
-            "step_tolerance": 1.0,
-            "cosine_threshold": 0.99,
-            "per_timestep": [t],
+    return RunReport.from_json(
+        {
+            "model": "builtin:digits-sd",
+            "family": {"family": "digits"},
+            "recipe": "minmax",
+            "bits": "w3a3",
+            "target": "tensorrt",
+            "onnx": "runs/x/unet.qdq.onnx",
+            "graphs": ["runs/x/unet.qdq.onnx"],
+            "quality": {"fp": {"fd": 208.8, "accuracy": 1.0}, "fake_quant": fq, "quant": fq},
+            "parity": {
+                "passed": passed,
+                "max_step_error": 0.0,
+                "cosine_min": t["cosine"],
+                "max_abs": 1.0,
+                "flip_rate": 0.01,
+                "step_tolerance": 1.0,
+                "cosine_threshold": 0.99,
+                "per_timestep": [t],
+            },
         },
-    }
+        "report.json",
+    )
 
 
 def test_a_collapsed_fake_quant_model_is_named_not_fp16_rounding(capsys):

@@ -4,8 +4,8 @@ import pytest
 import torch
 from diffusers import DDPMScheduler
 
-from diffquant.models.builtin import scheduler_config
 from diffquant.models.sampler import make_scheduler, prompt_batch
+from diffquant.zoo.builtin import scheduler_config
 from tests.conftest import make_tiny_unet
 
 

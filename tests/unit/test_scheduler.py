@@ -5,6 +5,7 @@ import numpy as np
 import pytest
 import torch
 
+from diffquant.artifacts import SamplerEntry
 from diffquant.engines.scheduler import NumpyDPMSolver, NumpyEuler, numpy_scheduler, scheduler_kind
 from diffquant.errors import DiffquantError
 
@@ -17,7 +18,7 @@ CONFIGS = [
 ]
 
 
-def _run(ref, ours, steps: int, scale: bool) -> None:
+def _run(ref, ours, steps: int, *, scale: bool) -> None:
     ref.set_timesteps(steps)
     ts = ours.timesteps(steps)
     assert np.allclose(ts, ref.timesteps.numpy(), atol=1e-4)
@@ -57,13 +58,13 @@ def test_numpy_dpm_solver_matches_diffusers(cfg, steps):
 
 
 def test_scheduler_choice_and_refusals():
-    ddim = {"sampler": {"kind": "ddim"}, "scheduler": {**SD, "_class_name": "PNDMScheduler"}}
-    assert scheduler_kind(ddim) == "ddim"  # no numpy form: DDIM on the same schedule
-    assert scheduler_kind({**ddim, "scheduler": {**SD, "_class_name": "EulerDiscreteScheduler"}}) == "euler"
-    assert scheduler_kind({**ddim, "scheduler": {**SD, "_class_name": "DPMSolverMultistepScheduler"}}, "ddim") == "ddim"
+    ddim = SamplerEntry(kind="ddim")
+    assert scheduler_kind(ddim, {**SD, "_class_name": "PNDMScheduler"}) == "ddim"  # no numpy form: DDIM on it
+    assert scheduler_kind(ddim, {**SD, "_class_name": "EulerDiscreteScheduler"}) == "euler"
+    assert scheduler_kind(ddim, {**SD, "_class_name": "DPMSolverMultistepScheduler"}, "ddim") == "ddim"
     with pytest.raises(DiffquantError, match="flow-matching"):
-        scheduler_kind(ddim, "flow")
+        scheduler_kind(ddim, SD, "flow")
     with pytest.raises(DiffquantError, match="use_karras_sigmas"):
-        numpy_scheduler({**ddim, "scheduler": {**SD, "use_karras_sigmas": True}}, "euler")
+        numpy_scheduler(ddim, {**SD, "use_karras_sigmas": True}, "euler")
     with pytest.raises(DiffquantError, match="solver_order"):
         NumpyDPMSolver({**SD, "solver_order": 3})

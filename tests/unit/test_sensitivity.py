@@ -2,7 +2,8 @@
 
 import torch
 
-from diffquant.pipeline.sensitivity import (
+from diffquant.passes.qua2sedimo.options import METHODS, OptionCache, WeightOption
+from diffquant.passes.qua2sedimo.sensitivity import (
     SampleProbe,
     apply_config,
     config_bits,
@@ -10,7 +11,6 @@ from diffquant.pipeline.sensitivity import (
     score_config,
     weight_layers,
 )
-from diffquant.quant.weight_options import METHODS, OptionCache, WeightOption
 from tests.conftest import tiny_calib
 
 
@@ -59,9 +59,9 @@ def test_the_sample_probe_scores_whole_samples_from_the_calibration_seeds(tiny_u
 
 
 def test_every_layer_of_both_builtin_models_has_an_op_type_and_a_block():
-    from diffquant.eval.sensitivity import group
     from diffquant.models.loading import load_denoiser
-    from diffquant.pipeline.sensitivity import block_of, layer_importance, op_type
+    from diffquant.passes.qua2sedimo.report import group
+    from diffquant.passes.qua2sedimo.sensitivity import block_of, layer_importance, op_type
 
     sd, dit = (list(weight_layers(load_denoiser(f"builtin:{m}").model)) for m in ("digits-sd", "digits-dit"))
     assert "other" not in {op_type(n) for n in sd + dit}

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from diffquant.engines.bundle import BuildConfig, build
+from diffquant.engines.build import BuildConfig, build
 from tests.pipelines import BLOCK_TORCH, export_tiny, start_server
 
 httpx = pytest.importorskip("httpx", reason="the serve tests need httpx (the [dev] extra)")

@@ -8,7 +8,7 @@ import torch
 
 from diffquant.errors import DiffquantError
 from diffquant.exporters import export
-from diffquant.pipeline import load_recipe, quantize
+from diffquant.passes import load_recipe, quantize
 from diffquant.quant import PerAxis, PerTensor, QuantFormat, QuantPlan, Rule, Site, SiteKey
 from diffquant.quant.fake import fake_quant, quantize_int
 from tests.conftest import make_tiny_unet, tiny_calib
@@ -35,7 +35,7 @@ def test_mixed_bits_grid_per_channel():
     assert q[2].min() == -4 and q[2].max() == 3
     assert q[3].min() == -128 and q[3].max() == 127
     # STE keeps gradients inside each channel's own range only
-    xg = x.clone().requires_grad_(True)
+    xg = x.clone().requires_grad_(requires_grad=True)
     fake_quant(xg, torch.ones(4), fmt, ste=True).sum().backward()
     assert xg.grad[2].sum() == ((x[2] >= -4) & (x[2] <= 3)).sum()
     with pytest.raises(DiffquantError, match="per-axis"):

@@ -11,8 +11,8 @@ from diffquant.cli import parse_overrides
 from diffquant.errors import DiffquantError
 from diffquant.eval import check_parity
 from diffquant.exporters import export, lint
-from diffquant.pipeline import load_recipe, quantize
-from diffquant.pipeline.activations import ActStats
+from diffquant.passes import load_recipe, quantize
+from diffquant.passes.observe.activations import ActStats
 from diffquant.quant import QuantPlan, apply_plan
 from tests.conftest import make_tiny_dit, make_tiny_unet, tiny_calib
 

@@ -10,9 +10,9 @@ import torch
 from diffquant.calib_data import load_calib
 from diffquant.eval import check_parity
 from diffquant.exporters import export, lint
-from diffquant.pipeline import load_recipe, quantize
-from diffquant.pipeline.reconstruct import AdaRound
-from diffquant.pipeline.tcr import TCRConfig, tcr_factors
+from diffquant.passes import load_recipe, quantize
+from diffquant.passes.reconstruct import AdaRound
+from diffquant.passes.tcr import TCRConfig, tcr_factors
 from diffquant.quant import fake_quant_forms
 from diffquant.quant.fake import fake_quant
 from diffquant.quant.format import PerAxis, QuantFormat

@@ -3,7 +3,7 @@
 import torch
 from torch import nn
 
-from diffquant.quant.weight_options import CLIP_RATIOS, METHODS, OptionCache, WeightOption, quantize_option, uaq
+from diffquant.passes.qua2sedimo.options import CLIP_RATIOS, METHODS, OptionCache, WeightOption, quantize_option, uaq
 
 
 def _laplace(rows: int, cols: int, seed: int = 0) -> torch.Tensor:

@@ -2,8 +2,9 @@
 sampler and schedule) at T_c evenly spaced sampler steps.
 
 With CFG both the conditional and unconditional copies are kept (they are what the deployed
-model sees); static inputs (Flux position ids) are stored once per shard. One safetensors shard per kept timestep plus ``index.json``; the folder name is a
-hash of the settings and the model's weights, so an identical request is served from cache.
+model sees); static inputs (Flux position ids) are stored once per shard. One safetensors shard
+per kept timestep plus ``index.json``; the folder name is a hash of the settings and the model's
+weights, so an identical request is served from cache.
 """
 
 from __future__ import annotations
@@ -117,7 +118,7 @@ def _settings_hash(denoiser: Denoiser, cfg: CalibConfig) -> str:
 
 
 def collect(
-    denoiser: Denoiser, cfg: CalibConfig | None = None, cache_dir: str | Path | None = None, progress: bool = True
+    denoiser: Denoiser, cfg: CalibConfig | None = None, *, cache_dir: str | Path | None = None, progress: bool = True
 ) -> CalibSet:
     """Collect calibration data for ``denoiser`` (or load it from the cache)."""
     cfg = cfg or CalibConfig()
@@ -179,7 +180,8 @@ def _read_index(folder: Path) -> tuple[dict, CalibConfig]:
     where = f"{folder / 'index.json'}"
     if index["version"] != INDEX_VERSION:
         raise DiffquantError(
-            f"{where}: calibration index version {index['version']!r}; this diffquant reads version {INDEX_VERSION}: {again}"
+            f"{where}: calibration index version {index['version']!r}; this diffquant reads version {INDEX_VERSION}: "
+            f"{again}"
         )
     cfg = CalibConfig(**typed_fields(CalibConfig, index["config"], f"{where}: config"))
     check_value(index["batched"], list[str], f"{where}: batched")
@@ -204,7 +206,8 @@ def _check_shard(path: Path, tensors: dict, entry: dict, first: dict | None, bat
             )
         if k in batched and (v.ndim == 0 or len(v) != entry["count"]):
             raise DiffquantError(
-                f"calibration shard {path}: {k!r} has shape {list(v.shape)}, the index says {entry['count']} rows; {again}"
+                f"calibration shard {path}: {k!r} has shape {list(v.shape)}, the index says {entry['count']} rows; "
+                f"{again}"
             )
     if "timestep" not in tensors or not torch.all(
         tensors["timestep"].float() == float(tensors["timestep"].reshape(-1)[0])
@@ -253,7 +256,8 @@ def check_calib(calib: CalibSet, denoiser: Denoiser) -> None:
     missing = sorted(set(ex) - set(got))
     if missing:
         raise DiffquantError(
-            f"{where} lacks the input(s) {missing} that {denoiser.name} takes; collect it for this model with `diffquant calibrate`"
+            f"{where} lacks the input(s) {missing} that {denoiser.name} takes; collect it for this model with "
+            "`diffquant calibrate`"
         )
     for k, v in ex.items():
         if k in ex.batched and tuple(got[k].shape[1:]) != tuple(v.shape[1:]):

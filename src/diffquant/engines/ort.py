@@ -1,20 +1,33 @@
 """ONNX Runtime CPU backend. Reference runs disable Q/DQ fusion (`session.disable_quant_qdq`)
 so the graph computes plain QuantizeLinear/DequantizeLinear semantics. `fit_weights` makes a
-graph's S8 weights exact on the CPU at hand (see `diffquant.engines.cpu`)."""
+graph's S8 weights exact on the CPU at hand (see `diffquant.engines.cpu`); an engine folder
+built for ONNX Runtime holds the graphs so fitted, run with the fused integer kernels."""
 
 from __future__ import annotations
 
+import shutil
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 import onnx
 from onnx import numpy_helper
 
-from diffquant.engines.base import Engine
+from diffquant.artifacts import EngineEntry, EngineManifest, PartEntry
+from diffquant.engines.base import Backend, Built, Engine
 from diffquant.engines.cpu import CpuInfo, cpu_info, full_range
 from diffquant.errors import DiffquantError
 
-__all__ = ["WEIGHT_MODES", "EngineFromOnnx", "FusedEngineFromOnnx", "OrtEngine", "fit_weights", "with_outputs"]
+__all__ = [
+    "BACKEND",
+    "WEIGHT_MODES",
+    "EngineFromOnnx",
+    "FusedEngineFromOnnx",
+    "OrtBuildConfig",
+    "OrtEngine",
+    "fit_weights",
+    "with_outputs",
+]
 
 WEIGHT_MODES = ("auto", "s8", "u8")
 
@@ -64,8 +77,10 @@ def fit_weights(
     wide = [] if cpu.int32_dot else full
     if mode == "s8" and wide:
         raise DiffquantError(
-            f"{where}: {len(wide)} weights (e.g. {wide[0]}) use full-range 8-bit codes, which this CPU ({cpu.model}, no VNNI) "
-            f"sums in saturating int16; build with --weights auto or u8, or export with --reduce-range (nothing written)"
+            f"{where}: {len(wide)} weights (e.g. {wide[0]}) use full-range 8-bit codes, which this CPU ({cpu.model}, "
+            "no VNNI) "
+            "sums in saturating int16; build with --weights auto or u8, or export with --reduce-range (nothing "
+            "written)"
         )
     convert = list(weights) if mode == "u8" else wide
     counts = {"s8": len(weights) - len(convert), "u8": len(convert), "full_range_s8": len(set(full) - set(convert))}
@@ -89,7 +104,7 @@ def fit_weights(
 class OrtEngine(Engine):
     """An ONNX Runtime CPU session; ``qdq_fusion=False`` gives the reference semantics."""
 
-    def __init__(self, model: str | Path | onnx.ModelProto, qdq_fusion: bool = False, threads: int = 0) -> None:
+    def __init__(self, model: str | Path | onnx.ModelProto, *, qdq_fusion: bool = False, threads: int = 0) -> None:
         try:
             import onnxruntime as ort
         except ImportError:
@@ -139,5 +154,75 @@ def EngineFromOnnx(model: str | Path | onnx.ModelProto, backend: str = "onnxrunt
     if backend == "onnxruntime":
         return OrtEngine(model, **kwargs)
     raise DiffquantError(
-        f"backend {backend!r} cannot load an ONNX file directly; build an engine folder with `diffquant build --backend {backend}` and load it with EnginesFromFolder"
+        f"backend {backend!r} cannot load an ONNX file directly; build an engine folder with `diffquant build "
+        f"--backend {backend}` and load it with EnginesFromFolder"
     )
+
+
+@dataclass
+class OrtBuildConfig:
+    """ONNX Runtime build settings: how the S8 weights are made exact on this CPU."""
+
+    weights: str = field(
+        default="auto",
+        metadata={
+            "choices": WEIGHT_MODES,
+            "help": "ONNX Runtime weights: auto keeps S8 (fast U8S8 kernels) and rewrites to U8 (exact, slower) only "
+            "the full-range weights this CPU would saturate (x86 without VNNI); s8 refuses such a CPU instead; "
+            "u8 rewrites all",
+        },
+    )
+
+
+def _require():
+    try:
+        import onnxruntime
+    except ImportError:
+        raise DiffquantError("onnxruntime is not installed: pip install onnxruntime") from None
+    return onnxruntime
+
+
+def _build(onnx_file: Path, out_dir: Path, inputs: list, settings: OrtBuildConfig) -> Built:
+    """The graph with its weights fitted to this CPU (copied as is where nothing changes)."""
+    model, weights = fit_weights(onnx.load(str(onnx_file)), cpu_info(), settings.weights, where=str(onnx_file))
+    if weights["u8"]:
+        onnx.save(model, str(out_dir / onnx_file.name))
+    else:
+        shutil.copy2(onnx_file, out_dir / onnx_file.name)
+    return Built(onnx_file.name, onnx_file.name, {"weights": weights, "onnxruntime": _require().__version__})
+
+
+def _load(path: Path, entry: EngineEntry | PartEntry, manifest: EngineManifest, threads: int) -> OrtEngine:
+    """A denoiser engine runs the fused integer kernels, refused where this CPU would saturate
+    weights built for another; a part (no Q/DQ) runs as is."""
+    if isinstance(entry, PartEntry):
+        return OrtEngine(path, threads=threads)
+    here = cpu_info()
+    if entry.details.get("weights", {}).get("full_range_s8") and not here.int32_dot:
+        built_for = (manifest.cpu or {}).get("model", "?")
+        raise DiffquantError(
+            f"{path} keeps full-range S8 weights for a CPU with VNNI ({built_for}); this one ({here.model}) "
+            f"would saturate them: build the folder again here with `diffquant build`"
+        )
+    return OrtEngine(path, qdq_fusion=True, threads=threads)
+
+
+def _describe(details: dict) -> str:
+    w = details.get("weights", {})
+    if w.get("full_range_s8"):
+        return (
+            f"{w['s8']} S8 weights ({w['full_range_s8']} full-range, exact here: this CPU has int32 dot products), "
+            f"{w['u8']} rewritten to U8"
+        )
+    return f"{w.get('s8', 0)} S8 weights, {w.get('u8', 0)} rewritten to U8 (exact on this CPU)"
+
+
+BACKEND = Backend(
+    name="onnxruntime",
+    summary="ONNX Runtime on this CPU (the onnxruntime-target graph runs its fused integer kernels)",
+    settings=OrtBuildConfig,
+    require=_require,
+    build=_build,
+    load=_load,
+    describe=_describe,
+)

@@ -9,7 +9,8 @@ from pathlib import Path
 
 import numpy as np
 
-from diffquant._check import check_value, contained
+from diffquant._check import contained
+from diffquant.artifacts import RUNTIME_FILE, RuntimeSpec
 from diffquant.engines.base import Engine
 from diffquant.errors import DiffquantError
 
@@ -32,15 +33,14 @@ class PromptTable:
         self.static = static or {}
 
     @classmethod
-    def from_runtime(cls, folder: str | Path, runtime: dict) -> PromptTable:
+    def from_runtime(cls, folder: str | Path, runtime: RuntimeSpec) -> PromptTable:
         from safetensors import SafetensorError
         from safetensors.numpy import load_file
 
-        where, again = f"{Path(folder) / 'runtime.json'}: conditioning", "export and build the engine folder again"
-        info = check_value(runtime.get("conditioning"), dict, where)
-        path = contained(folder, info.get("file"), f"{where}.file")
-        null_id = check_value(info.get("null_id"), int, f"{where}.null_id")
-        prompts = check_value(info.get("prompts", []), list[str], f"{where}.prompts")
+        where, again = f"{Path(folder) / RUNTIME_FILE}: conditioning", "export and build the engine folder again"
+        info = runtime.conditioning
+        path = contained(folder, info.file, f"{where}.file")
+        null_id, prompts = info.null_id, info.prompts
         if not path.exists():
             raise DiffquantError(f"conditioning file {path} is missing; {again}")
         try:
@@ -52,7 +52,8 @@ class PromptTable:
         for name, table in tables.items():
             if table.ndim < 1 or table.shape[0] != null_id + 1:
                 raise DiffquantError(
-                    f"{path}: cond.{name} has {table.shape[0] if table.ndim else 0} rows, runtime.json expects {null_id + 1} "
+                    f"{path}: cond.{name} has {table.shape[0] if table.ndim else 0} rows, runtime.json expects "
+                    f"{null_id + 1} "
                     f"(null_id {null_id} + 1); {again}"
                 )
         return cls(tables, prompts, null_id, static)
@@ -67,7 +68,8 @@ class PromptTable:
             return int(p)
         known = "; ".join(self.prompts[:10]) + (" ..." if len(self.prompts) > 10 else "")
         raise DiffquantError(
-            f"this model does not know the prompt {prompt!r}: the engine folder holds conditioning for its calibrated prompts only (text encoders are not deployed yet); known prompts: {known}"
+            f"this model does not know the prompt {prompt!r}: the engine folder holds conditioning for its calibrated "
+            f"prompts only (text encoders are not deployed yet); known prompts: {known}"
         )
 
     def __call__(self, ids: np.ndarray) -> dict[str, np.ndarray]:
@@ -112,13 +114,19 @@ class GenerateConfig:
 
 
 def _feeds(
-    engine: Engine, runtime: dict, x: np.ndarray, t: float, cond: dict[str, np.ndarray], static: dict, guidance: float
+    engine: Engine,
+    runtime: RuntimeSpec,
+    x: np.ndarray,
+    t: float,
+    cond: dict[str, np.ndarray],
+    static: dict,
+    guidance: float,
 ) -> dict[str, np.ndarray]:
     """One step's named inputs, from runtime.json's input specs and roles."""
-    n, scale = len(x), runtime["sampler"].get("timestep_scale", 1.0)
+    n, scale = len(x), runtime.sampler.timestep_scale
     feeds = {}
-    for spec in runtime["inputs"]:
-        name, role = spec["name"], spec.get("role", "cond")
+    for spec in runtime.inputs:
+        name, role = spec.name, spec.role
         if role == "sample":
             v = x
         elif role == "timestep":
@@ -135,10 +143,11 @@ def _feeds(
 
 def generate(
     engine: Engine,
-    runtime: dict,
+    runtime: RuntimeSpec,
     conditioning: Conditioning,
     n: int,
     cfg: GenerateConfig,
+    *,
     progress: bool = True,
     noise: np.ndarray | None = None,
 ) -> np.ndarray:
@@ -149,19 +158,15 @@ def generate(
 
     from diffquant.engines.scheduler import numpy_scheduler
 
-    if runtime.get("version", 1) < 2:
-        raise DiffquantError(
-            "this engine folder was exported by an older diffquant (runtime.json version 1); export and build it again"
-        )
-    sched = numpy_scheduler(runtime, cfg.scheduler)
-    sampler = runtime["sampler"]
-    shape = tuple(runtime["sample_shape"])
-    out_name = runtime.get("output", "noise_pred")
-    guidance = float(sampler.get("default_guidance", 3.0) if cfg.guidance is None else cfg.guidance)
+    sched = numpy_scheduler(runtime.sampler, runtime.scheduler, cfg.scheduler)
+    sampler = runtime.sampler
+    shape = tuple(runtime.sample_shape)
+    out_name = runtime.output
+    guidance = float(sampler.default_guidance if cfg.guidance is None else cfg.guidance)
     noise = (initial_noise(cfg.seed, n, shape) if noise is None else noise) * np.float32(
         sched.init_noise_sigma(cfg.steps)
     )
-    guided = sampler.get("guidance", "cfg") == "cfg" and guidance > 1.0
+    guided = sampler.guidance == "cfg" and guidance > 1.0
     # with CFG each image takes two rows of the engine batch (conditional + unconditional)
     limit = getattr(engine, "max_batch", 0) or 1 << 30
     per = max(1, min(cfg.batch, limit // 2 if guided else limit))
@@ -185,6 +190,6 @@ def generate(
                 eps = eu + guidance * (ec - eu)
             x = sched.step(eps, t, x, cfg.steps)
             bar.update()
-        outs.append(x if runtime.get("latent") else np.clip(x, -1.0, 1.0))
+        outs.append(x if runtime.latent else np.clip(x, -1.0, 1.0))
     bar.close()
     return np.concatenate(outs)

@@ -13,6 +13,7 @@ import math
 
 import numpy as np
 
+from diffquant.artifacts import SamplerEntry
 from diffquant.errors import DiffquantError
 
 __all__ = [
@@ -72,7 +73,8 @@ class _Discrete(_Schedule):
         for k in keys:
             if self.config.get(k):
                 raise DiffquantError(
-                    f"scheduler option {k} is not supported by the runtime {what}; pass --scheduler ddim to sample with DDIM instead"
+                    f"scheduler option {k} is not supported by the runtime {what}; pass --scheduler ddim to sample "
+                    "with DDIM instead"
                 )
 
     def _sigmas(self, timesteps: np.ndarray) -> np.ndarray:
@@ -141,7 +143,8 @@ class NumpyEuler(_Discrete):
             or self.config.get("timestep_type", "discrete") != "discrete"
         ):
             raise DiffquantError(
-                "only Euler with linear interpolation and discrete timesteps is supported by the runtime; pass --scheduler ddim"
+                "only Euler with linear interpolation and discrete timesteps is supported by the runtime; pass "
+                "--scheduler ddim"
             )
         self._ts: dict[int, tuple[np.ndarray, np.ndarray]] = {}
 
@@ -223,7 +226,8 @@ class NumpyDPMSolver(_Discrete):
         for k, v in want.items():
             if self.config.get(k, v) != v:
                 raise DiffquantError(
-                    f"DPM-Solver {k}={self.config[k]!r} is not supported by the runtime (only {v!r}); pass --scheduler ddim"
+                    f"DPM-Solver {k}={self.config[k]!r} is not supported by the runtime (only {v!r}); pass "
+                    "--scheduler ddim"
                 )
         self.reset()
 
@@ -348,10 +352,11 @@ SCHEDULERS = {
 }
 
 
-def scheduler_kind(runtime: dict, asked: str = "auto") -> str:
+def scheduler_kind(sampler: SamplerEntry, scheduler: dict, asked: str = "auto") -> str:
     """The numpy scheduler a run uses: ``asked``, or with ``auto`` the pipeline's own type where
-    it has a numpy form (DDIM, Euler, DPM-Solver++, flow Euler), else DDIM on its schedule."""
-    if runtime.get("sampler", {}).get("kind") == "flow":
+    it has a numpy form (DDIM, Euler, DPM-Solver++, flow Euler), else DDIM on its schedule
+    (``sampler`` and ``scheduler``: runtime.json's sections)."""
+    if sampler.kind == "flow":
         if asked not in ("auto", "flow"):
             raise DiffquantError(
                 f"--scheduler {asked}: a flow-matching model samples with the flow Euler scheduler only"
@@ -361,14 +366,12 @@ def scheduler_kind(runtime: dict, asked: str = "auto") -> str:
         raise DiffquantError("--scheduler flow is for flow-matching models; this one has a discrete (beta) schedule")
     if asked != "auto":
         return asked
-    return SCHEDULERS.get(runtime.get("scheduler", {}).get("_class_name", ""), "ddim")
+    return SCHEDULERS.get(scheduler.get("_class_name", ""), "ddim")
 
 
-def numpy_scheduler(runtime: dict, asked: str = "auto"):
-    """The runtime scheduler an exported model samples with (runtime.json ``sampler`` and
-    ``scheduler``; see `scheduler_kind`)."""
-    kind = scheduler_kind(runtime, asked)
-    sampler = runtime.get("sampler", {"kind": "ddim"})
+def numpy_scheduler(sampler: SamplerEntry, scheduler: dict, asked: str = "auto"):
+    """The runtime scheduler an exported model samples with (see `scheduler_kind`)."""
+    kind = scheduler_kind(sampler, scheduler, asked)
     if kind == "flow":
-        return NumpyFlowEuler(runtime["scheduler"], sampler.get("flow_sigmas", "scheduler"), sampler.get("mu"))
-    return {"ddim": NumpyDDIM, "euler": NumpyEuler, "dpm++": NumpyDPMSolver}[kind](runtime["scheduler"])
+        return NumpyFlowEuler(scheduler, sampler.flow_sigmas, sampler.mu)
+    return {"ddim": NumpyDDIM, "euler": NumpyEuler, "dpm++": NumpyDPMSolver}[kind](scheduler)

@@ -13,16 +13,16 @@ from __future__ import annotations
 
 import ctypes
 import hashlib
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 import numpy as np
 
 from diffquant._io import atomic_path
-from diffquant.engines.base import BatchProfile, Engine
+from diffquant.engines.base import Backend, BatchProfile, Built, Engine
 from diffquant.errors import DiffquantError
 
-__all__ = ["TrtBuildConfig", "TrtEngine", "build_trt_engine", "device_key", "import_tensorrt"]
+__all__ = ["BACKEND", "TrtBuildConfig", "TrtEngine", "build_trt_engine", "device_key", "import_tensorrt"]
 
 INSTALL_HINT = (
     "TensorRT is not installed here. Install its Python package and libraries from NVIDIA's index "
@@ -74,9 +74,14 @@ class TrtBuildConfig(BatchProfile):
     """Engine build settings: the profile's batch (see `BatchProfile`), builder optimization
     level, workspace, and the timing cache folder."""
 
-    opt_level: int = 4
-    workspace_gb: float = 4.0
-    timing_cache_dir: str = ""
+    opt_level: int = field(
+        default=4, metadata={"help": "TensorRT builder optimization level (0-5)", "choices": tuple(range(6))}
+    )
+    workspace_gb: float = field(default=4.0, metadata={"help": "TensorRT workspace limit in GiB"})
+    timing_cache_dir: str = field(
+        default="",
+        metadata={"help": "timing cache folder (default ~/.cache/diffquant/trt_timing)", "flag": "--timing-cache"},
+    )
 
 
 def _cache_path(cfg: TrtBuildConfig, key: dict) -> Path:
@@ -87,7 +92,7 @@ def _cache_path(cfg: TrtBuildConfig, key: dict) -> Path:
     return folder / f"timing-{tag}.cache"
 
 
-def build_trt_engine(onnx_path: Path, engine_path: Path, inputs: list[dict], cfg: TrtBuildConfig) -> dict:
+def build_trt_engine(onnx_path: Path, engine_path: Path, inputs: list, cfg: TrtBuildConfig) -> dict:
     """Parse ``onnx_path``, build a strongly typed engine with one profile over ``inputs``
     (runtime.json input specs), write it atomically to ``engine_path``; returns its metadata."""
     trt = import_tensorrt()
@@ -111,8 +116,8 @@ def build_trt_engine(onnx_path: Path, engine_path: Path, inputs: list[dict], cfg
     profile = builder.create_optimization_profile()
     shapes = {}
     for spec in inputs:
-        shapes[spec["name"]] = cfg.shapes(spec["shape"], spec.get("example"))
-        profile.set_shape(spec["name"], *shapes[spec["name"]])
+        shapes[spec.name] = cfg.shapes(spec.shape, spec.example)
+        profile.set_shape(spec.name, *shapes[spec.name])
     config.add_optimization_profile(profile)
     serialized = builder.build_serialized_network(network, config)
     if serialized is None:
@@ -152,7 +157,8 @@ class TrtEngine(Engine):
             ]
             if wrong:
                 raise DiffquantError(
-                    f"engine {path} does not match this machine ({'; '.join(wrong)}): rebuild it here with `diffquant build`"
+                    f"engine {path} does not match this machine ({'; '.join(wrong)}): rebuild it here with `diffquant "
+                    "build`"
                 )
         self._cuda, self._dt = cuda, DataType
         self._logger = trt.Logger(trt.Logger.WARNING)
@@ -207,3 +213,36 @@ class TrtEngine(Engine):
         self._buffers.clear()
         self.stream.free()
         super().close()
+
+
+def _build(onnx_file: Path, out_dir: Path, inputs: list, settings: TrtBuildConfig) -> Built:
+    name = onnx_file.with_suffix(".engine").name
+    return Built(name, name, build_trt_engine(onnx_file, out_dir / name, inputs, settings))
+
+
+def _build_part(onnx_file: Path, out_dir: Path, inputs: list, settings: TrtBuildConfig) -> Built:
+    """A pipeline part with a dynamic batch up to the denoiser profile's largest."""
+    profile = replace(settings, dynamic=True, max_batch=max(settings.max_batch, settings.batch))
+    return _build(onnx_file, out_dir, inputs, profile)
+
+
+def _load(path: Path, entry, manifest, threads: int) -> TrtEngine:
+    return TrtEngine(path, entry.details)
+
+
+BACKEND = Backend(
+    name="tensorrt",
+    summary="TensorRT on an NVIDIA GPU (strongly typed engines from the tensorrt-target graph)",
+    settings=TrtBuildConfig,
+    require=import_tensorrt,
+    build=_build,
+    build_part=_build_part,
+    load=_load,
+    lint_target="tensorrt",
+    takes=("tensorrt",),
+    records_cpu=False,
+    validate=("ort-qdq", 0.99, 20.0),
+    describe=lambda d: f"TensorRT {d['tensorrt']} on {d['gpu']} (SM {d['compute_capability']}), CUDA {d['cuda']}",
+    bisect="Bisect the graph with: polygraphy debug reduce {graph} -o reduced.onnx --mode=bisect --load-inputs "
+    "{inputs} --check polygraphy run polygraphy_debug.onnx --onnxrt --trt --load-inputs {inputs}",
+)

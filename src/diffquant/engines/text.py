@@ -8,7 +8,8 @@ from pathlib import Path
 
 import numpy as np
 
-from diffquant._check import check_value, contained
+from diffquant._check import contained
+from diffquant.artifacts import RUNTIME_FILE, TextEntry
 from diffquant.engines.base import Engine
 from diffquant.errors import DiffquantError
 
@@ -44,21 +45,19 @@ class TextConditioner:
     engines; ``negative(prompts)`` makes the unconditional rows (zeros where the pipeline forces
     them for an unset negative prompt)."""
 
-    def __init__(self, folder: str | Path, text: dict, engines: dict[str, Engine]) -> None:
+    def __init__(self, folder: str | Path, text: TextEntry, engines: dict[str, Engine]) -> None:
         from tokenizers import Tokenizer
 
-        where = f"{Path(folder) / 'runtime.json'}: text"
-        self.specs = check_value(text.get("encoders"), list[dict], f"{where}.encoders")
-        self.compose_exprs = check_value(text.get("compose"), dict, f"{where}.compose")
-        self.unset_negative = text.get("unset_negative", "empty")
+        where = f"{Path(folder) / RUNTIME_FILE}: text"
+        self.specs, self.compose_exprs, self.unset_negative = text.encoders, text.compose, text.unset_negative
         self.engines = engines
         self.tokenizers = {}
         for i, s in enumerate(self.specs):
-            path = contained(folder, s.get("tokenizer_file"), f"{where}.encoders[{i}].tokenizer_file")
+            path = contained(folder, s.tokenizer_file, f"{where}.encoders[{i}].tokenizer_file")
             if not path.is_file():
                 raise DiffquantError(f"tokenizer file {path} is missing; build the engine folder again")
             try:
-                self.tokenizers[s["component"]] = Tokenizer.from_file(str(path))
+                self.tokenizers[s.component] = Tokenizer.from_file(str(path))
             except Exception as e:  # tokenizers raises its own Exception type
                 raise DiffquantError(
                     f"tokenizer file {path} is unreadable ({e}); build the engine folder again"
@@ -72,21 +71,19 @@ class TextConditioner:
                 )
         outs, masks = {}, {}
         for s in self.specs:
-            name = s["component"]
-            text = [p.lower().strip() if s.get("lowercase") else p for p in prompts]
+            name = s.component
+            text = [p.lower().strip() if s.lowercase else p for p in prompts]
             enc = self.tokenizers[name].encode_batch(text)
             ids = np.array([e.ids for e in enc], np.int64)
             masks[name] = np.array([e.attention_mask for e in enc], np.int64)
-            feeds = {"input_ids": ids, **({"attention_mask": masks[name]} if s.get("feed_mask") else {})}
+            feeds = {"input_ids": ids, **({"attention_mask": masks[name]} if s.feed_mask else {})}
             engine = self.engines[name]
             per = getattr(engine, "max_batch", 0) or len(ids)
             runs = [
-                engine.run(
-                    {k: v[i : i + per].astype(engine.input_dtype(k)) for k, v in feeds.items()}, list(s["outputs"])
-                )
+                engine.run({k: v[i : i + per].astype(engine.input_dtype(k)) for k, v in feeds.items()}, list(s.outputs))
                 for i in range(0, len(ids), per)
             ]
-            outs[name] = {k: np.concatenate([r[k] for r in runs]).astype(np.float32) for k in s["outputs"]}
+            outs[name] = {k: np.concatenate([r[k] for r in runs]).astype(np.float32) for k in s.outputs}
         return {k: compose(e, outs, masks, len(prompts)) for k, e in self.compose_exprs.items()}
 
     def negative(self, prompts: list[str] | None, n: int) -> dict[str, np.ndarray]:

@@ -30,32 +30,36 @@ from polygraphy.comparator.compare import CosineSimilarityCompareFunc, SnrCompar
 from polygraphy.json import save_json
 from polygraphy.logger import G_LOGGER
 
-from diffquant._check import read_json
 from diffquant._groups import group_index
 from diffquant._io import atomic_path, write_json, write_text
-from diffquant.engines import Engine, EnginesFromFolder, GroupedEngine, OrtEngine
+from diffquant.artifacts import FP_GRAPH, RUNTIME_FILE, RunReport, RuntimeSpec
+from diffquant.engines import BACKENDS, BuildConfig, Engine, EnginesFromFolder, GroupedEngine, OrtEngine, build
+from diffquant.engines.base import BatchProfile
 from diffquant.engines.ort import FusedEngineFromOnnx
 from diffquant.errors import DiffquantError
-from diffquant.eval.pipeline import ImageVerdict, PipelineCheckConfig, compare_pipeline
+from diffquant.eval.pipeline_parity import ImageVerdict, PipelineCheckConfig, compare_pipeline
 from diffquant.quant import QuantPlan, apply_plan
 
-__all__ = ["COMPARISONS", "KNOWN", "OutputVerdict", "ValidateConfig", "ValidationResult", "validate"]
+__all__ = ["OutputVerdict", "ValidateConfig", "ValidationResult", "comparisons", "validate"]
 
 # comparison -> (reference runner, candidate runner, default cosine and SNR thresholds)
-COMPARISONS = {
+BUILTIN_COMPARISONS = {
     "fp": ("torch-fp", "ort-fp32", 0.99999, 60.0),
     "fake-quant": ("torch-fake-quant", "ort-qdq", 0.99, 20.0),
     "fused": ("ort-qdq", "ort-qdq-fused", 0.99, 20.0),
-    # OpenVINO runs the float layers in bf16 by default: judged on cosine 0.99 and the SNR that
-    # cosine implies (1 - cos ~ err^2 / 2 signal^2 -> 17 dB), not the 20 dB of an FP32 graph
-    "openvino": ("torch-fake-quant", "openvino", 0.99, 17.0),
-    "tensorrt": ("ort-qdq", "tensorrt", 0.99, 20.0),
 }
-ENGINE_BACKENDS = (
-    "openvino",
-    "tensorrt",
-)  # comparisons that need an engine folder, skipped where the runtime is missing
-KNOWN = (*COMPARISONS, "pipeline")
+
+
+def comparisons() -> dict[str, tuple[str, str, float, float]]:
+    """The built-in comparisons, then one per registered backend that names its reference
+    (`Backend.validate`): it needs an engine folder, and is "not run" where the backend's runtime
+    is missing."""
+    engines = {b.name: (b.validate[0], b.name, *b.validate[1:]) for b in BACKENDS.values() if b.validate}
+    return {**BUILTIN_COMPARISONS, **engines}
+
+
+def _engine_backends() -> tuple[str, ...]:
+    return tuple(b.name for b in BACKENDS.values() if b.validate)
 
 
 @dataclass
@@ -133,7 +137,8 @@ class ValidationResult:
                 else f"**FAIL** (needs cosine >= {r.cosine_threshold:g}, SNR >= {r.snr_threshold:g} dB)"
             )
             lines.append(
-                f"| {r.comparison} | {r.timestep:g} | {r.output} | {r.cosine:.6f} | {r.snr_db:.1f} | {r.max_abs:.3g} | {verdict} |"
+                f"| {r.comparison} | {r.timestep:g} | {r.output} | {r.cosine:.6f} | {r.snr_db:.1f} | {r.max_abs:.3g} "
+                f"| {verdict} |"
             )
         for name, why in self.not_run.items():
             lines.append(f"| {name} | – | – | – | – | – | not run: {why} |")
@@ -158,19 +163,24 @@ class ValidationResult:
         for r in self.rows:
             if r.passed:
                 continue
-            msg = f"{r.comparison} fails at timestep {r.timestep:g} on output {r.output!r} (cosine {r.cosine:.6f}, SNR {r.snr_db:.1f} dB)."
-            if r.comparison == "tensorrt":
-                msg += (
-                    f" Bisect the graph with: polygraphy debug reduce {r.graph} -o reduced.onnx --mode=bisect "
-                    f"--load-inputs {self.inputs_file} --check polygraphy run polygraphy_debug.onnx --onnxrt --trt --load-inputs {self.inputs_file}"
-                )
+            msg = (
+                f"{r.comparison} fails at timestep {r.timestep:g} on output {r.output!r} "
+                f"(cosine {r.cosine:.6f}, SNR {r.snr_db:.1f} dB)."
+            )
+            bisect = BACKENDS[r.comparison].bisect if r.comparison in BACKENDS else ""
+            if bisect:
+                msg += " " + bisect.format(graph=r.graph, inputs=self.inputs_file)
             elif r.comparison == "fused":
                 msg += (
-                    " The fused integer kernels (QLinearConv, MatMulIntegerToFloat) requantize in fixed point; dump every "
-                    f"tensor with: polygraphy run {r.graph} --onnxrt --onnx-outputs mark all --load-inputs {self.inputs_file} --save-outputs fused.json"
+                    " The fused integer kernels (QLinearConv, MatMulIntegerToFloat) requantize in fixed point; dump "
+                    f"every tensor with: polygraphy run {r.graph} --onnxrt --onnx-outputs mark all --load-inputs "
+                    f"{self.inputs_file} --save-outputs fused.json"
                 )
             else:
-                msg += f" The per-node local step errors in {self.run}/report.json (parity.worst_tensors) name the Q/DQ node that disagrees first."
+                msg += (
+                    f" The per-node local step errors in {self.run}/report.json (parity.worst_tensors) name the Q/DQ "
+                    "node that disagrees first."
+                )
             out.append(msg)
         return out
 
@@ -217,102 +227,117 @@ def _metrics(ref: np.ndarray, got: np.ndarray) -> tuple[float, float, float]:
     return cos, float(snr), float(np.abs(a - b).max())
 
 
-def validate(run_dir: str | Path, denoiser, inputs: list, cfg: ValidateConfig | None = None) -> ValidationResult:
+def validate(
+    run_dir: str | Path, denoiser, inputs: list, cfg: ValidateConfig | None = None, report: RunReport | None = None
+) -> ValidationResult:
     """Compare a run's graphs per ``cfg.against`` on recorded ``inputs`` ((timestep, named inputs),
-    e.g. from `diffquant.workflow.validate_run`); writes ``validate.json`` and ``validate.md``
+    e.g. from `diffquant.jobs.validate.validate_run`); writes ``validate.json`` and ``validate.md``
     into the run folder, plus the inputs in Polygraphy's JSON format for bisecting."""
     cfg = cfg or ValidateConfig()
     run = Path(run_dir)
     G_LOGGER.module_severity = G_LOGGER.CRITICAL  # our table is the report; Polygraphy's own log stays quiet
-    unknown = [a for a in cfg.against if a not in KNOWN]
+    known = [*comparisons(), "pipeline"]
+    unknown = [a for a in cfg.against if a not in known]
     if unknown:
-        raise DiffquantError(f"unknown comparison(s) {unknown}; choose from {', '.join(KNOWN)}")
-    if not (run / "report.json").exists():
-        raise DiffquantError(f"{run} is not a run folder (no report.json); make one with `diffquant run`")
-    report = read_json(run / "report.json", "make the run folder again with `diffquant run`", required=("onnx",))
-    plan = QuantPlan.load(run / "plan")
-    feeds = [OrderedDict((s.name, named[s.name].numpy()) for s in denoiser.input_specs()) for _, named in inputs]
-    timesteps = [float(ts) for ts, _ in inputs]
-    specs = {k: (v.dtype, v.shape) for k, v in feeds[0].items()}
-    out_name = denoiser.output_names[0]
-    graphs = [run / Path(p).name for p in report.get("graphs", [report["onnx"]])]
-    ranges = report.get("timestep_groups", [])
-    result = ValidationResult(run=str(run))
-    with atomic_path(run / "validate_inputs.json") as tmp:
-        save_json(feeds, str(tmp), "validation inputs")
-    result.inputs_file = str(run / "validate_inputs.json")
-
-    opened: list[Engine] = []
-    makers = {
-        "torch-fp": lambda: _torch_fn(denoiser, out_name),
-        "torch-fake-quant": lambda: _torch_fn(_fq(denoiser, plan, report.get("target", "tensorrt")), out_name),
-        "ort-fp32": lambda: _engine_fn(_keep(opened, OrtEngine(run / "unet.fp32.onnx"))),
-        "ort-qdq": lambda: _engine_fn(_keep(opened, GroupedEngine([OrtEngine(g) for g in graphs], ranges))),
-        "ort-qdq-fused": lambda: _engine_fn(
-            _keep(opened, GroupedEngine([FusedEngineFromOnnx(g) for g in graphs], ranges))
-        ),
-        "openvino": lambda: _engine_fn(_keep(opened, _built_engine(run, cfg.engine, "openvino"))),
-        "tensorrt": lambda: _engine_fn(_keep(opened, _built_engine(run, cfg.engine, "tensorrt"))),
-    }
+        raise DiffquantError(f"unknown comparison(s) {unknown}; choose from {', '.join(known)}")
+    report = report or RunReport.read(run)
+    check = _Comparisons(run, report, denoiser, inputs, cfg)
+    result = ValidationResult(run=str(run), inputs_file=check.save_inputs())
     try:
         for name in [a for a in cfg.against if a != "pipeline"]:
-            ref_name, cand_name, cos_thr, snr_thr = COMPARISONS[name]
-            thr = cfg.thresholds.get(name, {})
-            cos_thr, snr_thr = thr.get("cosine", cos_thr), thr.get("snr_db", snr_thr)
-            try:
-                runners = [_FnRunner(n, makers[n](), specs, [out_name]) for n in (ref_name, cand_name)]
-            except DiffquantError as e:
-                if name not in ENGINE_BACKENDS or "not installed" not in str(e):
-                    raise
-                result.not_run[name] = str(e).split(". ")[0]
-                continue
-            results = Comparator.run(runners, data_loader=feeds)
-            (_, ref_iters), (_, cand_iters) = results[0], results[1]
-            cos_f, snr_f = (
-                CosineSimilarityCompareFunc(cosine_similarity_threshold=cos_thr),
-                SnrCompareFunc(snr_threshold=snr_thr),
-            )
-            for ts, r_it, c_it in zip(timesteps, ref_iters, cand_iters):
-                cos_v, snr_v = cos_f(r_it, c_it), snr_f(r_it, c_it)
-                for out in r_it:
-                    cos, snr, mx = _metrics(r_it[out], c_it[out])
-                    ok = bool(cos_v[out]) and bool(snr_v[out])
-                    graph = (
-                        graphs[group_index(ts, ranges)]
-                        if "qdq" in cand_name or cand_name in ENGINE_BACKENDS
-                        else run / "unet.fp32.onnx"
-                    )
-                    result.rows.append(OutputVerdict(name, ts, out, cos, snr, mx, cos_thr, snr_thr, ok, str(graph)))
+            check.compare(name, result)
     finally:
-        for e in opened:
-            e.close()
+        check.close()
     if "pipeline" in cfg.against:
         _pipeline_check(run, report, denoiser, cfg, result)
     write_json(run / "validate.json", result.to_dict())
-    write_text(
-        run / "validate.md",
-        f"# Validation of {run}\n\n{result.table()}\n\n" + "\n".join(f"- {h}" for h in result.hints()) + "\n",
-    )
+    hints = "\n".join(f"- {h}" for h in result.hints())
+    write_text(run / "validate.md", f"# Validation of {run}\n\n{result.table()}\n\n{hints}\n")
     return result
 
 
-def _pipeline_check(run: Path, report: dict, denoiser, cfg: ValidateConfig, result: ValidationResult) -> None:
+class _Comparisons:
+    """The runners of one validation, made on first use and closed at the end, and how a
+    comparison of two of them on the recorded inputs becomes verdict rows."""
+
+    def __init__(self, run: Path, report: RunReport, denoiser, inputs: list, cfg: ValidateConfig) -> None:
+        self.run, self.report, self.denoiser, self.cfg = run, report, denoiser, cfg
+        self.feeds = [
+            OrderedDict((s.name, named[s.name].numpy()) for s in denoiser.input_specs()) for _, named in inputs
+        ]
+        self.timesteps = [float(ts) for ts, _ in inputs]
+        self.specs = {k: (v.dtype, v.shape) for k, v in self.feeds[0].items()}
+        self.out_name = denoiser.output_names[0]
+        self.graphs = report.graph_files(run) if report.graphs else [run / Path(report.onnx).name]
+        self.ranges = report.timestep_groups
+        self.plan = QuantPlan.load(run / "plan")
+        self.opened: list[Engine] = []
+
+    def save_inputs(self) -> str:
+        path = self.run / "validate_inputs.json"
+        with atomic_path(path) as tmp:
+            save_json(self.feeds, str(tmp), "validation inputs")
+        return str(path)
+
+    def _engine(self, engine: Engine):
+        self.opened.append(engine)
+        return _engine_fn(engine)
+
+    def _make(self, runner: str):
+        graphs, ranges = self.graphs, self.ranges
+        if runner == "torch-fp":
+            return _torch_fn(self.denoiser, self.out_name)
+        if runner == "torch-fake-quant":
+            return _torch_fn(_fq(self.denoiser, self.plan, self.report.target), self.out_name)
+        if runner == "ort-fp32":
+            return self._engine(OrtEngine(self.run / FP_GRAPH))
+        if runner == "ort-qdq":
+            return self._engine(GroupedEngine([OrtEngine(g) for g in graphs], ranges))
+        if runner == "ort-qdq-fused":
+            return self._engine(GroupedEngine([FusedEngineFromOnnx(g) for g in graphs], ranges))
+        return self._engine(_built_engine(self.run, self.report, self.cfg.engine, runner))
+
+    def compare(self, name: str, result: ValidationResult) -> None:
+        """Run comparison ``name``; its rows into ``result`` (or why it could not run)."""
+        ref_name, cand_name, cos_thr, snr_thr = comparisons()[name]
+        thr = self.cfg.thresholds.get(name, {})
+        cos_thr, snr_thr = thr.get("cosine", cos_thr), thr.get("snr_db", snr_thr)
+        try:
+            runners = [_FnRunner(n, self._make(n), self.specs, [self.out_name]) for n in (ref_name, cand_name)]
+        except DiffquantError as e:
+            if name not in _engine_backends() or "not installed" not in str(e):
+                raise
+            result.not_run[name] = str(e).split(". ")[0]
+            return
+        (_, ref_iters), (_, cand_iters) = Comparator.run(runners, data_loader=self.feeds)
+        cos_f = CosineSimilarityCompareFunc(cosine_similarity_threshold=cos_thr)
+        snr_f = SnrCompareFunc(snr_threshold=snr_thr)
+        quantized = "qdq" in cand_name or cand_name in _engine_backends()
+        for ts, r_it, c_it in zip(self.timesteps, ref_iters, cand_iters):
+            cos_v, snr_v = cos_f(r_it, c_it), snr_f(r_it, c_it)
+            graph = self.graphs[group_index(ts, self.ranges)] if quantized else self.run / FP_GRAPH
+            for out in r_it:
+                cos, snr, mx = _metrics(r_it[out], c_it[out])
+                ok = bool(cos_v[out]) and bool(snr_v[out])
+                result.rows.append(OutputVerdict(name, ts, out, cos, snr, mx, cos_thr, snr_thr, ok, str(graph)))
+
+    def close(self) -> None:
+        for e in self.opened:
+            e.close()
+
+
+def _pipeline_check(run: Path, report: RunReport, denoiser, cfg: ValidateConfig, result: ValidationResult) -> None:
     """The ``pipeline`` comparison: engine folders built in the run folder (onnxruntime; the FP
     denoiser graph, then the quantized one) against the diffusers pipeline the run was made from."""
-    from diffquant.engines.bundle import BuildConfig, build
-    from diffquant.models.builtin import weights_dir
     from diffquant.models.loading import load_pipeline
+    from diffquant.zoo.builtin import weights_dir
 
-    model = report.get("model", "")
-    folder = (
-        weights_dir() / "digits-ldm" if model == "builtin:digits-ldm" else Path(model)
-    )  # the builtin that is a pipeline
+    model = report.model
+    folder = weights_dir() / "digits-ldm" if model == "builtin:digits-ldm" else Path(model)  # the builtin pipeline
     if not (folder / "model_index.json").is_file():
-        result.not_run["pipeline"] = (
-            f"{report.get('model')} is not a diffusers pipeline folder (nothing to compare the images with)"
-        )
+        result.not_run["pipeline"] = f"{model} is not a diffusers pipeline folder (nothing to compare the images with)"
         return
-    if not (run / "runtime.json").is_file() or "vae" not in read_json(run / "runtime.json", "export the run again"):
+    if not (run / RUNTIME_FILE).is_file() or RuntimeSpec.read(run, "export the run again").vae is None:
         result.not_run["pipeline"] = "the run holds no pipeline parts (made by an older diffquant); run it again"
         return
     engines = {}
@@ -330,27 +355,16 @@ def _fq(denoiser, plan: QuantPlan, target: str):
     return fq
 
 
-def _keep(opened: list, engine: Engine) -> Engine:
-    opened.append(engine)
-    return engine
-
-
-def _built_engine(run: Path, folder: str, backend: str) -> Engine:
+def _built_engine(run: Path, report: RunReport, folder: str, backend: str) -> Engine:
     """The engines of ``folder``, or built into ``run/engine-<backend>`` from the run's graph
-    (dynamic batch, so every recorded batch fits)."""
-    from diffquant.engines.bundle import BuildConfig, build
-    from diffquant.engines.openvino import OvBuildConfig, import_openvino
-    from diffquant.engines.tensorrt import TrtBuildConfig, import_tensorrt
-
-    (import_tensorrt if backend == "tensorrt" else import_openvino)()
+    (dynamic batch where the backend has a profile, so every recorded batch fits)."""
+    b = BACKENDS[backend]
+    b.require()
     if not folder:
         folder = str(run / f"engine-{backend}")
         if not Path(folder).exists():
-            report = read_json(
-                run / "report.json", "make the run folder again with `diffquant run`", required=("onnx",)
-            )
-            shape = dict(batch=16, dynamic=True, max_batch=64)
-            cfg = BuildConfig(backend=backend, tensorrt=TrtBuildConfig(**shape), openvino=OvBuildConfig(**shape))
-            build(run / Path(report["onnx"]).name, folder, cfg)
+            shape = {"batch": 16, "dynamic": True, "max_batch": 64}
+            settings = b.settings(**shape) if issubclass(b.settings, BatchProfile) else b.settings()
+            build(run / Path(report.onnx).name, folder, BuildConfig(backend=backend, settings=settings))
     engine, _ = EnginesFromFolder(folder)
     return engine

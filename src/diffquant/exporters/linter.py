@@ -1,6 +1,7 @@
-"""The rules linter: checks a Q/DQ graph against the TensorRT / ONNX Runtime Q/DQ rules (docs/ARCHITECTURE.md) and names the offending node
-of every violation. TensorRT rules by default; the ``onnxruntime`` profile also accepts its
-U8 activations (zero point 128, the symmetric grid shifted) and Q/DQ on conv outputs."""
+"""The rules linter: checks a Q/DQ graph against its target's Q/DQ rules (`diffquant.targets`;
+docs/ARCHITECTURE.md) and names the offending node of every violation. TensorRT rules by default;
+the ``onnxruntime`` target also accepts its U8 activations (zero point 128, the symmetric grid
+shifted) and Q/DQ on conv outputs."""
 
 from __future__ import annotations
 
@@ -13,17 +14,13 @@ import onnx
 from onnx import numpy_helper
 
 from diffquant.errors import DiffquantError
+from diffquant.targets import TARGETS, Target
 
 __all__ = ["LintReport", "Violation", "declared_limits", "lint", "load_onnx"]
 
 WEIGHT_CONSUMERS = {"Conv", "ConvTranspose", "MatMul", "Gemm"}
 ACT_CONSUMERS = WEIGHT_CONSUMERS | {"Add"}
 INT4 = {onnx.TensorProto.INT4, onnx.TensorProto.UINT4}
-ALLOWED_Q_TYPES = {
-    "tensorrt": {onnx.TensorProto.INT8, onnx.TensorProto.INT4},
-    "onnxruntime": {onnx.TensorProto.INT8, onnx.TensorProto.UINT8, onnx.TensorProto.INT4},
-}
-SYMMETRIC_ZERO_POINT = {onnx.TensorProto.UINT8: 128}
 
 
 @dataclass
@@ -120,147 +117,150 @@ def lint(model: onnx.ModelProto, path: str = "<memory>", target: str | None = No
     """Check every Q/DQ node against the rules of ``target`` (default: the target the graph
     was lowered for, per its metadata, else ``tensorrt``)."""
     meta = {p.key: p.value for p in model.metadata_props}
-    target = target or meta.get("diffquant.target", "tensorrt")
-    if target not in ALLOWED_Q_TYPES:
-        raise DiffquantError(f"no lint rules for target {target!r}; known: {', '.join(ALLOWED_Q_TYPES)}")
-    allowed = ALLOWED_Q_TYPES[target]
-    g = _Graph(model)
-    rep = LintReport(path=path, target=target)
-    add = lambda rule, node, msg: rep.violations.append(Violation(rule, node.name or node.op_type, msg))  # noqa: E731
-    opset = max((o.version for o in model.opset_import if o.domain in ("", "ai.onnx")), default=0)
-    uses_int4_or_blocks = False
-    q_readers: dict[str, list[onnx.NodeProto]] = {}
-    for node in model.graph.node:
-        if node.op_type not in ("QuantizeLinear", "DequantizeLinear"):
-            if node.op_type == "MatMul":
-                a, b = node.input[0], node.input[1]
-                weight_b = (dq := g.from_dq(b)) is not None and g.is_const(dq.input[0]) or g.is_const(b)
-                if not weight_b and (g.from_dq(a) or g.from_dq(b)):
-                    add(
-                        "attention-matmul",
-                        node,
-                        "Q/DQ on an activation x activation MatMul (attention Q.K or P.V): keep it in FP16",
-                    )
-            continue
+    name = target or meta.get("diffquant.target", "tensorrt")
+    if name not in TARGETS:
+        raise DiffquantError(f"no lint rules for target {name!r}; known: {', '.join(TARGETS)}")
+    return _Linter(model, path, TARGETS[name]).run()
+
+
+class _Linter:
+    """One pass over a graph's nodes; each kind of node has its own check, each finding one
+    `Violation` naming the rule and the node."""
+
+    def __init__(self, model: onnx.ModelProto, path: str, target: Target) -> None:
+        self.model, self.target, self.g = model, target, _Graph(model)
+        self.rep = LintReport(path=path, target=target.name)
+        self.allowed = {getattr(onnx.TensorProto, t) for t in target.q_types}
+        self.int4_or_blocks = False
+        self.q_readers: dict[str, list[onnx.NodeProto]] = {}
+
+    def add(self, rule: str, node: onnx.NodeProto, msg: str) -> None:
+        self.rep.violations.append(Violation(rule, node.name or node.op_type, msg))
+
+    def run(self) -> LintReport:
+        for node in self.model.graph.node:
+            if node.op_type in ("QuantizeLinear", "DequantizeLinear"):
+                self._qdq(node)
+            elif node.op_type == "MatMul":
+                self._matmul(node)
+        for tensor, qs in self.q_readers.items():
+            if len(qs) > 1 and not self.g.is_const(tensor):
+                for q in qs[1:]:
+                    msg = f"tensor {tensor!r} has {len(qs)} QuantizeLinear nodes; shared tensors need one Q/DQ for all"
+                    msg += " readers"
+                    self.add("shared-tensor", q, msg)
+        _check_weight_grids(self.model, self.g, self.add)
+        opset = max((o.version for o in self.model.opset_import if o.domain in ("", "ai.onnx")), default=0)
+        if self.int4_or_blocks and opset < 21:
+            msg = f"INT4 or block_size needs opset >= 21, model has {opset}"
+            self.rep.violations.append(Violation("opset", "<model>", msg))
+        return self.rep
+
+    def _matmul(self, node: onnx.NodeProto) -> None:
+        g, (a, b) = self.g, node.input[:2]
+        weight_b = (dq := g.from_dq(b)) is not None and g.is_const(dq.input[0]) or g.is_const(b)
+        if not weight_b and (g.from_dq(a) or g.from_dq(b)):
+            msg = "Q/DQ on an activation x activation MatMul (attention Q.K or P.V): keep it in FP16"
+            self.add("attention-matmul", node, msg)
+
+    def _qdq(self, node: onnx.NodeProto) -> None:
+        """The checks every Q and DQ share (scale, zero point, type), then the Q's or the DQ's own."""
         is_q = node.op_type == "QuantizeLinear"
-        rep.n_q += is_q
-        rep.n_dq += not is_q
-        x, s = node.input[0], node.input[1]
-        zp = node.input[2] if len(node.input) > 2 and node.input[2] else None
-        block = _attr(node, "block_size", 0)
-        if block:
-            uses_int4_or_blocks = True
-        # scale: constant, positive, same dtype as the float tensor
-        if not g.is_const(s):
-            add("scale-constant", node, f"scale {s!r} is not a build-time constant")
-            continue
-        scale = g.consts[s].astype(np.float64)
-        if not (scale > 0).all():
-            add(
-                "scale-positive",
-                node,
-                f"scale {s!r} has {(scale <= 0).sum()} non-positive value(s) (tiny amax rounded to 0?)",
-            )
-        float_name = x if is_q else node.output[0]
-        ft = g.types.get(float_name)
-        if ft and g.const_types.get(s) != ft:
-            add(
-                "scale-dtype",
-                node,
-                f"scale dtype {onnx.TensorProto.DataType.Name(g.const_types[s])} differs from tensor dtype {onnx.TensorProto.DataType.Name(ft)}",
-            )
-        # zero point: all zero, signed
-        qtype = g.const_types.get(zp) if zp else (g.types.get(x) if not is_q else onnx.TensorProto.UINT8)
-        if zp:
-            want = SYMMETRIC_ZERO_POINT.get(qtype, 0) if target == "onnxruntime" else 0
-            if not g.is_const(zp) or np.any(g.consts[zp] != want):
-                add("zero-point", node, f"zero point {zp!r} is not all {want} ({target} graphs are symmetric only)")
-        if qtype is not None and qtype not in allowed:
-            names = "/".join(onnx.TensorProto.DataType.Name(t) for t in sorted(allowed))
-            hint = (
-                " (this graph may have been lowered for another target: export with --target tensorrt)"
-                if target == "tensorrt"
-                else ""
-            )
-            add("q-type", node, f"quantized type {onnx.TensorProto.DataType.Name(qtype)} is not {names}{hint}")
-        if qtype in INT4:
-            uses_int4_or_blocks = True
+        self.rep.n_q += is_q
+        self.rep.n_dq += not is_q
+        s, block = node.input[1], _attr(node, "block_size", 0)
+        self.int4_or_blocks |= bool(block)
+        if not self.g.is_const(s):
+            self.add("scale-constant", node, f"scale {s!r} is not a build-time constant")
+            return
+        scale = self.g.consts[s].astype(np.float64)
+        qtype = self._scale_and_type(node, scale, is_q=is_q)
+        self.int4_or_blocks |= qtype in INT4
         if is_q:
-            q_readers.setdefault(x, []).append(node)
-            if g.is_const(x):
-                continue
-            if scale.size != 1:
-                add(
-                    "per-tensor-activations",
-                    node,
-                    f"activation {x!r} is quantized with {scale.size} scales; TensorRT needs one per tensor",
-                )
-            if qtype in INT4:
-                add("int4-weight-only", node, f"activation {x!r} quantized to INT4; INT4 is weight-only")
-            continue
+            self._q(node, scale, qtype)
+        else:
+            self._dq(node, scale, qtype, block)
+
+    def _scale_and_type(self, node: onnx.NodeProto, scale: np.ndarray, *, is_q: bool) -> int | None:
+        """Scale positive and of the float tensor's dtype, zero point symmetric, quantized type
+        allowed; returns the quantized type."""
+        g, x, s = self.g, node.input[0], node.input[1]
+        zp = node.input[2] if len(node.input) > 2 and node.input[2] else None
+        if not (scale > 0).all():
+            msg = f"scale {s!r} has {(scale <= 0).sum()} non-positive value(s) (tiny amax rounded to 0?)"
+            self.add("scale-positive", node, msg)
+        ft = g.types.get(x if is_q else node.output[0])
+        if ft and g.const_types.get(s) != ft:
+            got, want = (onnx.TensorProto.DataType.Name(t) for t in (g.const_types[s], ft))
+            self.add("scale-dtype", node, f"scale dtype {got} differs from tensor dtype {want}")
+        qtype = g.const_types.get(zp) if zp else (g.types.get(x) if not is_q else onnx.TensorProto.UINT8)
+        type_name = onnx.TensorProto.DataType.Name(qtype) if qtype is not None else ""
+        if zp:
+            want = self.target.symmetric_zero_point(type_name) if type_name in self.target.q_types else 0
+            if not g.is_const(zp) or np.any(g.consts[zp] != want):
+                msg = f"zero point {zp!r} is not all {want} ({self.target.name} graphs are symmetric only)"
+                self.add("zero-point", node, msg)
+        if qtype is not None and qtype not in self.allowed:
+            names = "/".join(onnx.TensorProto.DataType.Name(t) for t in sorted(self.allowed))
+            other = any(type_name in t.q_types for t in TARGETS.values() if t is not self.target)
+            hint = f" (this graph may have been lowered for another target: export with --target {self.target.name})"
+            self.add("q-type", node, f"quantized type {type_name} is not {names}{hint if other else ''}")
+        return qtype
+
+    def _q(self, node: onnx.NodeProto, scale: np.ndarray, qtype: int | None) -> None:
+        x = node.input[0]
+        self.q_readers.setdefault(x, []).append(node)
+        if self.g.is_const(x):
+            return
+        if scale.size != 1:
+            msg = f"activation {x!r} is quantized with {scale.size} scales; TensorRT needs one per tensor"
+            self.add("per-tensor-activations", node, msg)
+        if qtype in INT4:
+            self.add("int4-weight-only", node, f"activation {x!r} quantized to INT4; INT4 is weight-only")
+
+    def _dq(self, node: onnx.NodeProto, scale: np.ndarray, qtype: int | None, block: int) -> None:
+        g, x = self.g, node.input[0]
         consumers = g.consumers.get(node.output[0], [])
         for c in consumers:
             if c.op_type == "Cast":
-                add("cast-after-dq", c, f"Cast between DequantizeLinear {node.name!r} and its consumer")
-        weight = g.is_const(x)
-        if weight:
-            w = g.consts[x]
+                self.add("cast-after-dq", c, f"Cast between DequantizeLinear {node.name!r} and its consumer")
+        if g.is_const(x):
             for c in consumers:
-                if c.op_type not in WEIGHT_CONSUMERS:
-                    add(
-                        "qdq-placement",
-                        node,
-                        f"weight DQ feeds {c.op_type} {c.name!r}; only Conv/MatMul/Gemm take quantized weights",
-                    )
-                    continue
-                if qtype in INT4:
-                    if c.op_type not in ("MatMul", "Gemm"):
-                        add(
-                            "int4-weight-only",
-                            node,
-                            f"INT4 weight feeds {c.op_type} {c.name!r}; TensorRT has no INT4 convolution",
-                        )
-                    if target == "tensorrt" and block not in (64, 128):
-                        add("int4-weight-only", node, f"INT4 weight needs block_size 64 or 128 along K, got {block}")
-                    elif block < 16 or block & (block - 1):
-                        add(
-                            "int4-weight-only",
-                            node,
-                            f"MatMulNBits needs a power-of-two block_size >= 16 along K, got {block}",
-                        )
-                if scale.size > 1 and not block:
-                    axis = _attr(node, "axis", 1)
-                    axis = axis % w.ndim
-                    want = _output_axis(c, w.ndim)
-                    if axis != want:
-                        add(
-                            "per-channel-weights",
-                            node,
-                            f"weight scales on axis {axis}, but {c.op_type} {c.name!r} has output channels on axis {want}",
-                        )
-        else:
-            prod = g.producer.get(x)
-            if prod is None or prod.op_type != "QuantizeLinear":
-                add("qdq-placement", node, f"DequantizeLinear of non-constant {x!r} has no QuantizeLinear producer")
-            for c in consumers if target == "tensorrt" else ():
-                if c.op_type not in ACT_CONSUMERS:
-                    add(
-                        "qdq-placement",
-                        node,
-                        f"activation DQ feeds {c.op_type} {c.name!r}; Q/DQ belongs only on inputs of Conv/MatMul/Gemm (or Add)",
-                    )
-    for tensor, qs in q_readers.items():
-        if len(qs) > 1 and not g.is_const(tensor):
-            for q in qs[1:]:
-                add(
-                    "shared-tensor",
-                    q,
-                    f"tensor {tensor!r} has {len(qs)} QuantizeLinear nodes; shared tensors need one Q/DQ for all readers",
+                self._weight_consumer(node, c, scale, qtype, block)
+            return
+        prod = g.producer.get(x)
+        if prod is None or prod.op_type != "QuantizeLinear":
+            self.add("qdq-placement", node, f"DequantizeLinear of non-constant {x!r} has no QuantizeLinear producer")
+        for c in consumers if self.target.strict_placement else ():
+            if c.op_type not in ACT_CONSUMERS:
+                msg = (
+                    f"activation DQ feeds {c.op_type} {c.name!r}; Q/DQ belongs only on inputs of Conv/MatMul/Gemm "
+                    "(or Add)"
                 )
-    _check_weight_grids(model, g, add)
-    if uses_int4_or_blocks and opset < 21:
-        rep.violations.append(Violation("opset", "<model>", f"INT4 or block_size needs opset >= 21, model has {opset}"))
-    return rep
+                self.add("qdq-placement", node, msg)
+
+    def _weight_consumer(
+        self, node: onnx.NodeProto, c: onnx.NodeProto, scale: np.ndarray, qtype: int | None, block: int
+    ) -> None:
+        """A weight DQ feeds a Conv / MatMul / Gemm, INT4 only as blocks on MatMul / Gemm, and its
+        per-channel scales lie on the consumer's output-channel axis."""
+        if c.op_type not in WEIGHT_CONSUMERS:
+            msg = f"weight DQ feeds {c.op_type} {c.name!r}; only Conv/MatMul/Gemm take quantized weights"
+            self.add("qdq-placement", node, msg)
+            return
+        if qtype in INT4:
+            if c.op_type not in ("MatMul", "Gemm"):
+                msg = f"INT4 weight feeds {c.op_type} {c.name!r}; TensorRT has no INT4 convolution"
+                self.add("int4-weight-only", node, msg)
+            problem = self.target.int4_block_problem(block)
+            if problem:
+                self.add("int4-weight-only", node, problem)
+        if scale.size > 1 and not block:
+            w = self.g.consts[node.input[0]]
+            axis, want = _attr(node, "axis", 1) % w.ndim, _output_axis(c, w.ndim)
+            if axis != want:
+                msg = f"weight scales on axis {axis}, but {c.op_type} {c.name!r} has output channels on axis {want}"
+                self.add("per-channel-weights", node, msg)
 
 
 def declared_limits(bits: int | str, shift: int = 0) -> tuple[np.ndarray, np.ndarray]:

@@ -20,11 +20,13 @@ import torch
 from torch import nn
 
 from diffquant._io import atomic_path
+from diffquant.artifacts import TextEncoderEntry, TextEntry, VaeEntry
 from diffquant.errors import DiffquantError
 from diffquant.exporters.fp16 import upcast_float16
 from diffquant.exporters.onnx_fp import module_onnx_proto, save_onnx
 from diffquant.models.denoiser import Denoiser, decode_latents
 from diffquant.models.families.text import TextEncoderSpec
+from diffquant.targets import get_target
 
 __all__ = ["FP16_SAFE", "PartReport", "PartsConfig", "export_parts", "snr_db", "tokenizer_json"]
 
@@ -127,7 +129,8 @@ def tokenizer_json(tok, spec: TextEncoderSpec) -> str:
     backend = getattr(tok, "backend_tokenizer", None)
     if backend is None:
         raise DiffquantError(
-            f"{spec.tokenizer}: {type(tok).__name__} has no `tokenizers` form to deploy; save the pipeline with a fast tokenizer (tokenizer.json)"
+            f"{spec.tokenizer}: {type(tok).__name__} has no `tokenizers` form to deploy; save the pipeline with a "
+            "fast tokenizer (tokenizer.json)"
         )
     t = Tokenizer.from_str(backend.to_str())
     t.enable_truncation(spec.max_length)
@@ -157,8 +160,8 @@ def _max_abs(module: nn.Module, fn) -> float:
 def _dtype(cfg: PartsConfig, target: str, peak: float) -> tuple[str, str]:
     if cfg.float_dtype != "auto":
         return cfg.float_dtype, "asked for"
-    if target == "onnxruntime":
-        return "float32", "onnxruntime target: FP32 graphs"
+    if not get_target(target).parts_fp16:
+        return "float32", f"{target} target: FP32 graphs"
     if peak > FP16_SAFE:
         return (
             "float32",
@@ -217,7 +220,7 @@ class _Exporter:
         path = save_onnx(proto, self.out / f"{name}.onnx")
         return path, dtype, why
 
-    def text_encoder(self, spec: TextEncoderSpec) -> dict:
+    def text_encoder(self, spec: TextEncoderSpec) -> TextEncoderEntry:
         from tokenizers import Tokenizer
 
         tok = self.d.text_parts[spec.tokenizer]
@@ -252,9 +255,9 @@ class _Exporter:
                 ids.tolist() == [list(t) for t in theirs],
             )
         )
-        return {**spec.to_dict(), "file": path.name, "tokenizer_file": tok_file.as_posix(), "dtype": dtype}
+        return TextEncoderEntry(**spec.to_dict(), file=path.name, tokenizer_file=tok_file.as_posix(), dtype=dtype)
 
-    def vae(self, encoder: bool) -> dict:
+    def vae(self, *, encoder: bool) -> VaeEntry:
         vae, fam = self.d.vae, self.d.family
         gen = torch.Generator().manual_seed(0)
         if encoder:
@@ -269,28 +272,24 @@ class _Exporter:
         path, dtype, why = self._write(name, graph, (x,), [inp], [outp], {inp: {0: "batch"}, outp: {0: "batch"}}, peak)
         snr, how = _check_onnx(path, {inp: x.numpy()}, {outp: ref})
         self.reports.append(PartReport(name, path.name, dtype, why, peak, snr, how, SNR_MIN_DB[dtype]))
-        return {
-            "file": path.name,
-            "input": inp,
-            "output": outp,
-            "dtype": dtype,
-            "shape": [*ref.shape[1:]] if not encoder else list(x.shape[1:]),
-        }
+        shape = [*ref.shape[1:]] if not encoder else list(x.shape[1:])
+        return VaeEntry(file=path.name, input=inp, output=outp, dtype=dtype, shape=shape)
 
 
 def export_parts(
     denoiser: Denoiser, out: Path, target: str, cfg: PartsConfig | None = None
-) -> tuple[dict, list[PartReport]]:
+) -> tuple[TextEntry | None, dict[str, VaeEntry] | None, list[PartReport]]:
     """Export the text encoders (with tokenizers) and the VAE decoder (and encoder on request) of
-    ``denoiser``'s pipeline into ``out``; returns runtime.json's ``text`` / ``vae`` sections and
+    ``denoiser``'s pipeline into ``out``; returns runtime.json's ``text`` and ``vae`` sections and
     one report per part. A denoiser without a pipeline (builtin digits, bare folders) has none."""
     cfg = cfg or PartsConfig()
     Path(out).mkdir(parents=True, exist_ok=True)
     ex = _Exporter(denoiser, Path(out), target, cfg)
-    sections: dict = {}
+    text = vae = None
     plan = denoiser.text_plan
     if cfg.parts and plan is not None:
-        sections["text"] = {**plan.to_dict(), "encoders": [ex.text_encoder(e) for e in plan.encoders]}
+        encoders = [ex.text_encoder(e) for e in plan.encoders]
+        text = TextEntry(encoders=encoders, compose=plan.compose, unset_negative=plan.unset_negative)
     if cfg.parts and denoiser.vae is not None:
-        sections["vae"] = {"decoder": ex.vae(False), **({"encoder": ex.vae(True)} if cfg.vae_encoder else {})}
-    return sections, ex.reports
+        vae = {"decoder": ex.vae(encoder=False), **({"encoder": ex.vae(encoder=True)} if cfg.vae_encoder else {})}
+    return text, vae, ex.reports

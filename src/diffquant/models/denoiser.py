@@ -54,7 +54,6 @@ class Denoiser(nn.Module):
         scheduler: dict,
         conditioning: dict[str, torch.Tensor],
         prompts: list[str],
-        skip: tuple[str, ...] | None = None,
         vae: nn.Module | None = None,
         text: tuple[TextPlan, dict] | None = None,
     ) -> None:
@@ -66,14 +65,15 @@ class Denoiser(nn.Module):
         self.conditioning = {k: v.detach() for k, v in conditioning.items()}
         self.prompts = list(prompts)
         self.null_id = len(self.prompts)
-        self.skip = tuple(family.skip if skip is None else skip)
+        self.skip = tuple(family.skip)
         plan, parts = text or (None, {})
         self._shared = _Shared(vae=vae, text_plan=plan, text_parts=dict(parts))
         self.specs = family.input_specs()
         for s in self.specs:
             if s.role == "cond" and s.name not in self.conditioning:
                 raise DiffquantError(
-                    f"{name}: the {family.name} family needs conditioning {s.name!r}, which its encoders did not produce"
+                    f"{name}: the {family.name} family needs conditioning {s.name!r}, which its encoders did not "
+                    "produce"
                 )
 
     @property

@@ -16,10 +16,10 @@ from safetensors.torch import load_file
 
 from diffquant._check import read_json
 from diffquant.errors import DiffquantError
-from diffquant.models.builtin import PromptTable, build_classifier, build_denoiser_module, scheduler_config, weights_dir
-from diffquant.models.data import CLASS_WORDS
 from diffquant.models.denoiser import Denoiser
 from diffquant.models.families import DigitsDiT, DigitsLDM, DigitsSD, family_for, supported_classes
+from diffquant.zoo.builtin import PromptTable, build_classifier, build_denoiser_module, scheduler_config, weights_dir
+from diffquant.zoo.data import CLASS_WORDS
 
 __all__ = [
     "DDIM_SCHEDULERS",
@@ -81,7 +81,8 @@ def read_prompts(path: str | Path) -> list[str]:
     long = [p for p in prompts if len(p) > MAX_PROMPT_CHARS]
     if long:
         raise DiffquantError(
-            f"prompts file {path}: a line of {len(long[0])} characters is not a prompt (limit {MAX_PROMPT_CHARS}); is it the right file?"
+            f"prompts file {path}: a line of {len(long[0])} characters is not a prompt (limit {MAX_PROMPT_CHARS}); is "
+            "it the right file?"
         )
     return prompts
 
@@ -118,7 +119,7 @@ def _builtin(name: str) -> Denoiser:
 def _builtin_ldm(cfg: LoadConfig) -> Denoiser:
     """digits-ldm, a saved StableDiffusionPipeline; prompts default to one per class in class
     order (``--prompts`` may hold other phrasings, e.g. the calibration templates)."""
-    from diffquant.models.ldm import ldm_prompts
+    from diffquant.zoo.ldm import ldm_prompts
 
     folder = weights_dir() / "digits-ldm"
     if not (folder / "model_index.json").exists():
@@ -139,8 +140,10 @@ def _scheduler(folder: Path, denoiser_dir: str) -> dict:
     path = folder / "scheduler" / "scheduler_config.json"
     if not path.exists():
         raise DiffquantError(
-            f"{folder} has no scheduler/scheduler_config.json: diffquant samples with the pipeline's own schedule and never "
-            f"guesses one; pass the pipeline folder (with model_index.json), or copy its scheduler/ folder beside {denoiser_dir}"
+            f"{folder} has no scheduler/scheduler_config.json: diffquant samples with the pipeline's own schedule and "
+            "never "
+            "guesses one; pass the pipeline folder (with model_index.json), or copy its scheduler/ folder beside "
+            f"{denoiser_dir}"
         )
     cfg = _json(path)
     cls = cfg.get("_class_name", "")
@@ -157,7 +160,8 @@ def _check_weights(folder: Path) -> None:
     bins = [p for p in folder.rglob("*.bin") if not p.name.startswith("training_args")]
     if bins and not list(folder.rglob("*.safetensors")):
         warnings.warn(
-            f"{folder} holds only .bin weights; they are loaded with weights_only=True, but convert them to safetensors",
+            f"{folder} holds only .bin weights; they are loaded with weights_only=True, but convert them to "
+            "safetensors",
             stacklevel=3,
         )
 
@@ -188,7 +192,8 @@ def load_pipeline(folder: Path):
         entry = index.get(part)
         if isinstance(entry, list) and entry[0] is not None and not (folder / part).is_dir():
             raise DiffquantError(
-                f"{folder / 'model_index.json'} names {part} ({entry[1]}), but {folder / part} is missing; save the whole pipeline again with save_pretrained"
+                f"{folder / 'model_index.json'} names {part} ({entry[1]}), but {folder / part} is missing; save the "
+                "whole pipeline again with save_pretrained"
             )
     _check_weights(folder)
     logging.getLogger("diffusers").setLevel(logging.ERROR)
@@ -224,7 +229,8 @@ def _from_pipeline(folder: Path, cfg: LoadConfig, family_cls=None, name: str = "
     sched = _scheduler(folder, folder.name)
     if (family.sampler == "flow") != (sched["_class_name"] in FLOW_SCHEDULERS):
         raise DiffquantError(
-            f"{folder}: a {family.name} model with a {sched['_class_name']}; expected a {'flow-matching' if family.sampler == 'flow' else 'discrete'} scheduler"
+            f"{folder}: a {family.name} model with a {sched['_class_name']}; expected a "
+            f"{'flow-matching' if family.sampler == 'flow' else 'discrete'} scheduler"
         )
     prompts = cfg.prompts or family.default_prompts() or default_prompts()
     needs = [s.name for s in family.input_specs() if s.role == "cond" and s.name != "class_labels"]
@@ -232,7 +238,8 @@ def _from_pipeline(folder: Path, cfg: LoadConfig, family_cls=None, name: str = "
         for part in ("tokenizer", "text_encoder"):
             if getattr(pipe, part, None) is None and getattr(pipe, f"{part}_2", None) is None:
                 raise DiffquantError(
-                    f"{folder}: the {family.name} pipeline needs its {part}, which the folder lacks; save the whole pipeline with save_pretrained"
+                    f"{folder}: the {family.name} pipeline needs its {part}, which the folder lacks; save the whole "
+                    "pipeline with save_pretrained"
                 )
         _truncation_warning(pipe, prompts)
     with torch.no_grad():
@@ -259,7 +266,8 @@ def _from_component(folder: Path, cfg: LoadConfig) -> Denoiser:
     cls_name = _json(folder / "config.json").get("_class_name", "")
     if cls_name not in supported_classes():
         raise DiffquantError(
-            f"{folder / 'config.json'}: model class {cls_name!r} is not supported; supported: {', '.join(supported_classes())}"
+            f"{folder / 'config.json'}: model class {cls_name!r} is not supported; supported: "
+            f"{', '.join(supported_classes())}"
         )
     _check_weights(folder)
     try:
@@ -269,7 +277,8 @@ def _from_component(folder: Path, cfg: LoadConfig) -> Denoiser:
     family = family_for(model.eval(), None, cfg.resolution)
     if any(s.role == "cond" and s.name != "class_labels" for s in family.input_specs()):
         raise DiffquantError(
-            f"{folder} is a bare {cls_name}: a {family.name} model is conditioned on its pipeline's text encoders, which are not "
+            f"{folder} is a bare {cls_name}: a {family.name} model is conditioned on its pipeline's text encoders, "
+            "which are not "
             f"here; pass the pipeline folder (the one with model_index.json)"
         )
     sched = _scheduler(folder.parent, folder.name)
@@ -318,7 +327,8 @@ def load_denoiser(spec: str, cfg: LoadConfig | None = None) -> Denoiser:
             )
         if cfg.prompts or cfg.resolution:
             raise DiffquantError(
-                f"{spec} has fixed class-word prompts and a 16x16 size; --prompts and --resolution are for pipeline folders"
+                f"{spec} has fixed class-word prompts and a 16x16 size; --prompts and --resolution are for pipeline "
+                "folders"
             )
         return _builtin(name)
     path = Path(spec)
@@ -329,7 +339,8 @@ def load_denoiser(spec: str, cfg: LoadConfig | None = None) -> Denoiser:
     if spec.count("/") == 1 and not spec.startswith((".", "/")):
         return _from_hub(spec, cfg)
     raise DiffquantError(
-        f"model {spec!r} not found: pass builtin:digits-sd, builtin:digits-dit, builtin:digits-ldm, a folder, or a hub id"
+        f"model {spec!r} not found: pass builtin:digits-sd, builtin:digits-dit, builtin:digits-ldm, a folder, or a "
+        "hub id"
     )
 
 

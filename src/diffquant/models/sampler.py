@@ -106,6 +106,7 @@ def sample(
     denoiser,
     batch: PromptBatch,
     cfg: SamplerConfig,
+    *,
     on_step: Callable[[int, NamedInputs, slice], None] | None = None,
     desc: str = "sample",
     progress: bool = True,

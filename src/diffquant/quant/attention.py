@@ -36,16 +36,16 @@ __all__ = [
 ProbsHook = Callable[[torch.Tensor], torch.Tensor]
 
 
-def explicit_attention(
+def explicit_attention(  # noqa: PLR0913 (the signature of F.scaled_dot_product_attention, which it stands in for)
     q: torch.Tensor,
     k: torch.Tensor,
     v: torch.Tensor,
     hook: ProbsHook,
     attn_mask: torch.Tensor | None = None,
     dropout_p: float = 0.0,
-    is_causal: bool = False,
+    is_causal: bool = False,  # noqa: FBT001, FBT002 (ditto)
     scale: float | None = None,
-    enable_gqa: bool = False,
+    enable_gqa: bool = False,  # noqa: FBT001, FBT002 (ditto)
 ) -> torch.Tensor:
     """``F.scaled_dot_product_attention`` written out (no dropout: inference), with ``hook`` on P."""
     if enable_gqa and k.shape[-3] != q.shape[-3]:

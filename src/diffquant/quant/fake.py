@@ -65,7 +65,7 @@ def code_limits(fmt: QuantFormat, x: torch.Tensor) -> tuple:
 def _binary(fmt: QuantFormat, x: torch.Tensor) -> torch.Tensor | None:
     """Where the grid has one bit (two levels, the sign): a mask broadcastable against ``x``."""
     if not fmt.mixed:
-        return torch.tensor(True) if fmt.bits == 1 else None
+        return torch.ones((), dtype=torch.bool) if fmt.bits == 1 else None
     mask = torch.tensor([b == 1 for b in fmt.bits])
     return _along(mask.to(x.device), x, fmt.granularity.axis) if bool(mask.any()) else None
 
@@ -97,7 +97,7 @@ def log2_fake_quant(x: torch.Tensor, s: torch.Tensor, fmt: QuantFormat) -> torch
     return torch.sign(x) * torch.where(q >= top, torch.zeros_like(x), s * torch.exp2(-q))
 
 
-def fake_quant(x: torch.Tensor, scale: torch.Tensor, fmt: QuantFormat, ste: bool = False) -> torch.Tensor:
+def fake_quant(x: torch.Tensor, scale: torch.Tensor, fmt: QuantFormat, *, ste: bool = False) -> torch.Tensor:
     """Quantize-dequantize ``x``. With ``ste`` the rounding passes gradients straight through
     (clipped elements get none), so the function can sit inside a training loop; the step
     sizes get LSQ's gradient either way."""

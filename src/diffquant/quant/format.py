@@ -172,7 +172,7 @@ class QuantFormat:
         )
 
 
-def _limit(bits: int | tuple[int, ...], low: bool) -> int | torch.Tensor:
+def _limit(bits: int | tuple[int, ...], *, low: bool) -> int | torch.Tensor:
     def one(b: int) -> int:
         if b == 1:
             return -1 if low else 1

@@ -20,6 +20,7 @@ from diffquant.quant.fake import fake_quant
 from diffquant.quant.format import QuantFormat
 from diffquant.quant.plan import OUT_FORMAT, LayerPlan, QuantPlan, weights_digest
 from diffquant.quant.site import Site, SiteKey, input_multiplier, pts_at, step_at
+from diffquant.targets import get_target
 
 __all__ = [
     "OUT_FORMAT",
@@ -33,7 +34,7 @@ __all__ = [
 ]
 
 
-def smooth_input(x: torch.Tensor, multiplier: torch.Tensor, conv: bool) -> torch.Tensor:
+def smooth_input(x: torch.Tensor, multiplier: torch.Tensor, *, conv: bool) -> torch.Tensor:
     """Multiply a layer input per input channel (dim 1 of a conv input, the last dim of a
     linear one): the activation side of equivalent scaling."""
     shape = [1] * x.dim()
@@ -105,7 +106,7 @@ class _QuantMixin:
     capture: bool
     captured: torch.Tensor | None
 
-    def _init_quant(self, lp: LayerPlan, with_output: bool) -> None:
+    def _init_quant(self, lp: LayerPlan, *, with_output: bool) -> None:
         self.weight_quantizer = SiteQuantizer(lp.weight_site) if lp.weight_site is not None else None
         self.input_quantizers = nn.ModuleList([SiteQuantizer(s) for s in lp.input_sites])
         out = lp.output_site
@@ -134,7 +135,7 @@ class _QuantMixin:
         for q in self.site_quantizers():
             q.group = group
 
-    def set_ste(self, on: bool) -> None:
+    def set_ste(self, *, on: bool) -> None:
         for q in self.site_quantizers():
             q.ste = on
 
@@ -168,7 +169,7 @@ class _QuantMixin:
     def quant_input(self, x: torch.Tensor) -> torch.Tensor:
         mult = self.input_multiplier()
         if mult is not None:
-            x = smooth_input(x, mult, isinstance(self, nn.Conv2d))
+            x = smooth_input(x, mult, conv=isinstance(self, nn.Conv2d))
         qs = self.input_quantizers
         if len(qs) == 2:
             x = torch.cat([qs[0](x[:, : self.split]), qs[1](x[:, self.split :])], dim=1)
@@ -193,14 +194,14 @@ class QuantLinear(_QuantMixin, nn.Linear):
         return F.linear(self.quant_input(x), self.quant_weight(), self.bias)
 
 
-def _wrap(module: nn.Module, lp: LayerPlan, with_output: bool) -> nn.Module:
+def _wrap(module: nn.Module, lp: LayerPlan, *, with_output: bool) -> nn.Module:
     cls = QuantConv2d if isinstance(module, nn.Conv2d) else QuantLinear
     new = cls.__new__(cls)
     new.__dict__ = module.__dict__.copy()
     new._parameters = dict(module._parameters)
     new._buffers = dict(module._buffers)
     new._modules = dict(module._modules)
-    new._init_quant(lp, with_output)
+    new._init_quant(lp, with_output=with_output)
     return new
 
 
@@ -213,6 +214,7 @@ def _set_submodule(root: nn.Module, name: str, module: nn.Module) -> None:
 def apply_plan(
     model: nn.Module,
     plan: QuantPlan,
+    *,
     check_digest: bool = True,
     target: str = "tensorrt",
     require_frozen: bool = True,
@@ -221,8 +223,8 @@ def apply_plan(
     """Replace every quantized layer of ``model`` (in place) by its fake-quant wrapper, loaded
     with the plan's sites and any replacement weights. Returns ``model``.
 
-    ``target="onnxruntime"`` also requantizes the outputs of quantized convs with the plan's
-    8-bit output sites, as that target's graph does (so QLinearConv fuses).
+    A ``target`` whose graphs requantize conv outputs (``onnxruntime``: so QLinearConv fuses) also
+    requantizes the outputs of quantized convs with the plan's 8-bit output sites.
     ``require_frozen=False`` lets passes build the fake-quant model of a plan being decided.
     The plan's operand sites (attention probabilities, DAQ) are installed unless ``operands`` is
     False: no graph carries them, so the deployed form's fake-quant model leaves them out."""
@@ -234,10 +236,11 @@ def apply_plan(
             f"hash to {weights_digest(model)}: quantize this model again"
         )
     modules = dict(model.named_modules())
+    requantize = get_target(target).requantize_conv_outputs
     for lp in plan.quantized_layers():
         if lp.name not in modules:
             raise DiffquantError(f"plan names layer {lp.name!r}, which this model does not have")
-        q = _wrap(modules[lp.name], lp, target == "onnxruntime" and lp.op == "conv" and lp.act is not None)
+        q = _wrap(modules[lp.name], lp, with_output=requantize and lp.op == "conv" and lp.act is not None)
         if lp.name in plan.weights:
             with torch.no_grad():
                 q.weight.copy_(plan.weights[lp.name])

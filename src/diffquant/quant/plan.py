@@ -190,7 +190,8 @@ class BitsSummary:
 
     def __str__(self) -> str:
         acts = "/".join(map(str, self.act_bits)) or "16"
-        return f"w{self.weight_bits:.2f}a{acts} ({self.weight_bits_with_scales:.2f} weight bits with scales; asked {self.request})"
+        with_scales = f"{self.weight_bits_with_scales:.2f} weight bits with scales"
+        return f"w{self.weight_bits:.2f}a{acts} ({with_scales}; asked {self.request})"
 
     def to_dict(self) -> dict:
         return {
@@ -298,7 +299,8 @@ class QuantPlan:
             for site in lp.input_sites:
                 if site.pts is not None and site.pts.shape[0] != self.n_groups:
                     raise DiffquantError(
-                        f"plan: site {site.key} has PTS exponents for {site.pts.shape[0]} timestep groups, the plan has {self.n_groups}"
+                        f"plan: site {site.key} has PTS exponents for {site.pts.shape[0]} timestep groups, the plan "
+                        f"has {self.n_groups}"
                     )
             for key, site in lp.sites.items():
                 if key == "output":
@@ -306,11 +308,13 @@ class QuantPlan:
                 what = "weight" if key == "weight" else "activation"
                 if site.scale is None:
                     raise DiffquantError(
-                        f"plan: layer {lp.name} has a{'n' if what[0] == 'a' else ''} {what} format but no {what} scale ({site.key})"
+                        f"plan: layer {lp.name} has a{'n' if what[0] == 'a' else ''} {what} format but no {what} "
+                        f"scale ({site.key})"
                     )
                 if what == "activation" and site.scale.numel() != self.n_groups:
                     raise DiffquantError(
-                        f"plan: layer {lp.name} needs {self.n_groups} activation scales (one per timestep group), has {site.scale.numel()}"
+                        f"plan: layer {lp.name} needs {self.n_groups} activation scales (one per timestep group), has "
+                        f"{site.scale.numel()}"
                     )
             if lp.split and "input#1" not in lp.sites:
                 raise DiffquantError(f"plan: layer {lp.name} has a shortcut split but no site for its second half")
@@ -385,7 +389,8 @@ class QuantPlan:
         data = read_json(jpath, "re-run `diffquant quantize`", required=("version",))
         if data.get("version") != PLAN_VERSION:
             raise DiffquantError(
-                f"{jpath}: plan version {data.get('version')} is not supported (expected {PLAN_VERSION}); re-run `diffquant quantize`"
+                f"{jpath}: plan version {data.get('version')} is not supported (expected {PLAN_VERSION}); re-run "
+                "`diffquant quantize`"
             )
         try:
             tensors = load_file(str(tpath))
@@ -413,7 +418,8 @@ class QuantPlan:
                 raise DiffquantError(f"{jpath}: tensor {key!r} is missing from plan.safetensors; {again}")
             if list(tensors[key].shape) != list(shape):
                 raise DiffquantError(
-                    f"{jpath}: tensor {key!r} has shape {list(tensors[key].shape)} in plan.safetensors, plan.json says {shape}; {again}"
+                    f"{jpath}: tensor {key!r} has shape {list(tensors[key].shape)} in plan.safetensors, plan.json "
+                    f"says {shape}; {again}"
                 )
         try:
             self._check_sites()

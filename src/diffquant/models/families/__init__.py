@@ -31,7 +31,8 @@ def family_for(model, pipe=None, resolution=None) -> Family:
             return StableDiffusionXL(model, pipe, resolution)
         if added is not None or model.config.get("class_embed_type", None):
             raise DiffquantError(
-                f"UNet2DConditionModel with addition_embed_type {added!r} / class_embed_type is not supported (SD 1.x/2.x and SDXL are)"
+                f"UNet2DConditionModel with addition_embed_type {added!r} / class_embed_type is not supported (SD "
+                "1.x/2.x and SDXL are)"
             )
         return StableDiffusion(model, pipe, resolution)
     for fam in FAMILIES:

@@ -67,8 +67,10 @@ class Family(ABC):
         for side in self.resolution:
             if side % (self.vae_scale * self.patch) or side <= 0:
                 raise DiffquantError(
-                    f"resolution {self.resolution[0]}x{self.resolution[1]} does not fit {self.name}: each side must be a positive "
-                    f"multiple of {self.vae_scale * self.patch} (VAE factor {self.vae_scale} x patch {self.patch}); pass --resolution"
+                    f"resolution {self.resolution[0]}x{self.resolution[1]} does not fit {self.name}: each side must "
+                    "be a positive "
+                    f"multiple of {self.vae_scale * self.patch} (VAE factor {self.vae_scale} x patch {self.patch}); "
+                    "pass --resolution"
                 )
 
     def default_resolution(self) -> tuple[int, int]:

@@ -77,7 +77,13 @@ class PixArt(Family):
 
     def encode(self, pipe, prompts: list[str]) -> dict[str, torch.Tensor]:
         def enc(ps):
-            return pipe.encode_prompt(ps, True, negative_prompt="", device="cpu", max_sequence_length=self.text_len)
+            return pipe.encode_prompt(
+                ps,
+                do_classifier_free_guidance=True,
+                negative_prompt="",
+                device="cpu",
+                max_sequence_length=self.text_len,
+            )
 
         parts = chunked(enc, prompts)
         rows = len(prompts) + 1

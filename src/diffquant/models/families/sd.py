@@ -56,7 +56,7 @@ class StableDiffusion(Family):
 
     def encode(self, pipe, prompts: list[str]) -> dict[str, torch.Tensor]:
         def enc(ps):
-            return pipe.encode_prompt(ps, "cpu", 1, True, negative_prompt=None)
+            return pipe.encode_prompt(ps, "cpu", 1, do_classifier_free_guidance=True, negative_prompt=None)
 
         parts = chunked(enc, prompts)
         return {"encoder_hidden_states": torch.cat([p[0] for p in parts] + [parts[0][1][:1]])}

@@ -32,7 +32,8 @@ class StableDiffusionXL(StableDiffusion):
         if encoder is not None and encoder.config.projection_dim != pooled:
             raise DiffquantError(
                 f"SDXL UNet config: projection_class_embeddings_input_dim {c.projection_class_embeddings_input_dim} != "
-                f"{self.n_time_ids} time ids x {c.addition_time_embed_dim} + text_encoder_2 projection_dim {encoder.config.projection_dim}"
+                f"{self.n_time_ids} time ids x {c.addition_time_embed_dim} + text_encoder_2 projection_dim "
+                f"{encoder.config.projection_dim}"
             )
         self.pooled_dim = int(pooled)
 
@@ -46,7 +47,7 @@ class StableDiffusionXL(StableDiffusion):
     def added_cond(self, inputs: dict) -> dict:
         return {"text_embeds": inputs["text_embeds"], "time_ids": inputs["time_ids"]}
 
-    def time_ids(self, negative: bool) -> list[float]:
+    def time_ids(self, *, negative: bool) -> list[float]:
         h, w = self.resolution
         if self.n_time_ids == 6:
             return [h, w, 0, 0, h, w]
@@ -78,11 +79,11 @@ class StableDiffusionXL(StableDiffusion):
 
     def encode(self, pipe, prompts: list[str]) -> dict[str, torch.Tensor]:
         def enc(ps):
-            return pipe.encode_prompt(ps, None, "cpu", 1, True, negative_prompt=None)
+            return pipe.encode_prompt(ps, None, "cpu", 1, do_classifier_free_guidance=True, negative_prompt=None)
 
         parts = chunked(enc, prompts)
         n = len(prompts)
-        ids = torch.tensor([self.time_ids(False)] * n + [self.time_ids(True)], dtype=torch.float32)
+        ids = torch.tensor([self.time_ids(negative=False)] * n + [self.time_ids(negative=True)], dtype=torch.float32)
         return {
             "encoder_hidden_states": torch.cat([p[0] for p in parts] + [parts[0][1][:1]]),
             "text_embeds": torch.cat([p[2] for p in parts] + [parts[0][3][:1]]),

@@ -22,7 +22,8 @@ class UnconditionalUNet(Family):
     def __init__(self, model, pipe=None, resolution=None) -> None:
         if model.config.get("class_embed_type") or model.config.get("num_class_embeds"):
             raise DiffquantError(
-                "class-conditional UNet2DModel (class_embed_type / num_class_embeds) is not supported; only unconditional ones are"
+                "class-conditional UNet2DModel (class_embed_type / num_class_embeds) is not supported; only "
+                "unconditional ones are"
             )
         super().__init__(model, pipe, resolution)
 
