@@ -21,18 +21,17 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
 from quality import (
-    KEYS,
     Bench,
     add_fp_row,
     common_args,
-    merge_rows,
     open_results,
+    parse_seeds,
     run_recipe,
+    run_seeds,
     write_all_markdown,
     write_text_atomic,
 )  # noqa: E402
-
-from diffquant._io import write_json  # noqa: E402
+from rows import current, key_of, save_rows, table_rows  # noqa: E402
 
 RESEARCH = {"methods": ["uaq", "kmeans-c", "kmeans-a"], "bits": [3, 4], "kmeans_lowering": "codebook", "score": "noise"}
 NOISE = {"score": "noise"}  # rows measured before the recipe scored configurations by their samples
@@ -112,29 +111,34 @@ def main() -> int:
     ap.add_argument("--quiet", action="store_true")
     a = ap.parse_args()
     out, grids, jpath, rows = open_results(a.out)
+    seeds = parse_seeds(a)
+    if len(seeds) > 1:  # one process per calibration seed
+        return run_seeds(a, seeds, __file__)
     only = set(filter(None, a.only.split(",")))
     torch.manual_seed(0)
     for model in a.models.split(","):
-        b = Bench(model, a.samples, a.fq_samples, progress=not a.quiet)
-        add_fp_row(b, rows, grids)
-        have = {tuple(r[k] for k in KEYS) for r in rows}
+        b = Bench(model, a.samples, a.fq_samples, progress=not a.quiet, calib_seed=seeds[0])
+        b.first_seed = int(a.first_seed)
+        rows = add_fp_row(b, rows, grids, jpath)
+        have = {key_of(r) for r in rows if current(r)}
         for label, bits, ov in sorted(ROWS, key=lambda r: FIRST.index(r[0]) if r[0] in FIRST else len(FIRST)):
-            if (only and label not in only) or ((model, label, bits, "deployed", a.samples) in have and not a.force):
+            if (only and label not in only) or (
+                (model, label, bits, "deployed", a.samples, b.calib_seed) in have and not a.force
+            ):
                 continue
             new = run_recipe(b, "qua2sedimo", bits, grids, {"qua2sedimo": ov}, label)
-            merge_rows(rows, new)
+            rows = save_rows(jpath, new)
             d = new[0]
             print(
                 f"{model:10s} {label:40s} bits {d['qua2sedimo']['deployed_bits']:.3f} FD-FP {d.get('fd_fp', 0):7.1f} "
                 f"PSNR {d['psnr']:6.2f}",
                 flush=True,
             )
-            write_json(jpath, rows)
             write_all_markdown(rows, out)
             write_table(
                 [
                     r
-                    for r in rows
+                    for r in table_rows(rows, b.first_seed)
                     if r["recipe"] in {x[0] for x in ROWS} and r["n_samples"] in (a.samples, a.fq_samples)
                 ],
                 out / "qua2sedimo.md",

@@ -27,16 +27,17 @@ import argparse
 import copy
 import json
 import re
+import subprocess
 import sys
 import tempfile
 import time
-from dataclasses import dataclass
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import onnx
 import torch
 
-from diffquant._io import write_json
 from diffquant.calib_data import CalibConfig, collect
 from diffquant.calib_data.collect import pick_inputs
 from diffquant.cli import parse_overrides
@@ -51,6 +52,20 @@ from diffquant.passes.context import PassContext
 from diffquant.passes.registry import get_pass
 from diffquant.quant import QuantPlan, fake_quant_forms
 from diffquant.zoo.data import load_digits_tensor
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from rows import (  # noqa: E402
+    OLD_CALIB_SEED,
+    current,
+    group_rows,
+    head_commit,
+    interval,
+    key_of,
+    save_rows,
+    settings_hash,
+    table_rows,
+    verdict,
+)
 
 RESULTS = Path(__file__).parent / "results"
 CONFIGS = [
@@ -131,26 +146,21 @@ ABLATIONS = {
         ("efficientdm", "efficientdm W2A4 (OMQ and TRD off)"),
     ),
 }
-KEYS = ("model", "recipe", "bits", "graph", "n_samples")
 PEER = "ModelOpt int8-smoothquant (peer)"
-
-
-def _row(model, recipe, bits, graph, scores, n, parity=None, **extra) -> dict:
-    d = scores.to_dict()
-    return {
-        "model": model,
-        "recipe": recipe,
-        "bits": bits,
-        "graph": graph,
-        "fd": d["fd"],
-        "accuracy": d["accuracy"],
-        "psnr": d.get("psnr"),
-        "ssim": d.get("ssim"),
-        "parity_max_step_error": parity,
-        "n_samples": n,
-        **extra,
-        **({"fd_fp": d["fd_fp"]} if "fd_fp" in d else {}),
-    }
+FLOOR = "FP, another sampling seed"
+FLOOR_SEEDS = (1, 2, 3)  # sampling seeds of the noise floor (the FP reference samples with seed 0)
+# each paper's own comparison (recipe label, bits) vs (recipe label, bits): the verdicts the README prints
+PAIRS = [
+    ("DMQ", ("dmq", "w4a8"), ("qdiffusion", "w4a8")),
+    ("MPQ-DM", ("mpqdm", "w2a4"), ("efficientdm", "w2a4")),
+    ("Qua2SeDiMo", ("qua2sedimo", "w4a8"), ("uaq uniform W4", "w4a8")),
+    ("TCAQ-DM", ("tcaq", "w4a6"), ("qdiffusion", "w4a6")),
+]
+# rows with a label of their own: a recipe run with overrides (the labels benchmarks/qua2sedimo.py uses)
+VARIANTS = {"uaq uniform W4": ("qua2sedimo", {"qua2sedimo": {"search": "uniform", "uniform": 4}})}
+# the rows the replicate tables need (besides PAIRS): W4A8 of every recipe
+W4A8 = [(r, "w4a8") for r in ("minmax", "qdiffusion", "dmq", "efficientdm", "mpqdm", "tcaq", "qua2sedimo")]
+PAIR_ROWS = [x for _, a, b in PAIRS for x in (a, b)]
 
 
 def calib_denoiser(model: str, d):
@@ -169,12 +179,16 @@ class Bench:
     ``d`` is the evaluated denoiser (its prompts sample and export); ``qd`` the one calibration
     collects from and the passes run with (digits-ldm: other prompts, see `calib_denoiser`)."""
 
-    def __init__(self, model: str, n: int, n_fq: int, *, progress: bool) -> None:
+    def __init__(
+        self, model: str, n: int, n_fq: int, *, progress: bool, calib_seed: int = OLD_CALIB_SEED, sample_seed: int = 0
+    ) -> None:
         self.model, self.n, self.n_fq, self.progress = model, n, n_fq, progress
+        self.calib_seed, self.sample_seed, self.first_seed = calib_seed, sample_seed, calib_seed
         self.d = load_denoiser(f"builtin:{model}")
         self.qd = calib_denoiser(model, self.d)
-        self.calib = collect(self.qd, CalibConfig(samples=64, steps=25, timesteps=25, guidance=3.0), progress=progress)
-        self.batch = prompt_batch(self.d, n, 0)
+        self.calib_cfg = CalibConfig(samples=64, steps=25, timesteps=25, guidance=3.0, seed=calib_seed)
+        self.calib = collect(self.qd, self.calib_cfg, progress=progress)
+        self.batch = prompt_batch(self.d, n, sample_seed)
         self.clf = load_classifier()
         self.real, _ = load_digits_tensor()
         self.fp = self.sample(self.d, n, "FP")
@@ -194,6 +208,30 @@ class Bench:
         return score_samples(
             imgs, self.batch.ids[:n], self.clf, self.real, reference=self.fp[:n] if reference else None
         )
+
+    def row(self, recipe: str, bits: str, graph: str, scores, n: int, settings: dict, **extra) -> dict:
+        """One result row: what was measured, its scores, and where it came from (the commit, the
+        calibration and sampling seeds, a hash of its settings)."""
+        d = scores.to_dict()
+        seeds = {"calib_seed": self.calib_seed, "sample_seed": self.sample_seed}
+        return {
+            "model": self.model,
+            "recipe": recipe,
+            "bits": bits,
+            "graph": graph,
+            "n_samples": n,
+            "replicate": extra.pop("replicate", self.calib_seed),
+            "fd": d["fd"],
+            "accuracy": d["accuracy"],
+            "psnr": d.get("psnr"),
+            "ssim": d.get("ssim"),
+            "parity_max_step_error": extra.pop("parity", None),
+            **{k: d[k] for k in ("fd_fp", "psnr_sd", "ssim_sd") if k in d},
+            **extra,
+            **seeds,
+            "commit": head_commit(),
+            "settings": settings_hash({**settings, **seeds, "n": n, "graph": graph, "calib": asdict(self.calib_cfg)}),
+        }
 
 
 BULKY = (
@@ -256,7 +294,8 @@ def run_recipe(
             deployed = b.sample(engine_eps_fn(eng, 512), b.n, f"{recipe_name} {bits} deployed")
     fq_imgs = b.sample(fq, b.n_fq, f"{recipe_name} {bits} fake-quant")
     name = label or recipe_name
-    save_grid(deployed[:50], grids / f"{b.model}-{re.sub(r'[^A-Za-z0-9_.-]+', '_', name)}-{bits}.png")
+    if b.calib_seed == b.first_seed:  # one grid per row (the first replicate's)
+        save_grid(deployed[:50], grids / f"{b.model}-{re.sub(r'[^A-Za-z0-9_.-]+', '_', name)}-{bits}.png")
     common = dict(
         parity=parity.max_step_error,
         quantize_s=round(quantize_s, 1),
@@ -268,9 +307,10 @@ def run_recipe(
         common["qua2sedimo"] = {k: v for k, v in plan.recipe["qua2sedimo"].items() if k not in BULKY}
     if overrides:
         common["overrides"] = overrides
+    settings = {"recipe": recipe.to_dict(), "bits": bits, "overrides": overrides}
     return [
-        _row(b.model, name, bits, "deployed", b.score(deployed), b.n, **common),
-        _row(b.model, name, bits, "fake_quant", b.score(fq_imgs), b.n_fq, **common),
+        b.row(name, bits, "deployed", b.score(deployed), b.n, settings, **common),
+        b.row(name, bits, "fake_quant", b.score(fq_imgs), b.n_fq, settings, **common),
     ]
 
 
@@ -301,64 +341,144 @@ def run_modelopt_peer(b: Bench) -> list[dict]:
     imgs = b.sample(model, b.n_fq, "ModelOpt fake-quant")
     import modelopt
 
+    peer = f"nvidia-modelopt {modelopt.__version__}"
+    settings = {"peer": peer, "alpha": 0.8, "skip": skip.pattern}
     return [
-        _row(
-            b.model,
-            PEER,
-            "w8a8",
-            "fake_quant",
-            b.score(imgs),
-            b.n_fq,
-            quantize_s=round(quantize_s, 1),
-            peer=f"nvidia-modelopt {modelopt.__version__}",
-        )
+        b.row(PEER, "w8a8", "fake_quant", b.score(imgs), b.n_fq, settings, quantize_s=round(quantize_s, 1), peer=peer)
     ]
+
+
+INTRO = """# Digits quality table
+
+Generated by `python benchmarks/quality.py` (docs/ARCHITECTURE.md protocol: DDIM 25 steps, CFG 3, sampling
+seed 0 shared by every row of a model, equal samples per class). **deployed**: the onnxruntime-target Q/DQ graph
+run by ONNX Runtime with its fused integer kernels; **fake_quant**: the torch fake-quant model built from the same
+plan (smaller N: compare FD only between rows of equal N). FD to FP, PSNR and SSIM are against the FP samples of
+the same seeds; FD to FP leads (it grows with every departure from the FP model; FD to the real digits can reward
+drifting away from FP on digits-sd). Parity: the largest local quantizer error of the graph vs fake-quant, in steps
+(contract: <= 1), the worst over seeds.
+
+Each row is the mean ± the half-width of a 95 % Student-t interval over its replicates (calibration seeds; n of
+them), from rows computed by today's code only. `PSNR sd` is the spread of the per-image PSNR over the images
+(mean over replicates). Each model's table starts with its noise floor: FP samples from other sampling seeds
+scored against the FP samples; a quantized row whose mean FD to FP is below the floor's is marked **≈ FP**
+(indistinguishable from FP at this N). Verdicts: "A beats B" only where the paired difference over the seeds both
+ran with has an interval excluding 0 (`diffquant.eval.stats.paired_verdict`), else "within noise".
+"""
+
+
+def _cell(group: list[dict] | None, metric: str, digits: int = 1) -> str:
+    iv = interval(group, metric) if group else None
+    return "-" if iv is None else iv.text(digits).replace(f" (n = {iv.n})", "")
+
+
+def _line(label: str, bits: str, graph: str, n: int, group: list[dict], floor: float | None) -> str:
+    fd = interval(group, "fd_fp")
+    near = " **≈ FP**" if fd is not None and floor is not None and graph != "fp" and fd.mean < floor else ""
+    parity = max(
+        (r["parity_max_step_error"] for r in group if r.get("parity_max_step_error") is not None), default=None
+    )
+    sd = [r["psnr_sd"] for r in group if r.get("psnr_sd") is not None]
+    q_s = [r["quantize_s"] for r in group if r.get("quantize_s") is not None]
+    cells = [
+        label,
+        bits,
+        graph,
+        str(n),
+        str(len(group)),
+        _cell(group, "fd_fp") + near,
+        _cell(group, "psnr", 2),
+        "-" if not sd else f"{sum(sd) / len(sd):.2f}",
+        _cell(group, "ssim", 4),
+        _cell(group, "accuracy", 3),
+        _cell(group, "fd"),
+        "-" if parity is None else f"{parity:.0f}",
+        "-" if not q_s else f"{sum(q_s) / len(q_s):.0f}",
+    ]
+    return "| " + " | ".join(cells) + " |"
+
+
+def verdict_lines(groups: dict, model: str, n: int) -> list[str]:
+    """Each paper's own comparison on ``model`` (deployed graph, N = ``n``): the paired verdict on
+    FD to FP and on PSNR, with the mean difference and its interval."""
+    out = []
+    for paper, a, b in PAIRS:
+        ka, kb = (model, *a, "deployed", n), (model, *b, "deployed", n)
+        if ka not in groups or kb not in groups:
+            continue
+        for metric, lower in (("fd_fp", True), ("psnr", False)):
+            v = verdict(groups, ka, kb, metric, lower_is_better=lower)
+            name = "FD to FP" if metric == "fd_fp" else "PSNR"
+            diff = f"; {a[0]} - {b[0]} = {v.diff.text(2)}" if v.diff is not None else ""
+            out.append(f"- {paper} ({a[1].upper()}): {v.text.replace(metric, name)}{diff}, seeds {v.seeds}")
+    return out
 
 
 def write_markdown(rows: list[dict], path: Path) -> None:
-    lines = [
-        "# Digits quality table",
-        "",
-        "Generated by `python benchmarks/quality.py` (docs/ARCHITECTURE.md protocol: DDIM 25 steps, CFG 3, seeds "
-        "fixed, equal",
-        "samples per class). **deployed**: the onnxruntime-target Q/DQ graph run by ONNX Runtime with its fused "
-        "integer",
-        "kernels; **fake_quant**: the torch fake-quant model built from the same plan. PSNR/SSIM are against the FP "
-        "samples",
-        "of the same seeds; parity is the largest local quantizer error of the graph vs fake-quant, in steps "
-        "(contract: <= 1).",
-        "The FP row is the torch FP32 model (the FP32 ONNX graph matches it to SNR > 100 dB). The ModelOpt peer row is",
-        "ModelOpt's own torch simulation (not exported). FD is biased upward at small N: compare FD only between rows",
-        "of equal N (the fake-quant rows use N = 250, the deployed rows N = 1000). `quantize s` is wall time on the",
-        "benchmark machine, including whatever else ran beside it.",
-        "",
-        "`FD to FP` (the leading quality column) is the Frechet distance between a row's samples and the FP samples of",
-        "the same seeds (same classifier features; measured where the column is filled): unlike FD to the real digits,",
-        "which on digits-sd rewards drifting away from FP, it grows with every departure from the FP model.",
-        "",
-        "| model | recipe | bits | graph | N | FD to FP | FD | acc | PSNR | SSIM | parity steps | quantize s |",
-        "|---|---|---|---|---|---|---|---|---|---|---|---|",
-    ]
-    f = lambda v, p=2: "-" if v is None else f"{v:.{p}f}"  # noqa: E731
-    for r in rows:
-        lines.append(
-            f"| {r['model']} | {r['recipe']} | {r['bits']} | {r['graph']} | {r['n_samples']} | {f(r.get('fd_fp'), 1)} "
-            f"| {f(r['fd'], 1)} | {f(r['accuracy'], 3)} | "
-            f"{f(r['psnr'])} | {f(r['ssim'], 3)} | {f(r['parity_max_step_error'], 0)} | {f(r.get('quantize_s'), 0)} |"
-        )
-    lines += ["", "## Sample grids", "", "First 50 samples of each deployed row (same seeds in every grid).", ""]
-    for r in rows:
-        if r["graph"] == "deployed":
-            bits = "" if r["bits"] == "-" else f"-{r['bits']}"
-            name = f"{r['model']}-{re.sub(r'[^A-Za-z0-9_.-]+', '_', r['recipe'])}{bits}.png"
-            if (path.parent / "quality" / name).exists():
-                lines += [
-                    f"**{r['model']} {r['recipe']} {r['bits']}**",
-                    "",
-                    f"![{r['model']} {r['recipe']} {r['bits']}](quality/{name})",
-                    "",
-                ]
+    groups = group_rows(rows)
+    lines = [INTRO]
+    order = {c: i for i, c in enumerate(dict.fromkeys([("fp", "-"), (FLOOR, "-"), *PAIR_ROWS, *W4A8, *CONFIGS]))}
+    for model in dict.fromkeys(k[0] for k in groups):
+        keys = sorted((k for k in groups if k[0] == model), key=lambda k: (order.get(k[1:3], 999), k[1:3], k[3], -k[4]))
+        n = max((k[4] for k in keys if k[3] == "deployed"), default=0)
+        floor = interval(groups.get((model, FLOOR, "-", "fp", n), []), "fd_fp")
+        lines += [
+            f"## {model}",
+            "",
+            "| recipe | bits | graph | N | seeds | FD to FP | PSNR | PSNR sd | SSIM | acc | FD | parity steps | "
+            "quantize s |",
+            "|" + "---|" * 13,
+        ]
+        lines += [_line(k[1], k[2], k[3], k[4], groups[k], floor.mean if floor else None) for k in keys]
+        verdicts = verdict_lines(groups, model, n)
+        lines += [
+            "",
+            f"Verdicts on {model} (deployed, N = {n}):",
+            "",
+            *(verdicts or ["- none yet: no pair has rows"]),
+            "",
+        ]
+    stale = [r for r in rows if not current(r)]
+    if stale:
+        lines += _stale_table(stale)
+    lines += _grids_section(rows, path)
     write_text_atomic(path, "\n".join(lines))
+
+
+def _stale_table(stale: list[dict]) -> list[str]:
+    """Rows from older code: shown for the record, left out of the tables above and every verdict."""
+    f = lambda v, p=2: "-" if v is None else f"{v:.{p}f}"  # noqa: E731
+    lines = [
+        "## Stale rows (older code; left out of the tables and verdicts above)",
+        "",
+        f"{len(stale)} rows computed by code other than today's (every row from before rows recorded their commit is",
+        "one). They are kept until re-run at this commit.",
+        "",
+        "| model | recipe | bits | graph | N | seed | FD to FP | FD | acc | PSNR | SSIM | commit |",
+        "|" + "---|" * 12,
+    ]
+    for r in stale:
+        lines.append(
+            f"| {r['model']} | {r['recipe']} | {r['bits']} | {r['graph']} | {r['n_samples']} | "
+            f"{key_of(r)[-1]} | {f(r.get('fd_fp'), 1)} | {f(r['fd'], 1)} | {f(r['accuracy'], 3)} | {f(r['psnr'])} | "
+            f"{f(r['ssim'], 3)} | {(r.get('commit') or 'not recorded')[:10]} |"
+        )
+    return [*lines, ""]
+
+
+def _grids_section(rows: list[dict], path: Path) -> list[str]:
+    lines = ["## Sample grids", "", "First 50 samples of each deployed row (same sampling seed in every grid).", ""]
+    seen = set()
+    for r in rows:
+        if r["graph"] != "deployed" or (r["model"], r["recipe"], r["bits"]) in seen:
+            continue
+        seen.add((r["model"], r["recipe"], r["bits"]))
+        bits = "" if r["bits"] == "-" else f"-{r['bits']}"
+        name = f"{r['model']}-{re.sub(r'[^A-Za-z0-9_.-]+', '_', r['recipe'])}{bits}.png"
+        if (path.parent / "quality" / name).exists():
+            title = f"{r['model']} {r['recipe']} {r['bits']}"
+            lines += [f"**{title}**", "", f"![{title}](quality/{name})", ""]
+    return lines
 
 
 def write_ablation_markdown(rows: list[dict], recipe: str, path: Path) -> None:
@@ -415,8 +535,8 @@ def write_ablation_markdown(rows: list[dict], recipe: str, path: Path) -> None:
 
 def write_all_markdown(rows: list[dict], out: Path) -> None:
     write_markdown(rows, out / "quality.md")
-    for recipe in ABLATIONS:
-        write_ablation_markdown(rows, recipe, out / f"{recipe}_ablation.md")
+    for recipe in ABLATIONS:  # single-number tables: one replicate per row, today's where there is one
+        write_ablation_markdown(table_rows(rows, 0), recipe, out / f"{recipe}_ablation.md")
 
 
 def write_text_atomic(path: Path, text: str) -> None:
@@ -434,17 +554,37 @@ def open_results(out_dir: str) -> tuple[Path, Path, Path, list[dict]]:
     return out, grids, jpath, json.loads(jpath.read_text()) if jpath.exists() else []
 
 
-def add_fp_row(b: Bench, rows: list[dict], grids: Path) -> None:
-    """The model's FP row (scored against the real digits) and grid, unless ``rows`` has it."""
-    if (b.model, "fp", "-", "deployed", b.n) not in {tuple(r[k] for k in KEYS) for r in rows}:
-        rows.append(_row(b.model, "fp", "-", "deployed", b.score(b.fp, reference=False), b.n))
+def fp_rows(b: Bench, grids: Path) -> list[dict]:
+    """The model's FP row (scored against the real digits) and its noise floor: FP samples of
+    other sampling seeds scored against the FP samples of the reference seed (a quantized row
+    closer to FP than these is indistinguishable from FP at this N)."""
+    if b.calib_seed == b.first_seed:
         save_grid(b.fp[:50], grids / f"{b.model}-fp.png")
+    settings = {"fp": True, "sample_seed": b.sample_seed}
+    rows = [b.row("fp", "-", "deployed", b.score(b.fp, reference=False), b.n, settings, replicate=b.sample_seed)]
+    for seed in FLOOR_SEEDS:
+        other = b.d.to_images(
+            sample(
+                torch_eps_fn(b.d),
+                b.d,
+                prompt_batch(b.d, b.n, seed),
+                SamplerConfig(steps=25, guidance=3.0, batch_size=250),
+                desc=f"FP, sampling seed {seed}",
+                progress=b.progress,
+            )
+        )
+        rows.append(b.row(FLOOR, "-", "fp", b.score(other), b.n, {**settings, "other_seed": seed}, replicate=seed))
+    return rows
 
 
-def merge_rows(rows: list[dict], new: list[dict]) -> None:
-    """Put ``new`` into ``rows`` in place, replacing rows with the same key."""
-    keys = {tuple(r[k] for k in KEYS) for r in new}
-    rows[:] = [r for r in rows if tuple(r[k] for k in KEYS) not in keys] + new
+def add_fp_row(b: Bench, rows: list[dict], grids: Path, jpath: Path) -> list[dict]:
+    """The model's FP and noise-floor rows, unless current ones exist; the results file's rows."""
+    have = {key_of(r) for r in rows if current(r)}
+    if (b.model, "fp", "-", "deployed", b.n, b.sample_seed) in have and all(
+        (b.model, FLOOR, "-", "fp", b.n, s) in have for s in FLOOR_SEEDS
+    ):
+        return rows
+    return save_rows(jpath, fp_rows(b, grids))
 
 
 def common_args(doc: str, only: str) -> argparse.ArgumentParser:
@@ -460,10 +600,55 @@ def common_args(doc: str, only: str) -> argparse.ArgumentParser:
     ap.add_argument("--models", default="digits-sd,digits-dit")
     ap.add_argument("--only", default="", help=f"comma list of {only} (default: all rows)")
     ap.add_argument("--out", default=str(RESULTS))
+    ap.add_argument(
+        "--seeds",
+        default=str(OLD_CALIB_SEED),
+        help="calibration seeds, comma list: one replicate each, each in its own process (e.g. 0,1,2)",
+    )
+    ap.add_argument("--jobs", type=int, default=1, help="replicate processes at once (threads split between them)")
+    ap.add_argument(
+        "--quick", action="store_true", help="development profile: N = 250 deployed, 100 fake-quant, seeds 0,1"
+    )
+    ap.add_argument("--first-seed", default="", help=argparse.SUPPRESS)  # set for the replicate processes
     return ap
 
 
-def main() -> int:
+def parse_seeds(a: argparse.Namespace) -> list[int]:
+    """The calibration seeds asked for (``--quick``: 0, 1 with N = 250 / 100 unless given)."""
+    if a.quick:
+        a.samples, a.fq_samples = min(a.samples, 250), min(a.fq_samples, 100)
+        if a.seeds == str(OLD_CALIB_SEED):
+            a.seeds = "0,1"
+    seeds = [int(x) for x in a.seeds.split(",") if x.strip()]
+    a.first_seed = a.first_seed or str(seeds[0])
+    return seeds
+
+
+def run_seeds(a: argparse.Namespace, seeds: list[int], script: str) -> int:
+    """Run ``script`` once per seed (``--jobs`` at a time, the CPU threads split between them),
+    forwarding every other option; each process saves its rows as they finish."""
+    import os
+
+    argv = [x for x in sys.argv[1:]]
+    for flag in ("--seeds", "--jobs", "--first-seed"):
+        while flag in argv:
+            i = argv.index(flag)
+            del argv[i : i + 2]
+        argv = [x for x in argv if not x.startswith(flag + "=")]
+    threads = max(1, (os.cpu_count() or 1) // max(1, a.jobs))
+    env = {**os.environ, "OMP_NUM_THREADS": str(threads), "MKL_NUM_THREADS": str(threads)}
+
+    def one(seed: int) -> int:
+        cmd = [sys.executable, script, *argv, "--seeds", str(seed), "--first-seed", str(seeds[0])]
+        print(f"replicate: calibration seed {seed}: {' '.join(cmd[1:])}", flush=True)
+        return subprocess.run(cmd, env=env, check=False).returncode
+
+    with ThreadPoolExecutor(max_workers=max(1, a.jobs)) as pool:
+        codes = list(pool.map(one, seeds))
+    return 1 if any(codes) else 0
+
+
+def _args() -> argparse.Namespace:
     ap = common_args(__doc__, "recipe:bits")
     ap.add_argument(
         "--set",
@@ -477,73 +662,95 @@ def main() -> int:
         "--peers", action="store_true", help="with --only: run the ModelOpt peer too (recomputed with --force)"
     )
     ap.add_argument("--label", default="", help="with --only and --set: the recipe name the rows get (a variant)")
-    ap.add_argument("--markdown-only", action="store_true", help="rewrite quality.md from quality.json and stop")
+    ap.add_argument("--markdown-only", action="store_true", help="rewrite the markdown from quality.json and stop")
     ap.add_argument("--force", action="store_true", help="with --only: recompute rows that exist already")
     ap.add_argument(
         "--ablations",
         default=None,
-        help="models that get the ablation rows (default: both models, none with --only; '' for none)",
+        help="models that get the ablation rows (default: both models, none with --only or --replicates; '' for none)",
     )
     ap.add_argument(
         "--ablation-recipes",
         default=",".join(ABLATIONS),
         help=f"which recipes' ablations run (default: {','.join(ABLATIONS)})",
     )
+    ap.add_argument(
+        "--replicates",
+        action="store_true",
+        help="the rows the replicate tables read: each paper's own comparison and W4A8 of every recipe",
+    )
     ap.add_argument("--quiet", action="store_true")
-    a = ap.parse_args()
-    overrides = parse_overrides(a.overrides)
-    out = Path(a.out)
-    grids = out / "quality"
-    grids.mkdir(parents=True, exist_ok=True)
-    jpath = out / "quality.json"
-    rows = json.loads(jpath.read_text()) if jpath.exists() else []
-    have = {tuple(r[k] for k in KEYS) for r in rows}
+    return ap.parse_args()
+
+
+def _configs(a: argparse.Namespace, model: str) -> list[tuple[str, str]]:
+    if a.only:
+        return [tuple(c.split(":")) for c in a.only.split(",")]
+    if a.replicates:
+        pairs = [x for _, p, q in PAIRS for x in (p, q)] if model != "digits-ldm" else []
+        return list(dict.fromkeys(pairs + [c for c in W4A8 if model != "digits-ldm" or c in LDM_CONFIGS]))
+    return LDM_CONFIGS if model == "digits-ldm" else CONFIGS
+
+
+def main() -> int:
+    a = _args()
+    out, grids, jpath, rows = open_results(a.out)
+    seeds = parse_seeds(a)
     if a.markdown_only:
         write_all_markdown(rows, out)
         return 0
-    ablate = set(
-        filter(None, (a.ablations if a.ablations is not None else ("" if a.only else a.models)).split(","))
-    ) - {"digits-ldm"}
-    ablation_recipes = set(filter(None, a.ablation_recipes.split(",")))
+    if len(seeds) > 1:  # one process per calibration seed: parallel, and resumable row by row
+        return run_seeds(a, seeds, __file__)
     torch.manual_seed(0)
+    runner = _Runner(a, out, jpath, rows)
+    for model in a.models.split(","):
+        runner.model(model, seeds[0], grids)
+    return 0
 
-    def add(new: list[dict]) -> None:
+
+class _Runner:
+    """One replicate process: the rows so far (re-read as each is saved), what is missing, and
+    each model's rows in order."""
+
+    def __init__(self, a: argparse.Namespace, out: Path, jpath: Path, rows: list[dict]) -> None:
+        self.a, self.out, self.jpath, self.rows = a, out, jpath, rows
+        self.overrides = parse_overrides(a.overrides)
+        models = a.ablations if a.ablations is not None else "" if a.only or a.replicates else a.models
+        self.ablate = set(filter(None, models.split(","))) - {"digits-ldm"}
+
+    def add(self, new: list[dict]) -> None:
+        self.rows = save_rows(self.jpath, new)
         for r in new:
-            rows[:] = [x for x in rows if tuple(x[k] for k in KEYS) != tuple(r[k] for k in KEYS)] + [r]
             print(
-                f"{r['model']:10s} {r['recipe']:14s} {r['bits']:5s} {r['graph']:10s} N={r['n_samples']:4d} FD "
-                f"{r['fd']:7.1f} acc {r['accuracy']:.3f} PSNR {r['psnr'] or 0:6.2f}",
+                f"{r['model']:10s} {r['recipe']:14s} {r['bits']:5s} {r['graph']:10s} N={r['n_samples']:4d} seed "
+                f"{r['replicate']} FD {r['fd']:7.1f} acc {r['accuracy']:.3f} PSNR {r['psnr'] or 0:6.2f}",
                 flush=True,
             )
-        write_json(jpath, rows)
-        write_all_markdown(rows, out)
+        write_all_markdown(self.rows, self.out)
 
-    for model in a.models.split(","):
-        b = Bench(model, a.samples, a.fq_samples, progress=not a.quiet)
-        if (model, "fp", "-", "deployed", a.samples) not in have:
-            add([_row(model, "fp", "-", "deployed", b.score(b.fp, reference=False), a.samples)])
-            save_grid(b.fp[:50], grids / f"{model}-fp.png")
-        for recipe, bits in (
-            [tuple(c.split(":")) for c in a.only.split(",")]
-            if a.only
-            else LDM_CONFIGS
-            if model == "digits-ldm"
-            else CONFIGS
-        ):
-            if (model, a.label or recipe, bits, "deployed", a.samples) in have and not a.force:
-                continue
-            add(run_recipe(b, recipe, bits, grids, overrides, a.label))
-        for recipe in [r for r in ABLATIONS if r in ablation_recipes] if model in ablate else []:
+    def missing(self, b: Bench, label: str, bits: str, graph: str = "deployed", n: int | None = None) -> bool:
+        key = (b.model, label, bits, graph, n or self.a.samples, b.calib_seed)
+        return self.a.force or key not in {key_of(r) for r in self.rows if current(r)}
+
+    def model(self, model: str, seed: int, grids: Path) -> None:
+        a = self.a
+        b = Bench(model, a.samples, a.fq_samples, progress=not a.quiet, calib_seed=seed)
+        b.first_seed = int(a.first_seed)
+        self.rows = add_fp_row(b, self.rows, grids, self.jpath)
+        for recipe, bits in _configs(a, model):
+            if recipe in VARIANTS and self.missing(b, recipe, bits):
+                self.add(run_recipe(b, VARIANTS[recipe][0], bits, grids, VARIANTS[recipe][1], recipe))
+            elif recipe not in VARIANTS and self.missing(b, a.label or recipe, bits):
+                self.add(run_recipe(b, recipe, bits, grids, self.overrides, a.label))
+        for recipe in [r for r in ABLATIONS if r in set(a.ablation_recipes.split(","))] if model in self.ablate else []:
             ab = ABLATIONS[recipe]
             for component, variant, ov in ab.variants:
                 label = f"{recipe} ablation: {component} = {variant}"
-                if (model, label, ab.bits, "deployed", a.samples) not in have or a.force:
-                    merged = {k: {**ov.get(k, {}), **overrides.get(k, {})} for k in {*ov, *overrides}}
-                    add(run_recipe(b, recipe, ab.bits, grids, merged, label, ablation=f"{component}: {variant}"))
-        peer_missing = (model, PEER, "w8a8", "fake_quant", a.fq_samples) not in have
-        if (a.peers and (peer_missing or a.force)) or (not a.only and peer_missing):
-            add(run_modelopt_peer(b))
-    return 0
+                if self.missing(b, label, ab.bits):
+                    merged = {k: {**ov.get(k, {}), **self.overrides.get(k, {})} for k in {*ov, *self.overrides}}
+                    self.add(run_recipe(b, recipe, ab.bits, grids, merged, label, ablation=f"{component}: {variant}"))
+        if (a.peers or not (a.only or a.replicates)) and self.missing(b, PEER, "w8a8", "fake_quant", a.fq_samples):
+            self.add(run_modelopt_peer(b))
 
 
 if __name__ == "__main__":

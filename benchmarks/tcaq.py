@@ -23,18 +23,18 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
 from quality import (
-    KEYS,
     Bench,
     add_fp_row,
     common_args,
-    merge_rows,
     open_results,
+    parse_seeds,
     run_recipe,
+    run_seeds,
     write_all_markdown,
     write_text_atomic,
 )  # noqa: E402
+from rows import current, key_of, save_rows, table_rows  # noqa: E402
 
-from diffquant._io import write_json  # noqa: E402
 from diffquant.passes import load_recipe  # noqa: E402
 from diffquant.passes.recipes import Recipe  # noqa: E402
 
@@ -134,16 +134,20 @@ def main() -> int:
     ap.add_argument("--quiet", action="store_true")
     a = ap.parse_args()
     out, grids, jpath, rows = open_results(a.out)
+    seeds = parse_seeds(a)
+    if len(seeds) > 1:  # one process per calibration seed
+        return run_seeds(a, seeds, __file__)
     torch.manual_seed(0)
     for model in a.models.split(","):
-        b = Bench(model, a.samples, a.fq_samples, progress=not a.quiet)
-        add_fp_row(b, rows, grids)
-        have = {tuple(r[k] for k in KEYS) for r in rows}
+        b = Bench(model, a.samples, a.fq_samples, progress=not a.quiet, calib_seed=seeds[0])
+        b.first_seed = int(a.first_seed)
+        rows = add_fp_row(b, rows, grids, jpath)
+        have = {key_of(r) for r in rows if current(r)}
         for label, bits, recipe, ov in _jobs(a):
-            if (model, label, bits, "deployed", a.samples) in have and not a.force:
+            if (model, label, bits, "deployed", a.samples, b.calib_seed) in have and not a.force:
                 continue
             new = run_recipe(b, recipe, bits, grids, ov, label if label not in RECIPES else "")
-            merge_rows(rows, new)
+            rows = save_rows(jpath, new)
             d, f = new
             print(
                 f"{model:10s} {label:28s} {bits} FD-FP {d.get('fd_fp', 0):7.1f} PSNR {d['psnr']:6.2f} | research "
@@ -151,10 +155,10 @@ def main() -> int:
                 f"PSNR {f['psnr']:6.2f} | {d['quantize_s']:.0f} s",
                 flush=True,
             )
-            write_json(jpath, rows)
             write_all_markdown(rows, out)
+            picked = table_rows(rows, b.first_seed)
             write_table(
-                [r for r in rows if r["n_samples"] in (a.samples, a.fq_samples)], out / "tcaq.md", a.ablation_bits
+                [r for r in picked if r["n_samples"] in (a.samples, a.fq_samples)], out / "tcaq.md", a.ablation_bits
             )
     return 0
 

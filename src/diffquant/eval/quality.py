@@ -18,9 +18,11 @@ __all__ = [
     "frechet_distance",
     "noise_fidelity",
     "psnr",
+    "psnr_per_image",
     "score_fidelity",
     "score_samples",
     "ssim",
+    "ssim_per_image",
 ]
 
 
@@ -32,6 +34,8 @@ class QualityScores:
     ssim: float | None = None
     fd_fp: float | None = None  # Frechet distance to the reference (FP) samples' features
     latent_cosine: float | None = None  # mean per-sample cosine of the final latents to the FP ones
+    psnr_sd: float | None = None  # the spread of the per-image PSNR / SSIM over the images
+    ssim_sd: float | None = None
 
     def to_dict(self) -> dict:
         return {k: v for k, v in asdict(self).items() if v is not None}
@@ -57,12 +61,26 @@ def frechet_distance(a: np.ndarray, b: np.ndarray, eps: float = 1e-6) -> float:
 
 def psnr(x: torch.Tensor, ref: torch.Tensor) -> float:
     """Mean per-image PSNR (dB) of images in [-1, 1], computed on [0, 1]; capped at 100 dB."""
+    return float(psnr_per_image(x, ref).mean())
+
+
+def psnr_per_image(x: torch.Tensor, ref: torch.Tensor) -> torch.Tensor:
+    """Each image's PSNR (dB), images in [-1, 1] computed on [0, 1], capped at 100 dB."""
     mse = ((x - ref) / 2).pow(2).flatten(1).mean(1).clamp(min=1e-10)
-    return float((10 * torch.log10(1 / mse)).clamp(max=100).mean())
+    return (10 * torch.log10(1 / mse)).clamp(max=100)
 
 
 def ssim(x: torch.Tensor, ref: torch.Tensor, window: int = 7, sigma: float = 1.5) -> float:
     """Mean SSIM (Gaussian window, valid region) of images in [-1, 1], computed on [0, 1]."""
+    return float(_ssim_map(x, ref, window, sigma).mean())
+
+
+def ssim_per_image(x: torch.Tensor, ref: torch.Tensor, window: int = 7, sigma: float = 1.5) -> torch.Tensor:
+    """Each image's SSIM (the mean of its SSIM map)."""
+    return _ssim_map(x, ref, window, sigma).flatten(1).mean(1)
+
+
+def _ssim_map(x: torch.Tensor, ref: torch.Tensor, window: int, sigma: float) -> torch.Tensor:
     x, ref = (x + 1) / 2, (ref + 1) / 2
     if min(x.shape[-2:]) < window:  # tiny images: the largest odd window that fits
         window = max(1, (min(x.shape[-2:]) - 1) // 2 * 2 + 1)
@@ -73,8 +91,7 @@ def ssim(x: torch.Tensor, ref: torch.Tensor, window: int = 7, sigma: float = 1.5
     mx, my = blur(x), blur(ref)
     sxx, syy, sxy = blur(x * x) - mx**2, blur(ref * ref) - my**2, blur(x * ref) - mx * my
     c1, c2 = 0.01**2, 0.03**2
-    m = ((2 * mx * my + c1) * (2 * sxy + c2)) / ((mx**2 + my**2 + c1) * (sxx + syy + c2))
-    return float(m.mean())
+    return ((2 * mx * my + c1) * (2 * sxy + c2)) / ((mx**2 + my**2 + c1) * (sxx + syy + c2))
 
 
 @torch.no_grad()
@@ -93,8 +110,9 @@ def score_samples(
     acc = float((classifier.head(torch.from_numpy(feats).float()).argmax(1) == labels).float().mean())
     scores = QualityScores(fd=frechet_distance(feats, real_feats), accuracy=acc)
     if reference is not None:
-        scores.psnr = psnr(samples, reference)
-        scores.ssim = ssim(samples, reference)
+        per_psnr, per_ssim = psnr_per_image(samples, reference), ssim_per_image(samples, reference)
+        scores.psnr, scores.psnr_sd = float(per_psnr.mean()), float(per_psnr.std()) if len(per_psnr) > 1 else None
+        scores.ssim, scores.ssim_sd = ssim(samples, reference), float(per_ssim.std()) if len(per_ssim) > 1 else None
         scores.fd_fp = frechet_distance(
             feats, classifier.features(_classifier_size(reference, real)).numpy().astype(np.float64)
         )
@@ -120,7 +138,9 @@ def score_fidelity(
     ref_latents: torch.Tensor | None = None,
 ) -> QualityScores:
     """Fidelity to the FP samples of the same seeds and prompts, for any model."""
-    scores = QualityScores(psnr=psnr(images, ref_images), ssim=ssim(images, ref_images))
+    per_psnr, per_ssim = psnr_per_image(images, ref_images), ssim_per_image(images, ref_images)
+    spread = {"psnr_sd": float(per_psnr.std()), "ssim_sd": float(per_ssim.std())} if len(images) > 1 else {}
+    scores = QualityScores(psnr=float(per_psnr.mean()), ssim=ssim(images, ref_images), **spread)
     if latents is not None and ref_latents is not None:
         scores.latent_cosine = cosine(latents, ref_latents)
     return scores
